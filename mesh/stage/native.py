@@ -1,0 +1,266 @@
+"""Small owners of llama.cpp handles (model, context, batch, capture callback).
+
+Every native return code becomes a typed exception here; nothing above this module sees a raw
+code. Inputs are assumed validated by the caller: this layer only moves bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mesh.errors import (
+    DecodeAbortedError,
+    InvalidBatchError,
+    KvSlotError,
+    ModelError,
+    NativeError,
+)
+
+
+_LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5  # ggml_log_level
+_log_state = {"last": 0}
+
+
+def _native_log(level: int, text: bytes, _user) -> None:
+    """Pass llama.cpp warnings and errors to stderr verbatim (log scans look for them)."""
+    if level == _LOG_CONT:
+        level = _log_state["last"]
+    _log_state["last"] = level
+    if level in (_LOG_WARN, _LOG_ERROR):
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+@functools.lru_cache(maxsize=1)
+def llama():
+    """Import llama_cpp once, initialise the backend and keep only native warnings and errors."""
+    import llama_cpp
+
+    callback = llama_cpp.llama_log_callback(_native_log)
+    llama_cpp.llama_log_set(callback, None)
+    _KEEPALIVE.append(callback)
+    llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+_KEEPALIVE: list = []
+
+
+@functools.lru_cache(maxsize=1)
+def ggml_base() -> ctypes.CDLL:
+    """ggml tensor accessors used by the eval callback (not bound by llama-cpp-python)."""
+    lib_dir = Path(llama().__file__).parent / "lib"
+    lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_backend_tensor_get.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+    ]
+    lib.ggml_backend_tensor_get.restype = None
+    return lib
+
+
+def check_decode(rc: int) -> None:
+    """Map ``llama_decode``'s return code to a typed exception (0 = success)."""
+    if rc == 0:
+        return
+    if rc == 1:
+        raise KvSlotError("llama_decode: no KV slot for the batch (KV cache full)", rc)
+    if rc == 2:
+        raise DecodeAbortedError("llama_decode: aborted", rc)
+    if rc == -1:
+        raise InvalidBatchError("llama_decode: invalid batch", rc)
+    raise NativeError(f"llama_decode: fatal error {rc}", rc)
+
+
+class HiddenCapture:
+    """Eval callback copying out one named graph tensor (the stage's last ``l_out``) per ubatch."""
+
+    def __init__(self, tensor_name: str, n_embd: int):
+        self._name = tensor_name.encode()
+        self._row_bytes = n_embd * 4
+        self._n_embd = n_embd
+        self._chunks: list[np.ndarray] = []
+        self._lib = ggml_base()
+        self.callback = llama().ggml_backend_sched_eval_callback(self._on_tensor)
+
+    def _on_tensor(self, tensor: int, ask: bool, _user: int) -> bool:
+        name = self._lib.ggml_get_name(tensor)
+        if ask:
+            return name == self._name
+        if name == self._name:
+            nbytes = self._lib.ggml_nbytes(tensor)
+            out = np.empty(nbytes // self._row_bytes * self._n_embd, dtype=np.float32)
+            self._lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
+            self._chunks.append(out)
+        return True
+
+    def reset(self) -> None:
+        self._chunks.clear()
+
+    def take(self, n_rows: int) -> np.ndarray:
+        chunks, self._chunks = self._chunks, []
+        data = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        if data.size != n_rows * self._n_embd:
+            raise NativeError(
+                f"captured {data.size // self._n_embd} hidden rows, expected {n_rows}"
+            )
+        return data.reshape(n_rows, self._n_embd)
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    n_ctx: int
+    n_seq_max: int
+    n_batch: int
+    n_ubatch: int
+    n_outputs_max: int
+    n_threads: int
+    n_threads_batch: int
+    swa_full: bool = True
+
+
+class NativeModel:
+    def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False):
+        lib = llama()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
+        # ggml's AMX weight repacking segfaults in mul_mat on this version (seen on Xeon with
+        # AMX, Gemma Q8_0/Q4_K, batches > 1); plain CPU buffers are exact and safe.
+        params.use_extra_bufts = False
+        self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ModelError(f"llama.cpp could not load {path}")
+        self.vocab = lib.llama_model_get_vocab(self.ptr)
+        self.n_embd = lib.llama_model_n_embd(self.ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = lib.llama_model_n_layer(self.ptr)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama().llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> NativeModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NativeContext:
+    """One llama context with a unified KV pool; ``capture`` names a tensor to copy out."""
+
+    def __init__(self, model: NativeModel, p: ContextParams, capture: HiddenCapture | None):
+        lib = llama()
+        params = lib.llama_context_default_params()
+        params.n_ctx = p.n_ctx
+        params.n_batch = p.n_batch
+        params.n_ubatch = p.n_ubatch
+        params.n_seq_max = p.n_seq_max
+        params.n_outputs_max = p.n_outputs_max
+        params.n_threads = p.n_threads
+        params.n_threads_batch = p.n_threads_batch
+        params.kv_unified = True
+        params.swa_full = p.swa_full
+        params.no_perf = True
+        self._capture = capture
+        if capture is not None:
+            params.cb_eval = capture.callback
+            params.cb_eval_user_data = None
+        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise NativeError("llama.cpp could not create a context (see the native log)")
+        self.memory = lib.llama_get_memory(self.ptr)
+        self.n_ctx = lib.llama_n_ctx(self.ptr)
+        self.model = model
+
+    def decode(self, batch: Batch) -> None:
+        if self._capture is not None:
+            self._capture.reset()
+        check_decode(llama().llama_decode(self.ptr, batch.struct))
+
+    def logits_row(self, index: int, n_vocab: int) -> np.ndarray:
+        ptr = llama().llama_get_logits_ith(self.ptr, index)
+        if not ptr:
+            raise NativeError(f"no logits for output row {index}")
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        return bool(llama().llama_memory_seq_rm(self.memory, seq, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        llama().llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(llama().llama_memory_seq_pos_max(self.memory, seq))
+
+    def seq_state_bytes(self, seq: int) -> int:
+        """Serialized size of one sequence's KV: the audit behind used-cell accounting in tests."""
+        return int(llama().llama_state_seq_get_size_ext(self.ptr, seq, 0))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama().llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> NativeContext:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Batch:
+    """A reusable ``llama_batch`` with numpy views over its arrays (one sequence id per row)."""
+
+    def __init__(self, capacity: int, n_embd: int):
+        lib = llama()
+        self.capacity = capacity
+        self.n_embd = n_embd
+        self.struct = lib.llama_batch_init(capacity, n_embd, 1)
+        s = self.struct
+        self._token = None if n_embd else np.ctypeslib.as_array(s.token, shape=(capacity,))
+        self._embd = (
+            np.ctypeslib.as_array(s.embd, shape=(capacity, n_embd)) if n_embd else None
+        )
+        self._pos = np.ctypeslib.as_array(s.pos, shape=(capacity,))
+        self._n_seq_id = np.ctypeslib.as_array(s.n_seq_id, shape=(capacity,))
+        self._logits = np.ctypeslib.as_array(s.logits, shape=(capacity,))
+        self._n_seq_id[:] = 1
+        self._seq_ptrs = [s.seq_id[i] for i in range(capacity)]
+
+    def fill(self, seq: int, pos0: int, rows: np.ndarray, outputs: np.ndarray | None) -> None:
+        """Rows are token ids ``[n]`` (token batch) or f32 ``[n, n_embd]`` (embedding batch).
+
+        ``outputs`` is a bool mask of rows whose result is needed; None means all rows.
+        """
+        n = rows.shape[0]
+        if self._embd is not None:
+            self._embd[:n] = rows
+        else:
+            self._token[:n] = rows
+        self._pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        for i in range(n):
+            self._seq_ptrs[i][0] = seq
+        self._logits[:n] = 1 if outputs is None else outputs
+        self.struct.n_tokens = n
+
+    def close(self) -> None:
+        if self.struct is not None:
+            llama().llama_batch_free(self.struct)
+            self.struct = None
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

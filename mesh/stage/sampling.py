@@ -1,0 +1,98 @@
+"""Sampling parameters and llama.cpp's sampler chain for the final stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mesh.errors import InvalidInputError
+from mesh.stage.native import llama
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Defaults give greedy decoding. ``temperature <= 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    repeat_penalty: float = 1.0  # 1.0 = off
+    repeat_last_n: int = 64
+    n_logprobs: int = 0
+
+    def validate(self) -> None:
+        if not (np.isfinite(self.temperature) and self.temperature <= 100):
+            raise InvalidInputError("temperature must be finite and <= 100")
+        if self.top_k < 0:
+            raise InvalidInputError("top_k must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidInputError("top_p must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidInputError("min_p must be in [0, 1]")
+        if not (np.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
+            raise InvalidInputError("repeat_penalty must be > 0")
+        if self.repeat_last_n < 0:
+            raise InvalidInputError("repeat_last_n must be >= 0")
+        if not 0 <= self.n_logprobs <= MAX_LOGPROBS:
+            raise InvalidInputError(f"n_logprobs must be in [0, {MAX_LOGPROBS}]")
+        if not 0 <= self.seed < 2**32:
+            raise InvalidInputError("seed must be in [0, 2**32)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class SamplerChain:
+    """One session's sampler chain (it holds penalty history and RNG state)."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int):
+        lib = llama()
+        self.params = params
+        self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lambda s: lib.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        if params.repeat_penalty != 1.0:
+            add(lib.llama_sampler_init_penalties(
+                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.greedy:
+            add(lib.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(lib.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(lib.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            add(lib.llama_sampler_init_min_p(params.min_p, 1))
+        add(lib.llama_sampler_init_temp(params.temperature))
+        add(lib.llama_sampler_init_dist(params.seed))
+
+    def accept(self, tokens) -> None:
+        lib = llama()
+        for token in tokens:
+            lib.llama_sampler_accept(self.ptr, int(token))
+
+    def sample(self, ctx_ptr, output_index: int) -> int:
+        """Sample from an output row; ``llama_sampler_sample`` also accepts the token."""
+        return int(llama().llama_sampler_sample(self.ptr, ctx_ptr, output_index))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama().llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of ``token`` under the raw model distribution, and the top ``n``."""
+    shifted = logits.astype(np.float64) - float(logits.max())
+    logp = shifted - np.log(np.exp(shifted).sum())
+    top: list[tuple[int, float]] = []
+    if n:
+        idx = np.argpartition(-logp, n - 1)[:n]
+        idx = idx[np.argsort(-logp[idx], kind="stable")]
+        top = [(int(i), float(logp[i])) for i in idx]
+    return float(logp[token]), top
