@@ -75,7 +75,8 @@ def write_tiny_model(path: Path, spec: TinySpec) -> Path:
     w.add_uint32(f"{a}.block_count", spec.n_layer)
     w.add_uint32(f"{a}.feed_forward_length", spec.n_ff)
     w.add_uint32(f"{a}.attention.head_count", spec.n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", spec.n_head_kv)
+    # A per-layer array, so slicing must cut metadata arrays too (llama.cpp reads it per layer).
+    w.add_array(f"{a}.attention.head_count_kv", [spec.n_head_kv] * spec.n_layer)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32(f"{a}.rope.freq_base", 10000.0)
     if a == "gemma3":

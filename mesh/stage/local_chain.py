@@ -1,0 +1,85 @@
+"""In-process chains for parity checks and benchmarks.
+
+``LocalChain`` runs StageRuntimes one after another in one process; ``SingleContext`` is the
+baseline: one llama.cpp context over the unsliced GGUF, fed token ids the ordinary way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Hashable
+
+import numpy as np
+
+from mesh.stage.native import Batch, ContextParams, NativeContext, NativeModel
+from mesh.stage.runtime import RuntimeConfig, StageRuntime, StepResult
+from mesh.stage.sampling import SamplingParams
+from mesh.stage.slicing import slice_model
+
+
+def split_bounds(n_layer: int, cuts: list[int]) -> list[tuple[int, int]]:
+    bounds = [0, *cuts, n_layer]
+    return list(zip(bounds, bounds[1:]))
+
+
+class LocalChain:
+    def __init__(self, source: Path, ranges: list[tuple[int, int]], config: RuntimeConfig):
+        self.stages: list[StageRuntime] = []
+        try:
+            for start, end in ranges:
+                self.stages.append(StageRuntime(slice_model(source, start, end), config))
+        except Exception:
+            self.close()
+            raise
+
+    def run(
+        self, session: Hashable, pos: int, tokens: np.ndarray, *,
+        sample: SamplingParams | None = None, want_logits: bool = False,
+    ) -> StepResult:
+        x: np.ndarray | None = None
+        result = StepResult()
+        for stage in self.stages:
+            stage.open_session(session)
+            kwargs = {"tokens": tokens} if stage.is_first else {"hidden": x}
+            if stage.is_last:
+                result = stage.run(session, pos, sample=sample, want_logits=want_logits, **kwargs)
+            else:
+                x = stage.run(session, pos, **kwargs).hidden
+        return result
+
+    def drop(self, session: Hashable) -> None:
+        for stage in self.stages:
+            stage.drop_session(session)
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+        self.stages = []
+
+
+class SingleContext:
+    """One context on the whole model with the same batch geometry as a stage."""
+
+    def __init__(self, source: Path, config: RuntimeConfig):
+        self.model = NativeModel(source, n_gpu_layers=config.n_gpu_layers)
+        params = ContextParams(
+            n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_batch=config.n_batch,
+            n_ubatch=config.n_ubatch,
+            n_outputs_max=max(config.n_outputs_max, config.n_seq_max),
+            n_threads=config.n_threads, n_threads_batch=config.n_threads_batch or config.n_threads,
+        )
+        self.ctx = NativeContext(self.model, params, None)
+        self.batch = Batch(config.n_batch, 0)
+
+    def logits(self, seq: int, pos: int, tokens: np.ndarray) -> np.ndarray:
+        """Decode ``tokens`` at ``pos`` and return the last row's logits."""
+        outputs = np.zeros(len(tokens), dtype=np.int8)
+        outputs[-1] = 1
+        self.batch.fill(seq, pos, np.asarray(tokens, dtype=np.int32), outputs)
+        self.ctx.decode(self.batch)
+        return self.ctx.logits_row(-1, self.model.n_vocab)
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
+        self.model.close()

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_gguf import TINY_GEMMA3, TINY_LLAMA, write_tiny_model
+
+
+def pytest_configure(config):
+    # Slices and assembled models go to a per-run cache unless the caller shares one.
+    if "MESH_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["MESH_CACHE_DIR"] = tempfile.mkdtemp(prefix="mesh-test-cache-")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama.gguf", TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gemma3.gguf", TINY_GEMMA3)
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    from mesh.models import resolve_model
+
+    return resolve_model("default", progress=False)
