@@ -1,0 +1,175 @@
+"""``mesh``: prepare models, generate through a running chain, serve the API, or do it all (up)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from mesh.errors import MeshError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run one GGUF model split by layers across stage processes."""
+
+
+@main.command()
+@click.argument("spec", default="default")
+def model(spec: str) -> None:
+    """Resolve SPEC (a .gguf path or 'default') and print the file path and its facts."""
+    from mesh.models import resolve_model
+    from mesh.stage.slicing import model_info
+
+    try:
+        path = resolve_model(spec)
+        info = model_info(path)
+    except MeshError as exc:
+        _fail(str(exc))
+    click.echo(f"{path}\narch={info.arch} layers={info.n_layer} n_embd={info.n_embd} "
+               f"n_vocab={info.n_vocab} sha256={info.sha256[:16]}")
+
+
+def _generation_options(fn):
+    options = [
+        click.option("--max-tokens", default=128, show_default=True),
+        click.option("--temperature", default=0.0, show_default=True,
+                     help="0 means greedy."),
+        click.option("--top-p", default=1.0, show_default=True),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--stop", "stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print one JSON object on the last stdout line."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.option("--model", "model_spec", default="default", show_default=True)
+@click.option("--stage", "stages", multiple=True, required=True,
+              help="Stage URL, in chain order (repeat).")
+@click.option("--prompt", required=True)
+@click.option("--prefill-chunk", default=256, show_default=True)
+@_generation_options
+def generate(model_spec, stages, prompt, prefill_chunk, max_tokens, temperature, top_p, seed,
+             stop, as_json) -> None:
+    """Raw-text completion through a running chain of stages."""
+    from mesh.coordinator.coordinator import GenerationParams
+    from mesh.logs import configure
+    from mesh.models import resolve_model
+
+    configure("warning")
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, stop=tuple(stop))
+    try:
+        path = resolve_model(model_spec)
+        asyncio.run(_generate(path, list(stages), prompt, params, prefill_chunk, as_json))
+    except MeshError as exc:
+        _fail(str(exc))
+
+
+async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_chunk: int,
+                    as_json: bool) -> None:
+    from mesh.coordinator.coordinator import Completion, Coordinator
+
+    coord = Coordinator(path, stages, prefill_chunk=prefill_chunk)
+    await coord.start()
+    try:
+        result = None
+        async for item in coord.stream(prompt, params):
+            if isinstance(item, Completion):
+                result = item
+            elif not as_json:
+                click.echo(item.text, nl=False)
+        if as_json:
+            click.echo(json.dumps({
+                "prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
+                "text": result.text, "finish_reason": result.finish_reason,
+                "usage": result.usage, "timings": result.timings,
+            }))
+        else:
+            click.echo("")
+    finally:
+        await coord.close()
+
+
+@main.command()
+@click.option("--model", "model_spec", default="default", show_default=True)
+@click.option("--stages", "n_stages", default=2, show_default=True)
+@click.option("--ctx", default=4096, show_default=True, help="KV cells per stage.")
+@click.option("--threads", default=1, show_default=True, help="Threads per stage.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--prompt", default=None, help="Generate once and exit instead of serving.")
+@_generation_options
+def up(model_spec, n_stages, ctx, threads, host, port, prompt, max_tokens, temperature, top_p,
+       seed, stop, as_json) -> None:
+    """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
+    from mesh.coordinator.coordinator import GenerationParams
+    from mesh.launcher import LocalMesh, even_split
+    from mesh.logs import configure
+    from mesh.models import resolve_model
+    from mesh.stage.slicing import model_info, slice_model
+
+    configure("warning")
+    try:
+        path = resolve_model(model_spec)
+        info = model_info(path)
+        ranges = even_split(info.n_layer, n_stages)
+        click.echo(f"preparing {n_stages} stages of {path.name}: "
+                   f"{', '.join(f'{a}:{b}' for a, b in ranges)}", err=True)
+        for start, end in ranges:
+            slice_model(path, start, end)
+    except MeshError as exc:
+        _fail(str(exc))
+    log_dir = Path(tempfile.mkdtemp(prefix="mesh-up-"))
+    with LocalMesh(str(path), ranges, log_dir, ctx=ctx, threads=threads) as local:
+        click.echo(f"stages: {' '.join(local.urls)} (logs in {log_dir})", err=True)
+        try:
+            if prompt is not None:
+                params = GenerationParams(max_tokens=max_tokens, temperature=temperature,
+                                          top_p=top_p, seed=seed, stop=tuple(stop))
+                asyncio.run(_generate(path, local.urls, prompt, params, 256, as_json))
+            else:
+                _serve(path, local.urls, host, port, announce=True)
+        except MeshError as exc:
+            local.check_running()
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.option("--model", "model_spec", default="default", show_default=True)
+@click.option("--stage", "stages", multiple=True, required=True,
+              help="Stage URL, in chain order (repeat).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+def serve(model_spec, stages, host, port) -> None:
+    """Serve the OpenAI-compatible API over a running chain of stages."""
+    from mesh.logs import configure
+    from mesh.models import resolve_model
+
+    configure("info")
+    try:
+        _serve(resolve_model(model_spec), list(stages), host, port, announce=False)
+    except MeshError as exc:
+        _fail(str(exc))
+
+
+def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool) -> None:
+    from mesh.api.app import run_server
+
+    run_server(path, stages, host, port, announce=announce)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"mesh: {message}", err=True)
+    sys.exit(1)
+

@@ -1,0 +1,379 @@
+"""Coordinator: handshakes the chain, tokenizes, prefills in chunks, runs decode loops.
+
+Each request is one session with its own frames in flight; the stages pipeline sessions against
+each other. A session always ends with a Stop that walks the chain, whether it finished, failed
+or was cancelled.
+
+    coord = Coordinator(path, ["tcp://127.0.0.1:7501", "tcp://127.0.0.1:7502"])
+    await coord.start()
+    result = await coord.complete("The capital of France is", GenerationParams(max_tokens=16))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+
+from mesh.errors import InvalidInputError, MeshError
+from mesh.logs import get_logger
+from mesh.models import file_sha256
+from mesh.coordinator.links import (
+    DEAD_AFTER_S,
+    HEARTBEAT_INTERVAL_S,
+    HandshakeError,
+    StageLink,
+    StageUnavailableError,
+)
+from mesh.coordinator.tokenizer import Tokenizer
+from mesh.transport import frames as fr
+
+log = get_logger("mesh.coordinator")
+
+DEFAULT_PREFILL_CHUNK = 256
+TOKEN_TIMEOUT_S = 120.0  # a live chain answers far sooner; heartbeats catch dead stages first
+
+
+class StageError(MeshError):
+    """An Error frame about one of our sessions, raised with the stage's code."""
+
+    def __init__(self, code: str, message: str, stage: str):
+        super().__init__(f"{stage}: {message}")
+        self.code = code
+        self.stage = stage
+
+
+class ContextLengthError(InvalidInputError):
+    code = "context_length_exceeded"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
+    add_special: bool = True  # BOS for raw completions; chat templates carry their own
+
+    def wire_sampling(self) -> dict[str, Any]:
+        return {"temperature": float(self.temperature), "top_k": int(self.top_k),
+                "top_p": float(self.top_p), "min_p": float(self.min_p), "seed": int(self.seed),
+                "repeat_penalty": float(self.repeat_penalty), "repeat_last_n": 64,
+                "logprobs": int(self.logprobs)}
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    cached_tokens: int
+    timings: dict[str, float]
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        p, c = len(self.prompt_token_ids), len(self.token_ids)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+class _Live:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+
+class Coordinator:
+    def __init__(self, model_path: Path, stage_urls: list[str], *,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        if not stage_urls:
+            raise InvalidInputError("at least one --stage URL is required")
+        self.model_path = Path(model_path)
+        self.stage_urls = list(stage_urls)
+        self.prefill_chunk = prefill_chunk
+        self.origin = b"coord-" + os.urandom(6).hex().encode()
+        self._zctx = zmq.asyncio.Context()
+        self.links: list[StageLink] = []
+        self._sessions: dict[int, _Live] = {}
+        self._heartbeat: asyncio.Task | None = None
+        self._rehandshakes: set[asyncio.Task] = set()
+        self.tokenizer: Tokenizer | None = None
+        self.model_sha256 = ""
+        self.n_layer = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self, handshake_timeout_s: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        self.model_sha256 = await loop.run_in_executor(None, file_sha256, self.model_path)
+        self.tokenizer = await loop.run_in_executor(None, Tokenizer, self.model_path)
+        self.links = [StageLink(i, url, self.origin, self._zctx, self._dispatch)
+                      for i, url in enumerate(self.stage_urls)]
+        for link in self.links:
+            link.start()
+        try:
+            infos = await asyncio.gather(*(
+                self._handshake(link, handshake_timeout_s) for link in self.links))
+            self._check_chain(infos)
+        except BaseException:
+            await self.close()
+            raise
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info("coordinator_ready", stages=len(self.links), n_layer=self.n_layer)
+
+    async def _handshake(self, link: StageLink, timeout_s: float) -> dict[str, Any]:
+        nxt = self.stage_urls[link.index + 1] if link.index + 1 < len(self.links) else None
+        return await link.handshake(self.origin, nxt, self.model_sha256, timeout_s)
+
+    def _check_chain(self, infos: list[dict[str, Any]]) -> None:
+        n_layer = infos[0]["n_layer"]
+        expected_start = 0
+        for link, info in zip(self.links, infos):
+            if info["n_layer"] != n_layer or info["n_embd"] != infos[0]["n_embd"]:
+                raise HandshakeError(f"{link.name} serves a different model shape")
+            if info["start"] != expected_start:
+                raise HandshakeError(
+                    f"{link.name} serves layers {info['start']}:{info['end']} but the chain "
+                    f"needs a stage starting at layer {expected_start}")
+            expected_start = info["end"]
+        if expected_start != n_layer:
+            raise HandshakeError(
+                f"stages cover layers 0:{expected_start} of {n_layer}; add a stage for "
+                f"{expected_start}:{n_layer}")
+        self.n_layer = n_layer
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for task in list(self._rehandshakes):
+            task.cancel()
+        for link in self.links:
+            await link.close()
+        self._zctx.term()
+        if self.tokenizer is not None:
+            self.tokenizer.close()
+            self.tokenizer = None
+
+    @property
+    def kv_capacity(self) -> int:
+        """Smallest KV capacity in the chain: what one request can ever use."""
+        return min(link.info["kv_capacity"] for link in self.links)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.links) and all(link.alive for link in self.links)
+
+    # ---- liveness -------------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            now = time.monotonic()
+            for link in self.links:
+                link.ping()
+                silent = now - link.last_seen
+                if link.alive and silent > DEAD_AFTER_S:
+                    link.alive = False
+                    log.warning("stage_down", stage_index=link.index, silent_s=round(silent, 2))
+                    self._fail_all(StageUnavailableError(
+                        f"{link.name} stopped answering ({silent:.1f} s without a heartbeat)"))
+                elif not link.alive and silent < DEAD_AFTER_S and not self._rehandshakes:
+                    task = asyncio.create_task(self._revive(link))
+                    self._rehandshakes.add(task)
+                    task.add_done_callback(self._rehandshakes.discard)
+
+    async def _revive(self, link: StageLink) -> None:
+        """A stage answers again (restarted): handshake it before sending it work."""
+        try:
+            info = await self._handshake(link, 5.0)
+        except MeshError as exc:
+            log.warning("stage_revive_failed", stage_index=link.index, error=exc.code)
+            return
+        if link.index > 0:  # its upstream must (re)learn where to forward
+            await self._handshake(self.links[link.index - 1], 5.0)
+        log.info("stage_up", stage_index=link.index, start=info["start"], end=info["end"])
+
+    def _fail_all(self, exc: MeshError) -> None:
+        for live in self._sessions.values():
+            live.queue.put_nowait({"kind": "_fail", "exc": exc})
+
+    def _dispatch(self, link: StageLink, msg: dict[str, Any]) -> None:
+        session = msg.get("session")
+        live = self._sessions.get(session) if session is not None else None
+        if live is not None:
+            live.queue.put_nowait(msg)
+        elif msg["kind"] == fr.ERROR:
+            log.warning("stage_error", stage_index=link.index, code=msg["code"])
+
+    # ---- generation -----------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int], add_special: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special=add_special)
+        return [int(t) for t in prompt]
+
+    async def complete(self, prompt: str | list[int], params: GenerationParams) -> Completion:
+        result = None
+        async for item in self.stream(prompt, params):
+            if isinstance(item, Completion):
+                result = item
+        return result
+
+    async def stream(self, prompt: str | list[int], params: GenerationParams
+                     ) -> AsyncIterator[Delta | Completion]:
+        """Yield Deltas as tokens arrive, then one Completion."""
+        prompt_ids = self.tokenize(prompt, params.add_special)
+        self._check_request(prompt_ids, params)
+        session = int.from_bytes(os.urandom(8), "little") >> 1
+        live = _Live()
+        self._sessions[session] = live
+        t0 = time.perf_counter()
+        text_out = _TextAssembler(self.tokenizer, params.stop)
+        token_ids: list[int] = []
+        finish = "length"
+        t_first = None
+        try:
+            self._send_prefill(session, prompt_ids, params)
+            pos = len(prompt_ids)
+            budget = min(params.max_tokens, self.kv_capacity - len(prompt_ids))
+            while len(token_ids) < budget:
+                msg = await self._next(live)
+                token = msg["token"]
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if self.tokenizer.is_eog(token):
+                    finish = "stop"
+                    break
+                token_ids.append(token)
+                text, stopped = text_out.add(token)
+                logprobs = []
+                if params.logprobs:
+                    logprobs = [{"token": token, "logprob": msg["logprob"], "top": msg["top"]}]
+                if text or logprobs:
+                    yield Delta(text, [token], logprobs)
+                if stopped:
+                    finish = "stop"
+                    break
+                if len(token_ids) >= budget:
+                    break
+                self._send_work(fr.DECODE, session, pos, [token])
+                pos += 1
+            tail = text_out.finish()
+            if tail:
+                yield Delta(tail, [])
+            t_end = time.perf_counter()
+            t_first = t_first or t_end
+            n = len(token_ids)
+            yield Completion(
+                prompt_token_ids=prompt_ids, token_ids=token_ids, text=text_out.text,
+                finish_reason=finish, cached_tokens=0,
+                timings={"prompt_ms": 1e3 * (t_first - t0), "decode_ms": 1e3 * (t_end - t_first),
+                         "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
+                         "total_ms": 1e3 * (t_end - t0)})
+        finally:
+            self._sessions.pop(session, None)
+            self._release(session)
+
+    def _check_request(self, prompt_ids: list[int], params: GenerationParams) -> None:
+        if not prompt_ids:
+            raise InvalidInputError("the prompt is empty")
+        if len(prompt_ids) >= self.kv_capacity:
+            raise ContextLengthError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of "
+                f"{self.kv_capacity} tokens")
+        if params.max_tokens < 1:
+            raise InvalidInputError("max_tokens must be >= 1")
+        for link in self.links:
+            if not link.alive:
+                raise StageUnavailableError(f"{link.name} is down")
+
+    def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams) -> None:
+        chunk = min(self.prefill_chunk, *(link.info["max_tokens"] for link in self.links))
+        starts = range(0, len(prompt_ids), chunk)
+        for start in starts:
+            part = prompt_ids[start:start + chunk]
+            if start + chunk >= len(prompt_ids):
+                self._send_work(fr.PREFILL_FINAL, session, start, part,
+                                sampling=params.wire_sampling(),
+                                history=fr.pack_tokens(prompt_ids[-64:]))
+            else:
+                self._send_work(fr.PREFILL, session, start, part)
+
+    def _send_work(self, kind: str, session: int, pos: int, tokens: list[int], **extra) -> None:
+        self.links[0].send(fr.encode(kind, session=session, origin=self.origin, pos=pos,
+                                     n=len(tokens), tokens=fr.pack_tokens(tokens), embd=None,
+                                     **extra))
+
+    async def _next(self, live: _Live) -> dict[str, Any]:
+        try:
+            msg = await asyncio.wait_for(live.queue.get(), TOKEN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise StageUnavailableError(
+                f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
+        kind = msg["kind"]
+        if kind == "_fail":
+            raise msg["exc"]
+        if kind == fr.ERROR:
+            raise StageError(msg["code"], msg["message"], msg["stage"])
+        if kind != fr.TOKEN:
+            return await self._next(live)
+        return msg
+
+    def _release(self, session: int) -> None:
+        """Stop walks the chain behind any frames still in flight, so ordering is kept."""
+        stop = fr.encode(fr.STOP, session=session, origin=self.origin)
+        targets = self.links[:1] if self.links[0].alive else [
+            link for link in self.links if link.alive]
+        for link in targets:
+            try:
+                link.send(stop)
+            except StageUnavailableError:
+                pass
+
+
+class _TextAssembler:
+    """Incremental detokenization with stop strings held back until they cannot match."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self._decoder = tokenizer.stream_decoder()
+        self._tokenizer = tokenizer
+        self._stop = [s for s in stop if s]
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self.text = ""
+        self._emitted = 0
+        self._done = False
+
+    def add(self, token: int) -> tuple[str, bool]:
+        self.text += self._decoder.decode(self._tokenizer.piece(token))
+        for s in self._stop:
+            idx = self.text.find(s, max(0, self._emitted - len(s)))
+            if idx >= 0:
+                self.text = self.text[:idx]
+                self._done = True
+                return self._flush(len(self.text)), True
+        return self._flush(max(self._emitted, len(self.text) - self._hold)), False
+
+    def finish(self) -> str:
+        if not self._done:
+            self.text += self._decoder.decode(b"", final=True)
+        return self._flush(len(self.text))
+
+    def _flush(self, upto: int) -> str:
+        out = self.text[self._emitted:upto]
+        self._emitted = max(self._emitted, upto)
+        return out

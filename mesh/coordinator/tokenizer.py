@@ -1,0 +1,61 @@
+"""Tokenizer: a vocab-only llama.cpp load of the same GGUF the stages slice."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+from pathlib import Path
+
+from mesh.stage.native import NativeModel, llama
+
+
+class Tokenizer:
+    def __init__(self, path: Path):
+        self._model = NativeModel(path, vocab_only=True)
+        self.vocab = self._model.vocab
+        self.n_vocab = self._model.n_vocab
+        lib = llama()
+        self.bos = lib.llama_vocab_bos(self.vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        lib = llama()
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            out = (lib.llama_token * capacity)()
+            n = lib.llama_tokenize(self.vocab, data, len(data), out, capacity, add_special,
+                                   parse_special)
+            if n >= 0:
+                return list(out[:n])
+            capacity = -n
+
+    def piece(self, token: int) -> bytes:
+        lib = llama()
+        n = lib.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def decode(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama().llama_vocab_is_eog(self.vocab, token))
+
+    def chat_template(self) -> str | None:
+        raw = llama().llama_model_chat_template(self._model.ptr, None)
+        return raw.decode("utf-8") if raw else None
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary's text for a token (special tokens included), for chat templates."""
+        return llama().llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+    def stream_decoder(self) -> codecs.IncrementalDecoder:
+        return codecs.getincrementaldecoder("utf-8")("replace")
+
+    def close(self) -> None:
+        self._model.close()

@@ -1,0 +1,109 @@
+"""Start and stop local stage processes (``mesh up``, tests, benchmarks).
+
+Each stage is a real ``mesh-stage`` process on loopback; its stderr goes to a log file so runs
+can be scanned for native failures afterwards.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def even_split(n_layer: int, n_stages: int) -> list[tuple[int, int]]:
+    bounds = [round(i * n_layer / n_stages) for i in range(n_stages + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+@dataclass
+class StageProcess:
+    start: int
+    end: int
+    url: str
+    log_path: Path
+    args: list[str]
+    proc: subprocess.Popen | None = None
+
+    def launch(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh.stage.cli", *self.args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class LocalMesh:
+    model: str
+    ranges: list[tuple[int, int]]
+    log_dir: Path
+    ctx: int = 4096
+    slots: int = 8
+    threads: int = 1
+    extra_args: list[str] = field(default_factory=list)
+    stages: list[StageProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i, (start, end) in enumerate(self.ranges):
+            url = f"tcp://127.0.0.1:{free_port()}"
+            args = ["--model", self.model, "--layers", f"{start}:{end}", "--listen", url,
+                    "--ctx", str(self.ctx), "--slots", str(self.slots),
+                    "--threads", str(self.threads), *self.extra_args]
+            self.stages.append(StageProcess(start, end, url, self.log_dir / f"stage{i}.log", args))
+
+    @property
+    def urls(self) -> list[str]:
+        return [stage.url for stage in self.stages]
+
+    def start(self) -> LocalMesh:
+        for stage in self.stages:
+            stage.launch()
+        return self
+
+    def check_running(self) -> None:
+        for stage in self.stages:
+            if stage.proc is not None and stage.proc.poll() is not None:
+                tail = stage.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"stage {stage.start}:{stage.end} exited "
+                                   f"({stage.proc.returncode}): {' | '.join(tail)}")
+
+    def stop(self) -> None:
+        for stage in self.stages:
+            stage.kill(signal.SIGTERM)
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())

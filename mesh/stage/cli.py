@@ -1,0 +1,81 @@
+"""``mesh-stage``: serve one layer range of a model on one ROUTER socket."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from mesh.errors import MeshError
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"expected START:END, got {text!r}") from None
+    return start, end
+
+
+def normalize_listen(text: str) -> str:
+    """``PORT`` or ``HOST:PORT`` or a full zmq URL; a bare port binds loopback only."""
+    if "://" in text:
+        return text
+    if text.isdigit():
+        return f"tcp://127.0.0.1:{text}"
+    return f"tcp://{text}"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_spec", required=True, help="GGUF path, or 'default'.")
+@click.option("--layers", required=True, help="Half-open layer range START:END.")
+@click.option("--listen", default="tcp://127.0.0.1:7501", show_default=True,
+              help="ZeroMQ URL to bind (loopback unless told otherwise).")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, help="KV cells for all sessions.")
+@click.option("--slots", "n_seq_max", default=8, show_default=True,
+              help="Sequence slots: live sessions + cached prefixes.")
+@click.option("--threads", "n_threads", default=2, show_default=True)
+@click.option("--gpu-layers", "n_gpu_layers", default=0, show_default=True)
+@click.option("--batch", "n_batch", default=512, show_default=True,
+              help="Most tokens in one frame.")
+@click.option("--log-level", default="info", show_default=True)
+def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch,
+         log_level) -> None:
+    """Serve layers START:END of a GGUF model as one pipeline stage."""
+    from mesh.logs import configure, get_logger
+    from mesh.models import resolve_model
+    from mesh.stage.runtime import RuntimeConfig, StageRuntime
+    from mesh.stage.server import StageServer
+    from mesh.stage.slicing import slice_model
+
+    configure(log_level)
+    log = get_logger("mesh.stage")
+    start, end = parse_layers(layers)
+    url = normalize_listen(listen)
+    try:
+        path = resolve_model(model_spec)
+        files = slice_model(path, start, end)
+        config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
+                               n_gpu_layers=n_gpu_layers, n_batch=n_batch,
+                               n_ubatch=min(n_batch, 512))
+        runtime = StageRuntime(files, config)
+        server = StageServer(runtime, url, files.model.sha256)
+    except MeshError as exc:
+        click.echo(f"mesh-stage: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # zmq bind errors and the like: one clear line, no traceback
+        click.echo(f"mesh-stage: cannot start on {url}: {exc}", err=True)
+        sys.exit(2)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        runtime.close()
+        log.info("stage_stopped", stage=server.name)
+
+
+if __name__ == "__main__":
+    main()

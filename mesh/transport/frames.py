@@ -1,0 +1,176 @@
+"""Wire frames: a 4-byte big-endian length N, then N bytes of msgpack holding one map.
+
+This module is the code side of ``protocol.md`` (the byte-level source of truth): the version,
+every kind and its fields, limits and error codes live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from mesh.errors import MeshError
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_TOKENS_PER_FRAME = 4096
+
+# Work frames: run at a stage, then forwarded (or answered with a Token at the final stage).
+PREFILL = "PrefillEmbd"
+PREFILL_FINAL = "PrefillFinalEmbd"
+DECODE = "Decode"
+WORK_KINDS = (PREFILL, PREFILL_FINAL, DECODE)
+# Replies and control.
+TOKEN = "Token"
+STOP = "Stop"
+STOPPED = "Stopped"
+ERROR = "Error"
+HANDSHAKE = "Handshake"
+STAGE_INFO = "StageInfo"
+PING = "Ping"
+PONG = "Pong"
+
+_INT = (int,)
+_STR = (str,)
+_BIN = (bytes,)
+_MAP = (dict,)
+_FLOAT = (float, int)
+_OPT_STR = (str, type(None))
+_OPT_BIN = (bytes, type(None))
+_LIST = (list,)
+
+# kind -> {field: allowed types}; every field listed is required (nil where the type allows).
+_WORK_FIELDS = {"session": _INT, "origin": _BIN, "pos": _INT, "n": _INT,
+                "tokens": _OPT_BIN, "embd": _OPT_BIN}
+SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    PREFILL: _WORK_FIELDS,
+    PREFILL_FINAL: {**_WORK_FIELDS, "sampling": _MAP, "history": _OPT_BIN},
+    DECODE: _WORK_FIELDS,
+    TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
+            "top": _LIST},
+    STOP: {"session": _INT, "origin": _BIN},
+    STOPPED: {"session": _INT, "freed": _INT},
+    ERROR: {"code": _STR, "message": _STR, "session": (int, type(None)), "stage": _STR},
+    HANDSHAKE: {"origin": _BIN, "next": _OPT_STR, "model_sha256": _OPT_STR},
+    STAGE_INFO: {"model_sha256": _STR, "arch": _STR, "start": _INT, "end": _INT,
+                 "n_layer": _INT, "n_embd": _INT, "kv_capacity": _INT, "slots": _INT,
+                 "max_tokens": _INT, "max_frame_bytes": _INT, "stage": _STR},
+    PING: {"nonce": _INT},
+    PONG: {"nonce": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
+           "queue": _INT, "stage": _STR},
+}
+
+SAMPLING_FIELDS = {"temperature": _FLOAT, "top_k": _INT, "top_p": _FLOAT, "min_p": _FLOAT,
+                   "seed": _INT, "repeat_penalty": _FLOAT, "repeat_last_n": _INT,
+                   "logprobs": _INT}
+
+# Error codes (protocol.md, "Errors").
+E_BAD_FRAME = "bad_frame"
+E_BAD_VERSION = "bad_version"
+E_UNKNOWN_KIND = "unknown_kind"
+E_BAD_FIELD = "bad_field"
+E_OVERSIZE = "oversize"
+E_BAD_SHAPE = "bad_shape"
+E_MODEL_MISMATCH = "model_mismatch"
+E_BUSY = "busy"
+
+
+class ProtocolError(MeshError):
+    """A frame that cannot be accepted; ``code`` goes into the Error frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def encode(kind: str, **fields: Any) -> bytes:
+    """One frame: length prefix + msgpack map ``{"v", "kind", **fields}`` in that key order."""
+    body = msgpack.packb({"v": PROTOCOL_VERSION, "kind": kind, **fields}, use_bin_type=True)
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(E_OVERSIZE, f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    return HEADER.pack(len(body)) + body
+
+
+def decode(data: bytes | memoryview) -> dict[str, Any]:
+    """Parse and validate one frame; raises ProtocolError with the code to report."""
+    view = memoryview(data)
+    if len(view) < HEADER.size:
+        raise ProtocolError(E_BAD_FRAME, f"frame of {len(view)} bytes is shorter than its header")
+    (length,) = HEADER.unpack_from(view)
+    if length > MAX_FRAME_BYTES:
+        raise ProtocolError(E_OVERSIZE, f"declared length {length} exceeds {MAX_FRAME_BYTES}")
+    if length != len(view) - HEADER.size:
+        raise ProtocolError(
+            E_BAD_FRAME, f"length prefix says {length} bytes, frame carries {len(view) - 4}")
+    try:
+        msg = msgpack.unpackb(view[HEADER.size:], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(E_BAD_FRAME, f"body is not valid msgpack: {type(exc).__name__}")
+    if not isinstance(msg, dict):
+        raise ProtocolError(E_BAD_FRAME, f"body must be a map, got {type(msg).__name__}")
+    version = msg.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            E_BAD_VERSION, f"protocol version {version!r} not supported (this end speaks "
+            f"{PROTOCOL_VERSION})")
+    kind = msg.get("kind")
+    schema = SCHEMA.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise ProtocolError(E_UNKNOWN_KIND, f"unknown frame kind {kind!r}")
+    for name, types in schema.items():
+        if name not in msg:
+            raise ProtocolError(E_BAD_FIELD, f"{kind}: missing field {name!r}")
+        value = msg[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(E_BAD_FIELD, f"{kind}: field {name!r} has type "
+                                             f"{type(value).__name__}")
+    if kind in WORK_KINDS:
+        _check_work(msg)
+    return msg
+
+
+def _check_work(msg: dict[str, Any]) -> None:
+    kind, n = msg["kind"], msg["n"]
+    if not 1 <= n <= MAX_TOKENS_PER_FRAME:
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: n={n} outside [1, {MAX_TOKENS_PER_FRAME}]")
+    if kind == DECODE and n != 1:
+        raise ProtocolError(E_BAD_FIELD, "Decode carries exactly one token")
+    if msg["pos"] < 0 or not 0 <= msg["session"] < 2**64:
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: pos and session must be non-negative")
+    if (msg["tokens"] is None) == (msg["embd"] is None):
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: exactly one of tokens or embd must be set")
+    if msg["tokens"] is not None and len(msg["tokens"]) != 4 * n:
+        raise ProtocolError(E_BAD_SHAPE, f"{kind}: tokens carry {len(msg['tokens'])} bytes, "
+                                         f"expected 4 * n = {4 * n}")
+    if kind == PREFILL_FINAL:
+        for name, value in msg["sampling"].items():
+            types = SAMPLING_FIELDS.get(name)
+            if types is None or not isinstance(value, types) or isinstance(value, bool):
+                raise ProtocolError(E_BAD_FIELD, f"sampling field {name!r} is not valid")
+
+
+def pack_tokens(tokens) -> bytes:
+    return np.asarray(tokens, dtype="<i4").tobytes()
+
+
+def unpack_tokens(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i4")
+
+
+def pack_embd(hidden: np.ndarray) -> bytes:
+    """f32 ``[n_tokens, n_embd]`` → raw little-endian, token-major bytes."""
+    return np.ascontiguousarray(hidden, dtype="<f4").tobytes()
+
+
+def unpack_embd(data: bytes, n_tokens: int, n_embd: int) -> np.ndarray:
+    """Zero-copy view of ``data`` as f32 ``[n_tokens, n_embd]``, shape checked."""
+    expected = n_tokens * n_embd * 4
+    if len(data) != expected:
+        raise ProtocolError(
+            E_BAD_SHAPE, f"activation carries {len(data)} bytes, expected n={n_tokens} x "
+            f"n_embd={n_embd} x 4 = {expected}")
+    return np.frombuffer(data, dtype="<f4").reshape(n_tokens, n_embd)
