@@ -24,6 +24,7 @@ import zmq.asyncio
 from mesh.errors import InvalidInputError, MeshError
 from mesh.logs import get_logger
 from mesh.models import file_sha256
+from mesh.coordinator.admission import Admission
 from mesh.coordinator.links import (
     DEAD_AFTER_S,
     HEARTBEAT_INTERVAL_S,
@@ -103,7 +104,8 @@ class _Live:
 
 class Coordinator:
     def __init__(self, model_path: Path, stage_urls: list[str], *,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
+                 headroom_tokens: int = 512):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
@@ -118,6 +120,9 @@ class Coordinator:
         self.tokenizer: Tokenizer | None = None
         self.model_sha256 = ""
         self.n_layer = 0
+        self.admission: Admission | None = None
+        self._admission_args = (headroom_tokens, admission_wait_s)
+        self.wait_observer = None  # set by the API's metrics
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self, handshake_timeout_s: float = 10.0) -> None:
@@ -135,6 +140,8 @@ class Coordinator:
         except BaseException:
             await self.close()
             raise
+        self.admission = Admission(self.kv_capacity, *self._admission_args,
+                                   on_wait=self.wait_observer)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         log.info("coordinator_ready", stages=len(self.links), n_layer=self.n_layer)
 
@@ -239,6 +246,15 @@ class Coordinator:
         """Yield Deltas as tokens arrive, then one Completion."""
         prompt_ids = self.tokenize(prompt, params.add_special)
         self._check_request(prompt_ids, params)
+        reserved = await self.admission.reserve(len(prompt_ids), params.max_tokens)
+        try:
+            async for item in self._run_session(prompt_ids, params):
+                yield item
+        finally:
+            self.admission.release(reserved)
+
+    async def _run_session(self, prompt_ids: list[int], params: GenerationParams
+                           ) -> AsyncIterator[Delta | Completion]:
         session = int.from_bytes(os.urandom(8), "little") >> 1
         live = _Live()
         self._sessions[session] = live

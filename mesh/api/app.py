@@ -1,0 +1,238 @@
+"""OpenAI-compatible HTTP API over the coordinator (FastAPI + sse-starlette + uvicorn).
+
+    mesh serve --stage tcp://127.0.0.1:7501 --stage tcp://127.0.0.1:7502 --port 8000
+    curl localhost:8000/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sse_starlette.sse import EventSourceResponse
+
+from mesh.api.chat import ChatRenderer
+from mesh.api.metrics import ApiMetrics
+from mesh.api.schemas import ChatRequest, CompletionRequest
+from mesh.coordinator.admission import AdmissionTimeoutError
+from mesh.coordinator.coordinator import Completion, Coordinator, Delta, GenerationParams
+from mesh.coordinator.links import HandshakeError, StageUnavailableError
+from mesh.errors import InvalidInputError, MeshError
+from mesh.logs import get_logger
+
+log = get_logger("mesh.api")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    model_id: str
+    announce_url: str | None = None  # print a ready-to-paste curl line once ready
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """Map error types (never message text) to HTTP statuses in OpenAI's error shape."""
+    code = getattr(exc, "code", "internal")
+    if isinstance(exc, InvalidInputError):
+        return JSONResponse(error_body(str(exc), "invalid_request_error", code), 400)
+    if isinstance(exc, AdmissionTimeoutError):
+        return JSONResponse(error_body(str(exc), "rate_limit_error", code), 429,
+                            headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, (StageUnavailableError, HandshakeError, MeshError)):
+        return JSONResponse(error_body(str(exc), "service_unavailable", code), 503)
+    log.error("internal_error", error_type=type(exc).__name__)
+    return JSONResponse(error_body("internal error", "internal_error", "internal"), 500)
+
+
+def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
+    metrics = ApiMetrics(coordinator)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await coordinator.start()
+        state["chat"] = ChatRenderer(coordinator.tokenizer, coordinator.links[0].info["arch"])
+        if settings.announce_url:
+            print(_curl_line(settings.announce_url), file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            await coordinator.close()
+
+    app = FastAPI(title="mesh", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(error_body(f"invalid request: {first.get('msg', 'bad body')}",
+                                       "invalid_request_error", "invalid_request", param), 400)
+
+    @app.exception_handler(Exception)
+    async def _any(_request: Request, exc: Exception):
+        return error_response(exc)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if coordinator.ready:
+            return {"status": "ready", "stages": len(coordinator.links)}
+        down = [link.name for link in coordinator.links if not link.alive]
+        return JSONResponse({"status": "not_ready", "down": down}, 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model",
+                                            "created": 0, "owned_by": "mesh"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompt = body.prompt_value()
+        params = body.generation_params(extra_stops=[])
+        return await _respond(body, prompt, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        try:
+            text, add_special, stops = state["chat"].render(body.message_dicts(), body.tools)
+        except Exception as exc:  # template errors are the caller's messages being wrong
+            raise InvalidInputError(f"cannot render the chat template: {exc}") from None
+        params = body.generation_params(extra_stops=stops, add_special=add_special)
+        return await _respond(body, text, params, chat=True)
+
+    async def _respond(body, prompt, params: GenerationParams, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        stream = coordinator.stream(prompt, params)
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        except Exception as exc:
+            metrics.request(endpoint, exc)
+            await stream.aclose()
+            raise
+        rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
+        created = int(time.time())
+        if not body.stream:
+            result = first
+            try:
+                async for item in stream:
+                    result = item
+            except Exception as exc:
+                metrics.request(endpoint, exc)
+                raise
+            metrics.request(endpoint, None, result)
+            return _full_response(rid, created, settings.model_id, result, chat, body)
+        return EventSourceResponse(_sse(stream, first, rid, created, chat, body, endpoint),
+                                   ping=15)
+
+    async def _sse(stream, first, rid, created, chat, body, endpoint):
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        try:
+            if chat:
+                yield json.dumps(_chunk(rid, created, settings.model_id, obj,
+                                        {"role": "assistant", "content": ""}, None, chat))
+            item = first
+            while item is not None:
+                if isinstance(item, Delta):
+                    payload = {"content": item.text} if chat else item.text
+                    yield json.dumps(_chunk(rid, created, settings.model_id, obj, payload, None,
+                                            chat, _logprobs(item, chat, body)))
+                elif isinstance(item, Completion):
+                    empty = {} if chat else ""
+                    yield json.dumps(_chunk(rid, created, settings.model_id, obj, empty,
+                                            item.finish_reason, chat))
+                    if include_usage:
+                        yield json.dumps({"id": rid, "object": obj, "created": created,
+                                          "model": settings.model_id, "choices": [],
+                                          "usage": item.usage})
+                    metrics.request(endpoint, None, item)
+                item = await anext(stream, None)
+            yield "[DONE]"
+        except asyncio.CancelledError:
+            metrics.request(endpoint, "cancelled")
+            raise
+        except Exception as exc:
+            metrics.request(endpoint, exc)
+            response = error_response(exc)
+            yield response.body.decode()
+            yield "[DONE]"
+        finally:
+            await stream.aclose()
+
+    return app
+
+
+def _chunk(rid, created, model, obj, payload, finish, chat, logprobs=None) -> dict:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
+    if chat:
+        choice["delta"] = payload
+    else:
+        choice["text"] = payload
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def _logprobs(item: Delta, chat: bool, body) -> dict | None:
+    if not item.logprobs:
+        return None
+    entries = [{"token_id": e["token"], "logprob": e["logprob"],
+                "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in e["top"]]}
+               for e in item.logprobs]
+    if chat:
+        return {"content": entries}
+    return {"tokens": [str(e["token_id"]) for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{str(t["token_id"]): t["logprob"] for t in e["top_logprobs"]}
+                             for e in entries]}
+
+
+def _full_response(rid, created, model, result: Completion, chat: bool, body) -> dict:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "finish_reason": result.finish_reason, "logprobs": None}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
+                  "logprobs": None}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+            "usage": result.usage}
+
+
+def _curl_line(base_url: str) -> str:
+    body = json.dumps({"messages": [{"role": "user", "content": "Say hello in French."}],
+                       "max_tokens": 32})
+    return (f"mesh is ready at {base_url}\n"
+            f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{body}'")
+
+
+def run_server(path: Path, stages: list[str], host: str, port: int, announce: bool) -> None:
+    import uvicorn
+
+    coordinator = Coordinator(path, stages)
+    settings = ApiSettings(model_id=path.stem,
+                           announce_url=f"http://{host}:{port}" if announce else None)
+    app = create_app(settings, coordinator)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

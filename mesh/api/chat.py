@@ -1,0 +1,73 @@
+"""Chat prompts: the GGUF's own chat template, rendered by llama-cpp-python's Jinja2 formatter.
+
+Models without a stored template get a built-in one for their family (the default Gemma 3 270M
+GGUF ships none), so chat always works; tools and tool-role messages go through the template.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.coordinator.tokenizer import Tokenizer
+
+# Gemma's turn format; the system prompt and tool definitions open the first user turn, and tool
+# results come back as user turns, as Gemma has no system or tool role.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set preamble = namespace(text='') -%}"
+    "{%- if tools -%}{%- set preamble.text = 'You can call these tools by answering with a JSON "
+    "object {\"name\": ..., \"arguments\": {...}}:\\n' -%}"
+    "{%- for t in tools -%}{%- set preamble.text = preamble.text ~ (t | tojson) ~ '\\n' -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set preamble.text = m['content'] ~ '\\n\\n' ~ "
+    "preamble.text -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if m['role'] == 'assistant' else 'user' -%}"
+    "{{ '<start_of_turn>' ~ role ~ '\\n' }}"
+    "{%- if role == 'user' and preamble.text -%}{{ preamble.text }}"
+    "{%- set preamble.text = '' -%}{%- endif -%}"
+    "{%- if m['role'] == 'tool' -%}{{ 'Tool result: ' }}{%- endif -%}"
+    "{%- if m.get('content') -%}{{ m['content'] | trim }}{%- endif -%}"
+    "{%- if m.get('tool_calls') -%}{%- for c in m['tool_calls'] -%}"
+    "{{ '{\"name\": \"' ~ c['function']['name'] ~ '\", \"arguments\": ' ~ "
+    "c['function']['arguments'] ~ '}' }}{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+CHATML_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{ '<|im_start|>' ~ m['role'] ~ '\\n' ~ (m.get('content') or '') ~ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+class ChatRenderer:
+    def __init__(self, tokenizer: Tokenizer, arch: str):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = tokenizer.chat_template()
+        if template is None:
+            template = GEMMA_TEMPLATE if arch.startswith("gemma") else CHATML_TEMPLATE
+        eos = tokenizer.token_text(int(_eos(tokenizer)))
+        bos = tokenizer.token_text(tokenizer.bos) if tokenizer.bos >= 0 else ""
+        self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        self.extra_stops = ["<end_of_turn>"] if arch.startswith("gemma") else []
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+               ) -> tuple[str, bool, list[str]]:
+        """Return (prompt text, whether to add special tokens when tokenizing, stop strings)."""
+        result = self._formatter(messages=messages, tools=tools)
+        stops = [s for s in (result.stop or []) if s] if isinstance(result.stop, list) else (
+            [result.stop] if result.stop else [])
+        return result.prompt, not result.added_special, stops + self.extra_stops
+
+
+def _eos(tokenizer: Tokenizer) -> int:
+    from mesh.stage.native import llama
+
+    return llama().llama_vocab_eos(tokenizer.vocab)

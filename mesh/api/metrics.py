@@ -1,0 +1,71 @@
+"""Prometheus metrics for the API, in a registry owned by the app (no module globals).
+
+Labels are bounded: endpoint, HTTP-ish status class, error code, stage index.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from mesh.coordinator.coordinator import Completion
+
+
+class ApiMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, coordinator):
+        self._coord = coordinator
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("mesh_requests", "Requests by endpoint and outcome",
+                                ["endpoint", "status"], registry=r)
+        self.tokens = Counter("mesh_tokens_generated", "Completion tokens generated", registry=r)
+        self.prompt_tokens = Counter("mesh_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_tokens = Counter("mesh_cached_prompt_tokens",
+                                     "Prompt tokens reused from resident prefixes", registry=r)
+        self.errors = Counter("mesh_errors", "Errors by code", ["code"], registry=r)
+        self.queue_depth = Gauge("mesh_admission_queue_depth", "Requests waiting for KV budget",
+                                 registry=r)
+        self.admission_wait = Histogram("mesh_admission_wait_seconds",
+                                        "Time requests waited for KV budget", registry=r)
+        coordinator.wait_observer = self.admission_wait.observe
+        self.kv_used = Gauge("mesh_stage_kv_used_cells", "KV cells in use", ["stage"],
+                             registry=r)
+        self.kv_capacity = Gauge("mesh_stage_kv_capacity_cells", "KV cells", ["stage"],
+                                 registry=r)
+        self.evictions = Gauge("mesh_stage_evicted_records", "Prefix records evicted",
+                               ["stage"], registry=r)
+        self.stage_up = Gauge("mesh_stage_up", "1 when the stage answers heartbeats", ["stage"],
+                              registry=r)
+
+    def request(self, endpoint: str, error, result: Completion | None = None) -> None:
+        if error is None:
+            self.requests.labels(endpoint, "ok").inc()
+            if result is not None:
+                self.tokens.inc(len(result.token_ids))
+                self.prompt_tokens.inc(len(result.prompt_token_ids))
+                self.cached_tokens.inc(result.cached_tokens)
+            return
+        code = error if isinstance(error, str) else getattr(error, "code", "internal")
+        self.requests.labels(endpoint, code).inc()
+        self.errors.labels(code).inc()
+
+    def render(self) -> bytes:
+        admission = self._coord.admission
+        if admission is not None:
+            self.queue_depth.set(admission.queue_depth)
+        for link in self._coord.links:
+            label = str(link.index)
+            self.stage_up.labels(label).set(1 if link.alive else 0)
+            pong = link.last_pong
+            if pong:
+                self.kv_used.labels(label).set(pong["kv_used"])
+                self.kv_capacity.labels(label).set(pong["kv_capacity"])
+                self.evictions.labels(label).set(pong.get("evicted_records", 0))
+        return generate_latest(self.registry)

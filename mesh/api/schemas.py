@@ -1,0 +1,114 @@
+"""Request bodies of the OpenAI-compatible endpoints (only what mesh honours is typed)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mesh.coordinator.coordinator import GenerationParams
+from mesh.errors import InvalidInputError
+
+MAX_STOP_STRINGS = 4
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**32)
+    repeat_penalty: float = Field(default=1.0, gt=0.0)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    def _stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidInputError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return stops
+
+    def _max_tokens(self, default: int) -> int:
+        return self.max_tokens if self.max_tokens is not None else default
+
+    def generation_params(self, extra_stops: list[str], add_special: bool = True,
+                          default_max: int = 16, logprobs: int = 0) -> GenerationParams:
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
+        return GenerationParams(
+            max_tokens=self._max_tokens(default_max), temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=seed,
+            repeat_penalty=self.repeat_penalty, stop=tuple(self._stops() + extra_stops),
+            logprobs=logprobs, add_special=add_special)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def prompt_value(self) -> str | list[int]:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                raise InvalidInputError("only one prompt per request is supported")
+            return self.prompt[0]
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise InvalidInputError("the prompt is empty")
+        return self.prompt
+
+    def generation_params(self, extra_stops: list[str], add_special: bool = True,
+                          default_max: int = 16, logprobs: int = 0) -> GenerationParams:
+        return super().generation_params(extra_stops, add_special, default_max,
+                                         self.logprobs or 0)
+
+
+class ChatRequest(_Sampling):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("messages")
+    @classmethod
+    def _roles(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for m in messages:
+            if m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+                raise ValueError(f"unknown message role {m.get('role')!r}")
+        return messages
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.messages:
+            m = dict(m)
+            if m["role"] == "developer":
+                m["role"] = "system"
+            if isinstance(m.get("content"), list):  # content parts: keep the text ones
+                m["content"] = "".join(p.get("text", "") for p in m["content"]
+                                       if isinstance(p, dict))
+            out.append(m)
+        return out
+
+    def generation_params(self, extra_stops: list[str], add_special: bool = True,
+                          default_max: int = 512, logprobs: int = 0) -> GenerationParams:
+        if self.max_completion_tokens is not None and self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        n_logprobs = (self.top_logprobs or 1) if self.logprobs else 0
+        return super().generation_params(extra_stops, add_special, default_max, n_logprobs)
