@@ -32,6 +32,7 @@ from mesh.coordinator.links import (
     StageLink,
     StageUnavailableError,
 )
+from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.transport import frames as fr
 
@@ -105,7 +106,7 @@ class _Live:
 class Coordinator:
     def __init__(self, model_path: Path, stage_urls: list[str], *,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
-                 headroom_tokens: int = 512):
+                 headroom_tokens: int = 512, prefix_cache: bool = True):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
@@ -121,6 +122,8 @@ class Coordinator:
         self.model_sha256 = ""
         self.n_layer = 0
         self.admission: Admission | None = None
+        self.prefixes: PrefixIndex | None = None
+        self._prefix_cache = prefix_cache
         self._admission_args = (headroom_tokens, admission_wait_s)
         self.wait_observer = None  # set by the API's metrics
 
@@ -140,6 +143,7 @@ class Coordinator:
         except BaseException:
             await self.close()
             raise
+        self.prefixes = PrefixIndex(self.model_sha256) if self._prefix_cache else None
         self.admission = Admission(self.kv_capacity, *self._admission_args,
                                    on_wait=self.wait_observer)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
@@ -147,7 +151,7 @@ class Coordinator:
 
     async def _handshake(self, link: StageLink, timeout_s: float) -> dict[str, Any]:
         nxt = self.stage_urls[link.index + 1] if link.index + 1 < len(self.links) else None
-        return await link.handshake(self.origin, nxt, self.model_sha256, timeout_s)
+        return await link.handshake(self.origin, nxt, self.model_sha256, link.index, timeout_s)
 
     def _check_chain(self, infos: list[dict[str, Any]]) -> None:
         n_layer = infos[0]["n_layer"]
@@ -263,8 +267,10 @@ class Coordinator:
         token_ids: list[int] = []
         finish = "length"
         t_first = None
+        completed = False
         try:
-            self._send_prefill(session, prompt_ids, params)
+            cached = await self._reuse_prefix(session, live, prompt_ids)
+            self._send_prefill(session, prompt_ids, params, cached)
             pos = len(prompt_ids)
             budget = min(params.max_tokens, self.kv_capacity - len(prompt_ids))
             while len(token_ids) < budget:
@@ -295,15 +301,16 @@ class Coordinator:
             t_end = time.perf_counter()
             t_first = t_first or t_end
             n = len(token_ids)
+            completed = True
             yield Completion(
                 prompt_token_ids=prompt_ids, token_ids=token_ids, text=text_out.text,
-                finish_reason=finish, cached_tokens=0,
+                finish_reason=finish, cached_tokens=cached,
                 timings={"prompt_ms": 1e3 * (t_first - t0), "decode_ms": 1e3 * (t_end - t_first),
                          "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
                          "total_ms": 1e3 * (t_end - t0)})
         finally:
             self._sessions.pop(session, None)
-            self._release(session)
+            self._release(session, prompt_ids if completed else None)
 
     def _check_request(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if not prompt_ids:
@@ -318,9 +325,42 @@ class Coordinator:
             if not link.alive:
                 raise StageUnavailableError(f"{link.name} is down")
 
-    def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams) -> None:
+    async def _reuse_prefix(self, session: int, live: _Live, prompt_ids: list[int]) -> int:
+        """Agree with every stage on a resident prefix to start from; returns its length.
+
+        Each stage copies the record's cells into the new session as it answers (so eviction
+        cannot take them any more); stages that placed more than the agreed length trim back.
+        """
+        match = self.prefixes.best_match(prompt_ids) if self.prefixes is not None else None
+        if match is None:
+            return 0
+        pid, n = match
+        placed = await self._acquire_round(session, live, pid, n, self.links)
+        agreed = min(placed.values())
+        longer = [link for link in self.links if placed[link.index] > agreed]
+        if longer:
+            await self._acquire_round(session, live, pid, agreed, longer)
+        if agreed < MIN_REUSE_TOKENS:
+            self.prefixes.forget(pid)
+        return agreed
+
+    async def _acquire_round(self, session: int, live: _Live, pid: bytes, n: int,
+                             links: list[StageLink]) -> dict[int, int]:
+        frame = fr.encode(fr.ACQUIRE, session=session, origin=self.origin, prefix_id=pid, n=n)
+        for link in links:
+            link.send(frame)
+        by_stage = {link.info["stage"]: link.index for link in links}
+        placed: dict[int, int] = {}
+        while len(placed) < len(links):
+            msg = await self._next(live, want=fr.ACQUIRED)
+            if msg["stage"] in by_stage:
+                placed[by_stage[msg["stage"]]] = msg["n"]
+        return placed
+
+    def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams,
+                      start_pos: int = 0) -> None:
         chunk = min(self.prefill_chunk, *(link.info["max_tokens"] for link in self.links))
-        starts = range(0, len(prompt_ids), chunk)
+        starts = range(start_pos, len(prompt_ids), chunk)
         for start in starts:
             part = prompt_ids[start:start + chunk]
             if start + chunk >= len(prompt_ids):
@@ -335,7 +375,7 @@ class Coordinator:
                                      n=len(tokens), tokens=fr.pack_tokens(tokens), embd=None,
                                      **extra))
 
-    async def _next(self, live: _Live) -> dict[str, Any]:
+    async def _next(self, live: _Live, want: str = fr.TOKEN) -> dict[str, Any]:
         try:
             msg = await asyncio.wait_for(live.queue.get(), TOKEN_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -346,13 +386,20 @@ class Coordinator:
             raise msg["exc"]
         if kind == fr.ERROR:
             raise StageError(msg["code"], msg["message"], msg["stage"])
-        if kind != fr.TOKEN:
-            return await self._next(live)
+        if kind != want:
+            return await self._next(live, want)
         return msg
 
-    def _release(self, session: int) -> None:
-        """Stop walks the chain behind any frames still in flight, so ordering is kept."""
-        stop = fr.encode(fr.STOP, session=session, origin=self.origin)
+    def _release(self, session: int, keep_prompt: list[int] | None) -> None:
+        """Stop walks the chain behind any frames still in flight, so ordering is kept.
+
+        A session that completed keeps its prompt as a resident prefix on every stage.
+        """
+        keep, pid = 0, None
+        if (keep_prompt is not None and self.prefixes is not None
+                and len(keep_prompt) >= MIN_REUSE_TOKENS):
+            keep, pid = len(keep_prompt), self.prefixes.add(keep_prompt)
+        stop = fr.encode(fr.STOP, session=session, origin=self.origin, keep=keep, prefix_id=pid)
         targets = self.links[:1] if self.links[0].alive else [
             link for link in self.links if link.alive]
         for link in targets:

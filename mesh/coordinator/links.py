@@ -98,9 +98,10 @@ class StageLink:
             pass
 
     async def handshake(self, origin: bytes, next_url: str | None, model_sha256: str | None,
-                        timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
+                        index: int, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
         """Send Handshake until the stage answers (it may still be starting up)."""
-        frame = fr.encode(fr.HANDSHAKE, origin=origin, next=next_url, model_sha256=model_sha256)
+        frame = fr.encode(fr.HANDSHAKE, origin=origin, next=next_url, model_sha256=model_sha256,
+                          index=index)
         deadline = time.monotonic() + timeout_s
         while True:
             self._handshake = asyncio.get_running_loop().create_future()

@@ -1,0 +1,13 @@
+"""Pure KV eviction planning (see planner.py)."""
+
+from mesh.kv_eviction.planner import (
+    EvictionPlan,
+    PlanBounds,
+    PlanStatus,
+    PrefixRecord,
+    plan_eviction,
+    plan_slot,
+)
+
+__all__ = ["EvictionPlan", "PlanBounds", "PlanStatus", "PrefixRecord", "plan_eviction",
+           "plan_slot"]

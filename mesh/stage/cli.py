@@ -39,9 +39,13 @@ def normalize_listen(text: str) -> str:
 @click.option("--gpu-layers", "n_gpu_layers", default=0, show_default=True)
 @click.option("--batch", "n_batch", default=512, show_default=True,
               help="Most tokens in one frame.")
+@click.option("--prefix-records", default=None, type=int,
+              help="Most resident prompt prefixes kept [default: slots/2].")
+@click.option("--prefix-tokens", default=None, type=int,
+              help="Most tokens held by resident prefixes [default: ctx/2].")
 @click.option("--log-level", default="info", show_default=True)
 def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch,
-         log_level) -> None:
+         prefix_records, prefix_tokens, log_level) -> None:
     """Serve layers START:END of a GGUF model as one pipeline stage."""
     from mesh.logs import configure, get_logger
     from mesh.models import resolve_model
@@ -60,7 +64,8 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
                                n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                                n_ubatch=min(n_batch, 512))
         runtime = StageRuntime(files, config)
-        server = StageServer(runtime, url, files.model.sha256)
+        server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
+                             prefix_tokens=prefix_tokens)
     except MeshError as exc:
         click.echo(f"mesh-stage: {exc}", err=True)
         sys.exit(2)

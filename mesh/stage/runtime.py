@@ -124,6 +124,20 @@ class StageRuntime:
     def session_length(self, session: Hashable) -> int:
         return self.ledger.length(self._get(session).seq)
 
+    def exclusive_cells(self, session: Hashable) -> int:
+        """Cells that dropping ``session`` would free (shared cells stay with the others)."""
+        return self.ledger.exclusive_cells(self._get(session).seq)
+
+    def rename_session(self, old: Hashable, new: Hashable) -> None:
+        """Re-key a session (its sequence and KV stay): how a session becomes a record."""
+        if new in self._sessions:
+            raise InvalidInputError(f"session {new!r} already exists")
+        state = self._sessions.pop(old)
+        if state.sampler is not None:
+            state.sampler.close()
+            state.sampler = None
+        self._sessions[new] = state
+
     def open_session(self, session: Hashable) -> None:
         """Give ``session`` a sequence id (idempotent)."""
         if session in self._sessions:

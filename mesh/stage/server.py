@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from mesh.errors import MeshError, UnknownSessionError
+from mesh.errors import KvSlotError, MeshError, SessionLimitError, UnknownSessionError
+from mesh.kv_eviction import PlanBounds, PlanStatus, plan_eviction, plan_slot
 from mesh.logs import get_logger
+from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import StageRuntime
 from mesh.stage.sampling import SamplingParams
 from mesh.transport import frames as fr
@@ -40,8 +42,16 @@ def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
 
 class StageServer:
     def __init__(self, runtime: StageRuntime, listen: str, model_sha256: str,
-                 zmq_context: zmq.Context | None = None):
+                 zmq_context: zmq.Context | None = None, prefix_records: int | None = None,
+                 prefix_tokens: int | None = None, plan_bounds: PlanBounds = PlanBounds()):
         self.runtime = runtime
+        slots = runtime.config.n_seq_max
+        self.cache = PrefixCache(
+            runtime,
+            max_records=slots // 2 if prefix_records is None else prefix_records,
+            max_tokens=runtime.kv_capacity // 2 if prefix_tokens is None else prefix_tokens)
+        self.plan_bounds = plan_bounds
+        self.index = -1  # position in the chain, learned at handshake (for telemetry)
         self.listen = listen
         self.model_sha256 = model_sha256
         self.name = f"stage {runtime.start}:{runtime.end} at {listen}"
@@ -100,7 +110,7 @@ class StageServer:
             self._send(sender, self._pong(msg["nonce"]))
         elif kind == fr.HANDSHAKE:
             self._handshake(sender, msg)
-        elif kind in fr.WORK_KINDS or kind == fr.STOP:
+        elif kind in fr.WORK_KINDS or kind in (fr.STOP, fr.ACQUIRE):
             self._pending.append((sender, msg))
         else:
             self._send(sender, fr.encode(
@@ -108,8 +118,11 @@ class StageServer:
                 session=None, stage=self.name))
 
     def _run_queued(self, sender: bytes, msg: dict[str, Any]) -> None:
-        if msg["kind"] == fr.STOP:
+        kind = msg["kind"]
+        if kind == fr.STOP:
             self._stop_session(msg)
+        elif kind == fr.ACQUIRE:
+            self._acquire(msg)
         else:
             self._work(msg)
 
@@ -121,6 +134,7 @@ class StageServer:
         try:
             inputs = self._inputs(msg)
             meta = self._activate(key, pos)
+            self._make_room(msg["n"])
             if kind == fr.PREFILL_FINAL:
                 meta.sampling = sampling_from_wire(msg["sampling"])
             sample = meta.sampling if self.runtime.is_last and kind != fr.PREFILL else None
@@ -156,23 +170,78 @@ class StageServer:
         return {"hidden": fr.unpack_embd(msg["embd"], msg["n"], self.runtime.n_embd)}
 
     def _activate(self, key: tuple[bytes, int], pos: int) -> _SessionMeta:
-        """Create the session on its first frame (pos 0); later frames must find it."""
+        """Create the session on its first frame (pos 0), evicting a record for a free slot if
+        need be; later frames must find it. Every work kind goes through here first."""
         if not self.runtime.has_session(key):
             if pos != 0:
                 raise UnknownSessionError(
                     f"unknown session {key[1]} at position {pos} (sessions start at 0)")
+            self._ensure_slot()
             self.runtime.open_session(key)
         return self._meta.setdefault(key, _SessionMeta())
 
+    def _ensure_slot(self) -> None:
+        if self.runtime.free_slots:
+            return
+        victim = plan_slot(self.cache.planner_view())
+        if victim is None:
+            raise SessionLimitError(
+                f"all {self.runtime.config.n_seq_max} sequence slots hold live sessions")
+        self.cache.evict(victim)
+
+    def _make_room(self, need: int) -> None:
+        """Need-based eviction: drop LRU records only when free cells do not cover ``need``."""
+        rt = self.runtime
+        free_before = rt.kv_free
+        plan = plan_eviction(rt.kv_capacity, rt.kv_used, need, self.cache.planner_view(),
+                             bounds=self.plan_bounds)
+        if plan.status is PlanStatus.NOOP:
+            return
+        evicted_tokens = 0
+        for prefix_id in plan.evict:
+            evicted_tokens += self.cache.evict(prefix_id)
+        log.info("kv_eviction", status=plan.status.value,
+                 error_kind="insufficient" if not plan.ok else None,
+                 target_tokens=plan.target, evicted_records=len(plan.evict),
+                 evicted_tokens=evicted_tokens, free_before=free_before,
+                 free_after=rt.kv_free, stage_index=self.index)
+        if not plan.ok:
+            raise KvSlotError(
+                f"KV exhausted: need {need} cells, {free_before} free of {rt.kv_capacity} and "
+                f"the evictable prefix records cannot cover the rest")
+
+    def _acquire(self, msg: dict[str, Any]) -> None:
+        """Start a new session with (part of) a resident prefix, or trim it to the agreed length."""
+        key, session = (msg["origin"], msg["session"]), msg["session"]
+        try:
+            if self.runtime.has_session(key):
+                placed = min(msg["n"], self.runtime.session_length(key))
+                self.runtime.trim_session(key, placed)
+            else:
+                self._activate(key, 0)
+                placed = self.cache.acquire(key, msg["prefix_id"], msg["n"])
+        except MeshError as exc:
+            self._send(msg["origin"], fr.encode(fr.ERROR, code=exc.code, message=str(exc),
+                                                session=session, stage=self.name))
+            return
+        self._send(msg["origin"], fr.encode(fr.ACQUIRED, session=session,
+                                            prefix_id=msg["prefix_id"], n=placed,
+                                            stage=self.name))
+
     def _stop_session(self, msg: dict[str, Any]) -> None:
         key = (msg["origin"], msg["session"])
-        freed = self.runtime.drop_session(key)
+        kept, freed = 0, 0
+        if msg["keep"] and msg["prefix_id"] is not None and self.runtime.has_session(key):
+            kept = self.cache.keep(key, msg["prefix_id"], msg["keep"])
+        else:
+            freed = self.runtime.drop_session(key)
         self._meta.pop(key, None)
         if self.runtime.is_last:
-            self._send(msg["origin"], fr.encode(fr.STOPPED, session=msg["session"], freed=freed))
+            self._send(msg["origin"], fr.encode(fr.STOPPED, session=msg["session"], freed=freed,
+                                                kept=kept))
         else:
-            self._forward(msg["origin"], msg["session"],
-                          fr.encode(fr.STOP, session=msg["session"], origin=msg["origin"]))
+            out = {k: v for k, v in msg.items() if k not in ("v", "kind")}
+            self._forward(msg["origin"], msg["session"], fr.encode(fr.STOP, **out))
 
     # ---- control --------------------------------------------------------------------------
     def _handshake(self, sender: bytes, msg: dict[str, Any]) -> None:
@@ -183,6 +252,7 @@ class StageServer:
                 message=f"stage holds model {self.model_sha256[:12]}, coordinator expects "
                         f"{expected[:12]}", session=None, stage=self.name))
             return
+        self.index = msg["index"]
         if msg["next"] != self._next_url:
             self._connect_downstream(msg["next"])
         rt = self.runtime
@@ -208,7 +278,9 @@ class StageServer:
     def _pong(self, nonce: int) -> bytes:
         rt = self.runtime
         return fr.encode(fr.PONG, nonce=nonce, kv_used=rt.kv_used, kv_capacity=rt.kv_capacity,
-                         sessions=len(self._meta), queue=len(self._pending), stage=self.name)
+                         sessions=len(self._meta), records=len(self.cache),
+                         evicted_records=self.cache.evicted_records, queue=len(self._pending),
+                         stage=self.name)
 
     # ---- sockets --------------------------------------------------------------------------
     def _forward(self, origin: bytes, session: int, frame: bytes) -> None:

@@ -28,6 +28,8 @@ WORK_KINDS = (PREFILL, PREFILL_FINAL, DECODE)
 TOKEN = "Token"
 STOP = "Stop"
 STOPPED = "Stopped"
+ACQUIRE = "Acquire"
+ACQUIRED = "Acquired"
 ERROR = "Error"
 HANDSHAKE = "Handshake"
 STAGE_INFO = "StageInfo"
@@ -52,16 +54,18 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     DECODE: _WORK_FIELDS,
     TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
             "top": _LIST},
-    STOP: {"session": _INT, "origin": _BIN},
-    STOPPED: {"session": _INT, "freed": _INT},
+    STOP: {"session": _INT, "origin": _BIN, "keep": _INT, "prefix_id": _OPT_BIN},
+    STOPPED: {"session": _INT, "freed": _INT, "kept": _INT},
+    ACQUIRE: {"session": _INT, "origin": _BIN, "prefix_id": _BIN, "n": _INT},
+    ACQUIRED: {"session": _INT, "prefix_id": _BIN, "n": _INT, "stage": _STR},
     ERROR: {"code": _STR, "message": _STR, "session": (int, type(None)), "stage": _STR},
-    HANDSHAKE: {"origin": _BIN, "next": _OPT_STR, "model_sha256": _OPT_STR},
+    HANDSHAKE: {"origin": _BIN, "next": _OPT_STR, "model_sha256": _OPT_STR, "index": _INT},
     STAGE_INFO: {"model_sha256": _STR, "arch": _STR, "start": _INT, "end": _INT,
                  "n_layer": _INT, "n_embd": _INT, "kv_capacity": _INT, "slots": _INT,
                  "max_tokens": _INT, "max_frame_bytes": _INT, "stage": _STR},
     PING: {"nonce": _INT},
     PONG: {"nonce": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
-           "queue": _INT, "stage": _STR},
+           "records": _INT, "evicted_records": _INT, "queue": _INT, "stage": _STR},
 }
 
 SAMPLING_FIELDS = {"temperature": _FLOAT, "top_k": _INT, "top_p": _FLOAT, "min_p": _FLOAT,
@@ -76,7 +80,7 @@ E_BAD_FIELD = "bad_field"
 E_OVERSIZE = "oversize"
 E_BAD_SHAPE = "bad_shape"
 E_MODEL_MISMATCH = "model_mismatch"
-E_BUSY = "busy"
+PREFIX_ID_BYTES = 32
 
 
 class ProtocolError(MeshError):
@@ -130,7 +134,19 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
                                              f"{type(value).__name__}")
     if kind in WORK_KINDS:
         _check_work(msg)
+    elif kind in (ACQUIRE, STOP):
+        _check_prefix(msg)
     return msg
+
+
+def _check_prefix(msg: dict[str, Any]) -> None:
+    n = msg["n"] if msg["kind"] == ACQUIRE else msg["keep"]
+    if not 0 <= n <= 2**31 or not 0 <= msg["session"] < 2**64:
+        raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: session and token counts must be >= 0")
+    prefix_id = msg["prefix_id"]
+    if prefix_id is not None and len(prefix_id) != PREFIX_ID_BYTES:
+        raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: prefix_id must be "
+                                         f"{PREFIX_ID_BYTES} bytes")
 
 
 def _check_work(msg: dict[str, Any]) -> None:

@@ -1,0 +1,59 @@
+"""The coordinator's view of resident prefixes: which token prefixes it asked stages to keep.
+
+Stages evict on their own, so this index is a hint: a reuse attempt that finds a record missing
+on any stage falls back (the stages agree on the shorter length) and the entry is forgotten.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import numpy as np
+
+MIN_REUSE_TOKENS = 32  # below this a prefix saves too little to be worth a round trip
+
+
+def prefix_id(model_sha256: str, tokens: list[int]) -> bytes:
+    """32-byte identity of a token prefix of one model."""
+    h = hashlib.sha256(model_sha256.encode())
+    h.update(np.asarray(tokens, dtype="<i4").tobytes())
+    return h.digest()
+
+
+class PrefixIndex:
+    def __init__(self, model_sha256: str, max_entries: int = 256):
+        self._model = model_sha256
+        self._max = max_entries
+        self._entries: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, tokens: list[int]) -> bytes:
+        pid = prefix_id(self._model, tokens)
+        self._entries[pid] = np.asarray(tokens, dtype=np.int32)
+        self._entries.move_to_end(pid)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        return pid
+
+    def forget(self, pid: bytes) -> None:
+        self._entries.pop(pid, None)
+
+    def best_match(self, prompt: list[int]) -> tuple[bytes, int] | None:
+        """Longest shared prefix with a known record, leaving at least one token to prefill."""
+        prompt_arr = np.asarray(prompt, dtype=np.int32)
+        limit = len(prompt_arr) - 1
+        best: tuple[bytes, int] | None = None
+        for pid, tokens in self._entries.items():
+            m = min(len(tokens), limit)
+            if m < MIN_REUSE_TOKENS:
+                continue
+            diff = np.nonzero(tokens[:m] != prompt_arr[:m])[0]
+            shared = int(diff[0]) if diff.size else m
+            if shared >= MIN_REUSE_TOKENS and (best is None or shared > best[1]):
+                best = (pid, shared)
+        if best is not None:
+            self._entries.move_to_end(best[0])
+        return best

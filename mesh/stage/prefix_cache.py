@@ -1,0 +1,107 @@
+"""Resident-prefix cache of one stage: prompt prefixes kept in the same unified KV pool.
+
+A record is an extra sequence of the StageRuntime holding the first ``tokens`` positions of a
+finished session. Its identity is a hash of the coordinator's prefix id (model fingerprint and
+token ids) with this stage's layer range and KV cache type, so a record can only ever be reused
+by the same model slice. A new session reuses a record by ``seq_cp``: the cells are shared at
+once, so a later eviction of the record cannot pull them away from the session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from mesh.kv_eviction import PrefixRecord
+from mesh.stage.runtime import StageRuntime
+
+KV_CACHE_TYPE = "f16"
+
+
+@dataclass
+class _Record:
+    prefix_id: bytes
+    identity: bytes
+    tokens: int
+    last_use: float
+
+    @property
+    def key(self) -> tuple[str, bytes]:
+        return ("record", self.identity)
+
+
+class PrefixCache:
+    def __init__(self, runtime: StageRuntime, max_records: int, max_tokens: int):
+        self.runtime = runtime
+        self.max_records = max_records
+        self.max_tokens = max_tokens
+        self._records: dict[bytes, _Record] = {}
+        self.evicted_records = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_records > 0 and self.max_tokens > 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def resident_tokens(self) -> int:
+        return sum(r.tokens for r in self._records.values())
+
+    def identity(self, prefix_id: bytes) -> bytes:
+        rt = self.runtime
+        h = hashlib.sha256(prefix_id)
+        h.update(f"|{rt.files.model.sha256}|{rt.start}:{rt.end}|{KV_CACHE_TYPE}".encode())
+        return h.digest()
+
+    def planner_view(self) -> list[PrefixRecord]:
+        return [PrefixRecord(id=r.prefix_id, tokens=r.tokens,
+                             freeable=self.runtime.exclusive_cells(r.key), last_use=r.last_use)
+                for r in self._records.values()]
+
+    def keep(self, session: Hashable, prefix_id: bytes, n_tokens: int) -> int:
+        """Turn a finished session into a record of its first ``n_tokens``; returns tokens kept."""
+        rt = self.runtime
+        if (not self.enabled or n_tokens < 1 or n_tokens > self.max_tokens
+                or rt.session_length(session) < n_tokens):
+            rt.drop_session(session)
+            return 0
+        existing = self._records.get(prefix_id)
+        if existing is not None:
+            existing.last_use = time.monotonic()
+            rt.drop_session(session)
+            return 0
+        rt.trim_session(session, n_tokens)
+        record = _Record(prefix_id, self.identity(prefix_id), n_tokens, time.monotonic())
+        rt.rename_session(session, record.key)
+        self._records[prefix_id] = record
+        self._enforce_bounds(protect=prefix_id)
+        return n_tokens if prefix_id in self._records else 0
+
+    def acquire(self, session: Hashable, prefix_id: bytes, n_tokens: int) -> int:
+        """Place the first ``n_tokens`` of a record at the start of an empty session."""
+        record = self._records.get(prefix_id)
+        if record is None or record.identity != self.identity(prefix_id) or n_tokens < 1:
+            return 0
+        n = min(n_tokens, record.tokens)
+        self.runtime.share_prefix(record.key, session, n)
+        record.last_use = time.monotonic()
+        return n
+
+    def evict(self, prefix_id: bytes) -> int:
+        record = self._records.pop(prefix_id, None)
+        if record is None:
+            return 0
+        self.evicted_records += 1
+        return self.runtime.drop_session(record.key)
+
+    def _enforce_bounds(self, protect: bytes) -> None:
+        by_age = sorted(self._records.values(), key=lambda r: r.last_use)
+        for record in by_age:
+            if len(self._records) <= self.max_records and self.resident_tokens <= self.max_tokens:
+                return
+            if record.prefix_id != protect:
+                self.evict(record.prefix_id)
