@@ -270,8 +270,9 @@ class StageServer:
         if url is not None:
             sock = self._zctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # No IMMEDIATE: frames sent while the connection is still being set up must wait
+            # for it, not fail; a dead next stage is caught by the coordinator's heartbeats.
             sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.connect(url)
             self._downstream = sock
 

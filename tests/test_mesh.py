@@ -1,0 +1,168 @@
+"""A real mesh: stage processes on loopback, ZeroMQ sockets, the asyncio coordinator."""
+
+import asyncio
+import signal
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.links import HandshakeError, StageUnavailableError
+from mesh.launcher import LocalMesh
+from mesh.stage.local_chain import SingleContext
+from mesh.stage.runtime import RuntimeConfig
+from mesh.transport import frames as fr
+from tests.meshutil import running_mesh, with_coordinator
+
+pytestmark = pytest.mark.gemma
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a village",
+           "The three primary colors are"]
+
+
+def single_greedy(model, prompt_ids, n):
+    ctx = SingleContext(model, RuntimeConfig(n_ctx=1024, n_seq_max=2))
+    try:
+        out, pos = [], 0
+        logits = ctx.logits(0, 0, np.array(prompt_ids, np.int32))
+        pos = len(prompt_ids)
+        for _ in range(n):
+            token = int(np.argmax(logits))
+            out.append(token)
+            logits = ctx.logits(0, pos, np.array([token], np.int32))
+            pos += 1
+        return out
+    finally:
+        ctx.close()
+
+
+@pytest.fixture(scope="module")
+def mesh2(gemma_path, tmp_path_factory):
+    with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path_factory.mktemp("mesh2"),
+                      ctx=2048, threads=1) as mesh:
+        yield mesh
+
+
+def _greedy(n):
+    return GenerationParams(max_tokens=n, temperature=0.0)
+
+
+@pytest.mark.parametrize("ranges", [[(0, 9), (9, 18)], [(0, 6), (6, 12), (12, 18)]], ids=str)
+def test_mesh_greedy_tokens_equal_single_context(gemma_path, tmp_path, ranges):
+    with running_mesh(gemma_path, ranges, tmp_path, ctx=1024, threads=1) as mesh:
+        async def body(coord):
+            return await coord.complete(PROMPTS[0], _greedy(32))
+        result = with_coordinator(gemma_path, mesh.urls, body)
+    expected = single_greedy(gemma_path, result.prompt_token_ids, len(result.token_ids))
+    assert result.token_ids == expected and len(expected) > 0
+
+
+def test_four_concurrent_sessions_are_independent(gemma_path, mesh2):
+    async def body(coord):
+        alone = [await coord.complete(p, _greedy(20)) for p in PROMPTS]
+        together = await asyncio.gather(*(coord.complete(p, _greedy(20)) for p in PROMPTS))
+        return alone, together
+    alone, together = with_coordinator(gemma_path, mesh2.urls, body, prefix_cache=False)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert len({tuple(r.token_ids) for r in alone}) == 4
+
+
+def test_handshake_refuses_wrong_order_and_gaps(gemma_path, mesh2):
+    with pytest.raises(HandshakeError, match="needs a stage starting at layer 0"):
+        with_coordinator(gemma_path, mesh2.urls[::-1], lambda c: asyncio.sleep(0))
+    with pytest.raises(HandshakeError, match="add a stage for 9:18"):
+        with_coordinator(gemma_path, mesh2.urls[:1], lambda c: asyncio.sleep(0))
+
+
+def test_handshake_refuses_a_different_model(tiny_llama, mesh2):
+    with pytest.raises(HandshakeError, match="model_mismatch|holds model"):
+        with_coordinator(tiny_llama, mesh2.urls, lambda c: asyncio.sleep(0))
+
+
+def _raw_dealer(url, identity=None):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    if identity:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(url)
+    return sock
+
+
+BAD_FRAMES = {
+    "random bytes": (b"\x13\x37garbage", "oversize"),
+    "short garbage": (b"\x00\x00\x00\x02\xc1\xc1", "bad_frame"),
+    "wrong length prefix": (fr.encode(fr.PING, nonce=1)[:-1], "bad_frame"),
+    "non-map body": (b"\x00\x00\x00\x03\x93\x01\x02", "bad_frame"),
+    "unknown kind": (fr.HEADER.pack(13) + b"\x82\xa1v\x01\xa4kind\xa3Zap", "unknown_kind"),
+    "wrong version": (fr.encode(fr.PING, nonce=1).replace(b"\xa1v\x01", b"\xa1v\x07"),
+                      "bad_version"),
+    "token frame to a stage": (fr.encode(fr.TOKEN, session=1, pos=1, token=1, logprob=None,
+                                         top=[]), "unknown_kind"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+def test_malformed_frames_get_error_frames_and_stage_keeps_serving(mesh2, name):
+    sock = _raw_dealer(mesh2.urls[1])
+    try:
+        raw, code = BAD_FRAMES[name]
+        sock.send(raw)
+        reply = fr.decode(sock.recv())
+        assert reply["kind"] == fr.ERROR and reply["session"] is None
+        assert reply["code"] == code
+        sock.send(fr.encode(fr.PING, nonce=5))
+        assert fr.decode(sock.recv())["kind"] == fr.PONG
+    finally:
+        sock.close()
+
+
+def test_session_errors_go_to_the_owner_and_leave_others_alone(gemma_path, mesh2):
+    sock = _raw_dealer(mesh2.urls[1], b"coord-test")
+    try:
+        wrong_size = fr.encode(fr.PREFILL_FINAL, session=1, origin=b"coord-test", pos=0, n=2,
+                               tokens=None, embd=b"\0" * (640 * 4), sampling={}, history=None)
+        sock.send(wrong_size)
+        reply = fr.decode(sock.recv())
+        assert reply["code"] == "bad_shape" and reply["session"] == 1
+        unknown = fr.encode(fr.DECODE, session=99, origin=b"coord-test", pos=5, n=1,
+                            tokens=None, embd=np.zeros((1, 640), "<f4").tobytes())
+        sock.send(unknown)
+        reply = fr.decode(sock.recv())
+        assert reply["code"] == "unknown_session" and reply["session"] == 99
+    finally:
+        sock.close()
+
+    async def body(coord):
+        return await coord.complete(PROMPTS[1], _greedy(8))
+    assert len(with_coordinator(gemma_path, mesh2.urls, body).token_ids) == 8
+
+
+def test_killed_stage_fails_fast_and_a_restarted_stage_serves(gemma_path, tmp_path):
+    mesh = LocalMesh(str(gemma_path), [(0, 9), (9, 18)], tmp_path / "logs", ctx=1024, threads=1)
+    with mesh:
+        async def body(coord: Coordinator):
+            got = []
+            t_kill = None
+            with pytest.raises(StageUnavailableError, match=r"stage 1 \(tcp://") as info:
+                async for item in coord.stream(PROMPTS[2], _greedy(400)):
+                    got.append(item)
+                    if len(got) == 3:
+                        mesh.stages[1].kill(signal.SIGKILL)
+                        t_kill = time.monotonic()
+            elapsed = time.monotonic() - t_kill
+            assert elapsed < 5.0, f"caller waited {elapsed:.1f} s"
+            assert not coord.ready
+            mesh.stages[1].launch()
+            for _ in range(300):
+                if coord.ready:
+                    break
+                await asyncio.sleep(0.1)
+            assert coord.ready
+            result = await coord.complete(PROMPTS[0], _greedy(6))
+            return str(info.value), result
+        message, result = with_coordinator(gemma_path, mesh.urls, body)
+    assert "stopped answering" in message
+    assert len(result.token_ids) == 6

@@ -1,0 +1,111 @@
+"""protocol.md's hex vectors decode and re-encode byte for byte; bad frames get clear codes."""
+
+import re
+import struct
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.transport import frames as fr
+
+PROTOCOL_MD = Path(__file__).resolve().parents[1] / "protocol.md"
+
+
+def _vectors() -> dict[str, bytes]:
+    text = PROTOCOL_MD.read_text()
+    found = re.findall(r"#### vector: (\S+)\n\n```hex\n(.*?)```", text, re.S)
+    return {name: bytes.fromhex(body.replace("\n", " ")) for name, body in found}
+
+
+def test_protocol_md_has_a_vector_for_every_frame_the_chain_carries():
+    names = {name.split("-")[0] for name in _vectors()}
+    assert {"Handshake", "PrefillEmbd", "PrefillFinalEmbd", "Decode", "Token", "Stop",
+            "Acquire", "Error"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(_vectors()))
+def test_vector_round_trips(name):
+    raw = _vectors()[name]
+    msg = fr.decode(raw)
+    assert msg["kind"] == name.split("-")[0]
+    fields = {k: v for k, v in msg.items() if k not in ("v", "kind")}
+    assert fr.encode(msg["kind"], **fields) == raw
+
+
+def test_activation_vector_layout_is_little_endian_token_major():
+    msg = fr.decode(_vectors()["PrefillEmbd-later-stage"])
+    rows = fr.unpack_embd(msg["embd"], msg["n"], 2)
+    assert rows.tolist() == [[1.0, -2.0], [0.5, 0.0]]
+    assert msg["embd"][:4] == struct.pack("<f", 1.0)
+
+
+def _frame(body: dict) -> bytes:
+    data = msgpack.packb(body, use_bin_type=True)
+    return struct.pack(">I", len(data)) + data
+
+
+WORK = {"v": 1, "kind": "Decode", "session": 1, "origin": b"c", "pos": 0, "n": 1,
+        "tokens": b"\0\0\0\0", "embd": None}
+
+
+@pytest.mark.parametrize(
+    "raw,code",
+    [
+        (b"", "bad_frame"),
+        (b"\x00\x00", "bad_frame"),
+        (struct.pack(">I", 10) + b"\x81", "bad_frame"),
+        (_frame([1, 2, 3]), "bad_frame"),
+        (struct.pack(">I", 2) + b"\xc1\xc1", "bad_frame"),
+        (_frame({**WORK, "v": 2}), "bad_version"),
+        (_frame({**WORK, "v": None}), "bad_version"),
+        (_frame({**WORK, "kind": "Teleport"}), "unknown_kind"),
+        (_frame({k: v for k, v in WORK.items() if k != "pos"}), "bad_field"),
+        (_frame({**WORK, "pos": "zero"}), "bad_field"),
+        (_frame({**WORK, "pos": True}), "bad_field"),
+        (_frame({**WORK, "n": 2, "tokens": b"\0" * 8}), "bad_field"),
+        (_frame({**WORK, "tokens": b"\0" * 3}), "bad_shape"),
+        (_frame({**WORK, "embd": b"\0" * 4}), "bad_field"),
+        (struct.pack(">I", fr.MAX_FRAME_BYTES + 1), "oversize"),
+    ],
+)
+def test_malformed_frames_get_their_error_code(raw, code):
+    with pytest.raises(fr.ProtocolError) as info:
+        fr.decode(raw)
+    assert info.value.code == code
+
+
+def test_embd_shape_is_checked_against_n_and_n_embd():
+    data = np.zeros((3, 4), np.float32).tobytes()
+    assert fr.unpack_embd(data, 3, 4).shape == (3, 4)
+    with pytest.raises(fr.ProtocolError) as info:
+        fr.unpack_embd(data, 2, 4)
+    assert info.value.code == "bad_shape"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256))
+def test_random_bytes_never_escape_as_anything_but_protocol_errors(data):
+    try:
+        fr.decode(data)
+    except fr.ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(list(WORK) + ["sampling", "history", "x"]),
+                       st.one_of(st.none(), st.integers(-5, 2**70), st.binary(max_size=8),
+                                 st.text(max_size=5), st.booleans(), st.floats())))
+def test_random_maps_are_accepted_or_rejected_cleanly(body):
+    try:
+        raw = _frame(body)
+    except (OverflowError, ValueError):
+        return
+    try:
+        msg = fr.decode(raw)
+    except fr.ProtocolError:
+        return
+    assert msg["kind"] in fr.SCHEMA
