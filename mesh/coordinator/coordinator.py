@@ -182,6 +182,9 @@ class Coordinator:
             self.tokenizer.close()
             self.tokenizer = None
 
+    async def stage_stats(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(link.stats() for link in self.links)))
+
     @property
     def kv_capacity(self) -> int:
         """Smallest KV capacity in the chain: what one request can ever use."""

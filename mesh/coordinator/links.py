@@ -58,6 +58,7 @@ class StageLink:
         self._handshake: asyncio.Future | None = None
         self._nonce = itertools.count(1)
         self._reader: asyncio.Task | None = None
+        self._pong_waiters: list[asyncio.Future] = []
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read_loop(), name=f"read-{self.name}")
@@ -77,6 +78,10 @@ class StageLink:
             kind = msg["kind"]
             if kind == fr.PONG:
                 self.last_pong = msg
+                for waiter in self._pong_waiters:
+                    if not waiter.done():
+                        waiter.set_result(msg)
+                self._pong_waiters.clear()
             elif kind == fr.STAGE_INFO or (kind == fr.ERROR and msg["session"] is None
                                            and self._handshake and not self._handshake.done()):
                 if self._handshake is not None and not self._handshake.done():
@@ -96,6 +101,16 @@ class StageLink:
             self._tx.send(fr.encode(fr.PING, nonce=next(self._nonce)), zmq.NOBLOCK)
         except zmq.Again:
             pass
+
+    async def stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        """A fresh Pong (KV use, sessions, records) from the stage."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._pong_waiters.append(waiter)
+        self.ping()
+        try:
+            return await asyncio.wait_for(waiter, timeout_s)
+        except asyncio.TimeoutError:
+            raise StageUnavailableError(f"{self.name} did not answer a ping") from None
 
     async def handshake(self, origin: bytes, next_url: str | None, model_sha256: str | None,
                         index: int, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
