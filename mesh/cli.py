@@ -173,3 +173,7 @@ def _fail(message: str) -> None:
     click.echo(f"mesh: {message}", err=True)
     sys.exit(1)
 
+
+
+if __name__ == "__main__":
+    main()

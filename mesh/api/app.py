@@ -63,7 +63,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        await coordinator.start()
+        await coordinator.start(handshake_timeout_s=120)  # stages may still be slicing
         state["chat"] = ChatRenderer(coordinator.tokenizer, coordinator.links[0].info["arch"])
         if settings.announce_url:
             print(_curl_line(settings.announce_url), file=sys.stderr, flush=True)

@@ -39,6 +39,9 @@ class ApiMetrics:
                              registry=r)
         self.kv_capacity = Gauge("mesh_stage_kv_capacity_cells", "KV cells", ["stage"],
                                  registry=r)
+        self.sessions = Gauge("mesh_stage_sessions", "Live sessions", ["stage"], registry=r)
+        self.records = Gauge("mesh_stage_prefix_records", "Resident prefix records", ["stage"],
+                             registry=r)
         self.evictions = Gauge("mesh_stage_evicted_records", "Prefix records evicted",
                                ["stage"], registry=r)
         self.stage_up = Gauge("mesh_stage_up", "1 when the stage answers heartbeats", ["stage"],
@@ -67,5 +70,7 @@ class ApiMetrics:
             if pong:
                 self.kv_used.labels(label).set(pong["kv_used"])
                 self.kv_capacity.labels(label).set(pong["kv_capacity"])
-                self.evictions.labels(label).set(pong.get("evicted_records", 0))
+                self.sessions.labels(label).set(pong["sessions"])
+                self.records.labels(label).set(pong["records"])
+                self.evictions.labels(label).set(pong["evicted_records"])
         return generate_latest(self.registry)

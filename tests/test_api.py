@@ -1,0 +1,156 @@
+"""The OpenAI-compatible API, driven by the official openai SDK against a live 2-stage mesh."""
+
+import asyncio
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from mesh.api.app import error_response
+from mesh.coordinator.admission import AdmissionTimeoutError
+from mesh.coordinator.links import StageUnavailableError
+from tests.apiutil import serving, wait_gauge
+from tests.meshutil import running_mesh
+
+
+@pytest.fixture(scope="module")
+def api(gemma_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp, ctx=2048, threads=1) as mesh:
+        with serving(gemma_path, mesh.urls, tmp / "serve.log") as base:
+            yield base
+
+
+@pytest.fixture
+def client(api):
+    return openai.OpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0)
+
+
+CHAT = [{"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a color."}]
+
+
+@pytest.mark.gemma
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["gemma-3-270m-q4_k_m"]
+
+
+@pytest.mark.gemma
+def test_chat_non_stream_and_stream_agree_with_usage(client):
+    full = client.chat.completions.create(model="m", messages=CHAT, max_tokens=12,
+                                          temperature=0)
+    text = full.choices[0].message.content
+    assert full.choices[0].message.role == "assistant" and text
+    assert full.choices[0].finish_reason in ("stop", "length")
+    usage = full.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.completion_tokens <= 12 and usage.prompt_tokens > 10
+    chunks = list(client.chat.completions.create(
+        model="m", messages=CHAT, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.completion_tokens == usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
+        full.choices[0].finish_reason
+
+
+@pytest.mark.gemma
+def test_completions_with_stop_and_tools_pass_through_template(client):
+    out = client.completions.create(model="m", prompt="1, 2, 3, 4,", max_tokens=20,
+                                    temperature=0, stop=[" 7"])
+    assert out.choices[0].finish_reason == "stop" and " 7" not in out.choices[0].text
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"}]
+    res = client.chat.completions.create(model="m", messages=messages, tools=tools,
+                                         max_tokens=8, temperature=0)
+    assert res.usage.prompt_tokens > client.chat.completions.create(
+        model="m", messages=CHAT, max_tokens=1, temperature=0).usage.prompt_tokens + 20
+
+
+@pytest.mark.gemma
+def test_exact_prefix_reuse_reports_cached_tokens(client):
+    prompt = "A long shared system preamble about stages and caches. " * 12 + "Go:"
+    first = client.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0)
+    second = client.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= second.usage.prompt_tokens - 256 and cached > 0
+    assert second.choices[0].text == first.choices[0].text
+
+
+@pytest.mark.gemma
+@pytest.mark.parametrize("kwargs,code", [
+    ({"prompt": "word " * 3000, "max_tokens": 4}, "context_length_exceeded"),
+    ({"prompt": "hi", "n": 2}, "invalid_request"),
+    ({"prompt": "hi", "temperature": 7}, "invalid_request"),
+])
+def test_bad_requests_are_400_in_openai_shape(client, kwargs, code):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="m", **kwargs)
+    body = info.value.body
+    assert info.value.status_code == 400 and body["code"] == code and body["message"]
+
+
+@pytest.mark.gemma
+def test_four_parallel_streams_are_independent(api):
+    prompts = ["The ocean is", "My favourite food is", "In 1969, humans", "Python lists are"]
+    aclient = openai.AsyncOpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt):
+        stream = await aclient.completions.create(model="m", prompt=prompt, max_tokens=16,
+                                                  temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def main():
+        alone = [await one(p) for p in prompts]
+        together = await asyncio.gather(*(one(p) for p in prompts))
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert list(together) == alone and len(set(alone)) == 4
+
+
+@pytest.mark.gemma
+def test_client_disconnect_cancels_the_session_on_every_stage(api):
+    sessions = "mesh_stage_sessions"
+    assert wait_gauge(api, sessions, lambda v: v == [0, 0]) == [0, 0]
+    body = {"prompt": "Count: 1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{api}/v1/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert any(next(lines).startswith("data:") for _ in range(6))
+        assert wait_gauge(api, sessions, lambda v: v == [1, 1]) == [1, 1]
+    assert wait_gauge(api, sessions, lambda v: v == [0, 0], timeout_s=5) == [0, 0]
+
+
+def test_error_types_map_to_statuses_with_retry_after():
+    overloaded = error_response(AdmissionTimeoutError("busy", retry_after_s=1))
+    assert overloaded.status_code == 429 and overloaded.headers["retry-after"] == "1"
+    assert error_response(StageUnavailableError("stage 1 down")).status_code == 503
+    internal = error_response(RuntimeError("secret detail"))
+    assert internal.status_code == 500 and b"secret" not in internal.body
+
+
+def test_stage_down_is_503_and_health_stays_up(tiny_llama, tmp_path):
+    with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=256) as mesh:
+        with serving(tiny_llama, mesh.urls, tmp_path / "serve.log") as base:
+            ok = httpx.post(f"{base}/v1/completions",
+                            json={"prompt": [1, 50, 60], "max_tokens": 3}, timeout=30)
+            assert ok.status_code == 200
+            mesh.stages[1].kill(signal.SIGKILL)
+            time.sleep(3.0)
+            down = httpx.post(f"{base}/v1/completions",
+                              json={"prompt": [1, 50, 60], "max_tokens": 3}, timeout=30)
+            assert down.status_code == 503
+            assert "stage 1" in down.json()["error"]["message"]
+            assert httpx.get(f"{base}/health").status_code == 200
+            assert httpx.get(f"{base}/ready").status_code == 503
