@@ -81,6 +81,10 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         return JSONResponse(error_body(f"invalid request: {first.get('msg', 'bad body')}",
                                        "invalid_request_error", "invalid_request", param), 400)
 
+    @app.exception_handler(MeshError)
+    async def _mesh(_request: Request, exc: MeshError):
+        return error_response(exc)
+
     @app.exception_handler(Exception)
     async def _any(_request: Request, exc: Exception):
         return error_response(exc)

@@ -52,9 +52,6 @@ class StageLink:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.setsockopt(zmq.SNDHWM, 1000)
         self._sock.connect(url)
-        # Sends go through a synchronous shadow of the same socket (same thread) so NOBLOCK
-        # raises Again at once instead of parking an exception in a Future.
-        self._tx = zmq.Socket.shadow(self._sock.underlying)
         self._handshake: asyncio.Future | None = None
         self._nonce = itertools.count(1)
         self._reader: asyncio.Task | None = None
@@ -90,16 +87,25 @@ class StageLink:
                 self._dispatch(self, msg)
 
     def send(self, frame: bytes) -> None:
-        """Queue a frame for the stage or fail now: never wait on a dead peer."""
-        try:
-            self._tx.send(frame, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            raise StageUnavailableError(f"{self.name} is not reachable") from None
+        """Queue a frame for the stage or fail now: never wait on a dead peer.
+
+        Goes through the asyncio socket (a NOBLOCK send completes at once): touching the
+        underlying socket directly would eat the edge-triggered wake-up of the reader task.
+        """
+        future = self._sock.send(frame, zmq.NOBLOCK, copy=False)
+        if not future.done():
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return
+        exc = future.exception()
+        if isinstance(exc, zmq.Again):
+            raise StageUnavailableError(f"{self.name} is not reachable")
+        if exc is not None:
+            raise exc
 
     def ping(self) -> None:
         try:
-            self._tx.send(fr.encode(fr.PING, nonce=next(self._nonce)), zmq.NOBLOCK)
-        except zmq.Again:
+            self.send(fr.encode(fr.PING, nonce=next(self._nonce)))
+        except StageUnavailableError:
             pass
 
     async def stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
@@ -121,10 +127,10 @@ class StageLink:
         while True:
             self._handshake = asyncio.get_running_loop().create_future()
             try:
-                self._tx.send(frame, zmq.NOBLOCK)
+                self.send(frame)
                 reply = await asyncio.wait_for(self._handshake, 0.5)
                 break
-            except (zmq.Again, asyncio.TimeoutError):
+            except (StageUnavailableError, asyncio.TimeoutError):
                 if time.monotonic() > deadline:
                     raise HandshakeError(f"{self.name} did not answer the handshake within "
                                          f"{timeout_s:.0f} s") from None
