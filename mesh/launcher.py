@@ -6,6 +6,9 @@ can be scanned for native failures afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import signal
 import socket
 import subprocess
@@ -23,7 +26,7 @@ def free_port() -> int:
 
 def even_split(n_layer: int, n_stages: int) -> list[tuple[int, int]]:
     bounds = [round(i * n_layer / n_stages) for i in range(n_stages + 1)]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 @dataclass
@@ -33,6 +36,7 @@ class StageProcess:
     url: str
     log_path: Path
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     def launch(self) -> None:
@@ -40,6 +44,7 @@ class StageProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh.stage.cli", *self.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
         )
         log.close()
 
@@ -62,6 +67,7 @@ class LocalMesh:
     slots: int = 8
     threads: int = 1
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     stages: list[StageProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -71,7 +77,8 @@ class LocalMesh:
             args = ["--model", self.model, "--layers", f"{start}:{end}", "--listen", url,
                     "--ctx", str(self.ctx), "--slots", str(self.slots),
                     "--threads", str(self.threads), *self.extra_args]
-            self.stages.append(StageProcess(start, end, url, self.log_dir / f"stage{i}.log", args))
+            self.stages.append(StageProcess(start, end, url, self.log_dir / f"stage{i}.log", args,
+                                            self.env))
 
     @property
     def urls(self) -> list[str]:
@@ -107,3 +114,37 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+@contextlib.contextmanager
+def serving(model: Path, urls: list[str], log_path: Path):
+    """Run ``mesh serve`` as a real process over ``urls``; yield its base URL once ready."""
+    import httpx
+
+    port = free_port()
+    args = [sys.executable, "-m", "mesh.cli", "serve", "--model", str(model), "--port", str(port)]
+    for url in urls:
+        args += ["--stage", url]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mesh serve exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("mesh serve did not become ready")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -143,7 +143,8 @@ def main(model_spec: str, threads: int, steps: int) -> None:
         ("prefill 512 tok, ms", single_prefill * 1e3, chain_prefill * 1e3, ""),
         ("capture cb, ms/step (stage 0)", no_cap * 1e3, with_cap * 1e3,
          f"overhead {1e3 * (with_cap - no_cap):+.3f} ms"),
-        (f"RSS MiB: whole vs [0,{half})", rss_whole, rss_half0, f"[{half},{n_layer}) {rss_half1:.0f}"),
+        (f"RSS MiB: whole vs [0,{half})", rss_whole, rss_half0,
+         f"[{half},{n_layer}) {rss_half1:.0f}"),
     ]
     print(f"model={path.name} threads={threads} steps={steps} split={ranges}")
     print(f"{'metric':34} {'single':>10} {'stages':>10} {'ratio':>7}  detail")

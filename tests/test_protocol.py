@@ -17,7 +17,7 @@ PROTOCOL_MD = Path(__file__).resolve().parents[1] / "protocol.md"
 
 def _vectors() -> dict[str, bytes]:
     text = PROTOCOL_MD.read_text()
-    found = re.findall(r"#### vector: (\S+)\n\n```hex\n(.*?)```", text, re.S)
+    found = re.findall(r"#### vector: (\S+)\n\n```hex\n(.*?)```", text, re.DOTALL)
     return {name: bytes.fromhex(body.replace("\n", " ")) for name, body in found}
 
 

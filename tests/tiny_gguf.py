@@ -47,7 +47,7 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     tokens += letters
     types += [1] * len(letters)
     scores = [0.0] * len(tokens)
-    for i, tok in enumerate(tokens):
+    for i in range(len(tokens)):
         if types[i] == 1:
             scores[i] = -float(i) / 100.0
     return tokens, scores, types

@@ -96,7 +96,7 @@ class Admission:
         t0 = time.monotonic()
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), self.wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._abandon(waiter)
             self._log("rejected", size, time.monotonic() - t0)
             raise AdmissionTimeoutError(

@@ -21,9 +21,6 @@ from typing import Any
 
 import zmq.asyncio
 
-from mesh.errors import InvalidInputError, MeshError
-from mesh.logs import get_logger
-from mesh.models import file_sha256
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.links import (
     DEAD_AFTER_S,
@@ -34,6 +31,9 @@ from mesh.coordinator.links import (
 )
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex
 from mesh.coordinator.tokenizer import Tokenizer
+from mesh.errors import InvalidInputError, MeshError
+from mesh.logs import get_logger
+from mesh.models import file_sha256
 from mesh.transport import frames as fr
 
 log = get_logger("mesh.coordinator")
@@ -156,7 +156,7 @@ class Coordinator:
     def _check_chain(self, infos: list[dict[str, Any]]) -> None:
         n_layer = infos[0]["n_layer"]
         expected_start = 0
-        for link, info in zip(self.links, infos):
+        for link, info in zip(self.links, infos, strict=True):
             if info["n_layer"] != n_layer or info["n_embd"] != infos[0]["n_embd"]:
                 raise HandshakeError(f"{link.name} serves a different model shape")
             if info["start"] != expected_start:
@@ -381,7 +381,7 @@ class Coordinator:
     async def _next(self, live: _Live, want: str = fr.TOKEN) -> dict[str, Any]:
         try:
             msg = await asyncio.wait_for(live.queue.get(), TOKEN_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StageUnavailableError(
                 f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
         kind = msg["kind"]

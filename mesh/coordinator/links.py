@@ -115,7 +115,7 @@ class StageLink:
         self.ping()
         try:
             return await asyncio.wait_for(waiter, timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StageUnavailableError(f"{self.name} did not answer a ping") from None
 
     async def handshake(self, origin: bytes, next_url: str | None, model_sha256: str | None,
@@ -130,7 +130,7 @@ class StageLink:
                 self.send(frame)
                 reply = await asyncio.wait_for(self._handshake, 0.5)
                 break
-            except (StageUnavailableError, asyncio.TimeoutError):
+            except (TimeoutError, StageUnavailableError):
                 if time.monotonic() > deadline:
                     raise HandshakeError(f"{self.name} did not answer the handshake within "
                                          f"{timeout_s:.0f} s") from None

@@ -7,8 +7,9 @@ Pure: plain data in, plain data out; no sockets, no llama.cpp. Rules:
 - least recently used records go first; live sessions are never candidates, and neither are
   pinned (borrowed) records;
 - bounded: at most ``max_records`` records and ``max_tokens`` freed cells per plan; it stops
-  as soon as the target is met, so it overshoots by less than one record; a plan whose candidates cannot cover the shortfall is ``insufficient`` and evicts
-  nothing (the caller answers ``kv_exhausted`` instead of decoding into a native failure).
+  as soon as the target is met, so it overshoots by less than one record;
+- a plan whose candidates cannot cover the shortfall is ``insufficient`` and evicts nothing
+  (the caller answers ``kv_exhausted`` instead of decoding into a native failure).
 """
 
 from __future__ import annotations

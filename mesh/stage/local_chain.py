@@ -6,8 +6,9 @@ baseline: one llama.cpp context over the unsliced GGUF, fed token ids the ordina
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Hashable
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from mesh.stage.slicing import slice_model
 
 def split_bounds(n_layer: int, cuts: list[int]) -> list[tuple[int, int]]:
     bounds = [0, *cuts, n_layer]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 class LocalChain:

@@ -22,7 +22,6 @@ from mesh.errors import (
     NativeError,
 )
 
-
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5  # ggml_log_level
 _log_state = {"last": 0}
 

@@ -12,8 +12,8 @@ because a native assert kills the whole process.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class RuntimeConfig:
     n_seq_max: int = 8  # live sessions + resident prefix records
     n_batch: int = 512  # most tokens in one chunk (one llama_decode)
     n_ubatch: int = 512
-    n_outputs_max: int = 4  # final stage: rows sampled per decode; small keeps the logits buffer small
+    n_outputs_max: int = 4  # final stage: rows sampled per decode (keeps the logits buffer small)
     n_threads: int = 2
     n_threads_batch: int | None = None
     n_gpu_layers: int = 0
@@ -208,7 +208,8 @@ class StageRuntime:
         rows = self._input_rows(tokens, hidden)
         n = rows.shape[0]
         if n > self.config.n_batch:
-            raise InvalidInputError(f"chunk of {n} tokens exceeds the batch limit {self.config.n_batch}")
+            raise InvalidInputError(
+                f"chunk of {n} tokens exceeds the batch limit {self.config.n_batch}")
         if sample is not None:
             if not self.is_last:
                 raise InvalidInputError("only the final stage samples")
@@ -218,7 +219,8 @@ class StageRuntime:
         if pos != expected:
             raise InvalidInputError(f"chunk starts at position {pos}, session is at {expected}")
         if n > self.ledger.free:
-            raise KvSlotError(f"need {n} KV cells, {self.ledger.free} free of {self.kv_capacity}", 1)
+            raise KvSlotError(
+                f"need {n} KV cells, {self.ledger.free} free of {self.kv_capacity}", 1)
 
         outputs = None
         if self.is_last:

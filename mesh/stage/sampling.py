@@ -55,7 +55,10 @@ class SamplerChain:
         lib = llama()
         self.params = params
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        add = lambda s: lib.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+
+        def add(sampler) -> None:
+            lib.llama_sampler_chain_add(self.ptr, sampler)
+
         if params.repeat_penalty != 1.0:
             add(lib.llama_sampler_init_penalties(
                 n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))

@@ -1,9 +1,9 @@
 """Write a stage GGUF holding only layers ``[start, end)`` of a source GGUF.
 
 Raw tensor bytes are streamed from the memory-mapped source (no re-quantization, never the whole
-model in RAM); blocks are renumbered from 0; per-layer metadata arrays are sliced; the sliding-window
-pattern is written per layer so cuts need not align with the architecture's period. Only the final
-stage keeps the vocabulary and the output head; the first stage gets its input embeddings from a
+model in RAM); blocks are renumbered from 0; per-layer metadata arrays are sliced; the
+sliding-window pattern is written per layer so cuts need not align with the architecture's
+period. Only the final stage keeps the vocabulary and the output head; the first stage gets its input embeddings from a
 sidecar copy of the source's ``token_embd`` rows (see :mod:`mesh.stage.embeddings`).
 
     python -m mesh.stage.slicing model.gguf 0 9      # prints the cached stage directory
@@ -177,7 +177,8 @@ def _read_model_info(reader, sha: str) -> ModelInfo:
         )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"architecture {arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     n_layer = int(_field(reader, f"{arch}.block_count"))
     n_embd = int(_field(reader, f"{arch}.embedding_length"))

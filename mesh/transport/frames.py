@@ -113,7 +113,8 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
     try:
         msg = msgpack.unpackb(view[HEADER.size:], raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(E_BAD_FRAME, f"body is not valid msgpack: {type(exc).__name__}")
+        raise ProtocolError(
+            E_BAD_FRAME, f"body is not valid msgpack: {type(exc).__name__}") from None
     if not isinstance(msg, dict):
         raise ProtocolError(E_BAD_FRAME, f"body must be a map, got {type(msg).__name__}")
     version = msg.get("v")
