@@ -196,6 +196,11 @@ class Coordinator:
 
     # ---- liveness -------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
+        # Silence is counted from the first ping, not from a handshake that may have finished
+        # long before the slowest stage answered its own.
+        start = time.monotonic()
+        for link in self.links:
+            link.last_seen = max(link.last_seen, start)
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             now = time.monotonic()

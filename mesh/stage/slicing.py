@@ -3,8 +3,9 @@
 Raw tensor bytes are streamed from the memory-mapped source (no re-quantization, never the whole
 model in RAM); blocks are renumbered from 0; per-layer metadata arrays are sliced; the
 sliding-window pattern is written per layer so cuts need not align with the architecture's
-period. Only the final stage keeps the vocabulary and the output head; the first stage gets its input embeddings from a
-sidecar copy of the source's ``token_embd`` rows (see :mod:`mesh.stage.embeddings`).
+period. Only the final stage keeps the vocabulary and the output head; the first stage gets its
+input embeddings from a sidecar copy of the source's ``token_embd`` rows (see
+:mod:`mesh.stage.embeddings`).
 
     python -m mesh.stage.slicing model.gguf 0 9      # prints the cached stage directory
 """
