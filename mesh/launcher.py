@@ -64,7 +64,7 @@ class LocalMesh:
     ranges: list[tuple[int, int]]
     log_dir: Path
     ctx: int = 4096
-    slots: int = 8
+    slots: int = 16
     threads: int = 1
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)

@@ -94,7 +94,7 @@ def conversation(client, tally, barrier, idx: int, filler_words: int, max_tokens
         with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait(timeout=120)
 
-    system = SYSTEM * 3
+    system = SYSTEM * (2 if filler_words < 40 else 3)
     city = ["Lisbon", "Osaka", "Quito", "Tromso", "Accra"][idx % 5]
     msgs = [{"role": "system", "content": system},
             {"role": "user", "content": f"Task {idx}: check the weather in {city}."}]
@@ -171,7 +171,8 @@ def run(base_url: str, log_dir: Path, out: Path, conversations: int, ctx: int | 
         roomy: bool) -> dict:
     offsets = {p: p.stat().st_size for p in log_dir.glob("*.log")}
     tally = Tally()
-    filler = 40 if (ctx or 8192) <= 1024 else 120
+    # Tight contexts get conversations that fit alone but not three at once: admission queues.
+    filler = 12 if (ctx or 8192) <= 1024 else 120
     max_tokens = 16
     barrier = threading.Barrier(conversations)
     results: list[bool] = [False] * conversations

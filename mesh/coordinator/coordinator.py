@@ -339,18 +339,19 @@ class Coordinator:
         Each stage copies the record's cells into the new session as it answers (so eviction
         cannot take them any more); stages that placed more than the agreed length trim back.
         """
-        match = self.prefixes.best_match(prompt_ids) if self.prefixes is not None else None
-        if match is None:
+        if self.prefixes is None:
             return 0
-        pid, n = match
-        placed = await self._acquire_round(session, live, pid, n, self.links)
-        agreed = min(placed.values())
-        longer = [link for link in self.links if placed[link.index] > agreed]
-        if longer:
-            await self._acquire_round(session, live, pid, agreed, longer)
-        if agreed < MIN_REUSE_TOKENS:
-            self.prefixes.forget(pid)
-        return agreed
+        for pid, n in self.prefixes.matches(prompt_ids):
+            placed = await self._acquire_round(session, live, pid, n, self.links)
+            agreed = min(placed.values())
+            longer = [link for link in self.links if placed[link.index] > agreed]
+            if longer:
+                await self._acquire_round(session, live, pid, agreed, longer)
+            if agreed >= MIN_REUSE_TOKENS:
+                self.prefixes.touch(pid)
+                return agreed
+            self.prefixes.forget(pid)  # some stage evicted it; the session is empty again
+        return 0
 
     async def _acquire_round(self, session: int, live: _Live, pid: bytes, n: int,
                              links: list[StageLink]) -> dict[int, int]:

@@ -41,19 +41,26 @@ class PrefixIndex:
     def forget(self, pid: bytes) -> None:
         self._entries.pop(pid, None)
 
-    def best_match(self, prompt: list[int]) -> tuple[bytes, int] | None:
-        """Longest shared prefix with a known record, leaving at least one token to prefill."""
+    def matches(self, prompt: list[int], limit: int = 3) -> list[tuple[bytes, int]]:
+        """Known records sharing the longest prefixes with ``prompt``, best (then newest) first.
+
+        Each length leaves at least one prompt token to prefill. Several are returned because
+        a stage may have evicted the best one already.
+        """
         prompt_arr = np.asarray(prompt, dtype=np.int32)
-        limit = len(prompt_arr) - 1
-        best: tuple[bytes, int] | None = None
-        for pid, tokens in self._entries.items():
-            m = min(len(tokens), limit)
+        room = len(prompt_arr) - 1
+        found: list[tuple[int, int, bytes]] = []
+        for age, (pid, tokens) in enumerate(self._entries.items()):
+            m = min(len(tokens), room)
             if m < MIN_REUSE_TOKENS:
                 continue
             diff = np.nonzero(tokens[:m] != prompt_arr[:m])[0]
             shared = int(diff[0]) if diff.size else m
-            if shared >= MIN_REUSE_TOKENS and (best is None or shared > best[1]):
-                best = (pid, shared)
-        if best is not None:
-            self._entries.move_to_end(best[0])
-        return best
+            if shared >= MIN_REUSE_TOKENS:
+                found.append((shared, age, pid))
+        found.sort(reverse=True)
+        return [(pid, shared) for shared, _, pid in found[:limit]]
+
+    def touch(self, pid: bytes) -> None:
+        if pid in self._entries:
+            self._entries.move_to_end(pid)

@@ -33,7 +33,7 @@ def normalize_listen(text: str) -> str:
 @click.option("--listen", default="tcp://127.0.0.1:7501", show_default=True,
               help="ZeroMQ URL to bind (loopback unless told otherwise).")
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, help="KV cells for all sessions.")
-@click.option("--slots", "n_seq_max", default=8, show_default=True,
+@click.option("--slots", "n_seq_max", default=16, show_default=True,
               help="Sequence slots: live sessions + cached prefixes.")
 @click.option("--threads", "n_threads", default=2, show_default=True)
 @click.option("--gpu-layers", "n_gpu_layers", default=0, show_default=True)
