@@ -1,4 +1,4 @@
-"""The KV tool-loop QA harness in CI: a tight context must survive, a roomy one must hit the cache."""
+"""The KV tool-loop QA harness in CI: a tight context must survive, a roomy one must hit cache."""
 
 import importlib.util
 import json

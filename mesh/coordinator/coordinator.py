@@ -29,7 +29,7 @@ from mesh.coordinator.links import (
     StageLink,
     StageUnavailableError,
 )
-from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex
+from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_id
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import InvalidInputError, MeshError
 from mesh.logs import get_logger
@@ -39,7 +39,8 @@ from mesh.transport import frames as fr
 log = get_logger("mesh.coordinator")
 
 DEFAULT_PREFILL_CHUNK = 256
-TOKEN_TIMEOUT_S = 120.0  # a live chain answers far sooner; heartbeats catch dead stages first
+TOKEN_TIMEOUT_S = 120.0
+PENDING_KEEP_WAIT_S = 1.0  # how long a new request waits for in-flight Stops to land  # a live chain answers far sooner; heartbeats catch dead stages first
 
 
 class StageError(MeshError):
@@ -123,6 +124,8 @@ class Coordinator:
         self.n_layer = 0
         self.admission: Admission | None = None
         self.prefixes: PrefixIndex | None = None
+        # session -> (prompt, done) for Stops asking stages to keep a prefix, until Stopped
+        self._pending_keeps: dict[int, tuple[list[int], asyncio.Future]] = {}
         self._prefix_cache = prefix_cache
         self._admission_args = (headroom_tokens, admission_wait_s)
         self.wait_observer = None  # set by the API's metrics
@@ -234,6 +237,15 @@ class Coordinator:
 
     def _dispatch(self, link: StageLink, msg: dict[str, Any]) -> None:
         session = msg.get("session")
+        if msg["kind"] == fr.STOPPED:
+            pending = self._pending_keeps.pop(session, None)
+            if pending is not None:
+                if msg["kept"] and self.prefixes is not None:
+                    # Stopped comes from the final stage behind the Stop on every stage, so the
+                    # record now exists everywhere and a reuse cannot overtake it.
+                    self.prefixes.add(pending[0])
+                pending[1].set_result(None)
+            return
         live = self._sessions.get(session) if session is not None else None
         if live is not None:
             live.queue.put_nowait(msg)
@@ -341,6 +353,9 @@ class Coordinator:
         """
         if self.prefixes is None:
             return 0
+        in_flight = [done for _, done in self._pending_keeps.values()]
+        if in_flight:  # a prefix being kept right now may be the one this prompt needs
+            await asyncio.wait(in_flight, timeout=PENDING_KEEP_WAIT_S)
         for pid, n in self.prefixes.matches(prompt_ids):
             placed = await self._acquire_round(session, live, pid, n, self.links)
             agreed = min(placed.values())
@@ -407,7 +422,9 @@ class Coordinator:
         keep, pid = 0, None
         if (keep_prompt is not None and self.prefixes is not None
                 and len(keep_prompt) >= MIN_REUSE_TOKENS):
-            keep, pid = len(keep_prompt), self.prefixes.add(keep_prompt)
+            keep, pid = len(keep_prompt), prefix_id(self.model_sha256, keep_prompt)
+            done = asyncio.get_running_loop().create_future()
+            self._pending_keeps[session] = (keep_prompt, done)
         stop = fr.encode(fr.STOP, session=session, origin=self.origin, keep=keep, prefix_id=pid)
         targets = self.links[:1] if self.links[0].alive else [
             link for link in self.links if link.alive]

@@ -70,10 +70,10 @@ class PrefixCache:
             rt.drop_session(session)
             return 0
         existing = self._records.get(prefix_id)
-        if existing is not None:
+        if existing is not None:  # already resident: refresh it, report it as kept
             existing.last_use = time.monotonic()
             rt.drop_session(session)
-            return 0
+            return existing.tokens
         rt.trim_session(session, n_tokens)
         record = _Record(prefix_id, self.identity(prefix_id), n_tokens, time.monotonic())
         rt.rename_session(session, record.key)
