@@ -103,7 +103,7 @@ async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--stages", "n_stages", default=2, show_default=True)
 @click.option("--ctx", default=4096, show_default=True, help="KV cells per stage.")
-@click.option("--threads", default=1, show_default=True, help="Threads per stage.")
+@click.option("--threads", default=2, show_default=True, help="Threads per stage.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--prompt", default=None, help="Generate once and exit instead of serving.")
@@ -112,7 +112,7 @@ def up(model_spec, n_stages, ctx, threads, host, port, prompt, max_tokens, tempe
        seed, stop, as_json) -> None:
     """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
     from mesh.coordinator.coordinator import GenerationParams
-    from mesh.launcher import LocalMesh, even_split
+    from mesh.launcher import LocalMesh, balanced_split, even_split
     from mesh.logs import configure
     from mesh.models import resolve_model
     from mesh.stage.slicing import model_info, slice_model
@@ -121,7 +121,8 @@ def up(model_spec, n_stages, ctx, threads, host, port, prompt, max_tokens, tempe
     try:
         path = resolve_model(model_spec)
         info = model_info(path)
-        ranges = even_split(info.n_layer, n_stages)
+        ranges = (balanced_split(list(info.layer_bytes), info.head_bytes, n_stages)
+                  if info.layer_bytes else even_split(info.n_layer, n_stages))
         click.echo(f"preparing {n_stages} stages of {path.name}: "
                    f"{', '.join(f'{a}:{b}' for a, b in ranges)}", err=True)
         for start, end in ranges:

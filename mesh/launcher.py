@@ -29,6 +29,38 @@ def even_split(n_layer: int, n_stages: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
+def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int
+                   ) -> list[tuple[int, int]]:
+    """Contiguous ranges minimising the largest stage's weight bytes (the final stage also
+    reads the head): decode is memory-bound, so the slowest stage sets the pipeline's pace.
+    On Gemma 3 270M the 170 MiB head puts most layers on the first stage."""
+    n = len(layer_bytes)
+    prefix = [0, *itertools.accumulate(layer_bytes)]
+
+    def cost(a: int, b: int) -> int:
+        return prefix[b] - prefix[a] + (head_bytes if b == n else 0)
+
+    best: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+
+    def solve(start: int, stages: int) -> tuple[list[int], list[int]]:
+        """(stage costs, largest first; cut points): compared largest first, so ties on the
+        bottleneck are broken by evening out the other stages."""
+        if stages == 1:
+            return [cost(start, n)], [n]
+        key = (start, stages)
+        if key not in best:
+            options = []
+            for end in range(start + 1, n - stages + 2):
+                rest, cuts = solve(end, stages - 1)
+                costs = sorted([cost(start, end), *rest], reverse=True)
+                options.append((costs, [end, *cuts]))
+            best[key] = min(options)
+        return best[key]
+
+    cuts = solve(0, n_stages)[1]
+    return list(itertools.pairwise([0, *cuts]))
+
+
 @dataclass
 class StageProcess:
     start: int

@@ -103,24 +103,37 @@ def hop_latency_us(n: int) -> tuple[float, float]:
     return statistics.median(samples), samples[int(len(samples) * 0.99)]
 
 
+def _omp_env(policy: str) -> dict[str, str]:
+    """``active``/``passive`` set OMP_WAIT_POLICY; ``spinN`` keeps active waits but caps
+    GOMP_SPINCOUNT at N, so an idle stage stops spinning soon after its graph finishes."""
+    if policy.startswith("spin"):
+        return {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": policy[4:]}
+    return {"OMP_WAIT_POLICY": policy.upper()}
+
+
 @click.command()
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--tokens", default=64, show_default=True)
 @click.option("--hops", default=2000, show_default=True)
-def main(model_spec: str, tokens: int, hops: int) -> None:
+@click.option("--cut", default=9, show_default=True, help="First layer of stage 1.")
+@click.option("--config", "configs", multiple=True,
+              default=["1:active", "1:passive", "2:active", "2:passive"], show_default=True,
+              help="THREADS_PER_STAGE:POLICY (repeat); POLICY is active, passive or spinN.")
+def main(model_spec: str, tokens: int, hops: int, cut: int, configs: tuple[str, ...]) -> None:
     path = resolve_model(model_spec)
     single = single_decode_tok_s(path, 2, tokens)
     p50, p99 = hop_latency_us(hops)
-    configs = [(1, "active"), (1, "passive"), (2, "active"), (2, "passive")]
     rows = []
-    for threads, policy in configs:
+    for threads, policy in ((int(c.split(":")[0]), c.split(":")[1]) for c in configs):
         with tempfile.TemporaryDirectory() as tmp:
-            mesh = LocalMesh(str(path), [(0, 9), (9, 18)], Path(tmp), ctx=2048, threads=threads,
-                             env={"OMP_WAIT_POLICY": policy.upper()})
+            mesh = LocalMesh(str(path), [(0, cut), (cut, 18)], Path(tmp), ctx=2048,
+                             threads=threads,
+                             env=_omp_env(policy))
             with mesh:
                 rows.append((threads, policy, asyncio.run(_mesh_numbers(path, mesh.urls,
                                                                          tokens))))
-    print(f"model={path.name} tokens/session={tokens} host cpus={os.cpu_count()}")
+    print(f"model={path.name} split=0:{cut}|{cut}:18 tokens/session={tokens} "
+          f"host cpus={os.cpu_count()}")
     print(f"single process, 2 threads: {single:.1f} tok/s decode")
     print(f"decode-frame hop (n_embd=640): p50 {p50:.1f} us, p99 {p99:.1f} us (target <= 50)")
     print(f"{'threads/stage':>13} {'omp wait':>9} {'decode tok/s':>12} {'vs single':>9} "

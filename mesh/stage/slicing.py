@@ -57,6 +57,8 @@ class ModelInfo:
     n_vocab: int
     token_embd_type: int
     swa_layers: tuple[bool, ...] | None
+    layer_bytes: tuple[int, ...] = ()  # weight bytes per block: a decode step reads them all
+    head_bytes: int = 0  # output head (or tied embeddings) bytes, read by the final stage
 
     @property
     def input_scale(self) -> float:
@@ -98,7 +100,9 @@ def model_info(path: Path) -> ModelInfo:
     try:
         raw = json.loads(cached.read_text())
         swa = raw.pop("swa_layers")
-        return ModelInfo(swa_layers=None if swa is None else tuple(swa), **raw)
+        layer_bytes = tuple(raw.pop("layer_bytes"))
+        return ModelInfo(swa_layers=None if swa is None else tuple(swa),
+                         layer_bytes=layer_bytes, **raw)
     except (OSError, ValueError, TypeError, KeyError):
         pass
     info = _read_model_info(_reader(str(path)), sha)
@@ -188,6 +192,12 @@ def _read_model_info(reader, sha: str) -> ModelInfo:
         raise ModelError("model has no token_embd.weight tensor")
     token_embd = tensors["token_embd.weight"]
     n_vocab = int(token_embd.shape[1])
+    layer_bytes = [0] * n_layer
+    for tensor in reader.tensors:
+        match = _BLOCK_RE.match(tensor.name)
+        if match and int(match.group(1)) < n_layer:
+            layer_bytes[int(match.group(1))] += int(tensor.n_bytes)
+    head = tensors.get("output.weight", token_embd)
     return ModelInfo(
         sha256=sha,
         arch=arch,
@@ -196,6 +206,8 @@ def _read_model_info(reader, sha: str) -> ModelInfo:
         n_vocab=n_vocab,
         token_embd_type=int(token_embd.tensor_type),
         swa_layers=_swa_layers(reader, arch, n_layer),
+        layer_bytes=tuple(layer_bytes),
+        head_bytes=int(head.n_bytes),
     )
 
 
