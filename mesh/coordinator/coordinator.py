@@ -39,8 +39,8 @@ from mesh.transport import frames as fr
 log = get_logger("mesh.coordinator")
 
 DEFAULT_PREFILL_CHUNK = 256
-TOKEN_TIMEOUT_S = 120.0
-PENDING_KEEP_WAIT_S = 1.0  # how long a new request waits for in-flight Stops to land  # a live chain answers far sooner; heartbeats catch dead stages first
+TOKEN_TIMEOUT_S = 120.0  # a live chain answers far sooner; heartbeats catch dead stages first
+PENDING_KEEP_WAIT_S = 1.0  # how long a new request waits for in-flight Stops to land
 
 
 class StageError(MeshError):
