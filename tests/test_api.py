@@ -77,6 +77,16 @@ def test_completions_with_stop_and_tools_pass_through_template(client):
 
 
 @pytest.mark.gemma
+def test_logprobs_in_full_responses(client):
+    out = client.completions.create(model="m", prompt="The sky is", max_tokens=4,
+                                    temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == out.usage.completion_tokens
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(top) == 3 for top in lp.top_logprobs)
+
+
+@pytest.mark.gemma
 def test_exact_prefix_reuse_reports_cached_tokens(client):
     prompt = "A long shared system preamble about stages and caches. " * 12 + "Go:"
     first = client.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0)

@@ -138,15 +138,20 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
         created = int(time.time())
         if not body.stream:
-            result = first
+            result, logprobs = first, []
             try:
-                async for item in stream:
+                item = first
+                while item is not None:
+                    if isinstance(item, Delta):
+                        logprobs += item.logprobs
                     result = item
+                    item = await anext(stream, None)
             except Exception as exc:
                 metrics.request(endpoint, exc)
                 raise
             metrics.request(endpoint, None, result)
-            return _full_response(rid, created, settings.model_id, result, chat, body)
+            lp = _logprobs(Delta("", [], logprobs), chat, body) if logprobs else None
+            return _full_response(rid, created, settings.model_id, result, chat, lp)
         return EventSourceResponse(_sse(stream, first, rid, created, chat, body, endpoint),
                                    ping=15)
 
@@ -211,14 +216,14 @@ def _logprobs(item: Delta, chat: bool, body) -> dict | None:
                              for e in entries]}
 
 
-def _full_response(rid, created, model, result: Completion, chat: bool, body) -> dict:
+def _full_response(rid, created, model, result: Completion, chat: bool, logprobs) -> dict:
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": result.finish_reason, "logprobs": None}
+                  "finish_reason": result.finish_reason, "logprobs": logprobs}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
-                  "logprobs": None}
+                  "logprobs": logprobs}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
             "usage": result.usage}
