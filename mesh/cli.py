@@ -56,9 +56,11 @@ def _generation_options(fn):
               help="Stage URL, in chain order (repeat).")
 @click.option("--prompt", required=True)
 @click.option("--prefill-chunk", default=256, show_default=True)
+@click.option("--connect-timeout", default=10.0, show_default=True,
+              help="Seconds to wait for every stage's handshake.")
 @_generation_options
-def generate(model_spec, stages, prompt, prefill_chunk, max_tokens, temperature, top_p, seed,
-             stop, as_json) -> None:
+def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, max_tokens, temperature,
+             top_p, seed, stop, as_json) -> None:
     """Raw-text completion through a running chain of stages."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.logs import configure
@@ -69,17 +71,18 @@ def generate(model_spec, stages, prompt, prefill_chunk, max_tokens, temperature,
                               seed=seed, stop=tuple(stop))
     try:
         path = resolve_model(model_spec)
-        asyncio.run(_generate(path, list(stages), prompt, params, prefill_chunk, as_json))
+        asyncio.run(_generate(path, list(stages), prompt, params, prefill_chunk, as_json,
+                              connect_timeout))
     except MeshError as exc:
         _fail(str(exc))
 
 
 async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_chunk: int,
-                    as_json: bool) -> None:
+                    as_json: bool, connect_timeout: float = 60.0) -> None:
     from mesh.coordinator.coordinator import Completion, Coordinator
 
     coord = Coordinator(path, stages, prefill_chunk=prefill_chunk)
-    await coord.start()
+    await coord.start(handshake_timeout_s=connect_timeout)
     try:
         result = None
         async for item in coord.stream(prompt, params):
