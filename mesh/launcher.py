@@ -139,14 +139,6 @@ class LocalMesh:
         self.stop()
 
 
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
-
 
 @contextlib.contextmanager
 def serving(model: Path, urls: list[str], log_path: Path):

@@ -40,9 +40,6 @@ class Tokenizer:
             return buf.raw[:n]
         return self._piece_buf.raw[:n]
 
-    def decode(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
-
     def is_eog(self, token: int) -> bool:
         return bool(llama().llama_vocab_is_eog(self.vocab, token))
 
