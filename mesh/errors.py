@@ -29,6 +29,12 @@ class InvalidInputError(MeshError):
     code = "invalid_input"
 
 
+class ContextLengthError(InvalidInputError):
+    """A prompt that can never fit the smallest KV cache in the chain."""
+
+    code = "context_length_exceeded"
+
+
 class UnknownSessionError(MeshError):
     code = "unknown_session"
 

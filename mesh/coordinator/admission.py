@@ -12,7 +12,7 @@ import collections
 import time
 from dataclasses import dataclass
 
-from mesh.errors import InvalidInputError, MeshError
+from mesh.errors import ContextLengthError, MeshError
 from mesh.logs import get_logger
 
 log = get_logger("mesh.admission")
@@ -45,9 +45,6 @@ class TokenBudget:
 
     def request_size(self, prompt_tokens: int, max_tokens: int, headroom: int) -> int:
         return prompt_tokens + min(max_tokens, headroom)
-
-    def fits_ever(self, tokens: int) -> bool:
-        return tokens <= self.capacity
 
     def try_reserve(self, tokens: int) -> bool:
         if tokens < 0 or tokens > self.available:
@@ -85,9 +82,9 @@ class Admission:
         size = min(self.budget.request_size(prompt_tokens, max_tokens, self.headroom),
                    self.budget.capacity)
         if prompt_tokens >= self.budget.capacity:
-            raise InvalidInputError(
-                f"prompt of {prompt_tokens} tokens exceeds the chain's KV capacity "
-                f"{self.budget.capacity}")
+            raise ContextLengthError(
+                f"prompt of {prompt_tokens} tokens does not fit the context of "
+                f"{self.budget.capacity} tokens")
         if not self._waiters and self.budget.try_reserve(size):
             self._log("admitted", size, 0.0)
             return size

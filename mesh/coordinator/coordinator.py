@@ -52,10 +52,6 @@ class StageError(MeshError):
         self.stage = stage
 
 
-class ContextLengthError(InvalidInputError):
-    code = "context_length_exceeded"
-
-
 @dataclass(frozen=True)
 class GenerationParams:
     max_tokens: int = 128
@@ -335,10 +331,6 @@ class Coordinator:
     def _check_request(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if not prompt_ids:
             raise InvalidInputError("the prompt is empty")
-        if len(prompt_ids) >= self.kv_capacity:
-            raise ContextLengthError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the context of "
-                f"{self.kv_capacity} tokens")
         if params.max_tokens < 1:
             raise InvalidInputError("max_tokens must be >= 1")
         for link in self.links:
@@ -400,18 +392,20 @@ class Coordinator:
                                      **extra))
 
     async def _next(self, live: _Live, want: str = fr.TOKEN) -> dict[str, Any]:
-        try:
-            msg = await asyncio.wait_for(live.queue.get(), TOKEN_TIMEOUT_S)
-        except TimeoutError:
-            raise StageUnavailableError(
-                f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
+        """The session's next ``want`` frame (others, e.g. a late Acquired, are skipped)."""
+        while True:
+            try:
+                msg = await asyncio.wait_for(live.queue.get(), TOKEN_TIMEOUT_S)
+            except TimeoutError:
+                raise StageUnavailableError(
+                    f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
+            if msg["kind"] in (want, "_fail", fr.ERROR):
+                break
         kind = msg["kind"]
         if kind == "_fail":
             raise msg["exc"]
         if kind == fr.ERROR:
             raise StageError(msg["code"], msg["message"], msg["stage"])
-        if kind != want:
-            return await self._next(live, want)
         return msg
 
     def _release(self, session: int, keep_prompt: list[int] | None) -> None:

@@ -64,7 +64,7 @@ class StageServer:
         self._router.bind(listen)
         self._next_url: str | None = None
         self._downstream: zmq.Socket | None = None
-        self._pending: collections.deque[tuple[bytes, dict[str, Any]]] = collections.deque()
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._meta: dict[tuple[bytes, int], _SessionMeta] = {}
         self._running = True
 
@@ -79,8 +79,7 @@ class StageServer:
                 if dict(poller.poll(timeout)).get(self._router):
                     self._read_available()
                 if self._pending:
-                    sender, msg = self._pending.popleft()
-                    self._run_queued(sender, msg)
+                    self._run_queued(self._pending.popleft())
         finally:
             self.close()
 
@@ -111,13 +110,13 @@ class StageServer:
         elif kind == fr.HANDSHAKE:
             self._handshake(sender, msg)
         elif kind in fr.WORK_KINDS or kind in (fr.STOP, fr.ACQUIRE):
-            self._pending.append((sender, msg))
+            self._pending.append(msg)
         else:
             self._send(sender, fr.encode(
                 fr.ERROR, code=fr.E_UNKNOWN_KIND, message=f"a stage does not accept {kind}",
                 session=None, stage=self.name))
 
-    def _run_queued(self, sender: bytes, msg: dict[str, Any]) -> None:
+    def _run_queued(self, msg: dict[str, Any]) -> None:
         kind = msg["kind"]
         if kind == fr.STOP:
             self._stop_session(msg)
