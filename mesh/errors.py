@@ -1,12 +1,14 @@
 """One error hierarchy for mesh.
 
-Each class carries a stable ``code`` so the transport and the HTTP API map errors by type, never by
-parsing messages.
+Each class carries a stable ``code`` (a wire error code from ``mesh.transport.wire``) so the
+transport and the HTTP API map errors by type, never by parsing messages.
 """
+
+from mesh.transport import wire
 
 
 class MeshError(Exception):
-    code = "internal"
+    code = wire.E_INTERNAL
 
 
 class ModelError(MeshError):
@@ -26,29 +28,35 @@ class LayerRangeError(MeshError):
 class InvalidInputError(MeshError):
     """Input rejected in Python before it could reach (and abort) llama.cpp."""
 
-    code = "invalid_input"
+    code = wire.E_INVALID_INPUT
 
 
 class ContextLengthError(InvalidInputError):
-    """A prompt that can never fit the smallest KV cache in the chain."""
+    """A prompt (or a session) that can never fit one session's KV stream."""
 
-    code = "context_length_exceeded"
+    code = wire.E_CONTEXT_LENGTH
 
 
 class UnknownSessionError(MeshError):
-    code = "unknown_session"
+    code = wire.E_UNKNOWN_SESSION
 
 
 class SessionLimitError(MeshError):
     """Every sequence slot of the stage is taken."""
 
-    code = "no_session_slot"
+    code = wire.E_NO_SESSION_SLOT
+
+
+class OverloadedError(MeshError):
+    """A stage's work queue is full (frames or bytes); the frame was not queued."""
+
+    code = wire.E_OVERLOADED
 
 
 class NativeError(MeshError):
     """A llama.cpp call failed; the runtime is still usable."""
 
-    code = "native_failure"
+    code = wire.E_NATIVE_FAILURE
 
     def __init__(self, message: str, native_code: int | None = None):
         super().__init__(message)
@@ -56,14 +64,15 @@ class NativeError(MeshError):
 
 
 class KvSlotError(NativeError):
-    """llama_decode returned 1: no KV slot for the batch. Nothing was written; retryable."""
+    """No KV room for the batch (llama_decode returned 1, or the session's stream is full).
+    Nothing was written; retryable."""
 
-    code = "kv_exhausted"
+    code = wire.E_KV_EXHAUSTED
 
 
 class DecodeAbortedError(NativeError):
-    code = "decode_aborted"
+    code = wire.E_DECODE_ABORTED
 
 
 class InvalidBatchError(NativeError):
-    code = "invalid_batch"
+    code = wire.E_INVALID_BATCH

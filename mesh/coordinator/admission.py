@@ -1,8 +1,11 @@
-"""Admission: a token budget equal to the smallest KV capacity in the chain.
+"""Admission: a request needs one session slot at every stage, and its prompt must fit a session.
 
-A request reserves ``prompt_tokens + min(max_tokens, headroom)`` before its prefill, waits FIFO
-when the budget is short, and gets an overload error after the timeout. ``TokenBudget`` is the
-pure decision; ``Admission`` adds the asyncio queue around it.
+Each session owns one KV stream of ``session_ctx`` cells at every stage, so KV is reserved
+whole: a request whose prompt fits can never run out of KV mid-stream (its completion is capped
+at ``session_ctx - prompt`` tokens), and the only shared resource is the slots. A request takes
+a slot before its first frame and gives it back when its session ends; beyond the slots it
+waits FIFO, and after ``wait_s`` gets an overload error (HTTP 429 with Retry-After).
+``SlotBudget`` is the pure decision; ``Admission`` adds the asyncio queue around it.
 """
 
 from __future__ import annotations
@@ -10,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from dataclasses import dataclass
 
 from mesh.errors import ContextLengthError, MeshError
 from mesh.logs import get_logger
 
 log = get_logger("mesh.admission")
 
-DEFAULT_HEADROOM_TOKENS = 512
 DEFAULT_WAIT_S = 10.0
 RETRY_AFTER_S = 1
 
@@ -30,8 +31,8 @@ class AdmissionTimeoutError(MeshError):
         self.retry_after_s = retry_after_s
 
 
-class TokenBudget:
-    """Reserved tokens never exceed ``capacity``; a reservation is all-or-nothing."""
+class SlotBudget:
+    """Reserved slots never exceed ``capacity``."""
 
     def __init__(self, capacity: int):
         if capacity < 1:
@@ -43,74 +44,70 @@ class TokenBudget:
     def available(self) -> int:
         return self.capacity - self.reserved
 
-    def request_size(self, prompt_tokens: int, max_tokens: int, headroom: int) -> int:
-        return prompt_tokens + min(max_tokens, headroom)
-
-    def try_reserve(self, tokens: int) -> bool:
-        if tokens < 0 or tokens > self.available:
+    def try_reserve(self) -> bool:
+        if not self.available:
             return False
-        self.reserved += tokens
+        self.reserved += 1
         return True
 
-    def release(self, tokens: int) -> None:
-        if tokens < 0 or tokens > self.reserved:
-            raise ValueError(f"release of {tokens} with {self.reserved} reserved")
-        self.reserved -= tokens
-
-
-@dataclass
-class _Waiter:
-    tokens: int
-    future: asyncio.Future
+    def release(self) -> None:
+        if not self.reserved:
+            raise ValueError("release without a reservation")
+        self.reserved -= 1
 
 
 class Admission:
-    def __init__(self, capacity: int, headroom: int = DEFAULT_HEADROOM_TOKENS,
-                 wait_s: float = DEFAULT_WAIT_S, on_wait=None):
+    def __init__(self, slots: int, session_ctx: int, wait_s: float = DEFAULT_WAIT_S,
+                 on_wait=None):
         self.on_wait = on_wait  # called with seconds waited, for metrics
-        self.budget = TokenBudget(capacity)
-        self.headroom = headroom
+        self.budget = SlotBudget(slots)
+        self.session_ctx = session_ctx
         self.wait_s = wait_s
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     @property
     def queue_depth(self) -> int:
         return len(self._waiters)
 
-    async def reserve(self, prompt_tokens: int, max_tokens: int) -> int:
-        """Reserve and return the reserved size; FIFO wait up to ``wait_s``."""
-        size = min(self.budget.request_size(prompt_tokens, max_tokens, self.headroom),
-                   self.budget.capacity)
-        if prompt_tokens >= self.budget.capacity:
+    def check(self, prompt_tokens: int) -> None:
+        """Refuse a prompt that leaves no room for one generated token."""
+        if prompt_tokens >= self.session_ctx:
             raise ContextLengthError(
                 f"prompt of {prompt_tokens} tokens does not fit the context of "
-                f"{self.budget.capacity} tokens")
-        if not self._waiters and self.budget.try_reserve(size):
-            self._log("admitted", size, 0.0)
-            return size
-        waiter = _Waiter(size, asyncio.get_running_loop().create_future())
+                f"{self.session_ctx} tokens")
+
+    def max_new_tokens(self, prompt_tokens: int, requested: int) -> int:
+        return max(0, min(requested, self.session_ctx - prompt_tokens))
+
+    async def reserve(self, prompt_tokens: int) -> None:
+        """Take a slot, waiting FIFO up to ``wait_s``; give it back with ``release``."""
+        self.check(prompt_tokens)
+        if not self._waiters and self.budget.try_reserve():
+            self._log("admitted", 0.0)
+            return
+        waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         t0 = time.monotonic()
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), self.wait_s)
+            await asyncio.wait_for(asyncio.shield(waiter), self.wait_s)
         except TimeoutError:
             self._abandon(waiter)
-            self._log("rejected", size, time.monotonic() - t0)
+            self._log("rejected", time.monotonic() - t0)
             raise AdmissionTimeoutError(
-                f"no KV budget for {size} tokens within {self.wait_s:.0f} s") from None
+                f"no session slot free within {self.wait_s:.0f} s "
+                f"({self.budget.capacity} slots, {len(self._waiters)} waiting)") from None
         except asyncio.CancelledError:
             self._abandon(waiter)
             raise
-        self._log("admitted", size, time.monotonic() - t0)
-        return size
+        self._log("admitted", time.monotonic() - t0)
 
-    def release(self, size: int) -> None:
-        self.budget.release(size)
+    def release(self) -> None:
+        self.budget.release()
         self._wake()
 
-    def _abandon(self, waiter: _Waiter) -> None:
-        if waiter.future.done() and not waiter.future.cancelled():
-            self.budget.release(waiter.tokens)  # granted just as we gave up: hand it back
+    def _abandon(self, waiter: asyncio.Future) -> None:
+        if waiter.done() and not waiter.cancelled():
+            self.budget.release()  # granted just as we gave up: hand it back
         try:
             self._waiters.remove(waiter)
         except ValueError:
@@ -118,16 +115,16 @@ class Admission:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.budget.try_reserve(self._waiters[0].tokens):
+        while self._waiters and self.budget.try_reserve():
             waiter = self._waiters.popleft()
-            if not waiter.future.done():
-                waiter.future.set_result(None)
+            if not waiter.done():
+                waiter.set_result(None)
             else:
-                self.budget.release(waiter.tokens)
+                self.budget.release()
 
-    def _log(self, status: str, size: int, waited_s: float) -> None:
+    def _log(self, status: str, waited_s: float) -> None:
         if self.on_wait is not None:
             self.on_wait(waited_s)
-        log.info("admission", status=status, target_tokens=size,
-                 reserved_tokens=self.budget.reserved, capacity=self.budget.capacity,
-                 queue_depth=len(self._waiters), waited_ms=round(waited_s * 1e3, 1))
+        log.info("admission", status=status, reserved_slots=self.budget.reserved,
+                 slots=self.budget.capacity, queue_depth=len(self._waiters),
+                 waited_ms=round(waited_s * 1e3, 1))

@@ -103,7 +103,7 @@ class _Live:
 class Coordinator:
     def __init__(self, model_path: Path, stage_urls: list[str], *,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
-                 headroom_tokens: int = 512, prefix_cache: bool = True):
+                 prefix_cache: bool = True):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
@@ -123,7 +123,7 @@ class Coordinator:
         # session -> (prompt, done) for Stops asking stages to keep a prefix, until Stopped
         self._pending_keeps: dict[int, tuple[list[int], asyncio.Future]] = {}
         self._prefix_cache = prefix_cache
-        self._admission_args = (headroom_tokens, admission_wait_s)
+        self._admission_wait_s = admission_wait_s
         self.wait_observer = None  # set by the API's metrics
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -131,7 +131,8 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         self.model_sha256 = await loop.run_in_executor(None, file_sha256, self.model_path)
         self.tokenizer = await loop.run_in_executor(None, Tokenizer, self.model_path)
-        self.links = [StageLink(i, url, self.origin, self._zctx, self._dispatch)
+        self.links = [StageLink(i, url, self.origin, self._zctx, self._dispatch,
+                                self._send_failed)
                       for i, url in enumerate(self.stage_urls)]
         for link in self.links:
             link.start()
@@ -143,14 +144,15 @@ class Coordinator:
             await self.close()
             raise
         self.prefixes = PrefixIndex(self.model_sha256) if self._prefix_cache else None
-        self.admission = Admission(self.kv_capacity, *self._admission_args,
+        self.admission = Admission(self.slots, self.session_ctx, self._admission_wait_s,
                                    on_wait=self.wait_observer)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         log.info("coordinator_ready", stages=len(self.links), n_layer=self.n_layer)
 
     async def _handshake(self, link: StageLink, timeout_s: float) -> dict[str, Any]:
         nxt = self.stage_urls[link.index + 1] if link.index + 1 < len(self.links) else None
-        return await link.handshake(self.origin, nxt, self.model_sha256, link.index, timeout_s)
+        return await link.handshake(self.origin, nxt, self.model_sha256, link.index,
+                                    len(self.links), timeout_s)
 
     def _check_chain(self, infos: list[dict[str, Any]]) -> None:
         n_layer = infos[0]["n_layer"]
@@ -185,9 +187,14 @@ class Coordinator:
         return list(await asyncio.gather(*(link.stats() for link in self.links)))
 
     @property
-    def kv_capacity(self) -> int:
-        """Smallest KV capacity in the chain: what one request can ever use."""
-        return min(link.info["kv_capacity"] for link in self.links)
+    def session_ctx(self) -> int:
+        """Smallest per-session KV in the chain: the longest a session can ever grow."""
+        return min(link.info["session_ctx"] for link in self.links)
+
+    @property
+    def slots(self) -> int:
+        """Sessions the chain holds at once (every stage gives each session a slot)."""
+        return min(link.info["slots"] for link in self.links)
 
     @property
     def ready(self) -> bool:
@@ -228,8 +235,17 @@ class Coordinator:
         log.info("stage_up", stage_index=link.index, start=info["start"], end=info["end"])
 
     def _fail_all(self, exc: MeshError) -> None:
-        for live in self._sessions.values():
-            live.queue.put_nowait({"kind": "_fail", "exc": exc})
+        self._fail(list(self._sessions), exc)
+
+    def _fail(self, sessions: list[int], exc: MeshError) -> None:
+        for session in sessions:
+            live = self._sessions.get(session)
+            if live is not None:
+                live.queue.put_nowait({"kind": "_fail", "exc": exc})
+
+    def _send_failed(self, sessions: list[int], exc: MeshError) -> None:
+        """A posted message could not leave (the stage is not connected)."""
+        self._fail(sessions, exc)
 
     def _dispatch(self, link: StageLink, msg: dict[str, Any]) -> None:
         session = msg.get("session")
@@ -266,12 +282,12 @@ class Coordinator:
         """Yield Deltas as tokens arrive, then one Completion."""
         prompt_ids = self.tokenize(prompt, params.add_special)
         self._check_request(prompt_ids, params)
-        reserved = await self.admission.reserve(len(prompt_ids), params.max_tokens)
+        await self.admission.reserve(len(prompt_ids))
         try:
             async for item in self._run_session(prompt_ids, params):
                 yield item
         finally:
-            self.admission.release(reserved)
+            self.admission.release()
 
     async def _run_session(self, prompt_ids: list[int], params: GenerationParams
                            ) -> AsyncIterator[Delta | Completion]:
@@ -288,7 +304,7 @@ class Coordinator:
             cached = await self._reuse_prefix(session, live, prompt_ids)
             self._send_prefill(session, prompt_ids, params, cached)
             pos = len(prompt_ids)
-            budget = min(params.max_tokens, self.kv_capacity - len(prompt_ids))
+            budget = self.admission.max_new_tokens(len(prompt_ids), params.max_tokens)
             while len(token_ids) < budget:
                 msg = await self._next(live)
                 token = msg["token"]
@@ -299,6 +315,12 @@ class Coordinator:
                     break
                 token_ids.append(token)
                 text, stopped = text_out.add(token)
+                if not stopped and len(token_ids) < budget:
+                    # The next step leaves before this token is handed on: the stages compute
+                    # while the caller streams, and all sessions woken by one message of Tokens
+                    # post their steps in the same turn of the event loop (one batch).
+                    self._send_work(fr.DECODE, session, pos, [token])
+                    pos += 1
                 logprobs = []
                 if params.logprobs:
                     logprobs = [{"token": token, "logprob": msg["logprob"], "top": msg["top"]}]
@@ -307,10 +329,6 @@ class Coordinator:
                 if stopped:
                     finish = "stop"
                     break
-                if len(token_ids) >= budget:
-                    break
-                self._send_work(fr.DECODE, session, pos, [token])
-                pos += 1
             tail = text_out.finish()
             if tail:
                 yield Delta(tail, [])
@@ -364,7 +382,7 @@ class Coordinator:
                              links: list[StageLink]) -> dict[int, int]:
         frame = fr.encode(fr.ACQUIRE, session=session, origin=self.origin, prefix_id=pid, n=n)
         for link in links:
-            link.send(frame)
+            link.post(frame, session)
         by_stage = {link.info["stage"]: link.index for link in links}
         placed: dict[int, int] = {}
         while len(placed) < len(links):
@@ -387,15 +405,16 @@ class Coordinator:
                 self._send_work(fr.PREFILL, session, start, part)
 
     def _send_work(self, kind: str, session: int, pos: int, tokens: list[int], **extra) -> None:
-        self.links[0].send(fr.encode(kind, session=session, origin=self.origin, pos=pos,
+        self.links[0].post(fr.encode(kind, session=session, origin=self.origin, pos=pos,
                                      n=len(tokens), tokens=fr.pack_tokens(tokens), embd=None,
-                                     **extra))
+                                     **extra), session)
 
     async def _next(self, live: _Live, want: str = fr.TOKEN) -> dict[str, Any]:
         """The session's next ``want`` frame (others, e.g. a late Acquired, are skipped)."""
         while True:
             try:
-                msg = await asyncio.wait_for(live.queue.get(), TOKEN_TIMEOUT_S)
+                async with asyncio.timeout(TOKEN_TIMEOUT_S):
+                    msg = await live.queue.get()
             except TimeoutError:
                 raise StageUnavailableError(
                     f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
@@ -423,10 +442,7 @@ class Coordinator:
         targets = self.links[:1] if self.links[0].alive else [
             link for link in self.links if link.alive]
         for link in targets:
-            try:
-                link.send(stop)
-            except StageUnavailableError:
-                pass
+            link.post(stop)
 
 
 class _TextAssembler:

@@ -2,7 +2,13 @@
 
 Paranoid-Pirate style: the coordinator pings every stage every ``HEARTBEAT_INTERVAL_S``; a stage
 that has not answered for ``DEAD_AFTER_S`` is declared down and every session in flight fails at
-once with an error naming it. Frames from the stage are decoded here and handed to ``dispatch``.
+once with an error naming it. A stage answers pings from its transport thread, so a frame that
+computes for minutes never looks like death (``Pong.busy_ms`` tells how long it has computed).
+Frames from the stage are decoded here and handed to ``dispatch``.
+
+Session frames are ``post``ed: the frames posted during one turn of the event loop leave as one
+ZeroMQ message, so the decode steps of many sessions reach the stage together and run as one
+batch.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import zmq.asyncio
 from mesh.errors import MeshError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
+from mesh.transport import wire
+from mesh.transport.sockets import dealer
 
 log = get_logger("mesh.coordinator")
 
@@ -37,7 +45,8 @@ class HandshakeError(MeshError):
 
 class StageLink:
     def __init__(self, index: int, url: str, origin: bytes, zctx: zmq.asyncio.Context,
-                 dispatch: Callable[[StageLink, dict[str, Any]], None]):
+                 dispatch: Callable[[StageLink, dict[str, Any]], None],
+                 on_send_failure: Callable[[list[int], MeshError], None] | None = None):
         self.index = index
         self.url = url
         self.name = f"stage {index} ({url})"
@@ -46,12 +55,10 @@ class StageLink:
         self.last_seen = 0.0
         self.last_pong: dict[str, Any] | None = None
         self._dispatch = dispatch
-        self._sock = zctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.ROUTING_ID, origin)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        self._sock.setsockopt(zmq.SNDHWM, 1000)
-        self._sock.connect(url)
+        self._on_send_failure = on_send_failure
+        self._sock = dealer(zctx, url, identity=origin, immediate=True)
+        self._posted: list[bytes] = []
+        self._posted_sessions: list[int] = []
         self._handshake: asyncio.Future | None = None
         self._nonce = itertools.count(1)
         self._reader: asyncio.Task | None = None
@@ -63,36 +70,65 @@ class StageLink:
     async def _read_loop(self) -> None:
         while True:
             try:
-                raw = await self._sock.recv(copy=False)
+                parts = await self._sock.recv_multipart(copy=False)
             except (asyncio.CancelledError, zmq.ZMQError):
                 return
-            try:
-                msg = fr.decode(raw.buffer)
-            except fr.ProtocolError as exc:
-                log.warning("bad_frame_from_stage", stage_index=self.index, code=exc.code)
-                continue
-            self.last_seen = time.monotonic()
-            kind = msg["kind"]
-            if kind == fr.PONG:
-                self.last_pong = msg
-                for waiter in self._pong_waiters:
-                    if not waiter.done():
-                        waiter.set_result(msg)
-                self._pong_waiters.clear()
-            elif kind == fr.STAGE_INFO or (kind == fr.ERROR and msg["session"] is None
-                                           and self._handshake and not self._handshake.done()):
-                if self._handshake is not None and not self._handshake.done():
-                    self._handshake.set_result(msg)
-            else:
-                self._dispatch(self, msg)
+            for part in parts:
+                try:
+                    msg = fr.decode(part.buffer)
+                except fr.ProtocolError as exc:
+                    log.warning("bad_frame_from_stage", stage_index=self.index, code=exc.code)
+                    continue
+                self.last_seen = time.monotonic()
+                self._receive(msg)
+
+    def _receive(self, msg: dict[str, Any]) -> None:
+        kind = msg["kind"]
+        if kind == wire.PONG:
+            self.last_pong = msg
+            for waiter in self._pong_waiters:
+                if not waiter.done():
+                    waiter.set_result(msg)
+            self._pong_waiters.clear()
+        elif kind == wire.STAGE_INFO or (kind == wire.ERROR and msg["session"] is None
+                                         and self._handshake and not self._handshake.done()):
+            if self._handshake is not None and not self._handshake.done():
+                self._handshake.set_result(msg)
+        else:
+            self._dispatch(self, msg)
+
+    def post(self, frame: bytes, session: int | None = None) -> None:
+        """Queue a session frame; the frames posted during this turn of the event loop leave
+        together as one message, in order. A failure is reported to ``on_send_failure``."""
+        if not self._posted:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._posted.append(frame)
+        if session is not None:
+            self._posted_sessions.append(session)
+
+    def _flush(self) -> None:
+        frames, sessions = self._posted, self._posted_sessions
+        self._posted, self._posted_sessions = [], []
+        if not frames:
+            return
+        try:
+            for at in range(0, len(frames), wire.MAX_FRAMES_PER_MESSAGE):
+                self._send_parts(frames[at:at + wire.MAX_FRAMES_PER_MESSAGE])
+        except MeshError as exc:
+            if self._on_send_failure is not None:
+                self._on_send_failure(sessions, exc)
 
     def send(self, frame: bytes) -> None:
-        """Queue a frame for the stage or fail now: never wait on a dead peer.
+        """Send one frame now (pings, handshakes); raises if the stage is not connected."""
+        self._send_parts([frame])
+
+    def _send_parts(self, frames: list[bytes]) -> None:
+        """Queue a message for the stage or fail now: never wait on a dead peer.
 
         Goes through the asyncio socket (a NOBLOCK send completes at once): touching the
         underlying socket directly would eat the edge-triggered wake-up of the reader task.
         """
-        future = self._sock.send(frame, zmq.NOBLOCK, copy=False)
+        future = self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         if not future.done():
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             return
@@ -104,7 +140,7 @@ class StageLink:
 
     def ping(self) -> None:
         try:
-            self.send(fr.encode(fr.PING, nonce=next(self._nonce)))
+            self.send(fr.encode(wire.PING, nonce=next(self._nonce)))
         except StageUnavailableError:
             pass
 
@@ -119,10 +155,11 @@ class StageLink:
             raise StageUnavailableError(f"{self.name} did not answer a ping") from None
 
     async def handshake(self, origin: bytes, next_url: str | None, model_sha256: str | None,
-                        index: int, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
+                        index: int, stages: int,
+                        timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
         """Send Handshake until the stage answers (it may still be starting up)."""
-        frame = fr.encode(fr.HANDSHAKE, origin=origin, next=next_url, model_sha256=model_sha256,
-                          index=index)
+        frame = fr.encode(wire.HANDSHAKE, origin=origin, next=next_url,
+                          model_sha256=model_sha256, index=index, stages=stages)
         deadline = time.monotonic() + timeout_s
         while True:
             self._handshake = asyncio.get_running_loop().create_future()
@@ -135,7 +172,7 @@ class StageLink:
                     raise HandshakeError(f"{self.name} did not answer the handshake within "
                                          f"{timeout_s:.0f} s") from None
                 await asyncio.sleep(0.1)
-        if reply["kind"] == fr.ERROR:
+        if reply["kind"] == wire.ERROR:
             raise HandshakeError(f"{self.name} refused the handshake: {reply['message']}")
         self.info = reply
         self.alive = True

@@ -6,8 +6,6 @@ from mesh.kv_eviction.planner import (
     PlanStatus,
     PrefixRecord,
     plan_eviction,
-    plan_slot,
 )
 
-__all__ = ["EvictionPlan", "PlanBounds", "PlanStatus", "PrefixRecord", "plan_eviction",
-           "plan_slot"]
+__all__ = ["EvictionPlan", "PlanBounds", "PlanStatus", "PrefixRecord", "plan_eviction"]

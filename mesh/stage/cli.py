@@ -33,20 +33,28 @@ def normalize_listen(text: str) -> str:
 @click.option("--layers", required=True, help="Half-open layer range START:END.")
 @click.option("--listen", default="tcp://127.0.0.1:7501", show_default=True,
               help="ZeroMQ URL to bind (loopback unless told otherwise).")
-@click.option("--ctx", "n_ctx", default=4096, show_default=True, help="KV cells for all sessions.")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True,
+              help="KV cells of one session (its own stream; rounded up to 256).")
 @click.option("--slots", "n_seq_max", default=16, show_default=True,
-              help="Sequence slots: live sessions + cached prefixes.")
+              help="Sessions held at once: live sessions + cached prefixes. "
+                   "KV memory is ctx x slots cells.")
 @click.option("--threads", "n_threads", default=2, show_default=True)
 @click.option("--gpu-layers", "n_gpu_layers", default=0, show_default=True)
 @click.option("--batch", "n_batch", default=512, show_default=True,
               help="Most tokens in one frame.")
 @click.option("--prefix-records", default=None, type=int,
               help="Most resident prompt prefixes kept [default: slots/2].")
-@click.option("--prefix-tokens", default=None, type=int,
-              help="Most tokens held by resident prefixes [default: ctx/2].")
+@click.option("--batching", type=click.Choice(["exact", "all"]), default="exact",
+              show_default=True,
+              help="exact: decode sessions together only while that gives each the bits it "
+                   "would get alone; all: batch every session (faster past 256 tokens at >1 "
+                   "thread, but outputs then depend on load).")
+@click.option("--decode-groups", default=None, type=int,
+              help="Decode groups the first stage splits sessions into [default: the chain's "
+                   "stage count, so every stage works on a different group].")
 @click.option("--log-level", default="info", show_default=True)
 def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch,
-         prefix_records, prefix_tokens, log_level) -> None:
+         prefix_records, batching, decode_groups, log_level) -> None:
     """Serve layers START:END of a GGUF model as one pipeline stage."""
     # llama.cpp's CPU graph runs on OpenMP here; idle OpenMP workers spin for ~300k iterations
     # by default and steal the core from the stage that is computing. A short spin keeps the
@@ -71,7 +79,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
                                n_ubatch=min(n_batch, 512))
         runtime = StageRuntime(files, config)
         server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
-                             prefix_tokens=prefix_tokens)
+                             exact=batching == "exact", decode_groups=decode_groups)
     except MeshError as exc:
         click.echo(f"mesh-stage: {exc}", err=True)
         sys.exit(2)

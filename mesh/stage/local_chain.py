@@ -59,14 +59,17 @@ class LocalChain:
 
 
 class SingleContext:
-    """One context on the whole model with the same batch geometry as a stage."""
+    """One context on the whole model with the same batch geometry as a stage: the reference.
 
-    def __init__(self, source: Path, config: RuntimeConfig):
+    ``n_seq`` sequences of ``config.n_ctx`` cells each, one KV stream per sequence (llama.cpp's
+    default); one sequence is what llama-cli runs.
+    """
+
+    def __init__(self, source: Path, config: RuntimeConfig, n_seq: int = 1):
         self.model = NativeModel(source, n_gpu_layers=config.n_gpu_layers)
         params = ContextParams(
-            n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_batch=config.n_batch,
-            n_ubatch=config.n_ubatch,
-            n_outputs_max=max(config.n_outputs_max, config.n_seq_max),
+            n_ctx=config.n_ctx * n_seq, n_seq_max=n_seq, n_batch=config.n_batch,
+            n_ubatch=config.n_ubatch, n_outputs_max=max(config.n_outputs_max, n_seq),
             n_threads=config.n_threads, n_threads_batch=config.n_threads_batch or config.n_threads,
         )
         self.ctx = NativeContext(self.model, params, None)
@@ -74,11 +77,19 @@ class SingleContext:
 
     def logits(self, seq: int, pos: int, tokens: np.ndarray) -> np.ndarray:
         """Decode ``tokens`` at ``pos`` and return the last row's logits."""
-        outputs = np.zeros(len(tokens), dtype=np.int8)
-        outputs[-1] = 1
-        self.batch.fill(seq, pos, np.asarray(tokens, dtype=np.int32), outputs)
+        return self.step([(seq, pos, tokens)])[0]
+
+    def step(self, parts: list[tuple[int, int, np.ndarray]]) -> list[np.ndarray]:
+        """Decode several sequences' tokens in one batch; each part's last-row logits."""
+        fill = []
+        for seq, pos, tokens in parts:
+            outputs = np.zeros(len(tokens), dtype=np.int8)
+            outputs[-1] = 1
+            fill.append((seq, pos, np.asarray(tokens, dtype=np.int32), outputs))
+        self.batch.fill_parts(fill)
         self.ctx.decode(self.batch)
-        return self.ctx.logits_row(-1, self.model.n_vocab)
+        ends = np.cumsum([len(t) for _, _, t in parts]) - 1
+        return [self.ctx.logits_row(int(i), self.model.n_vocab) for i in ends]
 
     def close(self) -> None:
         self.batch.close()

@@ -79,39 +79,67 @@ def check_decode(rc: int) -> None:
     raise NativeError(f"llama_decode: fatal error {rc}", rc)
 
 
+class CaptureState(ctypes.Structure):
+    """Mirror of ``mesh_capture`` in ``_capture.c`` (field order and types must match)."""
+
+    _fields_ = [
+        ("get_name", ctypes.c_void_p),
+        ("nbytes", ctypes.c_void_p),
+        ("tensor_get", ctypes.c_void_p),
+        ("dst", ctypes.c_void_p),
+        ("capacity", ctypes.c_size_t),
+        ("written", ctypes.c_size_t),
+        ("overflow", ctypes.c_int),
+        ("name", ctypes.c_char * 64),
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def _native_eval_callback():
+    """The C eval callback from ``mesh.stage._capture``, typed for llama_context_params."""
+    from mesh.stage import _capture
+
+    lib = ctypes.CDLL(_capture.__file__)
+    address = ctypes.cast(lib.mesh_capture_eval, ctypes.c_void_p).value
+    return ctypes.cast(address, llama().ggml_backend_sched_eval_callback)
+
+
 class HiddenCapture:
-    """Eval callback copying out one named graph tensor (the stage's last ``l_out``) per ubatch."""
+    """Copies one named graph tensor (the stage's last ``l_out``) out of every ubatch.
 
-    def __init__(self, tensor_name: str, n_embd: int):
-        self._name = tensor_name.encode()
-        self._row_bytes = n_embd * 4
+    The callback is native code (``_capture.c``): llama.cpp asks it about every graph node, and
+    a Python callback there cost ~1.5 us per node (0.5-1 ms per decode step) with the GIL held.
+    Rows land in a preallocated buffer in batch order, one ubatch after another.
+    """
+
+    def __init__(self, tensor_name: str, n_embd: int, max_rows: int):
+        name = tensor_name.encode()
+        if len(name) >= 64:
+            raise NativeError(f"tensor name {tensor_name!r} too long to capture")
+        lib = ggml_base()
         self._n_embd = n_embd
-        self._chunks: list[np.ndarray] = []
-        self._lib = ggml_base()
-        self.callback = llama().ggml_backend_sched_eval_callback(self._on_tensor)
+        self._buf = np.empty((max_rows, n_embd), dtype=np.float32)
 
-    def _on_tensor(self, tensor: int, ask: bool, _user: int) -> bool:
-        name = self._lib.ggml_get_name(tensor)
-        if ask:
-            return name == self._name
-        if name == self._name:
-            nbytes = self._lib.ggml_nbytes(tensor)
-            out = np.empty(nbytes // self._row_bytes * self._n_embd, dtype=np.float32)
-            self._lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, nbytes)
-            self._chunks.append(out)
-        return True
+        def address(fn) -> int:
+            return ctypes.cast(fn, ctypes.c_void_p).value
+
+        self.state = CaptureState(
+            get_name=address(lib.ggml_get_name), nbytes=address(lib.ggml_nbytes),
+            tensor_get=address(lib.ggml_backend_tensor_get), dst=self._buf.ctypes.data,
+            capacity=self._buf.nbytes, written=0, overflow=0, name=name)
+        self.callback = _native_eval_callback()
+        self.user_data = ctypes.c_void_p(ctypes.addressof(self.state))
 
     def reset(self) -> None:
-        self._chunks.clear()
+        self.state.written = 0
+        self.state.overflow = 0
 
     def take(self, n_rows: int) -> np.ndarray:
-        chunks, self._chunks = self._chunks, []
-        data = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-        if data.size != n_rows * self._n_embd:
-            raise NativeError(
-                f"captured {data.size // self._n_embd} hidden rows, expected {n_rows}"
-            )
-        return data.reshape(n_rows, self._n_embd)
+        """The rows captured since ``reset``, as a fresh f32 ``[n_rows, n_embd]`` array."""
+        rows = self.state.written // (4 * self._n_embd)
+        if self.state.overflow or rows != n_rows:
+            raise NativeError(f"captured {rows} hidden rows, expected {n_rows}")
+        return self._buf[:n_rows].copy()
 
 
 @dataclass(frozen=True)
@@ -124,6 +152,9 @@ class ContextParams:
     n_threads: int
     n_threads_batch: int
     swa_full: bool = True
+    # One KV stream per sequence: a session's cells are always 0..n-1 of its own stream, so no
+    # other session can change where (or in which order) its attention reads them.
+    kv_unified: bool = False
 
 
 class NativeModel:
@@ -156,7 +187,11 @@ class NativeModel:
 
 
 class NativeContext:
-    """One llama context with a unified KV pool; ``capture`` names a tensor to copy out."""
+    """One llama context; ``capture`` copies a tensor out of every ubatch.
+
+    ``n_ctx`` in ``ContextParams`` is the whole cache: with one stream per sequence, each
+    sequence holds ``n_ctx_seq`` = ``n_ctx / n_seq_max`` cells (llama.cpp rounds it up to 256).
+    """
 
     def __init__(self, model: NativeModel, p: ContextParams, capture: HiddenCapture | None):
         lib = llama()
@@ -168,18 +203,19 @@ class NativeContext:
         params.n_outputs_max = p.n_outputs_max
         params.n_threads = p.n_threads
         params.n_threads_batch = p.n_threads_batch
-        params.kv_unified = True
+        params.kv_unified = p.kv_unified
         params.swa_full = p.swa_full
         params.no_perf = True
         self._capture = capture
         if capture is not None:
             params.cb_eval = capture.callback
-            params.cb_eval_user_data = None
+            params.cb_eval_user_data = capture.user_data
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise NativeError("llama.cpp could not create a context (see the native log)")
         self.memory = lib.llama_get_memory(self.ptr)
         self.n_ctx = lib.llama_n_ctx(self.ptr)
+        self.n_ctx_seq = lib.llama_n_ctx_seq(self.ptr)
         self.model = model
 
     def decode(self, batch: Batch) -> None:
@@ -196,8 +232,10 @@ class NativeContext:
     def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
         return bool(llama().llama_memory_seq_rm(self.memory, seq, p0, p1))
 
-    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
-        llama().llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+    def seq_cp_all(self, src: int, dst: int) -> None:
+        """Copy every cell of ``src`` into (empty) ``dst``. Across streams llama.cpp copies the
+        whole stream buffer at the next decode; partial cross-stream copies abort the process."""
+        llama().llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
     def seq_pos_max(self, seq: int) -> int:
         return int(llama().llama_memory_seq_pos_max(self.memory, seq))
@@ -238,20 +276,28 @@ class Batch:
         self._seq_ptrs = [s.seq_id[i] for i in range(capacity)]
 
     def fill(self, seq: int, pos0: int, rows: np.ndarray, outputs: np.ndarray | None) -> None:
-        """Rows are token ids ``[n]`` (token batch) or f32 ``[n, n_embd]`` (embedding batch).
+        """One sequence's rows; see ``fill_parts``."""
+        self.fill_parts([(seq, pos0, rows, outputs)])
 
-        ``outputs`` is a bool mask of rows whose result is needed; None means all rows.
-        """
-        n = rows.shape[0]
-        if self._embd is not None:
-            self._embd[:n] = rows
-        else:
-            self._token[:n] = rows
-        self._pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        for i in range(n):
-            self._seq_ptrs[i][0] = seq
-        self._logits[:n] = 1 if outputs is None else outputs
-        self.struct.n_tokens = n
+    def fill_parts(self, parts) -> None:
+        """Rows of several sequences, in order: each part is ``(seq, first position, rows,
+        outputs)``; rows are token ids ``[n]`` (token batch) or f32 ``[n, n_embd]`` (embedding
+        batch), ``outputs`` a mask of rows whose result is needed (None: all)."""
+        i = 0
+        for seq, pos0, rows, outputs in parts:
+            n = rows.shape[0]
+            if i + n > self.capacity:
+                raise NativeError(f"batch of more than {self.capacity} rows")
+            if self._embd is not None:
+                self._embd[i:i + n] = rows
+            else:
+                self._token[i:i + n] = rows
+            self._pos[i:i + n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+            for j in range(i, i + n):
+                self._seq_ptrs[j][0] = seq
+            self._logits[i:i + n] = 1 if outputs is None else outputs
+            i += n
+        self.struct.n_tokens = i
 
     def close(self) -> None:
         if self.struct is not None:

@@ -1,10 +1,12 @@
-"""Resident-prefix cache of one stage: prompt prefixes kept in the same unified KV pool.
+"""Resident-prefix cache of one stage: prompt prefixes kept in their own KV streams.
 
-A record is an extra sequence of the StageRuntime holding the first ``tokens`` positions of a
-finished session. Its identity is a hash of the coordinator's prefix id (model fingerprint and
-token ids) with this stage's layer range and KV cache type, so a record can only ever be reused
-by the same model slice. A new session reuses a record by ``seq_cp``: the cells are shared at
-once, so a later eviction of the record cannot pull them away from the session.
+A record is a finished session whose stream was trimmed to its first ``tokens`` positions and
+kept under a new key. Its identity is a hash of the coordinator's prefix id (model fingerprint
+and token ids) with this stage's layer range and KV cache type, so a record can only ever be
+reused by the same model slice. A new session reuses a record by copying its stream
+(``StageRuntime.copy_prefix``): once copied, evicting the record cannot touch the session.
+Records hold slots, so they are bounded by count and evicted least recently used when a new
+session needs a slot (``mesh.kv_eviction``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from mesh.stage.runtime import StageRuntime
 KV_CACHE_TYPE = "f16"
 
 
+@dataclass(frozen=True)
+class RecordKey:
+    """The runtime session key of a record (never equal to a live session's key)."""
+
+    identity: bytes
+
+
 @dataclass
 class _Record:
     prefix_id: bytes
@@ -28,28 +37,23 @@ class _Record:
     last_use: float
 
     @property
-    def key(self) -> tuple[str, bytes]:
-        return ("record", self.identity)
+    def key(self) -> RecordKey:
+        return RecordKey(self.identity)
 
 
 class PrefixCache:
-    def __init__(self, runtime: StageRuntime, max_records: int, max_tokens: int):
+    def __init__(self, runtime: StageRuntime, max_records: int):
         self.runtime = runtime
         self.max_records = max_records
-        self.max_tokens = max_tokens
         self._records: dict[bytes, _Record] = {}
         self.evicted_records = 0
 
     @property
     def enabled(self) -> bool:
-        return self.max_records > 0 and self.max_tokens > 0
+        return self.max_records > 0
 
     def __len__(self) -> int:
         return len(self._records)
-
-    @property
-    def resident_tokens(self) -> int:
-        return sum(r.tokens for r in self._records.values())
 
     def identity(self, prefix_id: bytes) -> bytes:
         rt = self.runtime
@@ -58,15 +62,13 @@ class PrefixCache:
         return h.digest()
 
     def planner_view(self) -> list[PrefixRecord]:
-        return [PrefixRecord(id=r.prefix_id, tokens=r.tokens,
-                             freeable=self.runtime.exclusive_cells(r.key), last_use=r.last_use)
+        return [PrefixRecord(id=r.prefix_id, tokens=r.tokens, last_use=r.last_use)
                 for r in self._records.values()]
 
     def keep(self, session: Hashable, prefix_id: bytes, n_tokens: int) -> int:
         """Turn a finished session into a record of its first ``n_tokens``; returns tokens kept."""
         rt = self.runtime
-        if (not self.enabled or n_tokens < 1 or n_tokens > self.max_tokens
-                or rt.session_length(session) < n_tokens):
+        if not self.enabled or n_tokens < 1 or rt.session_length(session) < n_tokens:
             rt.drop_session(session)
             return 0
         existing = self._records.get(prefix_id)
@@ -79,19 +81,20 @@ class PrefixCache:
         rt.rename_session(session, record.key)
         self._records[prefix_id] = record
         self._enforce_bounds(protect=prefix_id)
-        return n_tokens if prefix_id in self._records else 0
+        return n_tokens
 
     def acquire(self, session: Hashable, prefix_id: bytes, n_tokens: int) -> int:
-        """Place the first ``n_tokens`` of a record at the start of an empty session."""
+        """Copy the first ``n_tokens`` of a record into the (new, empty) ``session``."""
         record = self._records.get(prefix_id)
-        if record is None or record.identity != self.identity(prefix_id) or n_tokens < 1:
+        if record is None or n_tokens < 1:
             return 0
         n = min(n_tokens, record.tokens)
-        self.runtime.share_prefix(record.key, session, n)
+        self.runtime.copy_prefix(record.key, session, n)
         record.last_use = time.monotonic()
         return n
 
     def evict(self, prefix_id: bytes) -> int:
+        """Drop a record; returns the tokens it held."""
         record = self._records.pop(prefix_id, None)
         if record is None:
             return 0
@@ -101,7 +104,7 @@ class PrefixCache:
     def _enforce_bounds(self, protect: bytes) -> None:
         by_age = sorted(self._records.values(), key=lambda r: r.last_use)
         for record in by_age:
-            if len(self._records) <= self.max_records and self.resident_tokens <= self.max_tokens:
+            if len(self._records) <= self.max_records:
                 return
             if record.prefix_id != protect:
                 self.evict(record.prefix_id)

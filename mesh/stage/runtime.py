@@ -1,34 +1,49 @@
-"""StageRuntime: one llama context over one stage GGUF, sessions mapped to sequence ids.
+"""StageRuntime: one llama context over one stage GGUF; every session owns one KV stream.
 
 The first stage takes token ids (looked up in numpy, fed as embeddings); other stages take f32
 hidden states ``[n_tokens, n_embd]``. Non-final stages return the residual stream leaving their
-last layer; the final stage samples a token. Every input is validated here, before llama.cpp,
-because a native assert kills the whole process.
+last layer; the final stage samples a token per session. Every input is validated here, before
+llama.cpp, because a native assert kills the whole process.
+
+Why one stream per session (``kv_unified = false``): in a shared cell pool a session's new
+tokens can land in cells freed by another session, below its earlier ones; attention then reads
+them in another order and its logits change (0.7-1.5 on Gemma 3). In its own stream a session of
+length n always sits in cells 0..n-1, exactly as in a single-sequence llama.cpp run. The price:
+each slot reserves ``session_ctx`` cells, and a prefix is reused by copying it, not by sharing.
 
     from mesh.stage.slicing import slice_model
     rt = StageRuntime(slice_model(path, 0, 9), RuntimeConfig())
+    rt.open_session("s1")
     out = rt.run("s1", 0, tokens=np.array([2, 651, 6037]))
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import heapq
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mesh.errors import InvalidInputError, KvSlotError, SessionLimitError, UnknownSessionError
 from mesh.stage.embeddings import TokenEmbedder
-from mesh.stage.kv_ledger import KvLedger
 from mesh.stage.native import Batch, ContextParams, HiddenCapture, NativeContext, NativeModel
 from mesh.stage.sampling import SamplerChain, SamplingParams, top_logprobs
 from mesh.stage.slicing import StageFiles
 
+# llama.cpp's CPU flash attention (this pinned version) computes a lone query row against
+# >= 512 KV cells by splitting the cells across threads and merging the parts; rows decoded
+# together are computed cell by cell. The two round differently (max |dlogit| ~1.8 on Gemma 3),
+# so a row shares a llama_decode with other sessions only while both paths agree: when its
+# stream spans at most 256 cells (n_kv is padded to 256, the split needs 512) or when one thread
+# runs the graph (a one-part split equals the sequential path bit for bit).
+KV_PAD_CELLS = 256
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    n_ctx: int = 4096  # KV cells shared by all sessions of the stage
-    n_seq_max: int = 8  # live sessions + resident prefix records
+    n_ctx: int = 4096  # KV cells of one session (its own stream; llama.cpp rounds up to 256)
+    n_seq_max: int = 8  # streams: live sessions + resident prefix records
     n_batch: int = 512  # most tokens in one chunk (one llama_decode)
     n_ubatch: int = 512
     n_outputs_max: int = 4  # final stage: rows sampled per decode (keeps the logits buffer small)
@@ -41,6 +56,8 @@ class RuntimeConfig:
             raise InvalidInputError("ctx >= 16, slots >= 1, batch >= 1 and threads >= 1 required")
         if self.n_ubatch > self.n_batch:
             raise InvalidInputError("n_ubatch must not exceed n_batch")
+        if self.n_seq_max > 256:
+            raise InvalidInputError("at most 256 slots (llama.cpp's sequence limit)")
 
 
 @dataclass
@@ -52,9 +69,28 @@ class StepResult:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One session's rows, validated by ``prepare`` and ready to join a batch."""
+
+    session: Hashable
+    seq: int
+    pos: int
+    rows: np.ndarray  # f32 [n, n_embd]
+    sample: SamplingParams | None
+    history: np.ndarray | None
+    want_logits: bool
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+
 @dataclass
 class _Session:
     seq: int
+    length: int = 0
+    sampling: SamplingParams | None = None  # final stage: set by the last prompt chunk
     sampler: SamplerChain | None = None
 
 
@@ -70,10 +106,11 @@ class StageRuntime:
         self.n_vocab = self.model.n_vocab if self.is_last else 0
         capture = None
         if not self.is_last:
-            capture = HiddenCapture(f"l_out-{self.end - self.start - 1}", self.n_embd)
+            capture = HiddenCapture(f"l_out-{self.end - self.start - 1}", self.n_embd,
+                                    config.n_batch)
         self._capture = capture
         params = ContextParams(
-            n_ctx=config.n_ctx,
+            n_ctx=config.n_ctx * config.n_seq_max,
             n_seq_max=config.n_seq_max,
             n_batch=config.n_batch,
             n_ubatch=config.n_ubatch,
@@ -91,60 +128,60 @@ class StageRuntime:
         except Exception:
             self.model.close()
             raise
+        self.session_ctx = self.ctx.n_ctx_seq
+        self.max_outputs = params.n_outputs_max
         self.embedder = (
             TokenEmbedder(files.embeddings, self.n_embd, files.model.input_scale)
             if self.is_first else None
         )
         self.batch = Batch(config.n_batch, self.n_embd)
-        self.ledger = KvLedger(self.ctx.n_ctx)
         self._sessions: dict[Hashable, _Session] = {}
-        self._free_seqs = list(range(config.n_seq_max - 1, -1, -1))
+        self._free_seqs = list(range(config.n_seq_max))  # a heap: lowest stream first
 
     # ---- capacity -------------------------------------------------------------------------
     @property
     def kv_capacity(self) -> int:
-        return self.ledger.capacity
+        """All KV cells of the stage (``session_ctx`` per slot)."""
+        return self.session_ctx * self.config.n_seq_max
 
     @property
     def kv_used(self) -> int:
-        return self.ledger.used
-
-    @property
-    def kv_free(self) -> int:
-        return self.ledger.free
+        return sum(s.length for s in self._sessions.values())
 
     @property
     def free_slots(self) -> int:
         return len(self._free_seqs)
+
+    @property
+    def exact_batch_cells(self) -> int | None:
+        """A one-token step of a session reaching at most this many tokens computes the same
+        bits batched with other sessions as alone; None: any length (see ``KV_PAD_CELLS``)."""
+        return None if self.config.n_threads == 1 else KV_PAD_CELLS
 
     # ---- sessions -------------------------------------------------------------------------
     def has_session(self, session: Hashable) -> bool:
         return session in self._sessions
 
     def session_length(self, session: Hashable) -> int:
-        return self.ledger.length(self._get(session).seq)
+        return self._get(session).length
 
-    def exclusive_cells(self, session: Hashable) -> int:
-        """Cells that dropping ``session`` would free (shared cells stay with the others)."""
-        return self.ledger.exclusive_cells(self._get(session).seq)
+    def session_seq(self, session: Hashable) -> int:
+        return self._get(session).seq
 
-    def rename_session(self, old: Hashable, new: Hashable) -> None:
-        """Re-key a session (its sequence and KV stay): how a session becomes a record."""
-        if new in self._sessions:
-            raise InvalidInputError(f"session {new!r} already exists")
-        state = self._sessions.pop(old)
-        if state.sampler is not None:
-            state.sampler.close()
-            state.sampler = None
-        self._sessions[new] = state
+    def session_sampling(self, session: Hashable) -> SamplingParams | None:
+        return self._get(session).sampling
+
+    def lengths(self) -> dict[Hashable, int]:
+        return {key: s.length for key, s in self._sessions.items()}
 
     def open_session(self, session: Hashable) -> None:
-        """Give ``session`` a sequence id (idempotent)."""
+        """Give ``session`` the lowest free stream (idempotent). Low streams keep the live
+        sessions adjacent, and llama.cpp runs adjacent streams as one ubatch."""
         if session in self._sessions:
             return
         if not self._free_seqs:
             raise SessionLimitError(f"all {self.config.n_seq_max} sequence slots are in use")
-        self._sessions[session] = _Session(self._free_seqs.pop())
+        self._sessions[session] = _Session(heapq.heappop(self._free_seqs))
 
     def drop_session(self, session: Hashable) -> int:
         """Release the session's KV and slot; returns the cells freed. Unknown sessions: 0."""
@@ -152,34 +189,43 @@ class StageRuntime:
         if state is None:
             return 0
         self.ctx.seq_rm(state.seq, -1, -1)
-        freed = self.ledger.drop(state.seq)
         if state.sampler is not None:
             state.sampler.close()
-        self._free_seqs.append(state.seq)
-        return freed
+        heapq.heappush(self._free_seqs, state.seq)
+        return state.length
 
     def trim_session(self, session: Hashable, n_keep: int) -> int:
         """Keep the first ``n_keep`` positions; returns the cells freed."""
         state = self._get(session)
-        length = self.ledger.length(state.seq)
-        if not 0 <= n_keep <= length:
-            raise InvalidInputError(f"trim to {n_keep} outside [0, {length}]")
-        if not self.ctx.seq_rm(state.seq, n_keep, -1):
+        if not 0 <= n_keep <= state.length:
+            raise InvalidInputError(f"trim to {n_keep} outside [0, {state.length}]")
+        if n_keep < state.length and not self.ctx.seq_rm(state.seq, n_keep, -1):
             raise InvalidInputError("llama.cpp refused the partial removal")
-        return self.ledger.truncate(state.seq, n_keep)
+        freed, state.length = state.length - n_keep, n_keep
+        return freed
 
-    def share_prefix(self, src: Hashable, dst: Hashable, n_tokens: int) -> None:
-        """Make (empty) ``dst`` start with the first ``n_tokens`` of ``src``, sharing cells."""
-        src_state = self._get(src)
-        self.open_session(dst)
-        dst_state = self._sessions[dst]
-        if self.ledger.length(dst_state.seq):
-            raise InvalidInputError("share_prefix needs an empty destination session")
-        if not 0 <= n_tokens <= self.ledger.length(src_state.seq):
-            raise InvalidInputError("share_prefix beyond the source session's length")
+    def rename_session(self, old: Hashable, new: Hashable) -> None:
+        """Re-key a session (its stream and KV stay): how a session becomes a record."""
+        if new in self._sessions:
+            raise InvalidInputError(f"session {new!r} already exists")
+        state = self._get(old)
+        del self._sessions[old]
+        if state.sampler is not None:
+            state.sampler.close()
+        state.sampler, state.sampling = None, None
+        self._sessions[new] = state
+
+    def copy_prefix(self, src: Hashable, dst: Hashable, n_tokens: int) -> None:
+        """Make the empty session ``dst`` start with the first ``n_tokens`` of ``src``."""
+        src_state, dst_state = self._get(src), self._get(dst)
+        if dst_state.length:
+            raise InvalidInputError("copy_prefix needs an empty destination session")
+        if not 0 <= n_tokens <= src_state.length:
+            raise InvalidInputError("copy_prefix beyond the source session's length")
         if n_tokens:
-            self.ctx.seq_cp(src_state.seq, dst_state.seq, 0, n_tokens)
-            self.ledger.share_prefix(src_state.seq, dst_state.seq, n_tokens)
+            self.ctx.seq_cp_all(src_state.seq, dst_state.seq)
+            dst_state.length = src_state.length
+            self.trim_session(dst, n_tokens)
 
     def _get(self, session: Hashable) -> _Session:
         try:
@@ -188,7 +234,7 @@ class StageRuntime:
             raise UnknownSessionError(f"unknown session {session!r}") from None
 
     # ---- compute --------------------------------------------------------------------------
-    def run(
+    def prepare(
         self,
         session: Hashable,
         pos: int,
@@ -198,12 +244,11 @@ class StageRuntime:
         sample: SamplingParams | None = None,
         history: np.ndarray | None = None,
         want_logits: bool = False,
-    ) -> StepResult:
-        """Decode one chunk of ``session`` at positions ``pos..pos+n-1``.
+    ) -> Chunk:
+        """Validate one chunk of ``session`` at positions ``pos..pos+n-1`` for ``decode``.
 
         First stage: ``tokens``; others: ``hidden``. On the final stage, ``sample`` asks for a
         token from the chunk's last row (``history`` seeds the repetition penalty once).
-        Raises ``KvSlotError`` with nothing written when the pool lacks free cells.
         """
         rows = self._input_rows(tokens, hidden)
         n = rows.shape[0]
@@ -214,29 +259,72 @@ class StageRuntime:
             if not self.is_last:
                 raise InvalidInputError("only the final stage samples")
             sample.validate()
+        if history is not None:
+            history = np.asarray(history)
+            if history.size and (int(history.min()) < 0 or int(history.max()) >= self.n_vocab):
+                raise InvalidInputError(f"history token id out of range [0, {self.n_vocab})")
         state = self._get(session)
-        expected = self.ledger.length(state.seq)
-        if pos != expected:
-            raise InvalidInputError(f"chunk starts at position {pos}, session is at {expected}")
-        if n > self.ledger.free:
+        if pos != state.length:
+            raise InvalidInputError(
+                f"chunk starts at position {pos}, session is at {state.length}")
+        if state.length + n > self.session_ctx:
             raise KvSlotError(
-                f"need {n} KV cells, {self.ledger.free} free of {self.kv_capacity}", 1)
+                f"session holds {state.length} of {self.session_ctx} KV cells; "
+                f"{n} more do not fit", 1)
+        return Chunk(session, state.seq, pos, rows, sample, history, want_logits)
 
-        outputs = None
+    def decode(self, chunks: Sequence[Chunk]) -> list[StepResult]:
+        """Run the chunks (one per session, each already ``prepare``d) in one llama_decode.
+
+        Nothing is written when llama.cpp reports an error: every session keeps its length.
+        """
+        if len({c.session for c in chunks}) != len(chunks):
+            raise InvalidInputError("a batch holds at most one chunk per session")
+        total = sum(c.n for c in chunks)
+        if total > self.config.n_batch:
+            raise InvalidInputError(f"batch of {total} rows exceeds {self.config.n_batch}")
+        states = [self._get(c.session) for c in chunks]
+        for chunk, state in zip(chunks, states, strict=True):
+            if chunk.seq != state.seq or chunk.pos != state.length:
+                raise InvalidInputError("chunk prepared against an older session state")
+        outputs = []
         if self.is_last:
-            outputs = np.zeros(n, dtype=np.int8)
-            outputs[-1] = 1 if (sample is not None or want_logits) else 0
-        self.batch.fill(state.seq, pos, rows, outputs)
+            wanted = [c for c in chunks if c.sample is not None or c.want_logits]
+            if len(wanted) > self.max_outputs:
+                raise InvalidInputError(f"more than {self.max_outputs} sampled rows per batch")
+            for chunk in chunks:
+                mask = np.zeros(chunk.n, dtype=np.int8)
+                mask[-1] = 1 if (chunk.sample is not None or chunk.want_logits) else 0
+                outputs.append(mask)
+        else:
+            outputs = [None] * len(chunks)
+        self.batch.fill_parts([(c.seq, c.pos, c.rows, out)
+                               for c, out in zip(chunks, outputs, strict=True)])
         try:
             self.ctx.decode(self.batch)
         except Exception:
-            # Codes other than 1 may leave some ubatches written: restore the session's extent.
-            self.ctx.seq_rm(state.seq, expected, -1)
+            # Codes other than 1 may leave some ubatches written: restore every extent.
+            for state in states:
+                self.ctx.seq_rm(state.seq, state.length, -1)
             raise
-        self.ledger.append(state.seq, n)
+        for chunk, state in zip(chunks, states, strict=True):
+            state.length += chunk.n
         if not self.is_last:
-            return StepResult(hidden=self._capture.take(n))
-        return self._final_result(state, sample, history, want_logits)
+            hidden = self._capture.take(total)
+            results, row = [], 0
+            for chunk in chunks:
+                results.append(StepResult(hidden=hidden[row:row + chunk.n]))
+                row += chunk.n
+            return results
+        results, row = [], 0
+        for chunk, state in zip(chunks, states, strict=True):
+            row += chunk.n
+            results.append(self._final_result(state, chunk, row - 1))
+        return results
+
+    def run(self, session: Hashable, pos: int, **kwargs) -> StepResult:
+        """``prepare`` and ``decode`` one chunk on its own."""
+        return self.decode([self.prepare(session, pos, **kwargs)])[0]
 
     def _input_rows(self, tokens, hidden) -> np.ndarray:
         if (tokens is None) == (hidden is None):
@@ -257,13 +345,14 @@ class StageRuntime:
             raise InvalidInputError("hidden states contain NaN or infinity")
         return h
 
-    def _final_result(self, state: _Session, sample, history, want_logits) -> StepResult:
+    def _final_result(self, state: _Session, chunk: Chunk, index: int) -> StepResult:
         result = StepResult()
+        sample, want_logits = chunk.sample, chunk.want_logits
         if sample is None and not want_logits:
             return result
         logits = None
         if want_logits or (sample is not None and sample.n_logprobs):
-            logits = self.ctx.logits_row(-1, self.n_vocab)
+            logits = self.ctx.logits_row(index, self.n_vocab)
         if want_logits:
             result.logits = logits
         if sample is not None:
@@ -271,9 +360,10 @@ class StageRuntime:
                 if state.sampler is not None:
                     state.sampler.close()
                 state.sampler = SamplerChain(sample, self.n_vocab)
-                if history is not None:
-                    state.sampler.accept(history)
-            result.token = state.sampler.sample(self.ctx.ptr, -1)
+                if chunk.history is not None:
+                    state.sampler.accept(chunk.history)
+            state.sampling = sample
+            result.token = state.sampler.sample(self.ctx.ptr, index)
             if sample.n_logprobs or want_logits:
                 result.logprob, result.top_logprobs = top_logprobs(
                     logits, result.token, sample.n_logprobs)

@@ -1,311 +1,237 @@
-"""Stage server: one ROUTER socket, one loop, one StageRuntime.
+"""The stage's transport side: sockets, framing, pings and handshakes, on a thread of its own.
 
-Per work frame: decode -> validate -> activate the session -> plan eviction -> run -> forward the
-hidden states downstream, or (final stage) send a Token straight to the coordinator that owns the
-session. Control frames (Handshake, Ping) are answered as soon as they are read, ahead of queued
-work, so a long prefill never makes a live stage look dead. Work and Stop frames keep their order.
+The transport thread owns every socket of the stage: the ROUTER it listens on, the DEALER to the
+next stage, and the read end of the engine's mailbox. It answers ``Ping`` and ``Handshake`` at
+once, even while the engine spends minutes on one frame (``Pong.busy_ms`` says so), decodes and
+checks every frame at the door, queues work for the engine, and sends what the engine mails
+back. The compute thread (``StageEngine.run_forever``) never touches a socket, so liveness is the
+transport's answer and never depends on how long a frame computes.
 """
 
 from __future__ import annotations
 
-import collections
-from dataclasses import dataclass
+import threading
 from typing import Any
 
-import numpy as np
 import zmq
 
-from mesh.errors import KvSlotError, MeshError, SessionLimitError, UnknownSessionError
-from mesh.kv_eviction import PlanBounds, PlanStatus, plan_eviction, plan_slot
+from mesh.errors import MeshError
 from mesh.logs import get_logger
+from mesh.stage.engine import QUEUE_BYTES, QUEUE_FRAMES, StageEngine
 from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import StageRuntime
-from mesh.stage.sampling import SamplingParams
 from mesh.transport import frames as fr
+from mesh.transport import wire
+from mesh.transport.sockets import Forward, Mailbox, Reply, dealer, stage_router, valid_url
 
 log = get_logger("mesh.stage")
 
-MAX_PENDING = 256  # frames read but not yet run; beyond this the socket's HWM pushes back
-SOCKET_HWM = 1000
-POLL_IDLE_MS = 100
-
-
-@dataclass
-class _SessionMeta:
-    sampling: SamplingParams | None = None
-
-
-def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
-    params = {k: v for k, v in raw.items() if k != "logprobs"}
-    return SamplingParams(n_logprobs=int(raw.get("logprobs", 0)), **params)
+POLL_MS = 100
+READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
 
 
 class StageServer:
     def __init__(self, runtime: StageRuntime, listen: str, model_sha256: str,
                  zmq_context: zmq.Context | None = None, prefix_records: int | None = None,
-                 prefix_tokens: int | None = None, plan_bounds: PlanBounds = PlanBounds()):
+                 exact: bool = True, decode_groups: int | None = None,
+                 queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
-        slots = runtime.config.n_seq_max
-        self.cache = PrefixCache(
-            runtime,
-            max_records=slots // 2 if prefix_records is None else prefix_records,
-            max_tokens=runtime.kv_capacity // 2 if prefix_tokens is None else prefix_tokens)
-        self.plan_bounds = plan_bounds
-        self.index = -1  # position in the chain, learned at handshake (for telemetry)
         self.listen = listen
         self.model_sha256 = model_sha256
         self.name = f"stage {runtime.start}:{runtime.end} at {listen}"
+        slots = runtime.config.n_seq_max
+        self.cache = PrefixCache(runtime, slots // 2 if prefix_records is None
+                                 else prefix_records)
+        self.mailbox = Mailbox()
+        self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name, exact=exact,
+                                  decode_groups=decode_groups, queue_frames=queue_frames,
+                                  queue_bytes=queue_bytes)
         self._zctx = zmq_context or zmq.Context.instance()
-        self._router = self._zctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._router.setsockopt(zmq.RCVHWM, SOCKET_HWM)
-        self._router.setsockopt(zmq.SNDHWM, SOCKET_HWM)
-        self._router.bind(listen)
+        self._router = stage_router(self._zctx, listen)
+        self._poller = zmq.Poller()
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self.mailbox.fd, zmq.POLLIN)
         self._next_url: str | None = None
         self._downstream: zmq.Socket | None = None
-        self._pending: collections.deque[dict[str, Any]] = collections.deque()
-        self._meta: dict[tuple[bytes, int], _SessionMeta] = {}
         self._running = True
 
-    # ---- loop -----------------------------------------------------------------------------
+    # ---- loop -------------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        log.info("stage_listening", stage=self.name, kv_capacity=self.runtime.kv_capacity)
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
+        log.info("stage_listening", stage=self.name, session_ctx=self.runtime.session_ctx,
+                 slots=self.runtime.config.n_seq_max, kv_cells=self.runtime.kv_capacity)
+        compute = threading.Thread(target=self.engine.run_forever, name="stage-compute",
+                                   daemon=True)
+        compute.start()
         try:
             while self._running:
-                timeout = 0 if self._pending else POLL_IDLE_MS
-                if dict(poller.poll(timeout)).get(self._router):
-                    self._read_available()
-                if self._pending:
-                    self._run_queued(self._pending.popleft())
+                events = dict(self._poller.poll(POLL_MS))
+                if self._router in events:
+                    self._read()
+                if self._downstream is not None and self._downstream in events:
+                    self._drain_downstream()
+                self._send_mail()
         finally:
+            self.engine.stop()
+            compute.join(timeout=30)
             self.close()
 
     def stop(self) -> None:
         self._running = False
 
-    def _read_available(self) -> None:
-        while len(self._pending) < MAX_PENDING:
+    def _read(self) -> None:
+        for _ in range(READ_BATCH):
             try:
-                sender, payload = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            except ValueError:  # not a two-part message: nothing sensible to answer
+            sender = parts[0].bytes
+            frames = parts[1:]
+            if len(frames) > wire.MAX_FRAMES_PER_MESSAGE:
+                self._reply(sender, fr.error_frame(
+                    wire.E_BAD_FRAME, f"{len(frames)} frames in one message (at most "
+                    f"{wire.MAX_FRAMES_PER_MESSAGE})", None, self.name))
                 continue
-            self._accept(sender.bytes, payload.buffer)
+            for part in frames:
+                try:
+                    self._accept(sender, part.buffer)
+                except Exception as exc:  # nothing a peer sends may end the loop
+                    log.error("accept_failed", stage=self.name, error_type=type(exc).__name__)
 
-    def _accept(self, sender: bytes, payload) -> None:
+    def _accept(self, sender: bytes, payload: memoryview) -> None:
         try:
             msg = fr.decode(payload)
         except fr.ProtocolError as exc:
             log.warning("frame_rejected", stage=self.name, code=exc.code)
-            self._send(sender, fr.encode(fr.ERROR, code=exc.code, message=str(exc), session=None,
-                                         stage=self.name))
+            self._reply(sender, fr.error_frame(exc.code, str(exc), None, self.name))
             return
         kind = msg["kind"]
-        if kind == fr.PING:
-            self._send(sender, self._pong(msg["nonce"]))
-        elif kind == fr.HANDSHAKE:
+        if kind == wire.PING:
+            self._reply(sender, self._pong(msg["nonce"]))
+        elif kind == wire.HANDSHAKE:
             self._handshake(sender, msg)
-        elif kind in fr.WORK_KINDS or kind in (fr.STOP, fr.ACQUIRE):
-            self._pending.append(msg)
+        elif kind in wire.WORK_KINDS or kind in (wire.STOP, wire.ACQUIRE):
+            try:
+                if kind in wire.WORK_KINDS:
+                    self._check_inputs(msg)
+                self.engine.submit(msg, len(payload))
+            except MeshError as exc:
+                log.warning("frame_refused", stage=self.name, code=exc.code, kind=kind)
+                self._reply(msg["origin"], fr.error_frame(exc.code, str(exc), msg["session"],
+                                                          self.name))
         else:
-            self._send(sender, fr.encode(
-                fr.ERROR, code=fr.E_UNKNOWN_KIND, message=f"a stage does not accept {kind}",
-                session=None, stage=self.name))
+            self._reply(sender, fr.error_frame(wire.E_UNKNOWN_KIND,
+                                               f"a stage does not accept {kind}", None,
+                                               self.name))
 
-    def _run_queued(self, msg: dict[str, Any]) -> None:
-        kind = msg["kind"]
-        if kind == fr.STOP:
-            self._stop_session(msg)
-        elif kind == fr.ACQUIRE:
-            self._acquire(msg)
-        else:
-            self._work(msg)
-
-    # ---- work -----------------------------------------------------------------------------
-    def _work(self, msg: dict[str, Any]) -> None:
-        """decode -> validate -> activate -> plan eviction -> run -> forward or reply."""
-        kind, origin, session, pos = msg["kind"], msg["origin"], msg["session"], msg["pos"]
-        key = (origin, session)
-        try:
-            inputs = self._inputs(msg)
-            meta = self._activate(key, pos)
-            self._make_room(msg["n"])
-            if kind == fr.PREFILL_FINAL:
-                meta.sampling = sampling_from_wire(msg["sampling"])
-            sample = meta.sampling if self.runtime.is_last and kind != fr.PREFILL else None
-            history = None
-            if kind == fr.PREFILL_FINAL and msg.get("history") is not None:
-                history = fr.unpack_tokens(msg["history"])
-            result = self.runtime.run(key, pos, sample=sample, history=history, **inputs)
-        except (MeshError, ValueError) as exc:
-            code = getattr(exc, "code", fr.E_BAD_FIELD)
-            log.warning("work_failed", stage=self.name, code=code, kind=kind)
-            self._send(origin, fr.encode(fr.ERROR, code=code, message=str(exc), session=session,
-                                         stage=self.name))
-            return
-        if not self.runtime.is_last:
-            out = dict(msg)
-            out.pop("v")
-            out.pop("kind")
-            out["tokens"] = None
-            out["embd"] = fr.pack_embd(result.hidden)
-            self._forward(origin, session, fr.encode(kind, **out))
-        elif kind != fr.PREFILL:
-            self._send(origin, fr.encode(
-                fr.TOKEN, session=session, pos=pos + msg["n"], token=result.token,
-                logprob=result.logprob, top=[list(t) for t in result.top_logprobs]))
-
-    def _inputs(self, msg: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _check_inputs(self, msg: dict[str, Any]) -> None:
+        """This stage's input kind and size, checked before the frame is queued."""
         if self.runtime.is_first:
             if msg["tokens"] is None:
-                raise fr.ProtocolError(fr.E_BAD_FIELD, "the first stage takes tokens, not embd")
-            return {"tokens": fr.unpack_tokens(msg["tokens"])}
+                raise fr.ProtocolError(wire.E_BAD_FIELD, "the first stage takes tokens, not embd")
+            return
         if msg["embd"] is None:
-            raise fr.ProtocolError(fr.E_BAD_FIELD, "this stage takes embd, not tokens")
-        return {"hidden": fr.unpack_embd(msg["embd"], msg["n"], self.runtime.n_embd)}
+            raise fr.ProtocolError(wire.E_BAD_FIELD, "this stage takes embd, not tokens")
+        expected = 4 * msg["n"] * self.runtime.n_embd
+        if len(msg["embd"]) != expected:
+            raise fr.ProtocolError(
+                wire.E_BAD_SHAPE, f"activation carries {len(msg['embd'])} bytes, expected "
+                f"n={msg['n']} x n_embd={self.runtime.n_embd} x 4 = {expected}")
 
-    def _activate(self, key: tuple[bytes, int], pos: int) -> _SessionMeta:
-        """Create the session on its first frame (pos 0), evicting a record for a free slot if
-        need be; later frames must find it. Every work kind goes through here first."""
-        if not self.runtime.has_session(key):
-            if pos != 0:
-                raise UnknownSessionError(
-                    f"unknown session {key[1]} at position {pos} (sessions start at 0)")
-            self._ensure_slot()
-            self.runtime.open_session(key)
-        return self._meta.setdefault(key, _SessionMeta())
-
-    def _ensure_slot(self) -> None:
-        if self.runtime.free_slots:
-            return
-        victim = plan_slot(self.cache.planner_view())
-        if victim is None:
-            raise SessionLimitError(
-                f"all {self.runtime.config.n_seq_max} sequence slots hold live sessions")
-        self.cache.evict(victim)
-
-    def _make_room(self, need: int) -> None:
-        """Need-based eviction: drop LRU records only when free cells do not cover ``need``."""
-        rt = self.runtime
-        free_before = rt.kv_free
-        plan = plan_eviction(rt.kv_capacity, rt.kv_used, need, self.cache.planner_view(),
-                             bounds=self.plan_bounds)
-        if plan.status is PlanStatus.NOOP:
-            return
-        evicted_tokens = 0
-        for prefix_id in plan.evict:
-            evicted_tokens += self.cache.evict(prefix_id)
-        log.info("kv_eviction", status=plan.status.value,
-                 error_kind="insufficient" if not plan.ok else None,
-                 target_tokens=plan.target, evicted_records=len(plan.evict),
-                 evicted_tokens=evicted_tokens, free_before=free_before,
-                 free_after=rt.kv_free, stage_index=self.index)
-        if not plan.ok:
-            raise KvSlotError(
-                f"KV exhausted: need {need} cells, {free_before} free of {rt.kv_capacity} and "
-                f"the evictable prefix records cannot cover the rest")
-
-    def _acquire(self, msg: dict[str, Any]) -> None:
-        """Start a new session with (part of) a resident prefix, or trim it to the agreed length."""
-        key, session = (msg["origin"], msg["session"]), msg["session"]
-        try:
-            if self.runtime.has_session(key):
-                placed = min(msg["n"], self.runtime.session_length(key))
-                self.runtime.trim_session(key, placed)
-            else:
-                self._activate(key, 0)
-                placed = self.cache.acquire(key, msg["prefix_id"], msg["n"])
-        except MeshError as exc:
-            self._send(msg["origin"], fr.encode(fr.ERROR, code=exc.code, message=str(exc),
-                                                session=session, stage=self.name))
-            return
-        self._send(msg["origin"], fr.encode(fr.ACQUIRED, session=session,
-                                            prefix_id=msg["prefix_id"], n=placed,
-                                            stage=self.name))
-
-    def _stop_session(self, msg: dict[str, Any]) -> None:
-        key = (msg["origin"], msg["session"])
-        kept, freed = 0, 0
-        if msg["keep"] and msg["prefix_id"] is not None and self.runtime.has_session(key):
-            kept = self.cache.keep(key, msg["prefix_id"], msg["keep"])
-        else:
-            freed = self.runtime.drop_session(key)
-        self._meta.pop(key, None)
-        if self.runtime.is_last:
-            self._send(msg["origin"], fr.encode(fr.STOPPED, session=msg["session"], freed=freed,
-                                                kept=kept))
-        else:
-            out = {k: v for k, v in msg.items() if k not in ("v", "kind")}
-            self._forward(msg["origin"], msg["session"], fr.encode(fr.STOP, **out))
-
-    # ---- control --------------------------------------------------------------------------
+    # ---- control ----------------------------------------------------------------------------
     def _handshake(self, sender: bytes, msg: dict[str, Any]) -> None:
+        def refuse(code: str, message: str) -> None:
+            self._reply(sender, fr.error_frame(code, message, None, self.name))
+
         expected = msg["model_sha256"]
         if expected is not None and expected != self.model_sha256:
-            self._send(sender, fr.encode(
-                fr.ERROR, code=fr.E_MODEL_MISMATCH,
-                message=f"stage holds model {self.model_sha256[:12]}, coordinator expects "
-                        f"{expected[:12]}", session=None, stage=self.name))
+            refuse(wire.E_MODEL_MISMATCH, f"stage holds model {self.model_sha256[:12]}, "
+                                          f"coordinator expects {expected[:12]}")
             return
-        self.index = msg["index"]
-        if msg["next"] != self._next_url:
-            self._connect_downstream(msg["next"])
+        nxt = msg["next"]
+        if nxt is not None and not valid_url(nxt):
+            refuse(wire.E_BAD_FIELD, "next must be a tcp://HOST:PORT, ipc:// or inproc:// URL")
+            return
+        if not 0 <= msg["index"] < msg["stages"] <= 256:
+            refuse(wire.E_BAD_FIELD, "index and stages must satisfy 0 <= index < stages <= 256")
+            return
+        if nxt != self._next_url:
+            try:
+                self._connect_downstream(nxt)
+            except zmq.ZMQError as exc:
+                refuse(wire.E_BAD_FIELD, f"cannot connect to the next stage: {exc}")
+                return
+        self.engine.index, self.engine.chain_length = msg["index"], msg["stages"]
         rt = self.runtime
-        self._send(sender, fr.encode(
-            fr.STAGE_INFO, model_sha256=self.model_sha256, arch=rt.files.model.arch,
+        self._reply(sender, fr.encode(
+            wire.STAGE_INFO, model_sha256=self.model_sha256, arch=rt.files.model.arch,
             start=rt.start, end=rt.end, n_layer=rt.files.model.n_layer, n_embd=rt.n_embd,
-            kv_capacity=rt.kv_capacity, slots=rt.config.n_seq_max,
-            max_tokens=rt.config.n_batch, max_frame_bytes=fr.MAX_FRAME_BYTES, stage=self.name))
+            session_ctx=rt.session_ctx, slots=rt.config.n_seq_max,
+            max_tokens=rt.config.n_batch, max_frame_bytes=wire.MAX_FRAME_BYTES,
+            stage=self.name))
 
     def _connect_downstream(self, url: str | None) -> None:
         if self._downstream is not None:
+            self._poller.unregister(self._downstream)
             self._downstream.close(linger=0)
             self._downstream = None
-        self._next_url = url
+        self._next_url = None
         if url is not None:
-            sock = self._zctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            # No IMMEDIATE: frames sent while the connection is still being set up must wait
-            # for it, not fail; a dead next stage is caught by the coordinator's heartbeats.
-            sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
-            sock.connect(url)
-            self._downstream = sock
+            self._downstream = dealer(self._zctx, url)
+            self._poller.register(self._downstream, zmq.POLLIN)
+            self._next_url = url
 
     def _pong(self, nonce: int) -> bytes:
-        rt = self.runtime
-        return fr.encode(fr.PONG, nonce=nonce, kv_used=rt.kv_used, kv_capacity=rt.kv_capacity,
-                         sessions=len(self._meta), records=len(self.cache),
-                         evicted_records=self.cache.evicted_records, queue=len(self._pending),
+        stats = self.engine.stats
+        return fr.encode(wire.PONG, nonce=nonce, kv_used=stats.kv_used,
+                         kv_capacity=stats.kv_capacity, sessions=stats.sessions,
+                         records=stats.records, evicted_records=stats.evicted_records,
+                         queue=self.engine.queued, busy_ms=self.engine.busy_ms(),
                          stage=self.name)
 
-    # ---- sockets --------------------------------------------------------------------------
-    def _forward(self, origin: bytes, session: int, frame: bytes) -> None:
-        if self._downstream is None:
-            self._send(origin, fr.encode(
-                fr.ERROR, code="no_downstream", message="stage has no next stage configured",
-                session=session, stage=self.name))
-            return
-        try:
-            self._downstream.send(frame, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            self._send(origin, fr.encode(
-                fr.ERROR, code="downstream_unavailable",
-                message=f"next stage {self._next_url} is not accepting frames",
-                session=session, stage=self.name))
+    # ---- sending ----------------------------------------------------------------------------
+    def _send_mail(self) -> None:
+        for item in self.mailbox.drain():
+            if isinstance(item, Reply):
+                self._reply(item.identity, *item.frames)
+            else:
+                self._forward(item)
 
-    def _send(self, identity: bytes, frame: bytes) -> None:
+    def _forward(self, item: Forward) -> None:
+        if self._downstream is None:
+            code, message = wire.E_NO_DOWNSTREAM, "stage has no next stage configured"
+        else:
+            try:
+                self._downstream.send_multipart(item.frames, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.ZMQError:
+                code = wire.E_DOWNSTREAM_UNAVAILABLE
+                message = f"next stage {self._next_url} is not accepting frames"
+        for origin, session in item.owners:
+            self._reply(origin, fr.error_frame(code, message, session, self.name))
+
+    def _reply(self, identity: bytes, *frames: bytes) -> None:
         try:
-            self._router.send_multipart([identity, frame], zmq.NOBLOCK, copy=False)
+            self._router.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             # Peer gone or not connected here (ROUTER_MANDATORY): nothing left to tell it.
             log.warning("reply_undeliverable", stage=self.name)
+
+    def _drain_downstream(self) -> None:
+        """The next stage answers us only with errors about frames we forwarded malformed."""
+        for _ in range(READ_BATCH):
+            try:
+                parts = self._downstream.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            for part in parts:
+                try:
+                    code = fr.decode(part).get("code")
+                except fr.ProtocolError as exc:
+                    code = exc.code
+                log.warning("downstream_error", stage=self.name, code=str(code)[:40])
 
     def close(self) -> None:
         if self._downstream is not None:
             self._downstream.close(linger=0)
         self._router.close(linger=0)
-
+        self.mailbox.close()

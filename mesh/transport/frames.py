@@ -1,7 +1,8 @@
 """Wire frames: a 4-byte big-endian length N, then N bytes of msgpack holding one map.
 
-This module is the code side of ``protocol.md`` (the byte-level source of truth): the version,
-every kind and its fields, limits and error codes live here and nowhere else.
+This module is the code side of ``protocol.md`` (the byte-level source of truth): every kind's
+fields and their checks. The names themselves (version, kinds, limits, error codes) live in
+``mesh.transport.wire`` and are re-exported here, so ``frames`` reads as the protocol's namespace.
 """
 
 from __future__ import annotations
@@ -13,28 +14,37 @@ import msgpack
 import numpy as np
 
 from mesh.errors import MeshError
+from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the codec's namespace)
+    ACQUIRE,
+    ACQUIRED,
+    DECODE,
+    E_BAD_FIELD,
+    E_BAD_FRAME,
+    E_BAD_SHAPE,
+    E_BAD_VERSION,
+    E_MODEL_MISMATCH,
+    E_OVERSIZE,
+    E_UNKNOWN_KIND,
+    ERROR,
+    HANDSHAKE,
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_FRAME_BYTES,
+    MAX_HISTORY_TOKENS,
+    MAX_TOKENS_PER_FRAME,
+    PING,
+    PONG,
+    PREFILL,
+    PREFILL_FINAL,
+    PREFIX_ID_BYTES,
+    PROTOCOL_VERSION,
+    STAGE_INFO,
+    STOP,
+    STOPPED,
+    TOKEN,
+    WORK_KINDS,
+)
 
-PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
-MAX_FRAME_BYTES = 64 * 1024 * 1024
-MAX_TOKENS_PER_FRAME = 4096
-
-# Work frames: run at a stage, then forwarded (or answered with a Token at the final stage).
-PREFILL = "PrefillEmbd"
-PREFILL_FINAL = "PrefillFinalEmbd"
-DECODE = "Decode"
-WORK_KINDS = (PREFILL, PREFILL_FINAL, DECODE)
-# Replies and control.
-TOKEN = "Token"
-STOP = "Stop"
-STOPPED = "Stopped"
-ACQUIRE = "Acquire"
-ACQUIRED = "Acquired"
-ERROR = "Error"
-HANDSHAKE = "Handshake"
-STAGE_INFO = "StageInfo"
-PING = "Ping"
-PONG = "Pong"
 
 _INT = (int,)
 _STR = (str,)
@@ -59,28 +69,20 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     ACQUIRE: {"session": _INT, "origin": _BIN, "prefix_id": _BIN, "n": _INT},
     ACQUIRED: {"session": _INT, "prefix_id": _BIN, "n": _INT, "stage": _STR},
     ERROR: {"code": _STR, "message": _STR, "session": (int, type(None)), "stage": _STR},
-    HANDSHAKE: {"origin": _BIN, "next": _OPT_STR, "model_sha256": _OPT_STR, "index": _INT},
+    HANDSHAKE: {"origin": _BIN, "next": _OPT_STR, "model_sha256": _OPT_STR, "index": _INT,
+                "stages": _INT},
     STAGE_INFO: {"model_sha256": _STR, "arch": _STR, "start": _INT, "end": _INT,
-                 "n_layer": _INT, "n_embd": _INT, "kv_capacity": _INT, "slots": _INT,
+                 "n_layer": _INT, "n_embd": _INT, "session_ctx": _INT, "slots": _INT,
                  "max_tokens": _INT, "max_frame_bytes": _INT, "stage": _STR},
     PING: {"nonce": _INT},
     PONG: {"nonce": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
-           "records": _INT, "evicted_records": _INT, "queue": _INT, "stage": _STR},
+           "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
+           "stage": _STR},
 }
 
 SAMPLING_FIELDS = {"temperature": _FLOAT, "top_k": _INT, "top_p": _FLOAT, "min_p": _FLOAT,
                    "seed": _INT, "repeat_penalty": _FLOAT, "repeat_last_n": _INT,
                    "logprobs": _INT}
-
-# Error codes (protocol.md, "Errors").
-E_BAD_FRAME = "bad_frame"
-E_BAD_VERSION = "bad_version"
-E_UNKNOWN_KIND = "unknown_kind"
-E_BAD_FIELD = "bad_field"
-E_OVERSIZE = "oversize"
-E_BAD_SHAPE = "bad_shape"
-E_MODEL_MISMATCH = "model_mismatch"
-PREFIX_ID_BYTES = 32
 
 
 class ProtocolError(MeshError):
@@ -97,6 +99,14 @@ def encode(kind: str, **fields: Any) -> bytes:
     if len(body) > MAX_FRAME_BYTES:
         raise ProtocolError(E_OVERSIZE, f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     return HEADER.pack(len(body)) + body
+
+
+def error_frame(code: str, message: str, session: int | None, stage: str) -> bytes:
+    """An Error frame; the message is truncated so the reply always fits, whatever caused it."""
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[:MAX_ERROR_MESSAGE_CHARS - 1] + "…"
+    return encode(ERROR, code=code, message=message, session=session,
+                  stage=stage[:MAX_ERROR_MESSAGE_CHARS])
 
 
 def decode(data: bytes | memoryview) -> dict[str, Any]:
@@ -118,14 +128,16 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ProtocolError(E_BAD_FRAME, f"body must be a map, got {type(msg).__name__}")
     version = msg.get("v")
-    if version != PROTOCOL_VERSION:
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        shown = version if isinstance(version, int) else type(version).__name__
         raise ProtocolError(
-            E_BAD_VERSION, f"protocol version {version!r} not supported (this end speaks "
+            E_BAD_VERSION, f"protocol version {shown} not supported (this end speaks "
             f"{PROTOCOL_VERSION})")
     kind = msg.get("kind")
     schema = SCHEMA.get(kind) if isinstance(kind, str) else None
     if schema is None:
-        raise ProtocolError(E_UNKNOWN_KIND, f"unknown frame kind {kind!r}")
+        shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
+        raise ProtocolError(E_UNKNOWN_KIND, f"unknown frame kind {shown}")
     for name, types in schema.items():
         if name not in msg:
             raise ProtocolError(E_BAD_FIELD, f"{kind}: missing field {name!r}")
@@ -163,7 +175,14 @@ def _check_work(msg: dict[str, Any]) -> None:
     if msg["tokens"] is not None and len(msg["tokens"]) != 4 * n:
         raise ProtocolError(E_BAD_SHAPE, f"{kind}: tokens carry {len(msg['tokens'])} bytes, "
                                          f"expected 4 * n = {4 * n}")
+    if msg["embd"] is not None and len(msg["embd"]) % (4 * n):
+        raise ProtocolError(E_BAD_SHAPE, f"{kind}: embd carries {len(msg['embd'])} bytes, "
+                                         f"not a whole number of f32 rows for n = {n}")
     if kind == PREFILL_FINAL:
+        history = msg["history"]
+        if history is not None and (len(history) % 4 or len(history) > 4 * MAX_HISTORY_TOKENS):
+            raise ProtocolError(E_BAD_FIELD, f"history must hold at most {MAX_HISTORY_TOKENS} "
+                                             "int32 token ids")
         for name, value in msg["sampling"].items():
             types = SAMPLING_FIELDS.get(name)
             if types is None or not isinstance(value, types) or isinstance(value, bool):

@@ -1,0 +1,320 @@
+"""The stage's compute side: performs the scheduler's plans on the runtime, touches no socket.
+
+One thread runs ``run_forever``. The transport thread hands it frames with ``submit`` (bounded
+in frames and bytes) and sends whatever the engine puts in the mailbox. A step is: ask the
+scheduler for a plan, then perform it in order: controls (Stop, Acquire), the eviction plan,
+new sessions, the decode rows (each group one llama_decode), one prompt chunk. Outputs of each
+llama_decode are mailed at once, before the next one runs. Any exception while handling one
+frame becomes an Error frame for that frame's session, and the engine carries on.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import MeshError, OverloadedError
+from mesh.logs import get_logger
+from mesh.stage.prefix_cache import PrefixCache, RecordKey
+from mesh.stage.runtime import StageRuntime
+from mesh.stage.sampling import SamplingParams
+from mesh.stage.scheduler import Item, KvView, Scheduler, SchedulerConfig, SessionKey, StepPlan
+from mesh.transport import frames as fr
+from mesh.transport import wire
+from mesh.transport.sockets import Forward, Mailbox, Reply
+
+log = get_logger("mesh.stage")
+
+QUEUE_FRAMES = 4096  # frames accepted and not yet run
+QUEUE_BYTES = 512 * 1024 * 1024  # their bytes (activations dominate)
+IDLE_WAIT_S = 0.1
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """Published after every step for Pong (read by the transport thread)."""
+
+    kv_used: int = 0
+    kv_capacity: int = 0
+    sessions: int = 0
+    records: int = 0
+    evicted_records: int = 0
+
+
+def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
+    params = {k: v for k, v in raw.items() if k != "logprobs"}
+    return SamplingParams(n_logprobs=int(raw.get("logprobs", 0)), **params)
+
+
+def item_from_frame(arrival: int, msg: dict[str, Any], nbytes: int) -> Item:
+    kind, key = msg["kind"], (msg["origin"], msg["session"])
+    if kind in wire.WORK_KINDS:
+        return Item(arrival, kind, key, pos=msg["pos"], n=msg["n"], nbytes=nbytes, frame=msg)
+    n = msg["keep"] if kind == wire.STOP else msg["n"]
+    return Item(arrival, kind, key, n=n, prefix_id=msg["prefix_id"], nbytes=nbytes, frame=msg)
+
+
+class _Outbox:
+    """Frames produced by part of a step, mailed as one message per destination."""
+
+    def __init__(self, mailbox: Mailbox):
+        self._mailbox = mailbox
+        self._replies: dict[bytes, list[bytes]] = collections.defaultdict(list)
+        self._forwards: list[bytes] = []
+        self._owners: list[tuple[bytes, int]] = []
+
+    def reply(self, identity: bytes, frame: bytes) -> None:
+        self._replies[identity].append(frame)
+
+    def forward(self, owner: SessionKey, frame: bytes) -> None:
+        self._forwards.append(frame)
+        self._owners.append(owner)
+
+    def flush(self) -> None:
+        if self._forwards:
+            self._mailbox.put(Forward(self._forwards, self._owners))
+            self._forwards, self._owners = [], []
+        for identity, frames in self._replies.items():
+            self._mailbox.put(Reply(identity, frames))
+        self._replies.clear()
+
+
+class StageEngine:
+    def __init__(self, runtime: StageRuntime, cache: PrefixCache, mailbox: Mailbox, name: str,
+                 *, exact: bool = True, decode_groups: int | None = None,
+                 queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
+        self.runtime = runtime
+        self.cache = cache
+        self.name = name
+        self.index = -1  # position in the chain and chain length, learned at handshake
+        self.chain_length = 1
+        self.decode_groups = decode_groups  # None: the chain length, on the first stage
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_rows=min(runtime.max_outputs if runtime.is_last else runtime.config.n_batch,
+                         runtime.config.n_ubatch, runtime.config.n_seq_max),
+            exact_batch_cells=runtime.exact_batch_cells if exact else None))
+        self.stats = StageStats(kv_capacity=runtime.kv_capacity)
+        self.busy_since: float | None = None
+        self._mailbox = mailbox
+        self._limits = (queue_frames, queue_bytes)
+        self._inbox: collections.deque[Item] = collections.deque()
+        self._cond = threading.Condition()
+        self._queued = [0, 0]  # frames, bytes accepted and not yet run
+        self._arrivals = itertools.count()
+        self._running = True
+
+    # ---- called by the transport thread -----------------------------------------------------
+    def submit(self, msg: dict[str, Any], nbytes: int) -> None:
+        """Queue a work or control frame; raises OverloadedError when the queue is full."""
+        with self._cond:
+            frames, queued_bytes = self._queued
+            if frames + 1 > self._limits[0] or queued_bytes + nbytes > self._limits[1]:
+                raise OverloadedError(
+                    f"stage queue full ({frames} frames, {queued_bytes} bytes waiting)")
+            self._queued[0] += 1
+            self._queued[1] += nbytes
+            self._inbox.append(item_from_frame(next(self._arrivals), msg, nbytes))
+            self._cond.notify()
+
+    @property
+    def queued(self) -> int:
+        return self._queued[0]
+
+    def busy_ms(self) -> int:
+        since = self.busy_since
+        return 0 if since is None else int((time.monotonic() - since) * 1e3)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+
+    # ---- the compute thread -----------------------------------------------------------------
+    def run_forever(self) -> None:
+        while self._running:
+            self._absorb(block=not len(self.scheduler))
+            if len(self.scheduler):
+                self.step()
+
+    def step(self) -> StepPlan:
+        """Plan and perform one step (also usable directly, without the thread)."""
+        plan = self.scheduler.schedule(self._view(), self._groups())
+        if plan.computes:
+            self.busy_since = time.monotonic()
+        try:
+            self._perform(plan)
+        except Exception as exc:  # a bug, not a frame's fault: keep serving, say so once
+            log.error("step_failed", stage=self.name, error_type=type(exc).__name__)
+        finally:
+            self.busy_since = None
+            done = plan.items
+            with self._cond:
+                self._queued[0] -= len(done)
+                self._queued[1] -= sum(item.nbytes for item in done)
+            self._publish()
+        return plan
+
+    def _absorb(self, block: bool) -> None:
+        with self._cond:
+            if block and not self._inbox and self._running:
+                self._cond.wait(IDLE_WAIT_S)
+            items, self._inbox = self._inbox, collections.deque()
+        for item in items:
+            self.scheduler.submit(item)
+
+    def _groups(self) -> int:
+        if self.decode_groups is not None:
+            return self.decode_groups
+        return self.chain_length if self.index == 0 else 1
+
+    def _view(self) -> KvView:
+        rt = self.runtime
+        lengths = {k: n for k, n in rt.lengths().items() if not isinstance(k, RecordKey)}
+        return KvView(lengths=lengths, free_slots=rt.free_slots,
+                      records=self.cache.planner_view(), session_ctx=rt.session_ctx)
+
+    def _publish(self) -> None:
+        rt = self.runtime
+        self.stats = StageStats(
+            kv_used=rt.kv_used, kv_capacity=rt.kv_capacity,
+            sessions=sum(1 for k in rt.lengths() if not isinstance(k, RecordKey)),
+            records=len(self.cache), evicted_records=self.cache.evicted_records)
+
+    # ---- performing a plan ------------------------------------------------------------------
+    def _perform(self, plan: StepPlan) -> None:
+        out = _Outbox(self._mailbox)
+        for rejection in plan.rejected:
+            self._error(out, rejection.item, rejection.code, rejection.message)
+        for item in plan.controls:
+            self._guarded(out, item, self._stop if item.kind == wire.STOP else self._trim)
+        self._evict(plan)
+        failed: set[int] = set()
+        for item in plan.opens:
+            if not self._guarded(out, item, self._open):
+                failed.add(item.arrival)
+        out.flush()
+        for group in plan.rows:
+            self._compute(out, [it for it in group if it.arrival not in failed])
+            out.flush()
+        if plan.prefill is not None and plan.prefill.arrival not in failed:
+            self._compute(out, [plan.prefill])
+            out.flush()
+
+    def _guarded(self, out: _Outbox, item: Item, action) -> bool:
+        try:
+            action(out, item)
+            return True
+        except Exception as exc:
+            self._fail(out, item, exc)
+            return False
+
+    def _compute(self, out: _Outbox, items: list[Item]) -> None:
+        rt = self.runtime
+        ready = []
+        for item in sorted(items, key=lambda it: rt.session_seq(it.key)
+                           if rt.has_session(it.key) else -1):
+            try:
+                ready.append((item, self._prepare(item)))
+            except Exception as exc:
+                self._fail(out, item, exc)
+        if not ready:
+            return
+        try:
+            results = rt.decode([chunk for _, chunk in ready])
+        except Exception as exc:
+            for item, _ in ready:
+                self._fail(out, item, exc)
+            return
+        for (item, _), result in zip(ready, results, strict=True):
+            self._guarded(out, item, lambda o, it, r=result: self._emit(o, it, r))
+
+    def _prepare(self, item: Item):
+        rt, msg = self.runtime, item.frame
+        if rt.is_first:
+            inputs = {"tokens": fr.unpack_tokens(msg["tokens"])}
+        else:
+            inputs = {"hidden": fr.unpack_embd(msg["embd"], item.n, rt.n_embd)}
+        sample = history = None
+        if rt.is_last and item.kind == wire.PREFILL_FINAL:
+            sample = sampling_from_wire(msg["sampling"])
+            if msg["history"] is not None:
+                history = fr.unpack_tokens(msg["history"])
+        elif rt.is_last and item.kind == wire.DECODE:
+            sample = rt.session_sampling(item.key)
+            if sample is None:
+                raise fr.ProtocolError(wire.E_INVALID_INPUT,
+                                       "Decode before the prompt's PrefillFinalEmbd")
+        return rt.prepare(item.key, item.pos, sample=sample, history=history, **inputs)
+
+    def _emit(self, out: _Outbox, item: Item, result) -> None:
+        msg, origin, session = item.frame, item.key[0], item.key[1]
+        if not self.runtime.is_last:
+            fields = {k: v for k, v in msg.items() if k not in ("v", "kind")}
+            fields["tokens"] = None
+            fields["embd"] = fr.pack_embd(result.hidden)
+            out.forward(item.key, fr.encode(item.kind, **fields))
+        elif item.kind != wire.PREFILL:
+            out.reply(origin, fr.encode(
+                wire.TOKEN, session=session, pos=item.pos + item.n, token=result.token,
+                logprob=result.logprob, top=[list(t) for t in result.top_logprobs]))
+
+    # ---- controls and slots -----------------------------------------------------------------
+    def _stop(self, out: _Outbox, item: Item) -> None:
+        rt, msg = self.runtime, item.frame
+        kept = freed = 0
+        if msg["keep"] and msg["prefix_id"] is not None and rt.has_session(item.key):
+            kept = self.cache.keep(item.key, msg["prefix_id"], msg["keep"])
+        else:
+            freed = rt.drop_session(item.key)
+        if rt.is_last:
+            out.reply(item.key[0], fr.encode(wire.STOPPED, session=item.key[1], freed=freed,
+                                              kept=kept))
+        else:
+            fields = {k: v for k, v in msg.items() if k not in ("v", "kind")}
+            out.forward(item.key, fr.encode(wire.STOP, **fields))
+
+    def _trim(self, out: _Outbox, item: Item) -> None:
+        """Acquire on a session this stage already holds: trim it to the agreed length."""
+        placed = min(item.n, self.runtime.session_length(item.key))
+        self.runtime.trim_session(item.key, placed)
+        self._acquired(out, item, placed)
+
+    def _open(self, out: _Outbox, item: Item) -> None:
+        self.runtime.open_session(item.key)
+        if item.kind == wire.ACQUIRE:
+            self._acquired(out, item, self.cache.acquire(item.key, item.prefix_id, item.n))
+
+    def _acquired(self, out: _Outbox, item: Item, placed: int) -> None:
+        out.reply(item.key[0], fr.encode(wire.ACQUIRED, session=item.key[1],
+                                         prefix_id=item.prefix_id, n=placed, stage=self.name))
+
+    def _evict(self, plan: StepPlan) -> None:
+        eviction = plan.eviction
+        if not eviction.target:
+            return
+        free_before = self.runtime.free_slots
+        for prefix_id in eviction.evict:
+            self.cache.evict(prefix_id)
+        log.info("kv_eviction", status=eviction.status.value,
+                 error_kind=None if eviction.ok else "insufficient",
+                 target_slots=eviction.target, evicted_records=len(eviction.evict),
+                 evicted_tokens=eviction.evicted_tokens, free_slots_before=free_before,
+                 free_slots_after=self.runtime.free_slots, stage_index=self.index)
+
+    # ---- errors -----------------------------------------------------------------------------
+    def _fail(self, out: _Outbox, item: Item, exc: Exception) -> None:
+        if isinstance(exc, MeshError):
+            code, message = exc.code, str(exc)
+        else:
+            code, message = wire.E_INTERNAL, f"internal error ({type(exc).__name__})"
+            log.error("frame_failed", stage=self.name, kind=item.kind,
+                      error_type=type(exc).__name__)
+        self._error(out, item, code, message)
+
+    def _error(self, out: _Outbox, item: Item, code: str, message: str) -> None:
+        log.warning("work_failed", stage=self.name, code=code, kind=item.kind)
+        out.reply(item.key[0], fr.error_frame(code, message, item.key[1], self.name))

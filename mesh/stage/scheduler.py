@@ -1,0 +1,202 @@
+"""The stage's scheduler: from queued frames and the KV state, the next step as plain data.
+
+Pure: no sockets, no llama.cpp, no clocks (vLLM v1's scheduler/executor split). The transport
+thread queues frames here; the engine asks for a ``StepPlan``, performs it, asks again.
+
+- Order: a session's frames run in arrival order, at most one per step; the sessions whose next
+  frame arrived first are served first.
+- Controls (``Stop``; ``Acquire`` on an existing session) run first in a step.
+- Decode rows: every session whose next frame carries one token contributes a row. Rows run
+  together in one llama_decode while that gives each the bits it would get alone
+  (``exact_batch_cells``); a row past that limit runs in a group of its own. The first stage of
+  a chain of S stages takes at most ceil(sessions / S) rows per step, so the next group starts
+  while the previous one is still down the chain.
+- At most one prompt chunk (a frame of more than one token) per step: the oldest.
+- A frame that cannot run is rejected here with its error code (unknown session, position gap,
+  session stream full) before anything reaches llama.cpp.
+- Slots: a new session (its first frame, or an ``Acquire``) needs a free stream. The bounded
+  eviction plan frees slots from least recently used prefix records; if that is not enough, new
+  sessions wait when a ``Stop`` in this step will free a slot, and are refused otherwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mesh.kv_eviction import EvictionPlan, PlanBounds, PlanStatus, PrefixRecord, plan_eviction
+from mesh.transport import wire
+
+SessionKey = tuple[bytes, int]  # (origin, session id)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One accepted frame waiting at the stage (``frame`` is opaque to the scheduler)."""
+
+    arrival: int
+    kind: str
+    key: SessionKey
+    pos: int = 0
+    n: int = 0
+    prefix_id: bytes | None = None
+    nbytes: int = 0
+    frame: Any = None
+
+    @property
+    def is_work(self) -> bool:
+        return self.kind in wire.WORK_KINDS
+
+
+@dataclass(frozen=True)
+class KvView:
+    """What the scheduler needs to know of the runtime, copied before each step."""
+
+    lengths: Mapping[SessionKey, int]  # live sessions -> tokens held
+    free_slots: int
+    records: Sequence[PrefixRecord]
+    session_ctx: int  # KV cells of one session
+
+
+@dataclass(frozen=True)
+class Rejection:
+    item: Item
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    controls: tuple[Item, ...] = ()
+    eviction: EvictionPlan = EvictionPlan(PlanStatus.NOOP, 0)
+    opens: tuple[Item, ...] = ()  # frames that start a new session (each takes a slot)
+    rows: tuple[tuple[Item, ...], ...] = ()  # one-token frames; each tuple is one llama_decode
+    prefill: Item | None = None
+    rejected: tuple[Rejection, ...] = ()
+
+    @property
+    def items(self) -> list[Item]:
+        """Every frame this step consumes."""
+        work = [item for group in self.rows for item in group]
+        if self.prefill is not None:
+            work.append(self.prefill)
+        opened = [item for item in self.opens if not item.is_work]
+        return [*self.controls, *opened, *work, *(r.item for r in self.rejected)]
+
+    @property
+    def computes(self) -> bool:
+        return bool(self.rows) or self.prefill is not None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_rows: int = 16  # one-token rows in one llama_decode
+    # Rows batch only while the session holds at most this many tokens after the step;
+    # None batches every row (see StageRuntime.exact_batch_cells).
+    exact_batch_cells: int | None = None
+    eviction: PlanBounds = field(default_factory=PlanBounds)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self._queues: dict[SessionKey, collections.deque[Item]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def submit(self, item: Item) -> None:
+        self._queues.setdefault(item.key, collections.deque()).append(item)
+        self._count += 1
+
+    def schedule(self, view: KvView, groups: int = 1) -> StepPlan:
+        """The next step; every frame it names leaves the queue (``StepPlan.items``)."""
+        heads = sorted((q[0] for q in self._queues.values()), key=lambda it: it.arrival)
+        controls: list[Item] = []
+        acquires: list[Item] = []  # Acquire for a session this stage does not hold yet
+        rejected: list[Rejection] = []
+        rows: list[Item] = []
+        prompts: list[Item] = []
+        for item in heads:
+            live = item.key in view.lengths
+            if item.kind == wire.ACQUIRE and not live:
+                acquires.append(item)
+            elif not item.is_work:
+                controls.append(item)
+            elif (refusal := self._refusal(item, view)) is not None:
+                rejected.append(refusal)
+            elif item.n == 1:
+                rows.append(item)
+            else:
+                prompts.append(item)
+        cap = max(1, math.ceil(len(view.lengths) / max(1, groups)))
+        rows = rows[:min(cap, self.config.max_rows)]
+        prefill = prompts[0] if prompts else None
+
+        # Slots for new sessions, oldest frame first.
+        wanting = sorted([*acquires, *(it for it in [*rows, prefill]
+                                       if it is not None and it.key not in view.lengths)],
+                         key=lambda it: it.arrival)
+        pinned = {it.prefix_id for it in acquires}
+        records = [replace(r, pinned=True) if r.id in pinned else r for r in view.records]
+        eviction = plan_eviction(view.free_slots, len(wanting), records,
+                                 bounds=self.config.eviction)
+        room = view.free_slots + len(eviction.evict)
+        opens, waiting = wanting[:room], wanting[room:]
+        stopping = any(it.kind == wire.STOP for it in controls)
+        for item in waiting:
+            if not stopping:  # nothing this step frees a slot: refuse rather than wait forever
+                rejected.append(Rejection(
+                    item, wire.E_NO_SESSION_SLOT,
+                    f"no free sequence slot ({len(view.lengths)} live sessions, "
+                    f"{len(view.records)} prefix records, none evictable now)"))
+        dropped = {it.arrival for it in waiting}
+        rows = [it for it in rows if it.arrival not in dropped]
+        if prefill is not None and prefill.arrival in dropped:
+            prefill = None
+
+        plan = StepPlan(controls=tuple(controls), eviction=eviction, opens=tuple(opens),
+                        rows=self._groups(rows, view), prefill=prefill,
+                        rejected=tuple(rejected))
+        for item in plan.items:
+            self._pop(item)
+        return plan
+
+    def _refusal(self, item: Item, view: KvView) -> Rejection | None:
+        length = view.lengths.get(item.key)
+        if length is None and item.pos != 0:
+            return Rejection(item, wire.E_UNKNOWN_SESSION,
+                             f"unknown session {item.key[1]} at position {item.pos} "
+                             "(sessions start at 0)")
+        if length is not None and item.pos != length:
+            return Rejection(item, wire.E_INVALID_INPUT,
+                             f"chunk starts at position {item.pos}, session is at {length}")
+        if (length or 0) + item.n > view.session_ctx:
+            return Rejection(item, wire.E_KV_EXHAUSTED,
+                             f"session holds {length or 0} of {view.session_ctx} KV cells; "
+                             f"{item.n} more do not fit")
+        return None
+
+    def _groups(self, rows: list[Item], view: KvView) -> tuple[tuple[Item, ...], ...]:
+        limit = self.config.exact_batch_cells
+        together: list[Item] = []
+        alone: list[tuple[Item, ...]] = []
+        for item in rows:
+            if limit is None or view.lengths.get(item.key, 0) + 1 <= limit:
+                together.append(item)
+            else:
+                alone.append((item,))
+        return ((tuple(together),) if together else ()) + tuple(alone)
+
+    def _pop(self, item: Item) -> None:
+        queue = self._queues[item.key]
+        if queue[0] is not item:
+            raise RuntimeError("scheduler consumed a frame that was not its session's next")
+        queue.popleft()
+        self._count -= 1
+        if not queue:
+            del self._queues[item.key]

@@ -1,0 +1,128 @@
+"""ZeroMQ sockets as mesh uses them, and the mailbox between a compute thread and the socket.
+
+Every socket mesh opens is made here, with its options in one place: a stage's ``ROUTER``
+(``stage_router``), a stage's connection to the next stage and a coordinator's connection to a
+stage (``dealer``). A ZeroMQ message carries one or more whole frames (``protocol.md``).
+
+Sockets are not thread-safe, and a stage must answer pings while it computes: its sockets belong
+to one transport thread, and the compute thread hands it outgoing messages through a
+``Mailbox`` (a deque plus a pipe the transport thread polls next to its sockets).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+import zmq
+
+from mesh.transport.wire import MAX_FRAME_BYTES
+
+SOCKET_HWM = 1000  # messages queued per peer before ZeroMQ pushes back
+_URL = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://[^\s]{1,200}|inproc://[^\s]{1,200})$")
+
+
+def valid_url(url: object) -> bool:
+    """A ZeroMQ endpoint mesh can connect to: ``tcp://HOST:PORT``, ``ipc://PATH``, ``inproc://``."""
+    return isinstance(url, str) and len(url) <= 256 and _URL.match(url) is not None
+
+
+def _common(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+    sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+    # A peer that sends a larger message part is disconnected by ZeroMQ before we see it.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 4)
+
+
+def stage_router(zctx: zmq.Context, url: str) -> zmq.Socket:
+    """The stage's one listening socket: frames from coordinators and from the upstream stage.
+    Replies to an unknown peer fail at once (ROUTER_MANDATORY) instead of vanishing."""
+    sock = zctx.socket(zmq.ROUTER)
+    _common(sock)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    try:
+        sock.bind(url)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def dealer(zctx: zmq.Context, url: str, identity: bytes | None = None,
+           immediate: bool = False) -> zmq.Socket:
+    """A connection to one stage. ``immediate`` makes sends fail while no connection is up
+    (a coordinator must not queue work for a dead stage); a stage's downstream link waits for
+    the next stage instead, so frames sent while it connects are not lost."""
+    sock = zctx.socket(zmq.DEALER)
+    _common(sock)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.connect(url)
+    return sock
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Frames for the peer ``identity`` on the stage's ROUTER (one ZeroMQ message)."""
+
+    identity: bytes
+    frames: list[bytes]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Frames for the next stage (one ZeroMQ message); ``owners`` holds ``(origin, session)``
+    of each frame, so a failed forward is reported to the session's owner."""
+
+    frames: list[bytes]
+    owners: list[tuple[bytes, int]]
+
+
+class Mailbox:
+    """A thread-safe queue of outgoing messages whose arrival wakes a ``zmq.Poller``."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Reply | Forward] = collections.deque()
+        self._lock = threading.Lock()
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        self._signalled = False
+
+    @property
+    def fd(self) -> int:
+        return self._read_fd
+
+    def put(self, item: Reply | Forward) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._signalled:
+                return
+            self._signalled = True
+        os.write(self._write_fd, b"\0")
+
+    def drain(self) -> list[Reply | Forward]:
+        # Empty the pipe first: a put() after this point either finds _signalled still set
+        # (its item is taken below) or writes a fresh byte that wakes the next poll.
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._signalled = False
+        return items
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
