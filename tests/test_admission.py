@@ -1,4 +1,4 @@
-"""Admission budget: pure budget rules plus the FIFO queue, timeout and release paths."""
+"""Admission: pure slot rules plus the FIFO queue, timeout and release paths."""
 
 import asyncio
 
@@ -6,59 +6,55 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.coordinator.admission import Admission, AdmissionTimeoutError, TokenBudget
-from mesh.errors import InvalidInputError
+from mesh.coordinator.admission import Admission, AdmissionTimeoutError, SlotBudget
+from mesh.errors import ContextLengthError
 
 
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 300)), max_size=50))
-def test_budget_never_exceeds_capacity(ops):
-    budget = TokenBudget(1000)
-    held: list[int] = []
-    for reserve, size in ops:
+@given(st.lists(st.booleans(), max_size=60), st.integers(1, 8))
+def test_slots_never_exceed_capacity(ops, capacity):
+    budget = SlotBudget(capacity)
+    held = 0
+    for reserve in ops:
         if reserve:
-            if budget.try_reserve(size):
-                held.append(size)
+            held += budget.try_reserve()
         elif held:
-            budget.release(held.pop())
-        assert 0 <= budget.reserved <= budget.capacity
-        assert budget.reserved == sum(held)
+            budget.release()
+            held -= 1
+        assert 0 <= budget.reserved == held <= capacity
 
 
-def test_request_size_is_prompt_plus_capped_headroom():
-    admission = Admission(4096, headroom=512)
-    assert asyncio.run(admission.reserve(100, 2000)) == 612
-    assert admission.budget.reserved == 612
-    assert asyncio.run(admission.reserve(100, 16)) == 116
-
-
-def test_prompt_longer_than_capacity_is_a_bad_request():
-    with pytest.raises(InvalidInputError):
-        asyncio.run(Admission(1000).reserve(1000, 1))
+def test_prompt_must_leave_room_for_one_token_and_completion_is_capped():
+    admission = Admission(4, session_ctx=1024)
+    with pytest.raises(ContextLengthError):
+        asyncio.run(admission.reserve(1024))
+    assert admission.budget.reserved == 0
+    assert admission.max_new_tokens(1000, 500) == 24
+    assert admission.max_new_tokens(10, 5) == 5
 
 
 def test_waiters_are_served_fifo_and_time_out_with_retry_after():
     async def scenario():
-        admission = Admission(1000, headroom=0, wait_s=0.3)
-        first = await admission.reserve(800, 0)
+        admission = Admission(1, session_ctx=1024, wait_s=0.3)
+        await admission.reserve(10)
         order: list[str] = []
 
-        async def want(name, tokens):
-            size = await admission.reserve(tokens, 0)
+        async def want(name):
+            await admission.reserve(10)
             order.append(name)
-            return size
 
-        big = asyncio.create_task(want("big", 900))
+        first = asyncio.create_task(want("first"))
         await asyncio.sleep(0.01)
-        small = asyncio.create_task(want("small", 150))  # fits now, but must queue behind big
+        second = asyncio.create_task(want("second"))
         await asyncio.sleep(0.05)
         assert order == [] and admission.queue_depth == 2
-        admission.release(first)
+        admission.release()
         await asyncio.sleep(0.01)
-        assert order == ["big"]
+        assert order == ["first"]
         with pytest.raises(AdmissionTimeoutError) as info:
-            await small
+            await second
         assert info.value.retry_after_s >= 1
-        admission.release(await big)
+        await first
+        admission.release()
         assert admission.budget.reserved == 0 and admission.queue_depth == 0
 
     asyncio.run(scenario())
@@ -66,16 +62,17 @@ def test_waiters_are_served_fifo_and_time_out_with_retry_after():
 
 def test_cancelled_waiter_releases_its_place():
     async def scenario():
-        admission = Admission(1000, headroom=0, wait_s=5)
-        held = await admission.reserve(900, 0)
-        waiter = asyncio.create_task(admission.reserve(500, 0))
+        admission = Admission(1, session_ctx=1024, wait_s=5)
+        await admission.reserve(10)
+        waiter = asyncio.create_task(admission.reserve(10))
         await asyncio.sleep(0.01)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
         assert admission.queue_depth == 0
-        admission.release(held)
+        admission.release()
         assert admission.budget.reserved == 0
-        assert await admission.reserve(999, 0) == 999
+        await admission.reserve(10)
+        assert admission.budget.reserved == 1
 
     asyncio.run(scenario())

@@ -1,74 +1,68 @@
-"""The eviction planner's rules, as properties over random pools (no sockets, no model)."""
+"""The eviction planner's rules, as properties over random record sets (no sockets, no model)."""
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.kv_eviction import PlanBounds, PlanStatus, PrefixRecord, plan_eviction, plan_slot
+from mesh.kv_eviction import PlanBounds, PlanStatus, PrefixRecord, plan_eviction
 
 records_st = st.lists(
     st.builds(PrefixRecord, id=st.integers(0, 10_000), tokens=st.integers(1, 500),
-              freeable=st.integers(0, 500), last_use=st.floats(0, 1000),
-              pinned=st.booleans()),
+              last_use=st.floats(0, 1000), pinned=st.booleans()),
     max_size=20, unique_by=lambda r: r.id,
 )
 
 
-@given(st.integers(1, 5000), st.integers(0, 5000), st.integers(0, 600), records_st)
-def test_noop_whenever_free_cells_cover_the_need(capacity, used, need, records):
-    used = min(used, capacity)
-    plan = plan_eviction(capacity, used, need, records)
-    assert (plan.status is PlanStatus.NOOP) == (need <= capacity - used)
+def _eligible(records, live=()):
+    return sorted((r for r in records if not r.pinned and r.id not in set(live)),
+                  key=lambda r: (r.last_use, str(r.id)))
+
+
+@given(st.integers(0, 20), st.integers(0, 20), records_st)
+def test_noop_whenever_free_slots_cover_the_need(free, need, records):
+    plan = plan_eviction(free, need, records)
+    assert (plan.status is PlanStatus.NOOP) == (need <= free)
     if plan.status is PlanStatus.NOOP:
-        assert plan.evict == ()
+        assert plan.evict == () and plan.target == 0
 
 
-@given(st.integers(100, 5000), st.integers(0, 600), records_st,
+@given(st.integers(0, 5), st.integers(1, 20), records_st,
        st.lists(st.integers(0, 10_000), max_size=5))
-def test_never_touches_live_sessions_or_pinned_records(capacity, need, records, live):
-    plan = plan_eviction(capacity, capacity, need, records, live)
+def test_never_touches_live_sessions_or_pinned_records(free, need, records, live):
+    plan = plan_eviction(free, need, records, live)
     chosen = set(plan.evict)
-    pinned = {r.id for r in records if r.pinned}
-    assert not chosen & pinned
+    assert not chosen & {r.id for r in records if r.pinned}
     assert not chosen & set(live)
 
 
-@given(st.integers(100, 5000), st.integers(1, 600), records_st)
-def test_evicts_least_recently_used_first_and_frees_enough(capacity, need, records):
-    plan = plan_eviction(capacity, capacity, need, records)
-    eligible = sorted((r for r in records if not r.pinned and r.freeable > 0),
-                      key=lambda r: (r.last_use, str(r.id)))
-    if plan.status is PlanStatus.EVICT:
-        assert list(plan.evict) == [r.id for r in eligible[:len(plan.evict)]]
-        assert plan.freed >= plan.target == need
-    else:
-        assert plan.status is PlanStatus.INSUFFICIENT and plan.evict == ()
-        assert sum(r.freeable for r in eligible) < need
+@given(st.integers(0, 5), st.integers(1, 20), records_st)
+def test_least_recently_used_first_and_never_more_than_the_shortfall(free, need, records):
+    plan = plan_eviction(free, need, records)
+    eligible = _eligible(records)
+    if need <= free:
+        return
+    target = need - free
+    assert plan.target == target
+    assert list(plan.evict) == [r.id for r in eligible[:target]]
+    by_id = {r.id: r for r in records}
+    assert plan.evicted_tokens == sum(by_id[i].tokens for i in plan.evict)
+    covered = len(eligible) >= target
+    assert plan.status is (PlanStatus.EVICT if covered else PlanStatus.INSUFFICIENT)
+    assert plan.ok == covered
 
 
-@given(st.integers(100, 5000), st.integers(1, 600), records_st)
-def test_overshoot_is_less_than_one_record(capacity, need, records):
-    plan = plan_eviction(capacity, capacity, need, records)
-    if plan.status is PlanStatus.EVICT:
-        by_id = {r.id: r for r in records}
-        last = by_id[plan.evict[-1]]
-        assert plan.freed - plan.target < last.freeable
-
-
-@given(st.integers(100, 5000), st.integers(1, 600), records_st, st.integers(1, 4),
-       st.integers(1, 400))
-def test_bounds_cap_records_and_tokens_per_plan(capacity, need, records, max_records,
-                                                max_tokens):
-    bounds = PlanBounds(max_records=max_records, max_tokens=max_tokens)
-    plan = plan_eviction(capacity, capacity, need, records, bounds=bounds)
+@given(st.integers(0, 5), st.integers(1, 20), records_st, st.integers(1, 4))
+def test_bounds_cap_records_per_plan(free, need, records, max_records):
+    plan = plan_eviction(free, need, records, bounds=PlanBounds(max_records=max_records))
     assert len(plan.evict) <= max_records
-    assert plan.freed <= max_tokens
+    if need - free > max_records and plan.target:
+        assert plan.status is PlanStatus.INSUFFICIENT
 
 
 def test_worked_example_exact_choice():
-    records = [PrefixRecord("old", 100, 100, 1.0), PrefixRecord("pinned", 100, 100, 0.5, True),
-               PrefixRecord("mid", 50, 30, 2.0), PrefixRecord("new", 80, 80, 3.0)]
-    plan = plan_eviction(1000, 990, 120, records)
+    records = [PrefixRecord("old", 100, 1.0), PrefixRecord("pinned", 100, 0.5, True),
+               PrefixRecord("mid", 50, 2.0), PrefixRecord("new", 80, 3.0)]
+    plan = plan_eviction(1, 3, records)
     assert plan.status is PlanStatus.EVICT
-    assert plan.evict == ("old", "mid") and plan.target == 110 and plan.freed == 130
-    assert plan_slot(records) == "old"
-    assert plan_slot(records, live_sessions=["old", "mid", "new"]) is None
+    assert plan.evict == ("old", "mid") and plan.target == 2 and plan.evicted_tokens == 150
+    short = plan_eviction(0, 4, records, live_sessions=["new"])
+    assert short.status is PlanStatus.INSUFFICIENT and short.evict == ("old", "mid")

@@ -24,7 +24,7 @@ def _vectors() -> dict[str, bytes]:
 def test_protocol_md_has_a_vector_for_every_frame_the_chain_carries():
     names = {name.split("-")[0] for name in _vectors()}
     assert {"Handshake", "PrefillEmbd", "PrefillFinalEmbd", "Decode", "Token", "Stop",
-            "Acquire", "Error"} <= names
+            "Acquire", "Error", "Pong"} <= names
 
 
 @pytest.mark.parametrize("name", sorted(_vectors()))
@@ -48,7 +48,7 @@ def _frame(body: dict) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-WORK = {"v": 1, "kind": "Decode", "session": 1, "origin": b"c", "pos": 0, "n": 1,
+WORK = {"v": fr.PROTOCOL_VERSION, "kind": "Decode", "session": 1, "origin": b"c", "pos": 0, "n": 1,
         "tokens": b"\0\0\0\0", "embd": None}
 
 
@@ -60,7 +60,8 @@ WORK = {"v": 1, "kind": "Decode", "session": 1, "origin": b"c", "pos": 0, "n": 1
         (struct.pack(">I", 10) + b"\x81", "bad_frame"),
         (_frame([1, 2, 3]), "bad_frame"),
         (struct.pack(">I", 2) + b"\xc1\xc1", "bad_frame"),
-        (_frame({**WORK, "v": 2}), "bad_version"),
+        (_frame({**WORK, "v": fr.PROTOCOL_VERSION + 1}), "bad_version"),
+        (_frame({**WORK, "v": True}), "bad_version"),
         (_frame({**WORK, "v": None}), "bad_version"),
         (_frame({**WORK, "kind": "Teleport"}), "unknown_kind"),
         (_frame({k: v for k, v in WORK.items() if k != "pos"}), "bad_field"),
@@ -69,6 +70,11 @@ WORK = {"v": 1, "kind": "Decode", "session": 1, "origin": b"c", "pos": 0, "n": 1
         (_frame({**WORK, "n": 2, "tokens": b"\0" * 8}), "bad_field"),
         (_frame({**WORK, "tokens": b"\0" * 3}), "bad_shape"),
         (_frame({**WORK, "embd": b"\0" * 4}), "bad_field"),
+        (_frame({**WORK, "tokens": None, "embd": b"\0" * 6}), "bad_shape"),
+        (_frame({**WORK, "kind": "PrefillFinalEmbd", "sampling": {}, "history": b"\0" * 260}),
+         "bad_field"),
+        (_frame({**WORK, "kind": "PrefillFinalEmbd", "sampling": {}, "history": b"\0" * 6}),
+         "bad_field"),
         (struct.pack(">I", fr.MAX_FRAME_BYTES + 1), "oversize"),
     ],
 )
@@ -76,6 +82,21 @@ def test_malformed_frames_get_their_error_code(raw, code):
     with pytest.raises(fr.ProtocolError) as info:
         fr.decode(raw)
     assert info.value.code == code
+
+
+@pytest.mark.parametrize("field", ["v", "kind"])
+def test_a_huge_field_gets_a_short_error(field):
+    # A 17 MiB string where a small value belongs: the error must not echo it back.
+    raw = _frame({**WORK, field: "x" * (17 << 20)})
+    with pytest.raises(fr.ProtocolError) as info:
+        fr.decode(raw)
+    assert len(str(info.value)) < 200
+
+
+def test_error_frames_truncate_their_message_to_fit():
+    frame = fr.error_frame("internal", "y" * (70 << 20), 3, "stage 0:9")
+    msg = fr.decode(frame)
+    assert len(msg["message"]) == fr.MAX_ERROR_MESSAGE_CHARS and msg["session"] == 3
 
 
 def test_embd_shape_is_checked_against_n_and_n_embd():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mesh.errors import InvalidInputError, KvSlotError, SessionLimitError, UnknownSessionError
+from mesh.stage import exactness
 from mesh.stage.local_chain import LocalChain
 from mesh.stage.runtime import RuntimeConfig, StageRuntime
 from mesh.stage.sampling import SamplingParams
@@ -99,75 +100,169 @@ def test_only_final_stage_samples(first):
         first.run("a", 0, tokens=_tokens(2), sample=SamplingParams())
 
 
-def test_kv_full_raises_and_keeps_other_sessions(first):
+def test_a_full_stream_raises_and_leaves_other_sessions_alone(first):
     first.open_session("a")
     first.open_session("b")
-    first.run("a", 0, tokens=_tokens(60))
-    first.run("a", 60, tokens=_tokens(60))
+    assert first.session_ctx == 256 and first.kv_capacity == 4 * 256
+    for pos in range(0, 240, 60):
+        first.run("a", pos, tokens=_tokens(60))
     first.run("b", 0, tokens=_tokens(60))
+    with pytest.raises(KvSlotError, match="240 of 256"):
+        first.run("a", 240, tokens=_tokens(17))
+    assert first.session_length("a") == 240 and first.kv_used == 300
+    first.run("a", 240, tokens=_tokens(16))
     first.run("b", 60, tokens=_tokens(60))
-    assert first.kv_free == 16
-    with pytest.raises(KvSlotError):
-        first.run("a", 120, tokens=_tokens(17))
-    assert first.session_length("a") == 120 and first.kv_used == 240
-    assert first.drop_session("b") == 120
-    first.run("a", 120, tokens=_tokens(17))
-    assert first.session_length("a") == 137
+    assert first.session_length("a") == 256 and first.session_length("b") == 120
 
 
 def test_native_kv_exhaustion_is_an_exception_not_a_crash(tiny_llama):
-    # Bypass the ledger's pre-check to hit llama_decode's own "no KV slot" (return code 1).
+    # Bypass the stream check to hit llama_decode's own "no KV slot" (return code 1).
     with StageRuntime(slice_model(tiny_llama, 0, 2), CFG) as rt:
         rt.open_session("a")
         rt.open_session("b")
-        rt.run("a", 0, tokens=_tokens(60))
-        rt.ledger.capacity = 10_000
-        for pos in range(60, 256, 60):
+        rt.session_ctx = 10_000
+        for pos in range(0, 512, 60):
             try:
                 rt.run("a", pos, tokens=_tokens(60))
             except KvSlotError as exc:
                 assert exc.native_code == 1
                 break
         else:
-            pytest.fail("llama_decode never reported a full KV cache")
+            pytest.fail("llama_decode never reported a full KV stream")
         length = rt.session_length("a")
-        assert rt.ctx.seq_pos_max(rt._sessions["a"].seq) == length - 1
+        assert rt.ctx.seq_pos_max(rt.session_seq("a")) == length - 1
         rt.drop_session("a")
         rt.run("b", 0, tokens=_tokens(60))
         assert rt.session_length("b") == 60
 
 
-def test_ledger_matches_native_state_sizes(tiny_llama):
+def test_lengths_match_native_state_sizes(tiny_llama):
     with StageRuntime(slice_model(tiny_llama, 0, 2), CFG) as rt:
         rt.open_session("a")
         sizes = []
         for pos in range(0, 40, 10):
             rt.run("a", pos, tokens=_tokens(10))
-            sizes.append(rt.ctx.seq_state_bytes(rt._sessions["a"].seq))
+            sizes.append(rt.ctx.seq_state_bytes(rt.session_seq("a")))
         steps = np.diff(sizes)
         assert len(set(steps.tolist())) == 1 and steps[0] > 0 and steps[0] % 10 == 0
         per_cell = int(steps[0]) // 10
         rt.trim_session("a", 25)
         assert rt.session_length("a") == 25 and rt.kv_used == 25
-        assert sizes[-1] - rt.ctx.seq_state_bytes(rt._sessions["a"].seq) == 15 * per_cell
+        assert sizes[-1] - rt.ctx.seq_state_bytes(rt.session_seq("a")) == 15 * per_cell
 
 
-def test_shared_prefix_uses_cells_once_and_continues_exactly(tiny_llama):
-    ranges = [(0, 2), (2, 4)]
-    chain = LocalChain(tiny_llama, ranges, CFG)
+def test_copied_prefix_continues_exactly_and_outlives_its_source(tiny_llama):
+    chain = LocalChain(tiny_llama, [(0, 2), (2, 4)], CFG)
     try:
         prefix, tail = _tokens(20), _tokens(5, 200)
         chain.run("a", 0, prefix)
         for stage in chain.stages:
-            stage.share_prefix("a", "b", 20)
-            assert stage.kv_used == 20
-        shared = chain.run("b", 20, tail, want_logits=True).logits
+            stage.open_session("b")
+            stage.copy_prefix("a", "b", 12)
+            stage.drop_session("a")  # the copy is the session's own
+            assert stage.session_length("b") == 12 and stage.kv_used == 12
+        copied = chain.run("b", 12, np.concatenate([prefix[12:], tail]), want_logits=True)
         chain.run("c", 0, prefix)
-        fresh = chain.run("c", 20, tail, want_logits=True).logits
-        assert np.array_equal(shared, fresh)
-        assert chain.stages[0].kv_used == 20 + 5 + 25
+        fresh = chain.run("c", 20, tail, want_logits=True)
+        assert np.array_equal(copied.logits, fresh.logits)
     finally:
         chain.close()
+
+
+def _decode_run(source, n_layer, steps, together, threads=2, prompts=()):
+    """Greedy rows of a few sessions, alone or in one batch per step; logits per session."""
+    cfg = RuntimeConfig(n_ctx=1024, n_seq_max=8, n_batch=512, n_ubatch=512, n_threads=threads)
+    with StageRuntime(slice_model(source, 0, n_layer), cfg) as rt:
+        logits = {s: [] for s in range(len(prompts))}
+        for s, prompt in enumerate(prompts):
+            rt.open_session(s)
+            logits[s].append(rt.run(s, 0, tokens=prompt, want_logits=True).logits)
+        for _ in range(steps):
+            chunks = [rt.prepare(s, rt.session_length(s), want_logits=True,
+                                 tokens=np.array([int(np.argmax(logits[s][-1]))]))
+                      for s in logits]
+            results = (rt.decode(chunks) if together
+                       else [rt.decode([c])[0] for c in chunks])
+            for s, result in zip(logits, results, strict=True):
+                logits[s].append(result.logits)
+    return logits
+
+
+def _max_diff(a, b):
+    return max(float(np.abs(x - y).max()) for s in a for x, y in zip(a[s], b[s], strict=True))
+
+
+@pytest.mark.gemma
+@pytest.mark.parametrize("n_sessions", [2, 7])
+def test_gemma_sessions_decoded_together_get_the_bits_they_get_alone(gemma_path, n_sessions):
+    prompts = [_tokens(n, 300 + 40 * n) for n in range(5, 5 + 6 * n_sessions, 6)]
+    alone = _decode_run(gemma_path, 18, 12, together=False, prompts=prompts)
+    together = _decode_run(gemma_path, 18, 12, together=True, prompts=prompts)
+    assert _max_diff(alone, together) == 0.0
+
+
+@pytest.mark.gemma
+def test_batching_limit_tracks_llama_cpp_attention_paths(gemma_path):
+    # The reason for exactness.KV_PAD_CELLS: past 256 cells at 2 threads a lone row takes
+    # llama.cpp's split-KV attention, a batched row does not; at 1 thread both agree bit for
+    # bit, and so do short sessions. If this fails after a llama.cpp upgrade, revisit it.
+    long = [_tokens(300, 3000), _tokens(280, 7000)]
+    short = [_tokens(200, 3000), _tokens(180, 7000)]
+    for threads, prompts, equal in ((2, long, False), (1, long, True), (2, short, True)):
+        alone = _decode_run(gemma_path, 18, 4, together=False, threads=threads,
+                            prompts=prompts)
+        together = _decode_run(gemma_path, 18, 4, together=True, threads=threads,
+                               prompts=prompts)
+        assert (_max_diff(alone, together) == 0.0) is equal, threads
+
+
+@pytest.mark.parametrize("layers", [(0, 2), (2, 4)])
+def test_probe_reports_a_batch_size_that_holds_for_fresh_inputs(tiny_llama, layers):
+    cfg = RuntimeConfig(n_ctx=256, n_seq_max=8, n_batch=64, n_ubatch=64)
+    with StageRuntime(slice_model(tiny_llama, *layers), cfg) as rt:
+        found = exactness.probe(rt, 8)
+        assert 1 <= found.max_rows <= 8 and rt.free_slots == 8 and rt.kv_used == 0
+        rng = np.random.default_rng(42)
+        keys = list(range(found.max_rows))
+        inputs = ({"tokens": rng.integers(0, 300, (len(keys), 4))} if rt.is_first else
+                  {"hidden": rng.standard_normal((len(keys), 4, 64)).astype(np.float32)})
+        outs = {}
+        for together in (False, True):
+            for k in keys:
+                rt.open_session((together, k))
+                rt.run((together, k), 0, **{n: v[k][:3] for n, v in inputs.items()})
+            chunks = [rt.prepare((together, k), 3, want_logits=rt.is_last,
+                                 **{n: v[k][3:] for n, v in inputs.items()}) for k in keys]
+            results = rt.decode(chunks) if together else [rt.decode([c])[0] for c in chunks]
+            outs[together] = [r.logits if rt.is_last else r.hidden for r in results]
+        assert all(np.array_equal(a, b) for a, b in zip(outs[False], outs[True], strict=True))
+
+
+@pytest.mark.gemma
+def test_probe_batches_the_default_model(gemma_path):
+    cfg = RuntimeConfig(n_ctx=256, n_seq_max=16, n_batch=64, n_ubatch=64, n_outputs_max=16)
+    for layers in ((0, 9), (9, 18)):
+        with StageRuntime(slice_model(gemma_path, *layers), cfg) as rt:
+            assert exactness.probe(rt, 16).max_rows >= 4
+
+
+def test_a_reused_stream_computes_like_a_fresh_context(tiny_gemma3):
+    cfg = RuntimeConfig(n_ctx=512, n_seq_max=3, n_batch=128, n_ubatch=128)
+    prompt = _tokens(100, 11)
+    with StageRuntime(slice_model(tiny_gemma3, 0, 8), cfg) as fresh:
+        fresh.open_session("x")
+        expected = [fresh.run("x", p, tokens=prompt[p:p + 50], want_logits=True).logits
+                    for p in (0, 50)]
+    with StageRuntime(slice_model(tiny_gemma3, 0, 8), cfg) as rt:
+        for churn in range(3):  # sessions come and go before and beside ours
+            rt.open_session(("old", churn))
+            rt.run(("old", churn), 0, tokens=_tokens(40 + 30 * churn, churn))
+            if churn < 2:
+                rt.drop_session(("old", churn))
+        rt.open_session("x")
+        got = [rt.run("x", p, tokens=prompt[p:p + 50], want_logits=True).logits
+               for p in (0, 50)]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
 def test_sampling_is_seeded_and_logprobs_are_consistent(tiny_llama):

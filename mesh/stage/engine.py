@@ -19,6 +19,7 @@ from typing import Any
 
 from mesh.errors import MeshError, OverloadedError
 from mesh.logs import get_logger
+from mesh.stage.exactness import ExactBatching
 from mesh.stage.prefix_cache import PrefixCache, RecordKey
 from mesh.stage.runtime import StageRuntime
 from mesh.stage.sampling import SamplingParams
@@ -85,7 +86,7 @@ class _Outbox:
 
 class StageEngine:
     def __init__(self, runtime: StageRuntime, cache: PrefixCache, mailbox: Mailbox, name: str,
-                 *, exact: bool = True, decode_groups: int | None = None,
+                 batching: ExactBatching, *, decode_groups: int | None = None,
                  queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
         self.cache = cache
@@ -93,10 +94,8 @@ class StageEngine:
         self.index = -1  # position in the chain and chain length, learned at handshake
         self.chain_length = 1
         self.decode_groups = decode_groups  # None: the chain length, on the first stage
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_rows=min(runtime.max_outputs if runtime.is_last else runtime.config.n_batch,
-                         runtime.config.n_ubatch, runtime.config.n_seq_max),
-            exact_batch_cells=runtime.exact_batch_cells if exact else None))
+        self.scheduler = Scheduler(SchedulerConfig(max_rows=batching.max_rows,
+                                                   exact_batch_cells=batching.max_cells))
         self.stats = StageStats(kv_capacity=runtime.kv_capacity)
         self.busy_since: float | None = None
         self._mailbox = mailbox

@@ -31,14 +31,6 @@ from mesh.stage.native import Batch, ContextParams, HiddenCapture, NativeContext
 from mesh.stage.sampling import SamplerChain, SamplingParams, top_logprobs
 from mesh.stage.slicing import StageFiles
 
-# llama.cpp's CPU flash attention (this pinned version) computes a lone query row against
-# >= 512 KV cells by splitting the cells across threads and merging the parts; rows decoded
-# together are computed cell by cell. The two round differently (max |dlogit| ~1.8 on Gemma 3),
-# so a row shares a llama_decode with other sessions only while both paths agree: when its
-# stream spans at most 256 cells (n_kv is padded to 256, the split needs 512) or when one thread
-# runs the graph (a one-part split equals the sequential path bit for bit).
-KV_PAD_CELLS = 256
-
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -153,10 +145,10 @@ class StageRuntime:
         return len(self._free_seqs)
 
     @property
-    def exact_batch_cells(self) -> int | None:
-        """A one-token step of a session reaching at most this many tokens computes the same
-        bits batched with other sessions as alone; None: any length (see ``KV_PAD_CELLS``)."""
-        return None if self.config.n_threads == 1 else KV_PAD_CELLS
+    def max_batch_rows(self) -> int:
+        """Most one-token chunks one llama_decode can take (outputs, ubatch and slots)."""
+        outputs = self.max_outputs if self.is_last else self.config.n_batch
+        return min(outputs, self.config.n_ubatch, self.config.n_seq_max)
 
     # ---- sessions -------------------------------------------------------------------------
     def has_session(self, session: Hashable) -> bool:

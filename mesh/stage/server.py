@@ -17,6 +17,7 @@ import zmq
 
 from mesh.errors import MeshError
 from mesh.logs import get_logger
+from mesh.stage import exactness
 from mesh.stage.engine import QUEUE_BYTES, QUEUE_FRAMES, StageEngine
 from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import StageRuntime
@@ -43,7 +44,9 @@ class StageServer:
         self.cache = PrefixCache(runtime, slots // 2 if prefix_records is None
                                  else prefix_records)
         self.mailbox = Mailbox()
-        self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name, exact=exact,
+        batching = (exactness.probe(runtime, runtime.max_batch_rows) if exact
+                    else exactness.ExactBatching(runtime.max_batch_rows, None))
+        self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name, batching,
                                   decode_groups=decode_groups, queue_frames=queue_frames,
                                   queue_bytes=queue_bytes)
         self._zctx = zmq_context or zmq.Context.instance()

@@ -1,0 +1,84 @@
+"""Which decode batches compute, for every session in them, the bits it would get alone.
+
+Two things in llama.cpp's CPU backend (the pinned version) make a session's row depend on what
+it is batched with, and the stage batches only where neither applies:
+
+- Attention (static rule): a lone query row against >= 512 KV cells is split across threads and
+  merged; a row in a batch is computed cell by cell. The two agree when the session's stream
+  spans at most 256 cells (n_kv is padded to 256) or when one thread runs the graph (a one-part
+  split is the sequential path). Past that a row runs in a llama_decode of its own.
+- Matrix products (measured): several rows go through tiled kernels (llamafile's tinyBLAS for
+  f32, f16, Q8_0, Q4_0, Q5_0 weights; its tile shapes depend on the row count), one row through
+  ggml's vec_dot. Whether they agree depends on the weight types and the CPU: on Gemma 3 270M
+  Q4_K_M with AVX-512 every batch of 2..7 rows is exact and 8 rows are not; an f32 model is not
+  exact at 2. So each stage measures it at start-up (``probe``): the largest batch whose rows all
+  equal the same rows decoded alone, and every smaller one too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mesh.logs import get_logger
+from mesh.stage.runtime import StageRuntime
+
+log = get_logger("mesh.stage")
+
+KV_PAD_CELLS = 256
+PROBE_PROMPT = 3  # tokens each probe session holds before its probed row
+
+
+@dataclass(frozen=True)
+class ExactBatching:
+    max_rows: int  # rows one llama_decode may hold (1: no batching)
+    max_cells: int | None  # a row batches only while its session holds at most this many
+    # tokens after the step; None: any length
+
+
+def attention_limit(runtime: StageRuntime) -> int | None:
+    return None if runtime.config.n_threads == 1 else KV_PAD_CELLS
+
+
+def probe(runtime: StageRuntime, limit: int) -> ExactBatching:
+    """Measure the exact batch size on this stage, up to ``limit`` rows (needs free slots)."""
+    limit = min(limit, runtime.free_slots)
+    if limit < 2:
+        return ExactBatching(1, attention_limit(runtime))
+    keys = [("exactness-probe", i) for i in range(limit)]
+    try:
+        for key in keys:
+            runtime.open_session(key)
+            runtime.run(key, 0, **_inputs(runtime, key[1], PROBE_PROMPT, salt=0))
+        alone = [_step(runtime, [key])[0] for key in keys]
+        exact = 1
+        for rows in range(2, limit + 1):
+            together = _step(runtime, keys[:rows])
+            if not all(np.array_equal(a, b) for a, b in zip(alone, together)):
+                break
+            exact = rows
+    finally:
+        for key in keys:
+            runtime.drop_session(key)
+    log.info("exact_batching", stage=f"{runtime.start}:{runtime.end}", max_rows=exact,
+             probed_up_to=limit)
+    return ExactBatching(exact, attention_limit(runtime))
+
+
+def _step(runtime: StageRuntime, keys: list) -> list[np.ndarray]:
+    """Decode one row for each session together; return its outputs and undo the step."""
+    chunks = [runtime.prepare(key, PROBE_PROMPT, want_logits=runtime.is_last,
+                              **_inputs(runtime, key[1], 1, salt=1))
+              for key in keys]
+    results = runtime.decode(chunks)
+    for key in keys:
+        runtime.trim_session(key, PROBE_PROMPT)
+    return [r.logits if runtime.is_last else r.hidden for r in results]
+
+
+def _inputs(runtime: StageRuntime, index: int, n: int, salt: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([index, salt])
+    if runtime.is_first:
+        return {"tokens": rng.integers(0, runtime.embedder.n_vocab, n)}
+    return {"hidden": rng.standard_normal((n, runtime.n_embd)).astype(np.float32)}

@@ -1,0 +1,176 @@
+"""The stage scheduler's decisions as plain data: no socket, no model."""
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.kv_eviction import PrefixRecord
+from mesh.stage.scheduler import Item, KvView, Scheduler, SchedulerConfig
+from mesh.transport import wire
+
+ORIGIN = b"coord-test"
+_arrivals = itertools.count()
+
+
+def work(session, pos, n=1, kind=None):
+    kind = kind or (wire.DECODE if n == 1 else wire.PREFILL)
+    return Item(next(_arrivals), kind, (ORIGIN, session), pos=pos, n=n, nbytes=4 * n)
+
+
+def stop(session):
+    return Item(next(_arrivals), wire.STOP, (ORIGIN, session))
+
+
+def acquire(session, prefix_id, n=40):
+    return Item(next(_arrivals), wire.ACQUIRE, (ORIGIN, session), n=n, prefix_id=prefix_id)
+
+
+def view(lengths, free_slots=8, records=(), session_ctx=1024):
+    return KvView({(ORIGIN, s): n for s, n in lengths.items()}, free_slots, list(records),
+                  session_ctx)
+
+
+def scheduler(*items, **config):
+    sched = Scheduler(SchedulerConfig(**config))
+    for item in items:
+        sched.submit(item)
+    return sched
+
+
+def keys(items):
+    return [item.key[1] for item in items]
+
+
+def test_decode_rows_of_all_sessions_run_together_and_one_prompt_chunk_joins():
+    rows = [work(s, 10) for s in range(4)]
+    chunk_a, chunk_b = work(7, 0, n=64), work(8, 0, n=32)
+    sched = scheduler(chunk_a, *rows, chunk_b)
+    plan = sched.schedule(view({s: 10 for s in range(4)}))
+    assert [keys(group) for group in plan.rows] == [[0, 1, 2, 3]]
+    assert plan.prefill is chunk_a  # the oldest chunk; the other waits its turn
+    assert keys(plan.opens) == [7] and len(sched) == 1
+    assert sched.schedule(view({s: 11 for s in range(4)} | {7: 64})).prefill is chunk_b
+
+
+def test_a_sessions_frames_run_in_arrival_order_one_per_step():
+    first, second, third = work(1, 0, n=8), work(1, 8, n=8), work(1, 16)
+    sched = scheduler(first, second, third)
+    assert sched.schedule(view({})).prefill is first
+    assert sched.schedule(view({1: 8})).prefill is second
+    plan = sched.schedule(view({1: 16}))
+    assert plan.rows == ((third,),) and len(sched) == 0
+
+
+def test_rows_past_the_exact_batch_limit_run_alone():
+    short, edge, long_a, long_b = work(1, 100), work(2, 255), work(3, 256), work(4, 900)
+    sched = scheduler(short, edge, long_a, long_b, exact_batch_cells=256)
+    plan = sched.schedule(view({1: 100, 2: 255, 3: 256, 4: 900}))
+    assert plan.rows == ((short, edge), (long_a,), (long_b,))
+    unlimited = scheduler(work(1, 100), work(3, 256), exact_batch_cells=None)
+    assert [len(g) for g in unlimited.schedule(view({1: 100, 3: 256})).rows] == [2]
+
+
+def test_first_stage_splits_sessions_into_decode_groups():
+    rows = [work(s, 5) for s in range(5)]
+    sched = scheduler(*rows)
+    live = view({s: 5 for s in range(5)})
+    first = sched.schedule(live, groups=2)
+    assert keys(first.rows[0]) == [0, 1, 2]  # ceil(5 / 2), oldest first
+    assert keys(sched.schedule(live, groups=2).rows[0]) == [3, 4]
+
+
+def test_max_rows_caps_a_decode_group():
+    sched = scheduler(*(work(s, 5) for s in range(6)), max_rows=4)
+    assert [len(g) for g in sched.schedule(view({s: 5 for s in range(6)})).rows] == [4]
+    assert len(sched) == 2
+
+
+def test_frames_that_cannot_run_are_rejected_with_their_code():
+    unknown, gap, full, ok = work(1, 5), work(2, 9), work(3, 1000, n=30), work(4, 0, n=4)
+    sched = scheduler(unknown, gap, full, ok)
+    plan = sched.schedule(view({2: 7, 3: 1000}))
+    codes = {r.item.key[1]: r.code for r in plan.rejected}
+    assert codes == {1: wire.E_UNKNOWN_SESSION, 2: wire.E_INVALID_INPUT,
+                     3: wire.E_KV_EXHAUSTED}
+    assert plan.prefill is ok and len(sched) == 0
+
+
+def test_controls_run_first_and_acquire_opens_a_new_session():
+    trim, stopping, new = acquire(1, b"p" * 32), stop(2), acquire(3, b"q" * 32)
+    sched = scheduler(trim, stopping, new, work(4, 3))
+    plan = sched.schedule(view({1: 50, 2: 10, 4: 3}))
+    assert plan.controls == (trim, stopping)
+    assert plan.opens == (new,)
+    assert keys(plan.rows[0]) == [4]
+    assert set(plan.items) == {trim, stopping, new, plan.rows[0][0]}
+
+
+def test_new_sessions_evict_least_recently_used_records_but_not_pinned_ones():
+    records = [PrefixRecord(b"a" * 32, 100, 1.0), PrefixRecord(b"b" * 32, 50, 2.0),
+               PrefixRecord(b"c" * 32, 80, 3.0)]
+    grab_a = acquire(9, b"a" * 32)
+    sched = scheduler(grab_a, work(1, 0, n=16), work(2, 0))
+    plan = sched.schedule(view({}, free_slots=1, records=records))
+    assert plan.eviction.evict == (b"b" * 32, b"c" * 32)  # "a" is about to be copied
+    assert keys(plan.opens) == [9, 1, 2]
+    assert plan.rejected == ()
+
+
+def test_without_slots_new_sessions_wait_for_a_stop_or_are_refused():
+    waiting = work(5, 0, n=8)
+    sched = scheduler(stop(1), waiting)
+    plan = sched.schedule(view({1: 20}, free_slots=0))
+    assert plan.opens == () and plan.prefill is None and plan.rejected == ()
+    assert len(sched) == 1  # deferred: the Stop frees a slot in this step
+    assert sched.schedule(view({}, free_slots=1)).prefill is waiting
+    refused = scheduler(work(6, 0, n=8))
+    plan = refused.schedule(view({1: 20}, free_slots=0))
+    assert [r.code for r in plan.rejected] == [wire.E_NO_SESSION_SLOT] and len(refused) == 0
+
+
+# ---- properties over random traffic, against a model of the runtime -------------------------
+
+traffic = st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["chunk", "row", "stop"]),
+                             st.integers(2, 40)), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(traffic, st.integers(1, 4), st.integers(1, 3), st.integers(2, 6))
+def test_every_frame_runs_or_is_answered_once_in_session_order(ops, slots, groups, max_rows):
+    sched = Scheduler(SchedulerConfig(max_rows=max_rows, exact_batch_cells=64))
+    pos: dict[int, int] = {}
+    submitted = []
+    for session, op, n in ops:
+        if op == "stop":
+            item = stop(session)
+            pos.pop(session, None)
+        else:
+            p = pos.get(session, 0)
+            item = work(session, p, n=1 if op == "row" else n)
+            pos[session] = p + item.n
+        submitted.append(item)
+        sched.submit(item)
+    lengths: dict[tuple, int] = {}
+    seen: list[Item] = []
+    for _ in range(10 * len(submitted) + 10):
+        if not len(sched):
+            break
+        plan = sched.schedule(KvView(dict(lengths), slots - len(lengths), [], 512), groups)
+        assert all(len(g) <= max_rows for g in plan.rows)
+        for group in plan.rows:
+            assert len(group) == 1 or all(lengths.get(it.key, 0) + 1 <= 64 for it in group)
+        for item in plan.controls:
+            lengths.pop(item.key, None)
+        for item in plan.opens:
+            lengths[item.key] = 0
+        assert len(lengths) <= slots
+        for item in [it for g in plan.rows for it in g] + [plan.prefill] * bool(plan.prefill):
+            assert lengths[item.key] == item.pos
+            lengths[item.key] += item.n
+        seen += plan.items
+    assert len(sched) == 0
+    assert sorted(it.arrival for it in seen) == sorted(it.arrival for it in submitted)
+    for session in {it.key for it in submitted}:
+        order = [it.arrival for it in seen if it.key == session]
+        assert order == sorted(order)
