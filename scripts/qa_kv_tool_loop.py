@@ -1,12 +1,14 @@
 """KV-pressure QA: agent-style tool loops against the OpenAI endpoint, then a native-log scan.
 
-    python scripts/qa_kv_tool_loop.py --spawn --ctx 1024 --out qa-tight     # tight: no crashes
-    python scripts/qa_kv_tool_loop.py --spawn --ctx 8192 --out qa-roomy     # roomy: cache hits
+    python scripts/qa_kv_tool_loop.py --spawn --ctx 1024 --slots 2 --out qa-tight  # tight
+    python scripts/qa_kv_tool_loop.py --spawn --ctx 8192 --out qa-roomy             # roomy
     python scripts/qa_kv_tool_loop.py --base-url http://127.0.0.1:8000 --log-dir DIR
 
 Each conversation shares one long system prompt with tool definitions, then: a user task, a
 forced tool call and its result, pressure turns that grow the context, a second tool call, and a
-final recall. At least three conversations run barrier-synchronised so their turns overlap.
+final recall. At least three conversations run barrier-synchronised so their turns overlap; in
+the tight run they meet fewer slots than conversations, so turns queue and prefix records are
+evicted for slots.
 Then an exact-prefix check (the same body twice: cached_tokens >= prompt_tokens - 256 and the
 same answer) and a same-prefix check (different tail). Finally the stage logs written during the
 run are scanned for native KV failures. Writes summary.json and summary.md; exits 1 on failure.
@@ -157,12 +159,13 @@ def scan_logs(log_dir: Path, offsets: dict[Path, int]) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def spawned_api(ctx: int, log_dir: Path):
+def spawned_api(ctx: int, log_dir: Path, slots: int = 16):
     from mesh.launcher import LocalMesh, serving
     from mesh.models import resolve_model
 
     path = resolve_model("default", progress=False)
-    with LocalMesh(str(path), [(0, 9), (9, 18)], log_dir, ctx=ctx, threads=1) as mesh:
+    with LocalMesh(str(path), [(0, 9), (9, 18)], log_dir, ctx=ctx, slots=slots,
+                   threads=1) as mesh:
         with serving(path, mesh.urls, log_dir / "serve.log") as base:
             yield base
 
@@ -171,7 +174,7 @@ def run(base_url: str, log_dir: Path, out: Path, conversations: int, ctx: int | 
         roomy: bool) -> dict:
     offsets = {p: p.stat().st_size for p in log_dir.glob("*.log")}
     tally = Tally()
-    # Tight contexts get conversations that fit alone but not three at once: admission queues.
+    # Tight runs get short conversations (they must fit one session's context).
     filler = 12 if (ctx or 8192) <= 1024 else 120
     max_tokens = 16
     barrier = threading.Barrier(conversations)
@@ -211,15 +214,17 @@ def run(base_url: str, log_dir: Path, out: Path, conversations: int, ctx: int | 
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None,
               help="Where the stages write their logs (scanned after the run).")
 @click.option("--spawn", is_flag=True, help="Start a local 2-stage Gemma mesh and mesh serve.")
-@click.option("--ctx", default=1024, show_default=True, help="Stage KV cells with --spawn.")
+@click.option("--ctx", default=1024, show_default=True,
+              help="KV cells per session with --spawn.")
+@click.option("--slots", default=16, show_default=True, help="Stage slots with --spawn.")
 @click.option("--conversations", default=3, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("qa-out"),
               show_default=True)
-def main(base_url, log_dir, spawn, ctx, conversations, out) -> None:
+def main(base_url, log_dir, spawn, ctx, slots, conversations, out) -> None:
     roomy = ctx >= 8192
     if spawn:
         log_dir = Path(tempfile.mkdtemp(prefix="mesh-qa-"))
-        with spawned_api(ctx, log_dir) as base:
+        with spawned_api(ctx, log_dir, slots) as base:
             summary = run(base, log_dir, out, conversations, ctx, roomy)
     else:
         if base_url is None or log_dir is None:

@@ -130,6 +130,31 @@ def test_four_parallel_streams_are_independent(api):
 
 
 @pytest.mark.gemma
+def test_requests_beyond_the_slots_queue_and_all_succeed(api):
+    # 32 concurrent requests against 16 slots per stage: the rest wait for a slot (FIFO), none
+    # is refused, and every answer equals the same request run alone.
+    aclient = openai.AsyncOpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0)
+    prompts = [f"Item {i}: the colour of the sky is" for i in range(32)]
+
+    async def one(prompt):
+        out = await aclient.completions.create(model="m", prompt=prompt, max_tokens=6,
+                                               temperature=0)
+        return out.choices[0].text
+
+    async def main():
+        alone = [await one(p) for p in prompts[:4]]
+        together = await asyncio.gather(*(one(p) for p in prompts))
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert len(together) == 32 and all(isinstance(text, str) for text in together)
+    assert list(together[:4]) == alone
+    waited = [line for line in httpx.get(f"{api}/metrics").text.splitlines()
+              if line.startswith("mesh_admission_wait_seconds_count")]
+    assert waited and float(waited[0].split()[-1]) >= 32
+
+
+@pytest.mark.gemma
 def test_client_disconnect_cancels_the_session_on_every_stage(api):
     sessions = "mesh_stage_sessions"
     assert wait_gauge(api, sessions, lambda v: v == [0, 0]) == [0, 0]

@@ -59,14 +59,49 @@ def test_mesh_greedy_tokens_equal_single_context(gemma_path, tmp_path, ranges):
     assert result.token_ids == expected and len(expected) > 0
 
 
-def test_four_concurrent_sessions_are_independent(gemma_path, mesh2):
-    async def body(coord):
-        alone = [await coord.complete(p, _greedy(20)) for p in PROMPTS]
-        together = await asyncio.gather(*(coord.complete(p, _greedy(20)) for p in PROMPTS))
-        return alone, together
-    alone, together = with_coordinator(gemma_path, mesh2.urls, body, prefix_cache=False)
-    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
-    assert len({tuple(r.token_ids) for r in alone}) == 4
+LONG = " ".join(f"item {i} of the ledger is settled;" for i in range(25))  # 241 tokens
+LOAD = [(LONG, 40), (PROMPTS[0], 24), (PROMPTS[1], 12), (PROMPTS[2], 30), (PROMPTS[3], 8),
+        ("Six times seven is", 16)]
+
+
+async def _run(coord, prompt, max_tokens, started=None, after=0):
+    """(tokens, logprob floats) of one greedy request; sets ``started`` after ``after`` tokens."""
+    params = GenerationParams(max_tokens=max_tokens, temperature=0.0, logprobs=3)
+    lp, out = [], None
+    async for item in coord.stream(prompt, params):
+        if hasattr(item, "logprobs"):
+            lp += [(e["logprob"], tuple(map(tuple, e["top"]))) for e in item.logprobs]
+            if started is not None and len(lp) >= after:
+                started.set()
+        else:
+            out = item
+    if started is not None:
+        started.set()
+    return out.token_ids, lp
+
+
+def test_outputs_under_load_are_bit_identical_to_solo(gemma_path, tmp_path):
+    # 2 threads per stage: the long session passes 256 tokens mid-run and must leave the batch.
+    with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=1024, threads=2) as mesh:
+        async def body(coord):
+            solo = [await _run(coord, p, n) for p, n in LOAD]
+            together = await asyncio.gather(*(_run(coord, p, n) for p, n in LOAD))
+            # Come and go: each request starts once the previous one has streamed 3 tokens,
+            # so sessions end and new ones take their streams while others are mid-run.
+            tasks, gate = [], None
+            for prompt, n in LOAD:
+                if gate is not None:
+                    await gate.wait()
+                gate = asyncio.Event()
+                tasks.append(asyncio.create_task(_run(coord, prompt, n, gate, after=3)))
+            staggered = await asyncio.gather(*tasks)
+            return solo, together, staggered, await coord.stage_stats()
+        solo, together, staggered, stats = with_coordinator(gemma_path, mesh.urls, body,
+                                                            prefix_cache=False)
+    assert all(s["decode_rows"] > s["decode_steps"] for s in stats)  # batching happened
+    assert len({tuple(tokens) for tokens, _ in solo}) == len(LOAD)
+    assert list(together) == solo
+    assert list(staggered) == solo
 
 
 def test_handshake_refuses_wrong_order_and_gaps(gemma_path, mesh2):

@@ -20,11 +20,11 @@ def _harness():
     return module
 
 
-@pytest.mark.parametrize("ctx", [1024, 8192])
-def test_tool_loop_harness(ctx, tmp_path, gemma_path):
+@pytest.mark.parametrize("ctx,slots", [(1024, 2), (8192, 16)])
+def test_tool_loop_harness(ctx, slots, tmp_path, gemma_path):
     qa = _harness()
     logs = tmp_path / "logs"
-    with qa.spawned_api(ctx, logs) as base:
+    with qa.spawned_api(ctx, logs, slots) as base:
         summary = qa.run(base, logs, tmp_path / "out", conversations=3, ctx=ctx,
                          roomy=ctx >= 8192)
     print(json.dumps(summary))

@@ -117,6 +117,27 @@ def test_new_sessions_evict_least_recently_used_records_but_not_pinned_ones():
     assert plan.rejected == ()
 
 
+def test_with_no_slot_left_an_acquire_takes_over_the_record_it_reuses():
+    records = [PrefixRecord(b"a" * 32, 100, 1.0), PrefixRecord(b"b" * 32, 50, 2.0)]
+    first, second = acquire(1, b"a" * 32), acquire(2, b"b" * 32)
+    plan = scheduler(first, second).schedule(view({9: 10}, free_slots=0, records=records))
+    assert plan.opens == () and plan.takeovers == (first, second)
+    assert plan.eviction.evict == () and plan.rejected == ()
+    one_free = scheduler(acquire(3, b"a" * 32)).schedule(
+        view({9: 10}, free_slots=1, records=records))
+    assert len(one_free.opens) == 1 and one_free.takeovers == ()
+
+
+def test_a_session_waits_while_the_only_record_is_being_copied():
+    records = [PrefixRecord(b"a" * 32, 100, 1.0)]
+    copy_a, other = acquire(1, b"a" * 32), acquire(2, b"gone" + b"\0" * 28)
+    sched = scheduler(copy_a, other)
+    plan = sched.schedule(view({}, free_slots=1, records=records))
+    assert plan.opens == (copy_a,) and plan.rejected == () and len(sched) == 1
+    plan = sched.schedule(view({(1): 40}, free_slots=0, records=records))
+    assert plan.opens == (other,) and plan.eviction.evict == (b"a" * 32,)
+
+
 def test_without_slots_new_sessions_wait_for_a_stop_or_are_refused():
     waiting = work(5, 0, n=8)
     sched = scheduler(stop(1), waiting)

@@ -46,6 +46,12 @@ class ApiMetrics:
                                ["stage"], registry=r)
         self.stage_up = Gauge("mesh_stage_up", "1 when the stage answers heartbeats", ["stage"],
                               registry=r)
+        self.busy = Gauge("mesh_stage_busy_seconds", "How long the stage's current step has "
+                          "been computing (0 when idle)", ["stage"], registry=r)
+        self.decode_steps = Gauge("mesh_stage_decode_steps", "llama_decode calls that ran "
+                                  "decode rows, since the stage started", ["stage"], registry=r)
+        self.decode_rows = Gauge("mesh_stage_decode_rows", "Decode rows run, since the stage "
+                                 "started (rows / steps: the mean batch)", ["stage"], registry=r)
 
     def request(self, endpoint: str, error, result: Completion | None = None) -> None:
         if error is None:
@@ -73,4 +79,7 @@ class ApiMetrics:
                 self.sessions.labels(label).set(pong["sessions"])
                 self.records.labels(label).set(pong["records"])
                 self.evictions.labels(label).set(pong["evicted_records"])
+                self.busy.labels(label).set(pong["busy_ms"] / 1e3)
+                self.decode_steps.labels(label).set(pong["decode_steps"])
+                self.decode_rows.labels(label).set(pong["decode_rows"])
         return generate_latest(self.registry)

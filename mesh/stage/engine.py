@@ -44,6 +44,8 @@ class StageStats:
     sessions: int = 0
     records: int = 0
     evicted_records: int = 0
+    decode_steps: int = 0  # llama_decode calls that ran one-token rows
+    decode_rows: int = 0  # the rows they ran (rows / steps: the mean batch)
 
 
 def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
@@ -104,6 +106,7 @@ class StageEngine:
         self._cond = threading.Condition()
         self._queued = [0, 0]  # frames, bytes accepted and not yet run
         self._arrivals = itertools.count()
+        self._decoded = [0, 0]  # decode steps, rows
         self._running = True
 
     # ---- called by the transport thread -----------------------------------------------------
@@ -181,7 +184,8 @@ class StageEngine:
         self.stats = StageStats(
             kv_used=rt.kv_used, kv_capacity=rt.kv_capacity,
             sessions=sum(1 for k in rt.lengths() if not isinstance(k, RecordKey)),
-            records=len(self.cache), evicted_records=self.cache.evicted_records)
+            records=len(self.cache), evicted_records=self.cache.evicted_records,
+            decode_steps=self._decoded[0], decode_rows=self._decoded[1])
 
     # ---- performing a plan ------------------------------------------------------------------
     def _perform(self, plan: StepPlan) -> None:
@@ -195,9 +199,13 @@ class StageEngine:
         for item in plan.opens:
             if not self._guarded(out, item, self._open):
                 failed.add(item.arrival)
+        for item in plan.takeovers:
+            self._guarded(out, item, self._take_over)
         out.flush()
         for group in plan.rows:
-            self._compute(out, [it for it in group if it.arrival not in failed])
+            ran = self._compute(out, [it for it in group if it.arrival not in failed])
+            self._decoded[0] += ran > 0
+            self._decoded[1] += ran
             out.flush()
         if plan.prefill is not None and plan.prefill.arrival not in failed:
             self._compute(out, [plan.prefill])
@@ -211,7 +219,8 @@ class StageEngine:
             self._fail(out, item, exc)
             return False
 
-    def _compute(self, out: _Outbox, items: list[Item]) -> None:
+    def _compute(self, out: _Outbox, items: list[Item]) -> int:
+        """Run the items' chunks in one llama_decode; returns how many ran."""
         rt = self.runtime
         ready = []
         for item in sorted(items, key=lambda it: rt.session_seq(it.key)
@@ -221,15 +230,16 @@ class StageEngine:
             except Exception as exc:
                 self._fail(out, item, exc)
         if not ready:
-            return
+            return 0
         try:
             results = rt.decode([chunk for _, chunk in ready])
         except Exception as exc:
             for item, _ in ready:
                 self._fail(out, item, exc)
-            return
+            return 0
         for (item, _), result in zip(ready, results, strict=True):
             self._guarded(out, item, lambda o, it, r=result: self._emit(o, it, r))
+        return len(ready)
 
     def _prepare(self, item: Item):
         rt, msg = self.runtime, item.frame
@@ -252,7 +262,7 @@ class StageEngine:
     def _emit(self, out: _Outbox, item: Item, result) -> None:
         msg, origin, session = item.frame, item.key[0], item.key[1]
         if not self.runtime.is_last:
-            fields = {k: v for k, v in msg.items() if k not in ("v", "kind")}
+            fields = fr.known_fields(msg)
             fields["tokens"] = None
             fields["embd"] = fr.pack_embd(result.hidden)
             out.forward(item.key, fr.encode(item.kind, **fields))
@@ -273,8 +283,7 @@ class StageEngine:
             out.reply(item.key[0], fr.encode(wire.STOPPED, session=item.key[1], freed=freed,
                                               kept=kept))
         else:
-            fields = {k: v for k, v in msg.items() if k not in ("v", "kind")}
-            out.forward(item.key, fr.encode(wire.STOP, **fields))
+            out.forward(item.key, fr.encode(wire.STOP, **fr.known_fields(msg)))
 
     def _trim(self, out: _Outbox, item: Item) -> None:
         """Acquire on a session this stage already holds: trim it to the agreed length."""
@@ -286,6 +295,9 @@ class StageEngine:
         self.runtime.open_session(item.key)
         if item.kind == wire.ACQUIRE:
             self._acquired(out, item, self.cache.acquire(item.key, item.prefix_id, item.n))
+
+    def _take_over(self, out: _Outbox, item: Item) -> None:
+        self._acquired(out, item, self.cache.take_over(item.key, item.prefix_id, item.n))
 
     def _acquired(self, out: _Outbox, item: Item, placed: int) -> None:
         out.reply(item.key[0], fr.encode(wire.ACQUIRED, session=item.key[1],

@@ -55,7 +55,7 @@ def probe(runtime: StageRuntime, limit: int) -> ExactBatching:
         exact = 1
         for rows in range(2, limit + 1):
             together = _step(runtime, keys[:rows])
-            if not all(np.array_equal(a, b) for a, b in zip(alone, together)):
+            if not all(np.array_equal(a, b) for a, b in zip(alone[:rows], together, strict=True)):
                 break
             exact = rows
     finally:

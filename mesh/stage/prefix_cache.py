@@ -93,6 +93,15 @@ class PrefixCache:
         record.last_use = time.monotonic()
         return n
 
+    def take_over(self, session: Hashable, prefix_id: bytes, n_tokens: int) -> int:
+        """Turn a record into the new ``session`` itself (no copy; the record leaves the cache),
+        keeping its first ``n_tokens``: how a session reuses a prefix when no slot is free."""
+        record = self._records.pop(prefix_id)
+        self.runtime.rename_session(record.key, session)
+        n = min(max(n_tokens, 0), record.tokens)
+        self.runtime.trim_session(session, n)
+        return n
+
     def evict(self, prefix_id: bytes) -> int:
         """Drop a record; returns the tokens it held."""
         record = self._records.pop(prefix_id, None)

@@ -15,8 +15,10 @@ thread queues frames here; the engine asks for a ``StepPlan``, performs it, asks
 - A frame that cannot run is rejected here with its error code (unknown session, position gap,
   session stream full) before anything reaches llama.cpp.
 - Slots: a new session (its first frame, or an ``Acquire``) needs a free stream. The bounded
-  eviction plan frees slots from least recently used prefix records; if that is not enough, new
-  sessions wait when a ``Stop`` in this step will free a slot, and are refused otherwise.
+  eviction plan frees slots from least recently used prefix records; when none is left, an
+  ``Acquire`` takes over the stream of the record it reuses (the record leaves the cache, the
+  session keeps the hit). Past that, new sessions wait a step when this step will free a slot
+  (a ``Stop``, or a record pinned by an ``Acquire`` now), and are refused otherwise.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from mesh.transport import wire
 SessionKey = tuple[bytes, int]  # (origin, session id)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Item:
-    """One accepted frame waiting at the stage (``frame`` is opaque to the scheduler)."""
+    """One accepted frame waiting at the stage (``frame`` is opaque to the scheduler).
+    Items compare by identity: each is one arrival."""
 
     arrival: int
     kind: str
@@ -73,6 +76,7 @@ class StepPlan:
     controls: tuple[Item, ...] = ()
     eviction: EvictionPlan = EvictionPlan(PlanStatus.NOOP, 0)
     opens: tuple[Item, ...] = ()  # frames that start a new session (each takes a slot)
+    takeovers: tuple[Item, ...] = ()  # Acquires that turn their record into the session
     rows: tuple[tuple[Item, ...], ...] = ()  # one-token frames; each tuple is one llama_decode
     prefill: Item | None = None
     rejected: tuple[Rejection, ...] = ()
@@ -84,7 +88,8 @@ class StepPlan:
         if self.prefill is not None:
             work.append(self.prefill)
         opened = [item for item in self.opens if not item.is_work]
-        return [*self.controls, *opened, *work, *(r.item for r in self.rejected)]
+        return [*self.controls, *opened, *self.takeovers, *work,
+                *(r.item for r in self.rejected)]
 
     @property
     def computes(self) -> bool:
@@ -133,35 +138,55 @@ class Scheduler:
                 rows.append(item)
             else:
                 prompts.append(item)
-        cap = max(1, math.ceil(len(view.lengths) / max(1, groups)))
-        rows = rows[:min(cap, self.config.max_rows)]
-        prefill = prompts[0] if prompts else None
-
-        # Slots for new sessions, oldest frame first.
-        wanting = sorted([*acquires, *(it for it in [*rows, prefill]
-                                       if it is not None and it.key not in view.lengths)],
-                         key=lambda it: it.arrival)
+        # Slots: a frame that starts a session needs one, from the free slots first, then from
+        # evictable records, then (an Acquire) from the record it reuses. Oldest first served.
         pinned = {it.prefix_id for it in acquires}
         records = [replace(r, pinned=True) if r.id in pinned else r for r in view.records]
+        starting = sorted([*acquires, *(it for it in [*rows, *prompts]
+                                        if it.key not in view.lengths)],
+                          key=lambda it: it.arrival)
+        budget = view.free_slots + sum(1 for r in records if not r.pinned)
+        claimable = {r.id for r in records if r.pinned}
+        admissible: list[Item] = []
+        takeovers: list[Item] = []
+        beyond: list[Item] = []
+        for item in starting:
+            if budget > 0:
+                admissible.append(item)
+                budget -= 1
+            elif item.kind == wire.ACQUIRE and item.prefix_id in claimable:
+                claimable.discard(item.prefix_id)
+                takeovers.append(item)
+            else:
+                beyond.append(item)
+        # A Stop in this step frees a slot, a record pinned in this step is evictable in the
+        # next: then starting frames wait a step. Otherwise nothing will free one: refuse.
+        if not (any(r.pinned for r in records) or any(it.kind == wire.STOP for it in controls)):
+            rejected += [Rejection(it, wire.E_NO_SESSION_SLOT,
+                                   f"no free sequence slot ({len(view.lengths)} live sessions, "
+                                   f"{len(view.records)} prefix records, none evictable now)")
+                         for it in beyond]
+        blocked = {it.arrival for it in beyond}
+
+        # This step's work: the oldest one-token rows (capped per decode group) and prompt chunk.
+        cap = max(1, math.ceil(len(view.lengths) / max(1, groups)))
+        rows = [it for it in rows if it.arrival not in blocked][:min(cap, self.config.max_rows)]
+        prompts = [it for it in prompts if it.arrival not in blocked]
+        prefill = prompts[0] if prompts else None
+        running = {id(it) for it in rows} | {id(prefill)}
+        wanting = [it for it in admissible
+                   if it.kind == wire.ACQUIRE or id(it) in running]
         eviction = plan_eviction(view.free_slots, len(wanting), records,
                                  bounds=self.config.eviction)
-        room = view.free_slots + len(eviction.evict)
-        opens, waiting = wanting[:room], wanting[room:]
-        stopping = any(it.kind == wire.STOP for it in controls)
-        for item in waiting:
-            if not stopping:  # nothing this step frees a slot: refuse rather than wait forever
-                rejected.append(Rejection(
-                    item, wire.E_NO_SESSION_SLOT,
-                    f"no free sequence slot ({len(view.lengths)} live sessions, "
-                    f"{len(view.records)} prefix records, none evictable now)"))
-        dropped = {it.arrival for it in waiting}
-        rows = [it for it in rows if it.arrival not in dropped]
-        if prefill is not None and prefill.arrival in dropped:
+        opens = wanting[:view.free_slots + len(eviction.evict)]
+        late = {it.arrival for it in wanting[len(opens):]}  # past the plan's bound: next step
+        rows = [it for it in rows if it.arrival not in late]
+        if prefill is not None and prefill.arrival in late:
             prefill = None
 
         plan = StepPlan(controls=tuple(controls), eviction=eviction, opens=tuple(opens),
-                        rows=self._groups(rows, view), prefill=prefill,
-                        rejected=tuple(rejected))
+                        takeovers=tuple(takeovers), rows=self._groups(rows, view),
+                        prefill=prefill, rejected=tuple(rejected))
         for item in plan.items:
             self._pop(item)
         return plan

@@ -189,6 +189,7 @@ class StageServer:
                          kv_capacity=stats.kv_capacity, sessions=stats.sessions,
                          records=stats.records, evicted_records=stats.evicted_records,
                          queue=self.engine.queued, busy_ms=self.engine.busy_ms(),
+                         decode_steps=stats.decode_steps, decode_rows=stats.decode_rows,
                          stage=self.name)
 
     # ---- sending ----------------------------------------------------------------------------

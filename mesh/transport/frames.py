@@ -77,7 +77,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     PING: {"nonce": _INT},
     PONG: {"nonce": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
-           "stage": _STR},
+           "decode_steps": _INT, "decode_rows": _INT, "stage": _STR},
 }
 
 SAMPLING_FIELDS = {"temperature": _FLOAT, "top_k": _INT, "top_p": _FLOAT, "min_p": _FLOAT,
@@ -187,6 +187,11 @@ def _check_work(msg: dict[str, Any]) -> None:
             types = SAMPLING_FIELDS.get(name)
             if types is None or not isinstance(value, types) or isinstance(value, bool):
                 raise ProtocolError(E_BAD_FIELD, f"sampling field {name!r} is not valid")
+
+
+def known_fields(msg: dict[str, Any]) -> dict[str, Any]:
+    """The fields its kind defines (what a stage forwards: unknown extras stop here)."""
+    return {name: msg[name] for name in SCHEMA[msg["kind"]]}
 
 
 def pack_tokens(tokens) -> bytes:

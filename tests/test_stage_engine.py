@@ -1,0 +1,181 @@
+"""The stage engine at real processes: hostile frames, long frames, liveness while computing."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from mesh.coordinator.coordinator import GenerationParams
+from mesh.errors import OverloadedError
+from mesh.stage.engine import StageEngine
+from mesh.stage.exactness import ExactBatching
+from mesh.stage.local_chain import SingleContext
+from mesh.stage.prefix_cache import PrefixCache
+from mesh.stage.runtime import RuntimeConfig, StageRuntime
+from mesh.stage.slicing import slice_model
+from mesh.transport import frames as fr
+from mesh.transport.sockets import Mailbox
+from tests.meshutil import running_mesh, with_coordinator
+
+ORIGIN = b"coord-raw"
+
+
+def _dealer(url):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, ORIGIN)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    return sock
+
+
+def _handshake(sock, nxt, index, stages):
+    sock.send(fr.encode(fr.HANDSHAKE, origin=ORIGIN, next=nxt, model_sha256=None, index=index,
+                        stages=stages))
+    return fr.decode(sock.recv())
+
+
+def _alive(sock):
+    sock.send(fr.encode(fr.PING, nonce=77))
+    reply = fr.decode(sock.recv())
+    return reply["kind"] == fr.PONG and reply["nonce"] == 77
+
+
+def _prompt_frame(session, tokens, **extra):
+    return fr.encode(fr.PREFILL_FINAL, session=session, origin=ORIGIN, pos=0, n=len(tokens),
+                     tokens=fr.pack_tokens(tokens), embd=None, sampling={}, history=None,
+                     **extra)
+
+
+def test_hostile_frames_get_errors_and_the_chain_keeps_serving(tiny_llama, tmp_path):
+    with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=256, slots=4) as mesh:
+        first, last = _dealer(mesh.urls[0]), _dealer(mesh.urls[1])
+        try:
+            bogus = _handshake(first, "bogus", 0, 2)
+            assert bogus["code"] == "bad_field" and "next" in bogus["message"]
+            assert _handshake(first, mesh.urls[1], 5, 2)["code"] == "bad_field"
+            assert _handshake(first, mesh.urls[1], 0, 2)["kind"] == fr.STAGE_INFO
+            assert _handshake(last, None, 1, 2)["kind"] == fr.STAGE_INFO
+
+            huge_version = fr.HEADER.pack(0)  # a 17 MiB string where the version belongs
+            body = b"\x82\xa1v\xdb" + (17 << 20).to_bytes(4, "big") + b"x" * (17 << 20)
+            body += b"\xa4kind\xa4Ping"
+            first.send(fr.HEADER.pack(len(body)) + body)
+            reply = fr.decode(first.recv())
+            assert reply["code"] == "bad_version" and len(reply["message"]) < 200
+            del huge_version
+
+            # A valid frame carrying a 60 MiB unknown field: it runs, and the forward (which
+            # would exceed the frame limit if it carried the field along) stays small.
+            first.send(_prompt_frame(1, [1, 50, 60, 70], padding=b"\0" * (60 << 20)))
+            token = fr.decode(last.recv())
+            assert token["kind"] == fr.TOKEN and token["session"] == 1 and token["pos"] == 4
+
+            first.send_multipart([fr.encode(fr.PING, nonce=i) for i in range(300)])
+            assert fr.decode(first.recv())["code"] == "bad_frame"
+
+            not_after_prompt = fr.encode(fr.DECODE, session=9, origin=ORIGIN, pos=0, n=1,
+                                         tokens=fr.pack_tokens([5]), embd=None)
+            first.send(not_after_prompt)  # a Decode that opens a session: no sampler yet
+            assert fr.decode(last.recv())["code"] == "invalid_input"
+            assert _alive(first) and _alive(last)
+        finally:
+            first.close()
+            last.close()
+
+        async def body(coord):
+            return await coord.complete([1, 50, 60, 70], GenerationParams(max_tokens=4))
+        assert len(with_coordinator(tiny_llama, mesh.urls, body).token_ids) == 4
+        for stage in mesh.stages:
+            assert stage.proc.poll() is None
+            assert "Traceback" not in stage.log_path.read_text()
+
+
+def test_a_flood_of_new_sessions_is_answered_and_the_stage_keeps_serving(tiny_llama, tmp_path):
+    with running_mesh(tiny_llama, [(0, 4)], tmp_path, ctx=256, slots=4) as mesh:
+        sock = _dealer(mesh.urls[0])
+        try:
+            _handshake(sock, None, 0, 1)
+            frames = [_prompt_frame(100 + i, [1, 2, 3]) for i in range(5000)]
+            for at in range(0, len(frames), 250):
+                sock.send_multipart(frames[at:at + 250])
+            codes = {}
+            for _ in range(5000):
+                msg = fr.decode(sock.recv())
+                key = msg.get("code", msg["kind"])
+                codes[key] = codes.get(key, 0) + 1
+            assert codes == {"Token": 4, "no_session_slot": 4996}
+            assert _alive(sock)
+        finally:
+            sock.close()
+
+
+def test_the_engine_queue_is_bounded_in_frames_and_bytes(tiny_llama):
+    runtime = StageRuntime(slice_model(tiny_llama, 0, 4), RuntimeConfig(n_ctx=256, n_seq_max=4))
+    mailbox = Mailbox()
+    try:
+        engine = StageEngine(runtime, PrefixCache(runtime, 0), mailbox, "test",
+                             ExactBatching(1, None), queue_frames=3, queue_bytes=1000)
+
+        def frame(session):
+            return fr.decode(_prompt_frame(session, [1, 2, 3]))
+
+        for session in range(3):
+            engine.submit(frame(session), 100)
+        with pytest.raises(OverloadedError, match="3 frames"):
+            engine.submit(frame(3), 100)
+        assert engine.queued == 3
+        while engine.queued:
+            engine._absorb(block=False)
+            engine.step()
+        with pytest.raises(OverloadedError, match="0 frames"):
+            engine.submit(frame(4), 1001)
+        engine.submit(frame(4), 1000)
+        tokens = [f for item in mailbox.drain() for f in getattr(item, "frames", [])]
+        assert [fr.decode(f)["kind"] for f in tokens] == [fr.TOKEN] * 3
+    finally:
+        mailbox.close()
+        runtime.close()
+
+
+@pytest.mark.gemma
+def test_a_2048_token_frame_at_one_thread_is_served_and_equals_one_process(gemma_path,
+                                                                            tmp_path):
+    prompt = [2] + [int(t) for t in np.random.default_rng(11).integers(1000, 20000, 1899)]
+    args = ["--batch", "2048"]
+    with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=2304, slots=2, threads=1,
+                      extra_args=args) as mesh:
+        async def body(coord):
+            busiest = 0
+            t0 = time.monotonic()
+
+            async def watch():
+                nonlocal busiest
+                while True:
+                    for link in coord.links:
+                        busiest = max(busiest, (link.last_pong or {}).get("busy_ms", 0))
+                    await asyncio.sleep(0.1)
+
+            watcher = asyncio.create_task(watch())
+            try:
+                result = await coord.complete(prompt, GenerationParams(max_tokens=8))
+            finally:
+                watcher.cancel()
+            return result, busiest, time.monotonic() - t0
+        result, busiest, seconds = with_coordinator(gemma_path, mesh.urls, body,
+                                                    prefill_chunk=2048)
+    print(f"1900-token frame: {seconds:.1f} s end to end, longest step seen {busiest} ms")
+    single = SingleContext(gemma_path, RuntimeConfig(n_ctx=2304, n_batch=2048, n_ubatch=512,
+                                                     n_threads=1))
+    try:
+        logits = single.logits(0, 0, np.array(prompt, np.int32))
+        expected = []
+        for pos in range(len(prompt), len(prompt) + len(result.token_ids)):
+            expected.append(int(np.argmax(logits)))
+            logits = single.logits(0, pos, np.array([expected[-1]], np.int32))
+    finally:
+        single.close()
+    assert result.token_ids == expected and len(expected) == 8
+    assert busiest > 0  # Pongs kept coming, and said the stage was computing
