@@ -95,8 +95,7 @@ def _dealer(url, identity=b"coord-kv"):
     sock.setsockopt(zmq.RCVTIMEO, 10000)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(url)
-    sock.send(fr.encode(fr.HANDSHAKE, origin=identity, next=None, model_sha256=None, index=0,
-                        stages=1))
+    sock.send(fr.encode(fr.HANDSHAKE, origin=identity, next=None, model_sha256=None, index=0))
     assert fr.decode(sock.recv())["kind"] == fr.STAGE_INFO
     return sock
 

@@ -71,15 +71,6 @@ def test_rows_past_the_exact_batch_limit_run_alone():
     assert [len(g) for g in unlimited.schedule(view({1: 100, 3: 256})).rows] == [2]
 
 
-def test_first_stage_splits_sessions_into_decode_groups():
-    rows = [work(s, 5) for s in range(5)]
-    sched = scheduler(*rows)
-    live = view({s: 5 for s in range(5)})
-    first = sched.schedule(live, groups=2)
-    assert keys(first.rows[0]) == [0, 1, 2]  # ceil(5 / 2), oldest first
-    assert keys(sched.schedule(live, groups=2).rows[0]) == [3, 4]
-
-
 def test_max_rows_caps_a_decode_group():
     sched = scheduler(*(work(s, 5) for s in range(6)), max_rows=4)
     assert [len(g) for g in sched.schedule(view({s: 5 for s in range(6)})).rows] == [4]
@@ -157,8 +148,8 @@ traffic = st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["chunk", "row",
 
 
 @settings(max_examples=150, deadline=None)
-@given(traffic, st.integers(1, 4), st.integers(1, 3), st.integers(2, 6))
-def test_every_frame_runs_or_is_answered_once_in_session_order(ops, slots, groups, max_rows):
+@given(traffic, st.integers(1, 4), st.integers(2, 6))
+def test_every_frame_runs_or_is_answered_once_in_session_order(ops, slots, max_rows):
     sched = Scheduler(SchedulerConfig(max_rows=max_rows, exact_batch_cells=64))
     pos: dict[int, int] = {}
     submitted = []
@@ -177,7 +168,7 @@ def test_every_frame_runs_or_is_answered_once_in_session_order(ops, slots, group
     for _ in range(10 * len(submitted) + 10):
         if not len(sched):
             break
-        plan = sched.schedule(KvView(dict(lengths), slots - len(lengths), [], 512), groups)
+        plan = sched.schedule(KvView(dict(lengths), slots - len(lengths), [], 512))
         assert all(len(g) <= max_rows for g in plan.rows)
         for group in plan.rows:
             assert len(group) == 1 or all(lengths.get(it.key, 0) + 1 <= 64 for it in group)

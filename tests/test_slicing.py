@@ -99,3 +99,20 @@ def test_slices_are_cached_and_deterministic(tiny_llama, tmp_path, monkeypatch):
 def test_model_info_reports_swa_layers(tiny_gemma3, tiny_llama):
     assert model_info(tiny_gemma3).swa_layers == (True,) * 5 + (False,) + (True,) * 2
     assert model_info(tiny_llama).swa_layers is None
+
+
+@pytest.mark.parametrize("model", ["tiny_gemma3", "tiny_llama"])
+def test_fast_embedding_lookup_equals_gguf_dequantize(model, request):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from mesh.stage.embeddings import TokenEmbedder
+
+    files = slice_model(request.getfixturevalue(model), 0, 1)
+    embedder = TokenEmbedder(files.embeddings, files.model.n_embd, files.model.input_scale)
+    ids = np.arange(embedder.n_vocab)
+    raw = np.asarray(embedder._rows[ids])
+    expected = dequantize(raw, embedder._qtype).astype(np.float32).reshape(len(ids), -1)
+    expected = expected * np.float32(files.model.input_scale)
+    assert embedder._qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.F32)
+    assert np.array_equal(embedder(ids), expected)

@@ -12,6 +12,7 @@ or was cancelled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from mesh.coordinator.links import (
     StageLink,
     StageUnavailableError,
 )
+from mesh.coordinator.pacer import DecodePacer, hosts_of
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_id
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import InvalidInputError, MeshError
@@ -103,7 +105,7 @@ class _Live:
 class Coordinator:
     def __init__(self, model_path: Path, stage_urls: list[str], *,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, decode_groups: int | None = None):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
@@ -124,6 +126,10 @@ class Coordinator:
         self._pending_keeps: dict[int, tuple[list[int], asyncio.Future]] = {}
         self._prefix_cache = prefix_cache
         self._admission_wait_s = admission_wait_s
+        # One decode group per host: stages on one host take turns on its cores, stages on
+        # S hosts each work on a different group.
+        self.pacer = DecodePacer(decode_groups or hosts_of(self.stage_urls),
+                                 on_depart=lambda: self.links[0].flush())
         self.wait_observer = None  # set by the API's metrics
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -151,8 +157,7 @@ class Coordinator:
 
     async def _handshake(self, link: StageLink, timeout_s: float) -> dict[str, Any]:
         nxt = self.stage_urls[link.index + 1] if link.index + 1 < len(self.links) else None
-        return await link.handshake(self.origin, nxt, self.model_sha256, link.index,
-                                    len(self.links), timeout_s)
+        return await link.handshake(self.origin, nxt, self.model_sha256, link.index, timeout_s)
 
     def _check_chain(self, infos: list[dict[str, Any]]) -> None:
         n_layer = infos[0]["n_layer"]
@@ -261,6 +266,8 @@ class Coordinator:
         live = self._sessions.get(session) if session is not None else None
         if live is not None:
             live.queue.put_nowait(msg)
+            if msg["kind"] == fr.TOKEN:
+                self.pacer.arrived(session)
         elif msg["kind"] == fr.ERROR:
             log.warning("stage_error", stage_index=link.index, code=msg["code"])
 
@@ -316,10 +323,10 @@ class Coordinator:
                 token_ids.append(token)
                 text, stopped = text_out.add(token)
                 if not stopped and len(token_ids) < budget:
-                    # The next step leaves before this token is handed on: the stages compute
-                    # while the caller streams, and all sessions woken by one message of Tokens
-                    # post their steps in the same turn of the event loop (one batch).
-                    self._send_work(fr.DECODE, session, pos, [token])
+                    # The next step is queued before this token is handed on: the stages
+                    # compute while the caller streams, and the pacer sends it with its group.
+                    self.pacer.ready(session, functools.partial(
+                        self._send_work, fr.DECODE, session, pos, [token]))
                     pos += 1
                 logprobs = []
                 if params.logprobs:
@@ -344,6 +351,7 @@ class Coordinator:
                          "total_ms": 1e3 * (t_end - t0)})
         finally:
             self._sessions.pop(session, None)
+            self.pacer.forget(session)
             self._release(session, prompt_ids if completed else None)
 
     def _check_request(self, prompt_ids: list[int], params: GenerationParams) -> None:

@@ -101,12 +101,13 @@ class StageLink:
         """Queue a session frame; the frames posted during this turn of the event loop leave
         together as one message, in order. A failure is reported to ``on_send_failure``."""
         if not self._posted:
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self.flush)
         self._posted.append(frame)
         if session is not None:
             self._posted_sessions.append(session)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send what was posted now, as one message (else it leaves at the end of the turn)."""
         frames, sessions = self._posted, self._posted_sessions
         self._posted, self._posted_sessions = [], []
         if not frames:
@@ -155,11 +156,10 @@ class StageLink:
             raise StageUnavailableError(f"{self.name} did not answer a ping") from None
 
     async def handshake(self, origin: bytes, next_url: str | None, model_sha256: str | None,
-                        index: int, stages: int,
-                        timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
+                        index: int, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
         """Send Handshake until the stage answers (it may still be starting up)."""
         frame = fr.encode(wire.HANDSHAKE, origin=origin, next=next_url,
-                          model_sha256=model_sha256, index=index, stages=stages)
+                          model_sha256=model_sha256, index=index)
         deadline = time.monotonic() + timeout_s
         while True:
             self._handshake = asyncio.get_running_loop().create_future()

@@ -10,6 +10,8 @@ import click
 
 from mesh.errors import MeshError
 
+SWITCH_INTERVAL_S = 0.0005
+
 
 def parse_layers(text: str) -> tuple[int, int]:
     try:
@@ -49,12 +51,9 @@ def normalize_listen(text: str) -> str:
               help="exact: decode sessions together only while that gives each the bits it "
                    "would get alone; all: batch every session (faster past 256 tokens at >1 "
                    "thread, but outputs then depend on load).")
-@click.option("--decode-groups", default=None, type=int,
-              help="Decode groups the first stage splits sessions into [default: the chain's "
-                   "stage count, so every stage works on a different group].")
 @click.option("--log-level", default="info", show_default=True)
 def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch,
-         prefix_records, batching, decode_groups, log_level) -> None:
+         prefix_records, batching, log_level) -> None:
     """Serve layers START:END of a GGUF model as one pipeline stage."""
     # llama.cpp's CPU graph runs on OpenMP here; idle OpenMP workers spin for ~300k iterations
     # by default and steal the core from the stage that is computing. A short spin keeps the
@@ -79,13 +78,16 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
                                n_ubatch=min(n_batch, 512))
         runtime = StageRuntime(files, config)
         server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
-                             exact=batching == "exact", decode_groups=decode_groups)
+                             exact=batching == "exact")
     except MeshError as exc:
         click.echo(f"mesh-stage: {exc}", err=True)
         sys.exit(2)
     except Exception as exc:  # zmq bind errors and the like: one clear line, no traceback
         click.echo(f"mesh-stage: cannot start on {url}: {exc}", err=True)
         sys.exit(2)
+    # The transport thread answers within a GIL switch interval of the compute thread's Python;
+    # 5 ms (the default) would add up to that to every hand-off between them.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve_forever()

@@ -36,8 +36,32 @@ class TokenEmbedder:
         if int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab:
             raise InvalidInputError(f"token id out of range [0, {self.n_vocab})")
         raw = np.asarray(self._rows[ids])
-        rows = dequantize(raw, self._qtype).astype(np.float32, copy=False)
+        fast = _FAST_DEQUANT.get(self._qtype.name)
+        if fast is not None:
+            rows = fast(raw, self.n_embd)
+        else:
+            rows = dequantize(raw, self._qtype).astype(np.float32, copy=False)
         rows = rows.reshape(len(ids), self.n_embd)
         if self._scale != np.float32(1.0):
             rows = rows * self._scale
         return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def _q8_0(raw: np.ndarray, n_embd: int) -> np.ndarray:
+    """ggml's dequantize_row_q8_0 (``qs[j] * fp16(d)`` in f32), vectorised: blocks of 32."""
+    blocks = raw.reshape(len(raw), n_embd // 32, 34)
+    scale = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float32)
+    return blocks[:, :, 2:].view(np.int8).astype(np.float32) * scale
+
+
+def _f16(raw: np.ndarray, n_embd: int) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _f32(raw: np.ndarray, n_embd: int) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float32)
+
+
+# gguf's generic dequantize costs ~0.1 ms a row in Python overhead; these are bit-identical
+# (tests/test_slicing.py compares them) and ~20x faster for the types embeddings use most.
+_FAST_DEQUANT = {"Q8_0": _q8_0, "F16": _f16, "F32": _f32}

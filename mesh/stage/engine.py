@@ -88,14 +88,12 @@ class _Outbox:
 
 class StageEngine:
     def __init__(self, runtime: StageRuntime, cache: PrefixCache, mailbox: Mailbox, name: str,
-                 batching: ExactBatching, *, decode_groups: int | None = None,
-                 queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
+                 batching: ExactBatching, *, queue_frames: int = QUEUE_FRAMES,
+                 queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
         self.cache = cache
         self.name = name
-        self.index = -1  # position in the chain and chain length, learned at handshake
-        self.chain_length = 1
-        self.decode_groups = decode_groups  # None: the chain length, on the first stage
+        self.index = -1  # position in the chain, learned at handshake (for telemetry)
         self.scheduler = Scheduler(SchedulerConfig(max_rows=batching.max_rows,
                                                    exact_batch_cells=batching.max_cells))
         self.stats = StageStats(kv_capacity=runtime.kv_capacity)
@@ -110,17 +108,24 @@ class StageEngine:
         self._running = True
 
     # ---- called by the transport thread -----------------------------------------------------
-    def submit(self, msg: dict[str, Any], nbytes: int) -> None:
-        """Queue a work or control frame; raises OverloadedError when the queue is full."""
+    def submit(self, frames: list[tuple[dict[str, Any], int]]) -> list[MeshError | None]:
+        """Queue work and control frames (decoded, with their sizes) as one arrival: frames
+        that came in one message run in the same step. Returns, per frame, None or the
+        OverloadedError that kept it out of a full queue."""
+        refused: list[MeshError | None] = []
         with self._cond:
-            frames, queued_bytes = self._queued
-            if frames + 1 > self._limits[0] or queued_bytes + nbytes > self._limits[1]:
-                raise OverloadedError(
-                    f"stage queue full ({frames} frames, {queued_bytes} bytes waiting)")
-            self._queued[0] += 1
-            self._queued[1] += nbytes
-            self._inbox.append(item_from_frame(next(self._arrivals), msg, nbytes))
+            for msg, nbytes in frames:
+                count, size = self._queued
+                if count + 1 > self._limits[0] or size + nbytes > self._limits[1]:
+                    refused.append(OverloadedError(
+                        f"stage queue full ({count} frames, {size} bytes waiting)"))
+                    continue
+                self._queued[0] += 1
+                self._queued[1] += nbytes
+                self._inbox.append(item_from_frame(next(self._arrivals), msg, nbytes))
+                refused.append(None)
             self._cond.notify()
+        return refused
 
     @property
     def queued(self) -> int:
@@ -144,7 +149,7 @@ class StageEngine:
 
     def step(self) -> StepPlan:
         """Plan and perform one step (also usable directly, without the thread)."""
-        plan = self.scheduler.schedule(self._view(), self._groups())
+        plan = self.scheduler.schedule(self._view())
         if plan.computes:
             self.busy_since = time.monotonic()
         try:
@@ -167,11 +172,6 @@ class StageEngine:
             items, self._inbox = self._inbox, collections.deque()
         for item in items:
             self.scheduler.submit(item)
-
-    def _groups(self) -> int:
-        if self.decode_groups is not None:
-            return self.decode_groups
-        return self.chain_length if self.index == 0 else 1
 
     def _view(self) -> KvView:
         rt = self.runtime

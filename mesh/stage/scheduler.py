@@ -6,11 +6,10 @@ thread queues frames here; the engine asks for a ``StepPlan``, performs it, asks
 - Order: a session's frames run in arrival order, at most one per step; the sessions whose next
   frame arrived first are served first.
 - Controls (``Stop``; ``Acquire`` on an existing session) run first in a step.
-- Decode rows: every session whose next frame carries one token contributes a row. Rows run
-  together in one llama_decode while that gives each the bits it would get alone
-  (``exact_batch_cells``); a row past that limit runs in a group of its own. The first stage of
-  a chain of S stages takes at most ceil(sessions / S) rows per step, so the next group starts
-  while the previous one is still down the chain.
+- Decode rows: every session whose next frame carries one token contributes a row, up to
+  ``max_rows``. Rows run together in one llama_decode while that gives each the bits it would
+  get alone (``exact_batch_cells``); a row past that limit runs in a group of its own. (Which
+  sessions arrive together is the coordinator's pacing: ``mesh.coordinator.pacer``.)
 - At most one prompt chunk (a frame of more than one token) per step: the oldest.
 - A frame that cannot run is rejected here with its error code (unknown session, position gap,
   session stream full) before anything reaches llama.cpp.
@@ -24,7 +23,6 @@ thread queues frames here; the engine asks for a ``StepPlan``, performs it, asks
 from __future__ import annotations
 
 import collections
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -118,7 +116,7 @@ class Scheduler:
         self._queues.setdefault(item.key, collections.deque()).append(item)
         self._count += 1
 
-    def schedule(self, view: KvView, groups: int = 1) -> StepPlan:
+    def schedule(self, view: KvView) -> StepPlan:
         """The next step; every frame it names leaves the queue (``StepPlan.items``)."""
         heads = sorted((q[0] for q in self._queues.values()), key=lambda it: it.arrival)
         controls: list[Item] = []
@@ -168,9 +166,8 @@ class Scheduler:
                          for it in beyond]
         blocked = {it.arrival for it in beyond}
 
-        # This step's work: the oldest one-token rows (capped per decode group) and prompt chunk.
-        cap = max(1, math.ceil(len(view.lengths) / max(1, groups)))
-        rows = [it for it in rows if it.arrival not in blocked][:min(cap, self.config.max_rows)]
+        # This step's work: the oldest one-token rows and the oldest prompt chunk.
+        rows = [it for it in rows if it.arrival not in blocked][:self.config.max_rows]
         prompts = [it for it in prompts if it.arrival not in blocked]
         prefill = prompts[0] if prompts else None
         running = {id(it) for it in rows} | {id(prefill)}

@@ -34,8 +34,8 @@ READ_BATCH = 256  # messages read per wake-up before mailing out what the engine
 class StageServer:
     def __init__(self, runtime: StageRuntime, listen: str, model_sha256: str,
                  zmq_context: zmq.Context | None = None, prefix_records: int | None = None,
-                 exact: bool = True, decode_groups: int | None = None,
-                 queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
+                 exact: bool = True, queue_frames: int = QUEUE_FRAMES,
+                 queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
         self.listen = listen
         self.model_sha256 = model_sha256
@@ -47,8 +47,7 @@ class StageServer:
         batching = (exactness.probe(runtime, runtime.max_batch_rows) if exact
                     else exactness.ExactBatching(runtime.max_batch_rows, None))
         self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name, batching,
-                                  decode_groups=decode_groups, queue_frames=queue_frames,
-                                  queue_bytes=queue_bytes)
+                                  queue_frames=queue_frames, queue_bytes=queue_bytes)
         self._zctx = zmq_context or zmq.Context.instance()
         self._router = stage_router(self._zctx, listen)
         self._poller = zmq.Poller()
@@ -82,11 +81,12 @@ class StageServer:
         self._running = False
 
     def _read(self) -> None:
+        work: list[tuple[dict[str, Any], int]] = []
         for _ in range(READ_BATCH):
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             sender = parts[0].bytes
             frames = parts[1:]
             if len(frames) > wire.MAX_FRAMES_PER_MESSAGE:
@@ -96,11 +96,18 @@ class StageServer:
                 continue
             for part in frames:
                 try:
-                    self._accept(sender, part.buffer)
+                    self._accept(sender, part.buffer, work)
                 except Exception as exc:  # nothing a peer sends may end the loop
                     log.error("accept_failed", stage=self.name, error_type=type(exc).__name__)
+        if work:
+            # Everything read in this pass enters the engine at once: the frames of one message
+            # (a decode group) must not be split across steps.
+            for (msg, _), refusal in zip(work, self.engine.submit(work), strict=True):
+                if refusal is not None:
+                    self._refuse(msg, refusal)
 
-    def _accept(self, sender: bytes, payload: memoryview) -> None:
+    def _accept(self, sender: bytes, payload: memoryview,
+                work: list[tuple[dict[str, Any], int]]) -> None:
         try:
             msg = fr.decode(payload)
         except fr.ProtocolError as exc:
@@ -116,15 +123,20 @@ class StageServer:
             try:
                 if kind in wire.WORK_KINDS:
                     self._check_inputs(msg)
-                self.engine.submit(msg, len(payload))
             except MeshError as exc:
-                log.warning("frame_refused", stage=self.name, code=exc.code, kind=kind)
-                self._reply(msg["origin"], fr.error_frame(exc.code, str(exc), msg["session"],
-                                                          self.name))
+                self._refuse(msg, exc)
+                return
+            work.append((msg, len(payload)))
         else:
             self._reply(sender, fr.error_frame(wire.E_UNKNOWN_KIND,
                                                f"a stage does not accept {kind}", None,
                                                self.name))
+
+    def _refuse(self, msg: dict[str, Any], exc: MeshError) -> None:
+        """A session frame that will not be queued: its owner hears why."""
+        log.warning("frame_refused", stage=self.name, code=exc.code, kind=msg["kind"])
+        self._reply(msg["origin"], fr.error_frame(exc.code, str(exc), msg["session"],
+                                                  self.name))
 
     def _check_inputs(self, msg: dict[str, Any]) -> None:
         """This stage's input kind and size, checked before the frame is queued."""
@@ -154,8 +166,8 @@ class StageServer:
         if nxt is not None and not valid_url(nxt):
             refuse(wire.E_BAD_FIELD, "next must be a tcp://HOST:PORT, ipc:// or inproc:// URL")
             return
-        if not 0 <= msg["index"] < msg["stages"] <= 256:
-            refuse(wire.E_BAD_FIELD, "index and stages must satisfy 0 <= index < stages <= 256")
+        if not 0 <= msg["index"] < 256:
+            refuse(wire.E_BAD_FIELD, "index must be in [0, 256)")
             return
         if nxt != self._next_url:
             try:
@@ -163,7 +175,7 @@ class StageServer:
             except zmq.ZMQError as exc:
                 refuse(wire.E_BAD_FIELD, f"cannot connect to the next stage: {exc}")
                 return
-        self.engine.index, self.engine.chain_length = msg["index"], msg["stages"]
+        self.engine.index = msg["index"]
         rt = self.runtime
         self._reply(sender, fr.encode(
             wire.STAGE_INFO, model_sha256=self.model_sha256, arch=rt.files.model.arch,
