@@ -69,14 +69,17 @@ class StageProcess:
     log_path: Path
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    cpus: set[int] | None = None  # CPU affinity (e.g. one core per stage, as on separate hosts)
     proc: subprocess.Popen | None = None
 
     def launch(self) -> None:
         log = self.log_path.open("ab")
+        cpus = self.cpus
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh.stage.cli", *self.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env},
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         log.close()
 
@@ -100,6 +103,7 @@ class LocalMesh:
     threads: int = 1
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    cpus: list[set[int]] | None = None  # per stage
     stages: list[StageProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -110,7 +114,7 @@ class LocalMesh:
                     "--ctx", str(self.ctx), "--slots", str(self.slots),
                     "--threads", str(self.threads), *self.extra_args]
             self.stages.append(StageProcess(start, end, url, self.log_dir / f"stage{i}.log", args,
-                                            self.env))
+                                            self.env, self.cpus[i] if self.cpus else None))
 
     @property
     def urls(self) -> list[str]:

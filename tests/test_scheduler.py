@@ -71,10 +71,12 @@ def test_rows_past_the_exact_batch_limit_run_alone():
     assert [len(g) for g in unlimited.schedule(view({1: 100, 3: 256})).rows] == [2]
 
 
-def test_max_rows_caps_a_decode_group():
-    sched = scheduler(*(work(s, 5) for s in range(6)), max_rows=4)
-    assert [len(g) for g in sched.schedule(view({s: 5 for s in range(6)})).rows] == [4]
-    assert len(sched) == 2
+def test_rows_beyond_max_rows_split_into_near_equal_calls():
+    sched = scheduler(*(work(s, 5) for s in range(8)), max_rows=7)
+    assert [len(g) for g in sched.schedule(view({s: 5 for s in range(8)})).rows] == [4, 4]
+    assert len(sched) == 0
+    sched = scheduler(*(work(s, 5) for s in range(9)), max_rows=4)
+    assert [len(g) for g in sched.schedule(view({s: 5 for s in range(9)})).rows] == [3, 3, 3]
 
 
 def test_frames_that_cannot_run_are_rejected_with_their_code():

@@ -3,8 +3,8 @@
 One thread runs ``run_forever``. The transport thread hands it frames with ``submit`` (bounded
 in frames and bytes) and sends whatever the engine puts in the mailbox. A step is: ask the
 scheduler for a plan, then perform it in order: controls (Stop, Acquire), the eviction plan,
-new sessions, the decode rows (each group one llama_decode), one prompt chunk. Outputs of each
-llama_decode are mailed at once, before the next one runs. Any exception while handling one
+new sessions, the decode rows (each group one llama_decode), one prompt chunk. The decode rows'
+outputs are mailed together before the prompt chunk runs. Any exception while handling one
 frame becomes an Error frame for that frame's session, and the engine carries on.
 """
 
@@ -206,7 +206,9 @@ class StageEngine:
             ran = self._compute(out, [it for it in group if it.arrival not in failed])
             self._decoded[0] += ran > 0
             self._decoded[1] += ran
-            out.flush()
+        # One message for all of the step's rows: the next stage batches them the same way,
+        # and on a shared host it does not start computing while this one still does.
+        out.flush()
         if plan.prefill is not None and plan.prefill.arrival not in failed:
             self._compute(out, [plan.prefill])
             out.flush()

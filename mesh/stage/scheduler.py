@@ -6,10 +6,11 @@ thread queues frames here; the engine asks for a ``StepPlan``, performs it, asks
 - Order: a session's frames run in arrival order, at most one per step; the sessions whose next
   frame arrived first are served first.
 - Controls (``Stop``; ``Acquire`` on an existing session) run first in a step.
-- Decode rows: every session whose next frame carries one token contributes a row, up to
-  ``max_rows``. Rows run together in one llama_decode while that gives each the bits it would
-  get alone (``exact_batch_cells``); a row past that limit runs in a group of its own. (Which
-  sessions arrive together is the coordinator's pacing: ``mesh.coordinator.pacer``.)
+- Decode rows: every session whose next frame carries one token contributes a row. Rows run
+  together in one llama_decode while that gives each the bits it would get alone: at most
+  ``max_rows`` per call (more are split into near-equal groups), and a row past
+  ``exact_batch_cells`` runs in a call of its own. (Which sessions arrive together is the
+  coordinator's pacing: ``mesh.coordinator.pacer``.)
 - At most one prompt chunk (a frame of more than one token) per step: the oldest.
 - A frame that cannot run is rejected here with its error code (unknown session, position gap,
   session stream full) before anything reaches llama.cpp.
@@ -166,8 +167,8 @@ class Scheduler:
                          for it in beyond]
         blocked = {it.arrival for it in beyond}
 
-        # This step's work: the oldest one-token rows and the oldest prompt chunk.
-        rows = [it for it in rows if it.arrival not in blocked][:self.config.max_rows]
+        # This step's work: every one-token row and the oldest prompt chunk.
+        rows = [it for it in rows if it.arrival not in blocked]
         prompts = [it for it in prompts if it.arrival not in blocked]
         prefill = prompts[0] if prompts else None
         running = {id(it) for it in rows} | {id(prefill)}
@@ -212,7 +213,9 @@ class Scheduler:
                 together.append(item)
             else:
                 alone.append((item,))
-        return ((tuple(together),) if together else ()) + tuple(alone)
+        calls = -(-len(together) // self.config.max_rows)  # near-equal groups: 8 -> 4 + 4
+        groups = [tuple(together[i::calls]) for i in range(calls)]
+        return tuple(groups) + tuple(alone)
 
     def _pop(self, item: Item) -> None:
         queue = self._queues[item.key]
