@@ -71,9 +71,12 @@ def test_rows_past_the_exact_batch_limit_run_alone():
     assert [len(g) for g in unlimited.schedule(view({1: 100, 3: 256})).rows] == [2]
 
 
-def test_rows_beyond_max_rows_split_into_near_equal_calls():
-    sched = scheduler(*(work(s, 5) for s in range(8)), max_rows=7)
-    assert [len(g) for g in sched.schedule(view({s: 5 for s in range(8)})).rows] == [4, 4]
+def test_rows_beyond_max_rows_split_into_near_equal_calls_of_adjacent_streams():
+    rows = [work(s, 5) for s in range(8)]
+    sched = scheduler(*rows[::-1], max_rows=7)
+    streams = {(ORIGIN, s): 7 - s for s in range(8)}  # arrival order is stream order here
+    plan = sched.schedule(KvView({(ORIGIN, s): 5 for s in range(8)}, 8, [], 1024, streams))
+    assert [keys(g) for g in plan.rows] == [[7, 6, 5, 4], [3, 2, 1, 0]]
     assert len(sched) == 0
     sched = scheduler(*(work(s, 5) for s in range(9)), max_rows=4)
     assert [len(g) for g in sched.schedule(view({s: 5 for s in range(9)})).rows] == [3, 3, 3]

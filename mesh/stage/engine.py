@@ -177,7 +177,8 @@ class StageEngine:
         rt = self.runtime
         lengths = {k: n for k, n in rt.lengths().items() if not isinstance(k, RecordKey)}
         return KvView(lengths=lengths, free_slots=rt.free_slots,
-                      records=self.cache.planner_view(), session_ctx=rt.session_ctx)
+                      records=self.cache.planner_view(), session_ctx=rt.session_ctx,
+                      streams={k: rt.session_seq(k) for k in lengths})
 
     def _publish(self) -> None:
         rt = self.runtime

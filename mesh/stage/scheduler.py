@@ -61,6 +61,9 @@ class KvView:
     free_slots: int
     records: Sequence[PrefixRecord]
     session_ctx: int  # KV cells of one session
+    # live sessions -> KV stream: llama.cpp runs adjacent streams as one ubatch, so a batch
+    # is cut from rows sorted by stream (a batch of scattered streams is one graph per row)
+    streams: Mapping[SessionKey, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,10 @@ class Scheduler:
                 together.append(item)
             else:
                 alone.append((item,))
-        calls = -(-len(together) // self.config.max_rows)  # near-equal groups: 8 -> 4 + 4
-        groups = [tuple(together[i::calls]) for i in range(calls)]
+        together.sort(key=lambda it: view.streams.get(it.key, len(view.streams) + it.arrival))
+        calls = max(1, -(-len(together) // self.config.max_rows))  # near-equal: 8 -> 4 + 4
+        cuts = [len(together) * i // calls for i in range(calls + 1)]
+        groups = [tuple(together[a:b]) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
         return tuple(groups) + tuple(alone)
 
     def _pop(self, item: Item) -> None:
