@@ -105,14 +105,17 @@ async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_
 @main.command()
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--stages", "n_stages", default=2, show_default=True)
-@click.option("--ctx", default=4096, show_default=True, help="KV cells per stage.")
+@click.option("--ctx", default=4096, show_default=True,
+              help="KV cells of one session (each of --slots sessions gets its own).")
+@click.option("--slots", default=16, show_default=True,
+              help="Sessions (and cached prefixes) each stage holds at once.")
 @click.option("--threads", default=2, show_default=True, help="Threads per stage.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--prompt", default=None, help="Generate once and exit instead of serving.")
 @_generation_options
-def up(model_spec, n_stages, ctx, threads, host, port, prompt, max_tokens, temperature, top_p,
-       seed, stop, as_json) -> None:
+def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, max_tokens, temperature,
+       top_p, seed, stop, as_json) -> None:
     """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.launcher import LocalMesh, balanced_split, even_split
@@ -133,7 +136,7 @@ def up(model_spec, n_stages, ctx, threads, host, port, prompt, max_tokens, tempe
     except MeshError as exc:
         _fail(str(exc))
     log_dir = Path(tempfile.mkdtemp(prefix="mesh-up-"))
-    with LocalMesh(str(path), ranges, log_dir, ctx=ctx, threads=threads) as local:
+    with LocalMesh(str(path), ranges, log_dir, ctx=ctx, slots=slots, threads=threads) as local:
         click.echo(f"stages: {' '.join(local.urls)} (logs in {log_dir})", err=True)
         try:
             if prompt is not None:
@@ -149,28 +152,37 @@ def up(model_spec, n_stages, ctx, threads, host, port, prompt, max_tokens, tempe
             pass
 
 
+DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; more than one "
+                      "lets stages on separate hosts compute different groups at once, which "
+                      "pays only for compute-bound loads (see mesh/coordinator/pacer.py).")
+
+
 @main.command()
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--stage", "stages", multiple=True, required=True,
               help="Stage URL, in chain order (repeat).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
-def serve(model_spec, stages, host, port) -> None:
+@click.option("--decode-groups", default=1, show_default=True, type=click.IntRange(1, 64),
+              help=DECODE_GROUPS_HELP)
+def serve(model_spec, stages, host, port, decode_groups) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
     from mesh.models import resolve_model
 
     configure("info")
     try:
-        _serve(resolve_model(model_spec), list(stages), host, port, announce=False)
+        _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
+               decode_groups=decode_groups)
     except MeshError as exc:
         _fail(str(exc))
 
 
-def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool) -> None:
+def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
+           decode_groups: int = 1) -> None:
     from mesh.api.app import run_server
 
-    run_server(path, stages, host, port, announce=announce)
+    run_server(path, stages, host, port, announce=announce, decode_groups=decode_groups)
 
 
 def _fail(message: str) -> None:

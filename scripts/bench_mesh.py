@@ -9,9 +9,10 @@ in this process, decode groups = 1 per host).
 
 Sections:
 1. Decode tok/s of one session, and aggregate tok/s of 2, 4 and 8 concurrent sessions, against
-   one process decoding the same number of sequences in one batch per step (median of
-   ``--repeats`` runs; this host is noisy). Mesh outputs are bit-identical to solo runs; the
-   one-process batch of 8 is not (see mesh/stage/exactness.py).
+   one process decoding the same number of sequences in one batch per step. Each repeat runs
+   the one process and the mesh back to back (this host drifts by ~10% over minutes); the table
+   shows medians. Mesh outputs are bit-identical to solo runs; the one-process batch of 8 is not
+   (see mesh/stage/exactness.py).
 2. p50/p99 of one decode-frame hop (encode + send + receive + decode over loopback TCP, from a
    round trip to an echo process, halved).
 3. The longest frame served: one 2048-token prompt frame at 1 thread per stage, how long the
@@ -67,26 +68,35 @@ def one_process_tok_s(path: Path, batch: int, tokens: int, threads: int = 2) -> 
         ctx.close()
 
 
+async def _mesh_run(coord: Coordinator, batch: int, tokens: int) -> float:
+    """Aggregate decode rate: tokens after each first one over the time all sessions decoded."""
+    params = GenerationParams(max_tokens=tokens, temperature=0.0)
+    results = await asyncio.gather(*(coord.complete(p, params) for p in prompts(batch)))
+    first = max(r.timings["prompt_ms"] for r in results)
+    total = max(r.timings["total_ms"] for r in results)
+    steps = sum(len(r.token_ids) - 1 for r in results)
+    return steps / ((total - first) / 1e3)
+
+
 async def mesh_tok_s(path: Path, urls: list[str], batches: list[int], tokens: int,
-                     repeats: int, groups: int | None = None) -> dict[int, float]:
+                     repeats: int, groups: int = 1, baseline: bool = False
+                     ) -> tuple[dict[int, float], dict[int, float]]:
+    """Median mesh rates per batch, and (``baseline``) one-process rates measured between."""
     coord = Coordinator(path, urls, prefix_cache=False, decode_groups=groups)
     await coord.start(handshake_timeout_s=120)
+    mesh: dict[int, list[float]] = {b: [] for b in batches}
+    single: dict[int, list[float]] = {b: [] for b in batches}
     try:
-        params = GenerationParams(max_tokens=tokens, temperature=0.0)
         await coord.complete(PROMPT, GenerationParams(max_tokens=4))  # warm-up
-        out = {}
-        for batch in batches:
-            runs = []
-            for _ in range(repeats):
-                results = await asyncio.gather(*(coord.complete(p, params)
-                                                 for p in prompts(batch)))
-                # Decode rate: tokens after the first over the time all sessions decoded.
-                first = max(r.timings["prompt_ms"] for r in results)
-                total = max(r.timings["total_ms"] for r in results)
-                steps = sum(len(r.token_ids) - 1 for r in results)
-                runs.append(steps / ((total - first) / 1e3))
-            out[batch] = statistics.median(runs)
-        return out
+        loop = asyncio.get_running_loop()
+        for _ in range(repeats):
+            for batch in batches:
+                if baseline:  # in a thread: the coordinator keeps answering heartbeats
+                    single[batch].append(await loop.run_in_executor(
+                        None, one_process_tok_s, path, batch, tokens))
+                mesh[batch].append(await _mesh_run(coord, batch, tokens))
+        median = lambda runs: {b: statistics.median(v) for b, v in runs.items() if v}  # noqa: E731
+        return median(mesh), median(single)
     finally:
         await coord.close()
 
@@ -131,23 +141,13 @@ async def long_frame(path: Path, urls: list[str], n: int) -> tuple[float, int, b
     """One ``n``-token prompt as a single frame; (seconds, longest busy_ms seen, chain up)."""
     coord = Coordinator(path, urls, prefix_cache=False, prefill_chunk=n)
     await coord.start(handshake_timeout_s=120)
-    busiest = 0
-
-    async def watch():
-        nonlocal busiest
-        while True:
-            for link in coord.links:
-                busiest = max(busiest, (link.last_pong or {}).get("busy_ms", 0))
-            await asyncio.sleep(0.1)
-
-    watcher = asyncio.create_task(watch())
     try:
         prompt = [2] + [int(t) for t in np.random.default_rng(1).integers(1000, 20000, n - 1)]
         t0 = time.perf_counter()
         await coord.complete(prompt, GenerationParams(max_tokens=4))
+        busiest = max(link.longest_busy_ms for link in coord.links)
         return time.perf_counter() - t0, busiest, coord.ready
     finally:
-        watcher.cancel()
         await coord.close()
 
 
@@ -165,10 +165,9 @@ def main(model_spec: str, tokens: int, repeats: int, hops: int) -> None:
     info = model_info(path)
     ranges = balanced_split(list(info.layer_bytes), info.head_bytes, 2)
     batches = [1, 2, 4, 8]
-    single = {b: statistics.median(one_process_tok_s(path, b, tokens) for _ in range(repeats))
-              for b in batches}
     with tempfile.TemporaryDirectory() as tmp, _mesh(path, ranges, tmp, 2) as mesh:
-        shared = asyncio.run(mesh_tok_s(path, mesh.urls, batches, tokens, repeats))
+        shared, single = asyncio.run(mesh_tok_s(path, mesh.urls, batches, tokens, repeats,
+                                                baseline=True))
     p50, p99 = hop_latency_us(hops)
     with tempfile.TemporaryDirectory() as tmp:
         even = [(0, info.n_layer // 2), (info.n_layer // 2, info.n_layer)]
@@ -184,7 +183,7 @@ def main(model_spec: str, tokens: int, repeats: int, hops: int) -> None:
                                                          cpus=cpus) as mesh:
             for groups in (1, 2):
                 grouping[(label, groups)] = asyncio.run(
-                    mesh_tok_s(path, mesh.urls, [4, 8], tokens, repeats, groups))
+                    mesh_tok_s(path, mesh.urls, [4, 8], tokens, repeats, groups))[0]
 
     split = " | ".join(f"{a}:{b}" for a, b in ranges)
     print(f"model={path.name} split={split} tokens/session={tokens} repeats={repeats} "

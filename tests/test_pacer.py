@@ -2,9 +2,7 @@
 
 import asyncio
 
-import pytest
-
-from mesh.coordinator.pacer import DecodePacer, hosts_of
+from mesh.coordinator.pacer import DecodePacer
 
 
 class Recorder:
@@ -118,12 +116,3 @@ def test_with_two_groups_one_leaves_while_the_other_is_out():
         r.ready(1)
         assert r.departures[-1] == [1, 3]
     run(body)
-
-
-@pytest.mark.parametrize("urls,hosts", [
-    (["tcp://127.0.0.1:7501", "tcp://127.0.0.1:7502"], 1),
-    (["tcp://10.0.0.1:7501", "tcp://10.0.0.2:7502", "tcp://10.0.0.2:7503"], 2),
-    (["ipc:///tmp/a", "tcp://localhost:1"], 1),
-])
-def test_one_group_per_host(urls, hosts):
-    assert hosts_of(urls) == hosts

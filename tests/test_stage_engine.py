@@ -1,6 +1,5 @@
 """The stage engine at real processes: hostile frames, long frames, liveness while computing."""
 
-import asyncio
 import time
 
 import numpy as np
@@ -148,21 +147,9 @@ def test_a_2048_token_frame_at_one_thread_is_served_and_equals_one_process(gemma
     with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=2304, slots=2, threads=1,
                       extra_args=args) as mesh:
         async def body(coord):
-            busiest = 0
             t0 = time.monotonic()
-
-            async def watch():
-                nonlocal busiest
-                while True:
-                    for link in coord.links:
-                        busiest = max(busiest, (link.last_pong or {}).get("busy_ms", 0))
-                    await asyncio.sleep(0.1)
-
-            watcher = asyncio.create_task(watch())
-            try:
-                result = await coord.complete(prompt, GenerationParams(max_tokens=8))
-            finally:
-                watcher.cancel()
+            result = await coord.complete(prompt, GenerationParams(max_tokens=8))
+            busiest = max(link.longest_busy_ms for link in coord.links)
             return result, busiest, time.monotonic() - t0
         result, busiest, seconds = with_coordinator(gemma_path, mesh.urls, body,
                                                     prefill_chunk=2048)
@@ -178,4 +165,4 @@ def test_a_2048_token_frame_at_one_thread_is_served_and_equals_one_process(gemma
     finally:
         single.close()
     assert result.token_ids == expected and len(expected) == 8
-    assert busiest > 0  # Pongs kept coming, and said the stage was computing
+    assert busiest >= 500  # Pongs kept coming while one step computed, and said so

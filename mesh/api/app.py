@@ -237,10 +237,11 @@ def _curl_line(base_url: str) -> str:
             f"-d '{body}'")
 
 
-def run_server(path: Path, stages: list[str], host: str, port: int, announce: bool) -> None:
+def run_server(path: Path, stages: list[str], host: str, port: int, announce: bool,
+               decode_groups: int = 1) -> None:
     import uvicorn
 
-    coordinator = Coordinator(path, stages)
+    coordinator = Coordinator(path, stages, decode_groups=decode_groups)
     settings = ApiSettings(model_id=path.stem,
                            announce_url=f"http://{host}:{port}" if announce else None)
     app = create_app(settings, coordinator)

@@ -30,7 +30,7 @@ from mesh.coordinator.links import (
     StageLink,
     StageUnavailableError,
 )
-from mesh.coordinator.pacer import DecodePacer, hosts_of
+from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_id
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import InvalidInputError, MeshError
@@ -105,7 +105,7 @@ class _Live:
 class Coordinator:
     def __init__(self, model_path: Path, stage_urls: list[str], *,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
-                 prefix_cache: bool = True, decode_groups: int | None = None):
+                 prefix_cache: bool = True, decode_groups: int = 1):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
@@ -126,10 +126,7 @@ class Coordinator:
         self._pending_keeps: dict[int, tuple[list[int], asyncio.Future]] = {}
         self._prefix_cache = prefix_cache
         self._admission_wait_s = admission_wait_s
-        # One decode group per host: stages on one host take turns on its cores, stages on
-        # S hosts each work on a different group.
-        self.pacer = DecodePacer(decode_groups or hosts_of(self.stage_urls),
-                                 on_depart=lambda: self.links[0].flush())
+        self.pacer = DecodePacer(decode_groups, on_depart=lambda: self.links[0].flush())
         self.wait_observer = None  # set by the API's metrics
 
     # ---- lifecycle ------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class StageLink:
         self.alive = False
         self.last_seen = 0.0
         self.last_pong: dict[str, Any] | None = None
+        self.longest_busy_ms = 0  # the longest step the stage has reported computing
         self._dispatch = dispatch
         self._on_send_failure = on_send_failure
         self._sock = dealer(zctx, url, identity=origin, immediate=True)
@@ -86,6 +87,7 @@ class StageLink:
         kind = msg["kind"]
         if kind == wire.PONG:
             self.last_pong = msg
+            self.longest_busy_ms = max(self.longest_busy_ms, msg["busy_ms"])
             for waiter in self._pong_waiters:
                 if not waiter.done():
                     waiter.set_result(msg)

@@ -5,9 +5,14 @@ A stage batches whatever rows have arrived when it starts a step. Sessions whose
 in different steps would otherwise stay out of phase forever, each stage running a trickle of
 rows. The pacer keeps them in phase: at most ``groups`` groups are in flight; a session whose
 token came back waits until its whole group is back, then the ready sessions leave together
-(new sessions join at the next departure). One group suits stages that share a host's cores
-(they take turns computing); S groups suit S stages on S hosts: while stage 1 computes one
-group, stage 0 computes the next.
+(new sessions join at the next departure).
+
+One group is the default, on one host and on several. With G groups on S hosts, stage 1 can
+compute one group while stage 0 computes the next, but each stage then reads its weights G
+times per round instead of once; CPU decode at a few dozen rows is bound by those reads, so the
+overlap does not pay it back (measured with a core per stage, ``scripts/bench_mesh.py``: 2
+groups 0.75x of 1 at 4 and 8 sessions on Gemma 3 270M). Groups pay where a step's cost grows
+with its rows (compute-bound loads): ``--decode-groups``.
 
 A group departs as soon as every member of the group that came back is ready (or ended); a
 member that is slow to say so (its caller is busy) is left for the next departure, at the end
@@ -19,17 +24,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
-
-
-def hosts_of(urls: list[str]) -> int:
-    """Distinct hosts among stage URLs (ipc:// and inproc:// count as this host)."""
-    hosts = set()
-    for url in urls:
-        parts = urlsplit(url)
-        local = parts.scheme != "tcp" or parts.hostname in ("127.0.0.1", "localhost", "::1")
-        hosts.add("local" if local else parts.hostname)
-    return max(1, len(hosts))
 
 
 @dataclass(eq=False)

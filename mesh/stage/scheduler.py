@@ -102,7 +102,7 @@ class StepPlan:
 class SchedulerConfig:
     max_rows: int = 16  # one-token rows in one llama_decode
     # Rows batch only while the session holds at most this many tokens after the step;
-    # None batches every row (see StageRuntime.exact_batch_cells).
+    # None batches every row (see mesh.stage.exactness).
     exact_batch_cells: int | None = None
     eviction: PlanBounds = field(default_factory=PlanBounds)
 
@@ -140,30 +140,16 @@ class Scheduler:
                 rows.append(item)
             else:
                 prompts.append(item)
-        # Slots: a frame that starts a session needs one, from the free slots first, then from
-        # evictable records, then (an Acquire) from the record it reuses. Oldest first served.
         pinned = {it.prefix_id for it in acquires}
         records = [replace(r, pinned=True) if r.id in pinned else r for r in view.records]
         starting = sorted([*acquires, *(it for it in [*rows, *prompts]
                                         if it.key not in view.lengths)],
                           key=lambda it: it.arrival)
-        budget = view.free_slots + sum(1 for r in records if not r.pinned)
-        claimable = {r.id for r in records if r.pinned}
-        admissible: list[Item] = []
-        takeovers: list[Item] = []
-        beyond: list[Item] = []
-        for item in starting:
-            if budget > 0:
-                admissible.append(item)
-                budget -= 1
-            elif item.kind == wire.ACQUIRE and item.prefix_id in claimable:
-                claimable.discard(item.prefix_id)
-                takeovers.append(item)
-            else:
-                beyond.append(item)
+        admissible, takeovers, beyond = self._slots(starting, records, view.free_slots)
         # A Stop in this step frees a slot, a record pinned in this step is evictable in the
         # next: then starting frames wait a step. Otherwise nothing will free one: refuse.
-        if not (any(r.pinned for r in records) or any(it.kind == wire.STOP for it in controls)):
+        if not (pinned & {r.id for r in records} or any(it.kind == wire.STOP
+                                                         for it in controls)):
             rejected += [Rejection(it, wire.E_NO_SESSION_SLOT,
                                    f"no free sequence slot ({len(view.lengths)} live sessions, "
                                    f"{len(view.records)} prefix records, none evictable now)")
@@ -191,6 +177,28 @@ class Scheduler:
         for item in plan.items:
             self._pop(item)
         return plan
+
+    @staticmethod
+    def _slots(starting: list[Item], records: list[PrefixRecord], free: int
+               ) -> tuple[list[Item], list[Item], list[Item]]:
+        """Split the frames that start a session, oldest first: those a free slot or an
+        evictable record can take, the Acquires that take over the (pinned) record they reuse,
+        and the rest."""
+        budget = free + sum(1 for r in records if not r.pinned)
+        claimable = {r.id for r in records if r.pinned}
+        admissible: list[Item] = []
+        takeovers: list[Item] = []
+        beyond: list[Item] = []
+        for item in starting:
+            if budget > 0:
+                admissible.append(item)
+                budget -= 1
+            elif item.kind == wire.ACQUIRE and item.prefix_id in claimable:
+                claimable.discard(item.prefix_id)
+                takeovers.append(item)
+            else:
+                beyond.append(item)
+        return admissible, takeovers, beyond
 
     def _refusal(self, item: Item, view: KvView) -> Rejection | None:
         length = view.lengths.get(item.key)

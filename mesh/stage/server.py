@@ -74,7 +74,7 @@ class StageServer:
                 self._send_mail()
         finally:
             self.engine.stop()
-            compute.join(timeout=30)
+            compute.join()  # the step in progress finishes; the runtime is freed after it
             self.close()
 
     def stop(self) -> None:
