@@ -134,8 +134,7 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         self.model_sha256 = await loop.run_in_executor(None, file_sha256, self.model_path)
         self.tokenizer = await loop.run_in_executor(None, Tokenizer, self.model_path)
-        self.links = [StageLink(i, url, self.origin, self._zctx, self._dispatch,
-                                self._send_failed)
+        self.links = [StageLink(i, url, self.origin, self._zctx, self._dispatch, self._fail)
                       for i, url in enumerate(self.stage_urls)]
         for link in self.links:
             link.start()
@@ -240,14 +239,11 @@ class Coordinator:
         self._fail(list(self._sessions), exc)
 
     def _fail(self, sessions: list[int], exc: MeshError) -> None:
+        """End these sessions with ``exc`` (a stage went down, or a message could not leave)."""
         for session in sessions:
             live = self._sessions.get(session)
             if live is not None:
                 live.queue.put_nowait({"kind": "_fail", "exc": exc})
-
-    def _send_failed(self, sessions: list[int], exc: MeshError) -> None:
-        """A posted message could not leave (the stage is not connected)."""
-        self._fail(sessions, exc)
 
     def _dispatch(self, link: StageLink, msg: dict[str, Any]) -> None:
         session = msg.get("session")
