@@ -2,6 +2,7 @@
 
 import re
 import struct
+import time
 from pathlib import Path
 
 import msgpack
@@ -76,6 +77,16 @@ WORK = {"v": fr.PROTOCOL_VERSION, "kind": "Decode", "session": 1, "origin": b"c"
         (_frame({**WORK, "kind": "PrefillFinalEmbd", "sampling": {}, "history": b"\0" * 6}),
          "bad_field"),
         (struct.pack(">I", fr.MAX_FRAME_BYTES + 1), "oversize"),
+        (_frame({**WORK, "extra": 1}), "bad_field"),
+        (_frame({**WORK, "pos": -1}), "bad_field"),
+        (_frame({**WORK, "kind": "PrefillFinalEmbd", "history": None,
+                 "sampling": {"temperature": float("nan")}}), "bad_field"),
+        (_frame({**WORK, "kind": "PrefillFinalEmbd", "history": None,
+                 "sampling": {"repeat_penalty": 1e9}}), "bad_field"),
+        (_frame({**WORK, "kind": "PrefillFinalEmbd", "history": None,
+                 "sampling": {"top_p": 1.5}}), "bad_field"),
+        (_frame({"v": fr.PROTOCOL_VERSION, "kind": "Token", "session": 1, "pos": 1, "token": 1,
+                 "logprob": None, "top": [[1, 0.5]] * 21}), "bad_field"),
     ],
 )
 def test_malformed_frames_get_their_error_code(raw, code):
@@ -91,6 +102,19 @@ def test_a_huge_field_gets_a_short_error(field):
     with pytest.raises(fr.ProtocolError) as info:
         fr.decode(raw)
     assert len(str(info.value)) < 200
+
+
+def test_a_body_of_nested_arrays_is_refused_while_unpacking():
+    # 64 MiB of empty arrays was ~4 GiB of Python lists; now the unpacker stops at the limit.
+    body = b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x90" * (1 << 20)
+    raw = struct.pack(">I", len(body)) + body
+    t0 = time.perf_counter()
+    with pytest.raises(fr.ProtocolError) as info:
+        fr.decode(raw)
+    assert info.value.code == "bad_frame" and time.perf_counter() - t0 < 1.0
+    deep = b"\x91" * 10_000 + b"\xc0"
+    with pytest.raises(fr.ProtocolError):
+        fr.decode(struct.pack(">I", len(deep)) + deep)
 
 
 def test_error_frames_truncate_their_message_to_fit():

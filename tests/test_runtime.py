@@ -296,7 +296,8 @@ def test_greedy_sample_equals_argmax_of_logits(tiny_llama):
 
 @pytest.mark.parametrize(
     "params", [SamplingParams(top_p=0.0), SamplingParams(temperature=float("nan")),
-               SamplingParams(n_logprobs=50), SamplingParams(repeat_penalty=0.0)]
+               SamplingParams(n_logprobs=50), SamplingParams(repeat_penalty=0.0),
+               SamplingParams(top_k=10**6), SamplingParams(repeat_last_n=2**31 - 1)]
 )
 def test_bad_sampling_params_are_rejected(tiny_llama, params):
     chain = LocalChain(tiny_llama, [(0, 4)], CFG)

@@ -250,7 +250,7 @@ class StageRuntime:
         if sample is not None:
             if not self.is_last:
                 raise InvalidInputError("only the final stage samples")
-            sample.validate()
+            sample.validate(self.n_vocab, self.session_ctx)
         if history is not None:
             history = np.asarray(history)
             if history.size and (int(history.min()) < 0 or int(history.max()) >= self.n_vocab):

@@ -8,8 +8,7 @@ import numpy as np
 
 from mesh.errors import InvalidInputError
 from mesh.stage.native import llama
-
-MAX_LOGPROBS = 20
+from mesh.transport.wire import MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -25,11 +24,15 @@ class SamplingParams:
     repeat_last_n: int = 64
     n_logprobs: int = 0
 
-    def validate(self) -> None:
+    def validate(self, n_vocab: int | None = None, n_ctx: int | None = None) -> None:
+        """Ranges llama.cpp's samplers can take without misbehaving (a repeat window sizes a
+        buffer; top_k beyond the vocabulary is meaningless)."""
         if not (np.isfinite(self.temperature) and self.temperature <= 100):
             raise InvalidInputError("temperature must be finite and <= 100")
-        if self.top_k < 0:
-            raise InvalidInputError("top_k must be >= 0")
+        if self.top_k < 0 or (n_vocab is not None and self.top_k > n_vocab):
+            raise InvalidInputError(f"top_k must be in [0, {n_vocab or 'vocabulary'}]")
+        if n_ctx is not None and self.repeat_last_n > n_ctx:
+            raise InvalidInputError(f"repeat_last_n must be <= the context ({n_ctx})")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidInputError("top_p must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:

@@ -7,6 +7,7 @@ fields and their checks. The names themselves (version, kinds, limits, error cod
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -30,6 +31,7 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     MAX_ERROR_MESSAGE_CHARS,
     MAX_FRAME_BYTES,
     MAX_HISTORY_TOKENS,
+    MAX_LOGPROBS,
     MAX_TOKENS_PER_FRAME,
     PING,
     PONG,
@@ -79,9 +81,19 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
            "decode_steps": _INT, "decode_rows": _INT, "stage": _STR},
 }
 
-SAMPLING_FIELDS = {"temperature": _FLOAT, "top_k": _INT, "top_p": _FLOAT, "min_p": _FLOAT,
-                   "seed": _INT, "repeat_penalty": _FLOAT, "repeat_last_n": _INT,
-                   "logprobs": _INT}
+# sampling field -> (types, lowest, highest). The final stage also checks top_k against its
+# vocabulary and repeat_last_n against its context (mesh.stage.sampling).
+SAMPLING_FIELDS = {"temperature": (_FLOAT, -100.0, 100.0), "top_k": (_INT, 0, 2**31 - 1),
+                   "top_p": (_FLOAT, 0.0, 1.0), "min_p": (_FLOAT, 0.0, 1.0),
+                   "seed": (_INT, 0, 2**32 - 1), "repeat_penalty": (_FLOAT, 0.0, 100.0),
+                   "repeat_last_n": (_INT, 0, 2**31 - 1), "logprobs": (_INT, 0, MAX_LOGPROBS)}
+
+# What a frame body may hold at most, enforced while it is unpacked: every valid frame is one
+# flat map (plus the sampling map, or the Token's top list of pairs), so anything larger is an
+# attack on the unpacker's memory (64 MiB of nested empty arrays is ~4 GiB of Python objects).
+_MAX_MAPS = 4
+_MAX_ARRAYS = 2 * MAX_LOGPROBS + 2
+_MAX_STR = 4096
 
 
 class ProtocolError(MeshError):
@@ -119,8 +131,20 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
     if length != len(view) - HEADER.size:
         raise ProtocolError(
             E_BAD_FRAME, f"length prefix says {length} bytes, frame carries {len(view) - 4}")
+    counts = [0, 0]  # maps, arrays
+
+    def count(which: int, limit: int, value):
+        counts[which] += 1
+        if counts[which] > limit:
+            raise ValueError("frame nests too many maps or arrays")
+        return value
+
     try:
-        msg = msgpack.unpackb(view[HEADER.size:], raw=False, strict_map_key=True)
+        msg = msgpack.unpackb(
+            view[HEADER.size:], raw=False, strict_map_key=True, max_str_len=_MAX_STR,
+            max_map_len=32, max_array_len=_MAX_ARRAYS, max_ext_len=0,
+            object_hook=lambda m: count(0, _MAX_MAPS, m),
+            list_hook=lambda a: count(1, _MAX_ARRAYS, a))
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError(
             E_BAD_FRAME, f"body is not valid msgpack: {type(exc).__name__}") from None
@@ -144,17 +168,24 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ProtocolError(E_BAD_FIELD, f"{kind}: field {name!r} has type "
                                              f"{type(value).__name__}")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ProtocolError(E_BAD_FIELD, f"{kind}: field {name!r} must be >= 0")
+    if len(msg) != len(schema) + 2:
+        extra = sorted(str(k)[:40] for k in msg if k not in schema and k not in ("v", "kind"))
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: unknown fields {extra[:4]}")
     if kind in WORK_KINDS:
         _check_work(msg)
     elif kind in (ACQUIRE, STOP):
         _check_prefix(msg)
+    elif kind == TOKEN:
+        _check_token(msg)
     return msg
 
 
 def _check_prefix(msg: dict[str, Any]) -> None:
     n = msg["n"] if msg["kind"] == ACQUIRE else msg["keep"]
-    if not 0 <= n <= 2**31 or not 0 <= msg["session"] < 2**64:
-        raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: session and token counts must be >= 0")
+    if not n <= 2**31 or not msg["session"] < 2**64:
+        raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: token count or session out of range")
     prefix_id = msg["prefix_id"]
     if prefix_id is not None and len(prefix_id) != PREFIX_ID_BYTES:
         raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: prefix_id must be "
@@ -167,8 +198,8 @@ def _check_work(msg: dict[str, Any]) -> None:
         raise ProtocolError(E_BAD_FIELD, f"{kind}: n={n} outside [1, {MAX_TOKENS_PER_FRAME}]")
     if kind == DECODE and n != 1:
         raise ProtocolError(E_BAD_FIELD, "Decode carries exactly one token")
-    if msg["pos"] < 0 or not 0 <= msg["session"] < 2**64:
-        raise ProtocolError(E_BAD_FIELD, f"{kind}: pos and session must be non-negative")
+    if msg["pos"] >= 2**31 or msg["session"] >= 2**64:
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: pos or session out of range")
     if (msg["tokens"] is None) == (msg["embd"] is None):
         raise ProtocolError(E_BAD_FIELD, f"{kind}: exactly one of tokens or embd must be set")
     if msg["tokens"] is not None and len(msg["tokens"]) != 4 * n:
@@ -183,9 +214,25 @@ def _check_work(msg: dict[str, Any]) -> None:
             raise ProtocolError(E_BAD_FIELD, f"history must hold at most {MAX_HISTORY_TOKENS} "
                                              "int32 token ids")
         for name, value in msg["sampling"].items():
-            types = SAMPLING_FIELDS.get(name)
-            if types is None or not isinstance(value, types) or isinstance(value, bool):
-                raise ProtocolError(E_BAD_FIELD, f"sampling field {name!r} is not valid")
+            spec = SAMPLING_FIELDS.get(name)
+            if spec is None or not isinstance(value, spec[0]) or isinstance(value, bool):
+                raise ProtocolError(E_BAD_FIELD, f"sampling field {str(name)[:40]!r} is not "
+                                                 "valid")
+            if not (math.isfinite(value) and spec[1] <= value <= spec[2]):
+                raise ProtocolError(E_BAD_FIELD, f"sampling field {name!r} outside "
+                                                 f"[{spec[1]}, {spec[2]}]")
+
+
+def _check_token(msg: dict[str, Any]) -> None:
+    logprob = msg["logprob"]
+    top = msg["top"]
+    if logprob is not None and not math.isfinite(logprob) and logprob != -math.inf:
+        raise ProtocolError(E_BAD_FIELD, "Token: logprob must be a number")
+    if len(top) > MAX_LOGPROBS or not all(
+            isinstance(t, list) and len(t) == 2 and isinstance(t[0], int)
+            and isinstance(t[1], float) for t in top):
+        raise ProtocolError(E_BAD_FIELD, f"Token: top must be at most {MAX_LOGPROBS} "
+                                         "[token, logprob] pairs")
 
 
 def known_fields(msg: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ MAX_FRAMES_PER_MESSAGE = 256  # whole frames in one ZeroMQ message (a decode gro
 MAX_ERROR_MESSAGE_CHARS = 512  # Error.message is truncated to this
 PREFIX_ID_BYTES = 32
 MAX_HISTORY_TOKENS = 64
+MAX_LOGPROBS = 20  # top log-probabilities per token
 
 # ---- frame kinds ---------------------------------------------------------------------------
 # Work frames: run at a stage, then forwarded (or answered with a Token at the final stage).
