@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,15 @@ def model(spec: str) -> None:
         _fail(str(exc))
     click.echo(f"{path}\narch={info.arch} layers={info.n_layer} n_embd={info.n_embd} "
                f"n_vocab={info.n_vocab} sha256={info.sha256[:16]}")
+
+
+def _api_options(fn):
+    fn = click.option("--insecure", is_flag=True,
+                      help="Serve without API keys on a non-loopback host.")(fn)
+    return click.option("--api-key", "api_keys", multiple=True,
+                        help="Bearer key for /v1/* and /metrics (repeat; or MESH_API_KEYS, "
+                             "comma-separated). Each key is a tenant: prefixes are reused "
+                             "only within a key.")(fn)
 
 
 def _generation_options(fn):
@@ -113,9 +123,10 @@ async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--prompt", default=None, help="Generate once and exit instead of serving.")
+@_api_options
 @_generation_options
-def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, max_tokens, temperature,
-       top_p, seed, stop, as_json) -> None:
+def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, insecure,
+       max_tokens, temperature, top_p, seed, stop, as_json) -> None:
     """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.launcher import LocalMesh, balanced_split, even_split
@@ -124,6 +135,7 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, max_tokens
     from mesh.stage.slicing import model_info, slice_model
 
     configure("warning")
+    keys = _checked_keys(host, api_keys, insecure) if prompt is None else ()
     try:
         path = resolve_model(model_spec)
         info = model_info(path)
@@ -144,7 +156,7 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, max_tokens
                                           top_p=top_p, seed=seed, stop=tuple(stop))
                 asyncio.run(_generate(path, local.urls, prompt, params, 256, as_json))
             else:
-                _serve(path, local.urls, host, port, announce=True)
+                _serve(path, local.urls, host, port, announce=True, api_keys=keys)
         except MeshError as exc:
             local.check_running()
             _fail(str(exc))
@@ -165,24 +177,41 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
 @click.option("--port", default=8000, show_default=True)
 @click.option("--decode-groups", default=1, show_default=True, type=click.IntRange(1, 64),
               help=DECODE_GROUPS_HELP)
-def serve(model_spec, stages, host, port, decode_groups) -> None:
+@_api_options
+def serve(model_spec, stages, host, port, decode_groups, api_keys, insecure) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
     from mesh.models import resolve_model
 
     configure("info")
+    keys = _checked_keys(host, api_keys, insecure)
     try:
         _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
-               decode_groups=decode_groups)
+               decode_groups=decode_groups, api_keys=keys)
     except MeshError as exc:
         _fail(str(exc))
 
 
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
-           decode_groups: int = 1) -> None:
+           decode_groups: int = 1, api_keys: tuple[str, ...] = ()) -> None:
     from mesh.api.app import run_server
 
-    run_server(path, stages, host, port, announce=announce, decode_groups=decode_groups)
+    run_server(path, stages, host, port, announce=announce, decode_groups=decode_groups,
+               api_keys=api_keys)
+
+
+def _checked_keys(host: str, api_keys: tuple[str, ...], insecure: bool) -> tuple[str, ...]:
+    """API keys from --api-key and MESH_API_KEYS; an API reachable from other hosts needs one."""
+    keys = tuple(k for k in api_keys if k) + tuple(
+        k.strip() for k in os.environ.get("MESH_API_KEYS", "").split(",") if k.strip())
+    if not keys and not insecure and not _loopback(host):
+        _fail(f"refusing to serve on {host} without an API key: give --api-key KEY (or "
+              "MESH_API_KEYS), or --insecure to serve it open")
+    return keys
+
+
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 def _fail(message: str) -> None:

@@ -145,12 +145,13 @@ class LocalMesh:
 
 
 @contextlib.contextmanager
-def serving(model: Path, urls: list[str], log_path: Path):
+def serving(model: Path, urls: list[str], log_path: Path, extra_args: tuple[str, ...] = ()):
     """Run ``mesh serve`` as a real process over ``urls``; yield its base URL once ready."""
     import httpx
 
     port = free_port()
-    args = [sys.executable, "-m", "mesh.cli", "serve", "--model", str(model), "--port", str(port)]
+    args = [sys.executable, "-m", "mesh.cli", "serve", "--model", str(model), "--port", str(port),
+            *extra_args]
     for url in urls:
         args += ["--stage", url]
     with log_path.open("ab") as log:

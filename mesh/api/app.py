@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import sys
@@ -33,10 +35,89 @@ from mesh.logs import get_logger
 log = get_logger("mesh.api")
 
 
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body beyond this is refused with 413, unread
+STREAM_SEND_TIMEOUT_S = 30.0  # a client that stops reading a stream loses it after this
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     model_id: str
     announce_url: str | None = None  # print a ready-to-paste curl line once ready
+    api_keys: tuple[str, ...] = ()  # Bearer keys for /v1/* and /metrics; none: open
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+class RequestGuard:
+    """ASGI middleware in front of everything: API keys, and the body size limit.
+
+    A key maps to its tenant's cache salt (``scope["state"]["cache_salt"]``): requests reuse
+    only prefixes that requests with the same key created. A body over the limit is refused
+    from its Content-Length, or as soon as more than the limit has arrived, before any of it
+    is parsed (the guard reads the body, then hands it to the app).
+    """
+
+    def __init__(self, app, settings: ApiSettings):
+        self.app = app
+        self.limit = settings.max_body_bytes
+        self.salts = {key.encode(): hashlib.sha256(b"mesh-tenant|" + key.encode()).digest()[:16]
+                      for key in settings.api_keys}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        if self.salts and (path.startswith("/v1/") or path == "/metrics"):
+            salt = self._salt(headers.get(b"authorization", b""))
+            if salt is None:
+                return await _reply(send, 401, error_body(
+                    "a valid API key is required (Authorization: Bearer KEY)",
+                    "invalid_request_error", "invalid_api_key"))
+            scope.setdefault("state", {})["cache_salt"] = salt
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await _reply(send, 413, self._too_large())
+        body = bytearray()
+        while True:  # read the body here, so its size is known before anything parses it
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await _reply(send, 413, self._too_large())
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # then the client's disconnect, for streaming responses
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> dict:
+        return error_body(f"request body over {self.limit} bytes", "invalid_request_error",
+                          "request_too_large")
+
+    def _salt(self, header: bytes) -> bytes | None:
+        scheme, _, key = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return None
+        for known, salt in self.salts.items():
+            if hmac.compare_digest(known, key.strip()):
+                return salt
+        return None
+
+
+async def _reply(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict:
@@ -66,13 +147,15 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         await coordinator.start(handshake_timeout_s=120)  # stages may still be slicing
         state["chat"] = ChatRenderer(coordinator.tokenizer, coordinator.links[0].info["arch"])
         if settings.announce_url:
-            print(_curl_line(settings.announce_url), file=sys.stderr, flush=True)
+            key = settings.api_keys[0] if settings.api_keys else None
+            print(_curl_line(settings.announce_url, key), file=sys.stderr, flush=True)
         try:
             yield
         finally:
             await coordinator.close()
 
     app = FastAPI(title="mesh", lifespan=lifespan)
+    app.add_middleware(RequestGuard, settings=settings)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
@@ -110,23 +193,34 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
                                             "created": 0, "owned_by": "mesh"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt_value()
-        params = body.generation_params(extra_stops=[])
+        params = body.generation_params(extra_stops=[], cache_salt=_salt(request))
+        if isinstance(prompt, str):  # tokenized here, off the event loop, to check its length
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                None, coordinator.tokenize, prompt, params.add_special)
         return await _respond(body, prompt, params, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        try:
-            text, add_special, stops = state["chat"].render(body.message_dicts(), body.tools)
-        except Exception as exc:  # template errors are the caller's messages being wrong
-            raise InvalidInputError(f"cannot render the chat template: {exc}") from None
-        params = body.generation_params(extra_stops=stops, add_special=add_special)
-        return await _respond(body, text, params, chat=True)
+    async def chat_completions(body: ChatRequest, request: Request):
+        def render():
+            try:
+                return state["chat"].render_ids(body.message_dicts(), body.tools)
+            except Exception as exc:  # template errors are the caller's messages being wrong
+                raise InvalidInputError(f"cannot render the chat template: {exc}") from None
 
-    async def _respond(body, prompt, params: GenerationParams, chat: bool):
+        ids, stops = await asyncio.get_running_loop().run_in_executor(None, render)
+        params = body.generation_params(extra_stops=stops, cache_salt=_salt(request))
+        return await _respond(body, ids, params, chat=True)
+
+    def _salt(request: Request) -> bytes:
+        return request.scope.get("state", {}).get("cache_salt", b"")
+
+    async def _respond(body, prompt_ids: list[int], params: GenerationParams, chat: bool):
         endpoint = "chat" if chat else "completions"
-        stream = coordinator.stream(prompt, params)
+        body.check_limits(len(prompt_ids), coordinator.session_ctx,
+                          coordinator.tokenizer.n_vocab)
+        stream = coordinator.stream(prompt_ids, params)
         try:
             first = await anext(stream)
         except StopAsyncIteration:
@@ -153,7 +247,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
             lp = _logprobs(Delta("", [], logprobs), chat, body) if logprobs else None
             return _full_response(rid, created, settings.model_id, result, chat, lp)
         return EventSourceResponse(_sse(stream, first, rid, created, chat, body, endpoint),
-                                   ping=15)
+                                   ping=15, send_timeout=STREAM_SEND_TIMEOUT_S)
 
     async def _sse(stream, first, rid, created, chat, body, endpoint):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -229,20 +323,21 @@ def _full_response(rid, created, model, result: Completion, chat: bool, logprobs
             "usage": result.usage}
 
 
-def _curl_line(base_url: str) -> str:
+def _curl_line(base_url: str, key: str | None) -> str:
     body = json.dumps({"messages": [{"role": "user", "content": "Say hello in French."}],
                        "max_tokens": 32})
+    auth = f"-H 'Authorization: Bearer {key}' " if key else ""
     return (f"mesh is ready at {base_url}\n"
             f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
-            f"-d '{body}'")
+            f"{auth}-d '{body}'")
 
 
 def run_server(path: Path, stages: list[str], host: str, port: int, announce: bool,
-               decode_groups: int = 1) -> None:
+               decode_groups: int = 1, api_keys: tuple[str, ...] = ()) -> None:
     import uvicorn
 
     coordinator = Coordinator(path, stages, decode_groups=decode_groups)
-    settings = ApiSettings(model_id=path.stem,
+    settings = ApiSettings(model_id=path.stem, api_keys=api_keys,
                            announce_url=f"http://{host}:{port}" if announce else None)
     app = create_app(settings, coordinator)
     uvicorn.run(app, host=host, port=port, log_level="warning")

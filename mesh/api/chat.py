@@ -56,6 +56,7 @@ class ChatRenderer:
         eos = tokenizer.token_text(int(_eos(tokenizer)))
         bos = tokenizer.token_text(tokenizer.bos) if tokenizer.bos >= 0 else ""
         self._formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        self._tokenizer = tokenizer
         self.extra_stops = ["<end_of_turn>"] if arch.startswith("gemma") else []
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
@@ -65,6 +66,59 @@ class ChatRenderer:
         stops = [s for s in (result.stop or []) if s] if isinstance(result.stop, list) else (
             [result.stop] if result.stop else [])
         return result.prompt, not result.added_special, stops + self.extra_stops
+
+    def render_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+                   ) -> tuple[list[int], list[str]]:
+        """Token ids of the rendered chat and its stop strings.
+
+        The template's own text may hold special tokens; what the messages say is text: a user
+        who writes "<end_of_turn>" gets those characters, not the control token.
+        """
+        text, add_special, stops = self.render(messages, tools)
+        spans = _content_spans(text, messages)
+        if spans is None:  # the template rewrites content: defuse special tokens inside it
+            text, add_special, stops = self.render(self._defused(messages), tools)
+            spans = []
+        tok = self._tokenizer
+        ids: list[int] = []
+        at = 0
+        for start, end in spans:
+            ids += tok.encode(text[at:start], add_special=add_special and at == 0)
+            ids += tok.encode(text[start:end], add_special=False, parse_special=False)
+            at = end
+        ids += tok.encode(text[at:], add_special=add_special and at == 0)
+        return ids, stops
+
+    def _defused(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        specials = self._tokenizer.special_texts()
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, str):
+                for special in specials:
+                    if special in content:
+                        content = content.replace(special, special[0] + "\u200b" + special[1:])
+                m = {**m, "content": content}
+            out.append(m)
+        return out
+
+
+def _content_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]] | None:
+    """Where each message's content sits in the rendered text, in order (None: not found)."""
+    spans, at = [], 0
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str) or not content.strip():
+            continue
+        for candidate in (content, content.strip()):
+            start = text.find(candidate, at)
+            if start >= 0:
+                spans.append((start, start + len(candidate)))
+                at = start + len(candidate)
+                break
+        else:
+            return None
+    return spans
 
 
 def _eos(tokenizer: Tokenizer) -> int:

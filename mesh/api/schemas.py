@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mesh.coordinator.coordinator import GenerationParams
-from mesh.errors import InvalidInputError
+from mesh.errors import ContextLengthError, InvalidInputError
 
 MAX_STOP_STRINGS = 4
 
@@ -18,7 +18,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -27,7 +27,7 @@ class _Sampling(BaseModel):
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**32)
-    repeat_penalty: float = Field(default=1.0, gt=0.0)
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -49,14 +49,25 @@ class _Sampling(BaseModel):
     def _max_tokens(self, default: int) -> int:
         return self.max_tokens if self.max_tokens is not None else default
 
+    def check_limits(self, prompt_tokens: int, session_ctx: int, n_vocab: int) -> None:
+        """What only the served model can judge: an explicit completion length that cannot
+        fit the context, or a top_k beyond the vocabulary, is the caller's mistake (400)."""
+        if self.max_tokens is not None and prompt_tokens + self.max_tokens > session_ctx:
+            raise ContextLengthError(
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({self.max_tokens}) exceeds "
+                f"the context of {session_ctx} tokens")
+        if self.top_k > n_vocab:
+            raise InvalidInputError(f"top_k must be at most the vocabulary size {n_vocab}")
+
     def generation_params(self, extra_stops: list[str], add_special: bool = True,
-                          default_max: int = 16, logprobs: int = 0) -> GenerationParams:
+                          default_max: int = 16, logprobs: int = 0,
+                          cache_salt: bytes = b"") -> GenerationParams:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
         return GenerationParams(
             max_tokens=self._max_tokens(default_max), temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=seed,
             repeat_penalty=self.repeat_penalty, stop=tuple(self._stops() + extra_stops),
-            logprobs=logprobs, add_special=add_special)
+            logprobs=logprobs, add_special=add_special, cache_salt=cache_salt)
 
 
 class CompletionRequest(_Sampling):
@@ -73,9 +84,10 @@ class CompletionRequest(_Sampling):
         return self.prompt
 
     def generation_params(self, extra_stops: list[str], add_special: bool = True,
-                          default_max: int = 16, logprobs: int = 0) -> GenerationParams:
+                          default_max: int = 16, logprobs: int = 0,
+                          cache_salt: bytes = b"") -> GenerationParams:
         return super().generation_params(extra_stops, add_special, default_max,
-                                         self.logprobs or 0)
+                                         self.logprobs or 0, cache_salt)
 
 
 class ChatRequest(_Sampling):
@@ -91,7 +103,16 @@ class ChatRequest(_Sampling):
     def _roles(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for m in messages:
             if m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-                raise ValueError(f"unknown message role {m.get('role')!r}")
+                raise ValueError(f"unknown message role {str(m.get('role'))[:40]!r}")
+            content = m.get("content")
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and p.get("type") == "text"
+                           and isinstance(p.get("text"), str) for p in content):
+                    raise ValueError("content parts must be {\"type\": \"text\", \"text\": ...}")
+            elif content is not None and not isinstance(content, str):
+                raise ValueError("message content must be a string or a list of text parts")
+            if content is None and not m.get("tool_calls"):
+                raise ValueError("a message needs content (or tool_calls)")
         return messages
 
     def message_dicts(self) -> list[dict[str, Any]]:
@@ -106,9 +127,11 @@ class ChatRequest(_Sampling):
             out.append(m)
         return out
 
-    def generation_params(self, extra_stops: list[str], add_special: bool = True,
-                          default_max: int = 512, logprobs: int = 0) -> GenerationParams:
+    def generation_params(self, extra_stops: list[str], add_special: bool = False,
+                          default_max: int = 512, logprobs: int = 0,
+                          cache_salt: bytes = b"") -> GenerationParams:
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         n_logprobs = (self.top_logprobs or 1) if self.logprobs else 0
-        return super().generation_params(extra_stops, add_special, default_max, n_logprobs)
+        return super().generation_params(extra_stops, add_special, default_max, n_logprobs,
+                                         cache_salt)

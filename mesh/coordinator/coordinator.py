@@ -66,6 +66,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     logprobs: int = 0
     add_special: bool = True  # BOS for raw completions; chat templates carry their own
+    cache_salt: bytes = b""  # prefixes are reused only between requests with the same salt
 
     def wire_sampling(self) -> dict[str, Any]:
         return {"temperature": float(self.temperature), "top_k": int(self.top_k),
@@ -122,8 +123,8 @@ class Coordinator:
         self.n_layer = 0
         self.admission: Admission | None = None
         self.prefixes: PrefixIndex | None = None
-        # session -> (prompt, done) for Stops asking stages to keep a prefix, until Stopped
-        self._pending_keeps: dict[int, tuple[list[int], asyncio.Future]] = {}
+        # session -> (prompt, salt, done) for Stops asking stages to keep a prefix, until Stopped
+        self._pending_keeps: dict[int, tuple[list[int], bytes, asyncio.Future]] = {}
         self._prefix_cache = prefix_cache
         self._admission_wait_s = admission_wait_s
         self.pacer = DecodePacer(decode_groups, on_depart=lambda: self.links[0].flush())
@@ -250,11 +251,12 @@ class Coordinator:
         if msg["kind"] == fr.STOPPED:
             pending = self._pending_keeps.pop(session, None)
             if pending is not None:
+                prompt, salt, done = pending
                 if msg["kept"] and self.prefixes is not None:
                     # Stopped comes from the final stage behind the Stop on every stage, so the
                     # record now exists everywhere and a reuse cannot overtake it.
-                    self.prefixes.add(pending[0])
-                pending[1].set_result(None)
+                    self.prefixes.add(prompt, salt)
+                done.set_result(None)
             return
         live = self._sessions.get(session) if session is not None else None
         if live is not None:
@@ -266,6 +268,7 @@ class Coordinator:
 
     # ---- generation -----------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special: bool = True) -> list[int]:
+        """Token ids of a raw prompt (special-token text is parsed: completions are raw)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special=add_special)
         return [int(t) for t in prompt]
@@ -280,7 +283,11 @@ class Coordinator:
     async def stream(self, prompt: str | list[int], params: GenerationParams
                      ) -> AsyncIterator[Delta | Completion]:
         """Yield Deltas as tokens arrive, then one Completion."""
-        prompt_ids = self.tokenize(prompt, params.add_special)
+        if isinstance(prompt, str):  # a long prompt must not stall the event loop
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                None, self.tokenize, prompt, params.add_special)
+        else:
+            prompt_ids = self.tokenize(prompt)
         self._check_request(prompt_ids, params)
         await self.admission.reserve(len(prompt_ids))
         try:
@@ -301,7 +308,7 @@ class Coordinator:
         t_first = None
         completed = False
         try:
-            cached = await self._reuse_prefix(session, live, prompt_ids)
+            cached = await self._reuse_prefix(session, live, prompt_ids, params.cache_salt)
             self._send_prefill(session, prompt_ids, params, cached)
             pos = len(prompt_ids)
             budget = self.admission.max_new_tokens(len(prompt_ids), params.max_tokens)
@@ -345,18 +352,21 @@ class Coordinator:
         finally:
             self._sessions.pop(session, None)
             self.pacer.forget(session)
-            self._release(session, prompt_ids if completed else None)
+            self._release(session, prompt_ids if completed else None, params.cache_salt)
 
     def _check_request(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if not prompt_ids:
             raise InvalidInputError("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.tokenizer.n_vocab:
+            raise InvalidInputError(f"token ids must be in [0, {self.tokenizer.n_vocab})")
         if params.max_tokens < 1:
             raise InvalidInputError("max_tokens must be >= 1")
         for link in self.links:
             if not link.alive:
                 raise StageUnavailableError(f"{link.name} is down")
 
-    async def _reuse_prefix(self, session: int, live: _Live, prompt_ids: list[int]) -> int:
+    async def _reuse_prefix(self, session: int, live: _Live, prompt_ids: list[int],
+                            salt: bytes) -> int:
         """Agree with every stage on a resident prefix to start from; returns its length.
 
         Each stage copies the record's cells into the new session as it answers (so eviction
@@ -364,10 +374,10 @@ class Coordinator:
         """
         if self.prefixes is None:
             return 0
-        in_flight = [done for _, done in self._pending_keeps.values()]
+        in_flight = [done for _, _, done in self._pending_keeps.values()]
         if in_flight:  # a prefix being kept right now may be the one this prompt needs
             await asyncio.wait(in_flight, timeout=PENDING_KEEP_WAIT_S)
-        for pid, n in self.prefixes.matches(prompt_ids):
+        for pid, n in self.prefixes.matches(prompt_ids, salt):
             placed = await self._acquire_round(session, live, pid, n, self.links)
             agreed = min(placed.values())
             longer = [link for link in self.links if placed[link.index] > agreed]
@@ -428,7 +438,7 @@ class Coordinator:
             raise StageError(msg["code"], msg["message"], msg["stage"])
         return msg
 
-    def _release(self, session: int, keep_prompt: list[int] | None) -> None:
+    def _release(self, session: int, keep_prompt: list[int] | None, salt: bytes) -> None:
         """Stop walks the chain behind any frames still in flight, so ordering is kept.
 
         A session that completed keeps its prompt as a resident prefix on every stage.
@@ -436,9 +446,9 @@ class Coordinator:
         keep, pid = 0, None
         if (keep_prompt is not None and self.prefixes is not None
                 and len(keep_prompt) >= MIN_REUSE_TOKENS):
-            keep, pid = len(keep_prompt), prefix_id(self.model_sha256, keep_prompt)
+            keep, pid = len(keep_prompt), prefix_id(self.model_sha256, keep_prompt, salt)
             done = asyncio.get_running_loop().create_future()
-            self._pending_keeps[session] = (keep_prompt, done)
+            self._pending_keeps[session] = (keep_prompt, salt, done)
         stop = fr.encode(fr.STOP, session=session, origin=self.origin, keep=keep, prefix_id=pid)
         targets = self.links[:1] if self.links[0].alive else [
             link for link in self.links if link.alive]

@@ -14,9 +14,13 @@ import numpy as np
 MIN_REUSE_TOKENS = 32  # below this a prefix saves too little to be worth a round trip
 
 
-def prefix_id(model_sha256: str, tokens: list[int]) -> bytes:
-    """32-byte identity of a token prefix of one model."""
+def prefix_id(model_sha256: str, tokens: list[int], salt: bytes = b"") -> bytes:
+    """32-byte identity of a token prefix of one model, for one cache salt (tenant): requests
+    with different salts can never name, and so never reuse or probe, each other's prefixes."""
+    if len(salt) > 255:
+        raise ValueError("cache salt longer than 255 bytes")
     h = hashlib.sha256(model_sha256.encode())
+    h.update(bytes([len(salt)]) + salt)
     h.update(np.asarray(tokens, dtype="<i4").tobytes())
     return h.digest()
 
@@ -25,14 +29,15 @@ class PrefixIndex:
     def __init__(self, model_sha256: str, max_entries: int = 256):
         self._model = model_sha256
         self._max = max_entries
-        self._entries: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[bytes, tuple[bytes, np.ndarray]] = (
+            collections.OrderedDict())
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, tokens: list[int]) -> bytes:
-        pid = prefix_id(self._model, tokens)
-        self._entries[pid] = np.asarray(tokens, dtype=np.int32)
+    def add(self, tokens: list[int], salt: bytes = b"") -> bytes:
+        pid = prefix_id(self._model, tokens, salt)
+        self._entries[pid] = (salt, np.asarray(tokens, dtype=np.int32))
         self._entries.move_to_end(pid)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
@@ -41,8 +46,10 @@ class PrefixIndex:
     def forget(self, pid: bytes) -> None:
         self._entries.pop(pid, None)
 
-    def matches(self, prompt: list[int], limit: int = 3) -> list[tuple[bytes, int]]:
-        """Known records sharing the longest prefixes with ``prompt``, best (then newest) first.
+    def matches(self, prompt: list[int], salt: bytes = b"", limit: int = 3
+                ) -> list[tuple[bytes, int]]:
+        """Known records of ``salt`` sharing the longest prefixes with ``prompt``, best (then
+        newest) first.
 
         Each length leaves at least one prompt token to prefill. Several are returned because
         a stage may have evicted the best one already.
@@ -50,7 +57,9 @@ class PrefixIndex:
         prompt_arr = np.asarray(prompt, dtype=np.int32)
         room = len(prompt_arr) - 1
         found: list[tuple[int, int, bytes]] = []
-        for age, (pid, tokens) in enumerate(self._entries.items()):
+        for age, (pid, (owner, tokens)) in enumerate(self._entries.items()):
+            if owner != salt:
+                continue
             m = min(len(tokens), room)
             if m < MIN_REUSE_TOKENS:
                 continue

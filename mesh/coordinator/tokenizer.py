@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 from pathlib import Path
 
 from mesh.stage.native import NativeModel, llama
@@ -46,6 +47,16 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         raw = llama().llama_model_chat_template(self._model.ptr, None)
         return raw.decode("utf-8") if raw else None
+
+    @functools.cache  # noqa: B019  (one tokenizer per process; the vocabulary never changes)
+    def special_texts(self) -> tuple[str, ...]:
+        """Texts of control and user-defined tokens (what special-token parsing turns into
+        one token), longest first."""
+        lib = llama()
+        special = lib.LLAMA_TOKEN_ATTR_CONTROL | lib.LLAMA_TOKEN_ATTR_USER_DEFINED
+        texts = {self.token_text(t) for t in range(self.n_vocab)
+                 if lib.llama_vocab_get_attr(self.vocab, t) & special}
+        return tuple(sorted((t for t in texts if len(t) > 1), key=len, reverse=True))
 
     def token_text(self, token: int) -> str:
         """The vocabulary's text for a token (special tokens included), for chat templates."""
