@@ -35,6 +35,18 @@ def model(spec: str) -> None:
                f"n_vocab={info.n_vocab} sha256={info.sha256[:16]}")
 
 
+def _secret_option(fn):
+    return click.option("--secret", "secret_file", envvar="MESH_SECRET_FILE", default=None,
+                        type=click.Path(dir_okay=False),
+                        help="Mesh secret the stages were started with (CURVE).")(fn)
+
+
+def _mesh_keys(secret_file: str | None):
+    from mesh.transport.security import derive_keys, load_secret
+
+    return derive_keys(load_secret(Path(secret_file))) if secret_file else None
+
+
 def _api_options(fn):
     fn = click.option("--insecure", is_flag=True,
                       help="Serve without API keys on a non-loopback host.")(fn)
@@ -68,9 +80,10 @@ def _generation_options(fn):
 @click.option("--prefill-chunk", default=256, show_default=True)
 @click.option("--connect-timeout", default=10.0, show_default=True,
               help="Seconds to wait for every stage's handshake.")
+@_secret_option
 @_generation_options
-def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, max_tokens, temperature,
-             top_p, seed, stop, as_json) -> None:
+def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_file, max_tokens,
+             temperature, top_p, seed, stop, as_json) -> None:
     """Raw-text completion through a running chain of stages."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.logs import configure
@@ -82,16 +95,16 @@ def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, max_tok
     try:
         path = resolve_model(model_spec)
         asyncio.run(_generate(path, list(stages), prompt, params, prefill_chunk, as_json,
-                              connect_timeout))
+                              connect_timeout, _mesh_keys(secret_file)))
     except MeshError as exc:
         _fail(str(exc))
 
 
 async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_chunk: int,
-                    as_json: bool, connect_timeout: float = 60.0) -> None:
+                    as_json: bool, connect_timeout: float = 60.0, mesh_keys=None) -> None:
     from mesh.coordinator.coordinator import Completion, Coordinator
 
-    coord = Coordinator(path, stages, prefill_chunk=prefill_chunk)
+    coord = Coordinator(path, stages, prefill_chunk=prefill_chunk, keys=mesh_keys)
     await coord.start(handshake_timeout_s=connect_timeout)
     try:
         result = None
@@ -133,9 +146,10 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
     from mesh.logs import configure
     from mesh.models import resolve_model
     from mesh.stage.slicing import model_info, slice_model
+    from mesh.transport.security import write_secret
 
     configure("warning")
-    keys = _checked_keys(host, api_keys, insecure) if prompt is None else ()
+    api_keys = _checked_keys(host, api_keys, insecure) if prompt is None else ()
     try:
         path = resolve_model(model_spec)
         info = model_info(path)
@@ -148,15 +162,21 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
     except MeshError as exc:
         _fail(str(exc))
     log_dir = Path(tempfile.mkdtemp(prefix="mesh-up-"))
-    with LocalMesh(str(path), ranges, log_dir, ctx=ctx, slots=slots, threads=threads) as local:
+    secret = log_dir / "mesh.secret"  # this chain's own: only its members talk to its stages
+    write_secret(secret)
+    mesh_keys = _mesh_keys(str(secret))
+    with LocalMesh(str(path), ranges, log_dir, ctx=ctx, slots=slots, threads=threads,
+                   secret=secret) as local:
         click.echo(f"stages: {' '.join(local.urls)} (logs in {log_dir})", err=True)
         try:
             if prompt is not None:
                 params = GenerationParams(max_tokens=max_tokens, temperature=temperature,
                                           top_p=top_p, seed=seed, stop=tuple(stop))
-                asyncio.run(_generate(path, local.urls, prompt, params, 256, as_json))
+                asyncio.run(_generate(path, local.urls, prompt, params, 256, as_json,
+                                      mesh_keys=mesh_keys))
             else:
-                _serve(path, local.urls, host, port, announce=True, api_keys=keys)
+                _serve(path, local.urls, host, port, announce=True, api_keys=api_keys,
+                       mesh_keys=mesh_keys)
         except MeshError as exc:
             local.check_running()
             _fail(str(exc))
@@ -178,26 +198,46 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
 @click.option("--decode-groups", default=1, show_default=True, type=click.IntRange(1, 64),
               help=DECODE_GROUPS_HELP)
 @_api_options
-def serve(model_spec, stages, host, port, decode_groups, api_keys, insecure) -> None:
+@_secret_option
+def serve(model_spec, stages, host, port, decode_groups, api_keys, insecure,
+          secret_file) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
     from mesh.models import resolve_model
 
     configure("info")
-    keys = _checked_keys(host, api_keys, insecure)
+    api_keys = _checked_keys(host, api_keys, insecure)
     try:
         _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
-               decode_groups=decode_groups, api_keys=keys)
+               decode_groups=decode_groups, api_keys=api_keys,
+               mesh_keys=_mesh_keys(secret_file))
     except MeshError as exc:
         _fail(str(exc))
 
 
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
-           decode_groups: int = 1, api_keys: tuple[str, ...] = ()) -> None:
+           decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None) -> None:
     from mesh.api.app import run_server
 
     run_server(path, stages, host, port, announce=announce, decode_groups=decode_groups,
-               api_keys=api_keys)
+               api_keys=api_keys, mesh_keys=mesh_keys)
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def secret(path: Path) -> None:
+    """Write a new mesh secret to PATH (mode 0600; an existing file is never overwritten).
+
+    Give the same file to every stage (`mesh-stage --secret`) and coordinator (`mesh serve
+    --secret`, `mesh generate --secret`): only its holders can talk to the stages.
+    """
+    from mesh.transport.security import write_secret
+
+    try:
+        write_secret(path)
+    except MeshError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote a new mesh secret to {path}", err=True)
 
 
 def _checked_keys(host: str, api_keys: tuple[str, ...], insecure: bool) -> tuple[str, ...]:

@@ -104,6 +104,7 @@ class LocalMesh:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     cpus: list[set[int]] | None = None  # per stage
+    secret: Path | None = None  # the mesh secret every stage is started with
     stages: list[StageProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -113,6 +114,8 @@ class LocalMesh:
             args = ["--model", self.model, "--layers", f"{start}:{end}", "--listen", url,
                     "--ctx", str(self.ctx), "--slots", str(self.slots),
                     "--threads", str(self.threads), *self.extra_args]
+            if self.secret is not None:
+                args += ["--secret", str(self.secret)]
             self.stages.append(StageProcess(start, end, url, self.log_dir / f"stage{i}.log", args,
                                             self.env, self.cpus[i] if self.cpus else None))
 
@@ -146,7 +149,8 @@ class LocalMesh:
 
 @contextlib.contextmanager
 def serving(model: Path, urls: list[str], log_path: Path, extra_args: tuple[str, ...] = ()):
-    """Run ``mesh serve`` as a real process over ``urls``; yield its base URL once ready."""
+    """Run ``mesh serve`` (with ``extra_args``: keys, ``--secret``) as a real process over
+    ``urls``; yield its base URL once ready."""
     import httpx
 
     port = free_port()

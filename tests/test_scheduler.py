@@ -22,8 +22,8 @@ def stop(session):
     return Item(next(_arrivals), wire.STOP, (ORIGIN, session))
 
 
-def acquire(session, prefix_id, n=40):
-    return Item(next(_arrivals), wire.ACQUIRE, (ORIGIN, session), n=n, prefix_id=prefix_id)
+def acquire(session, record, n=40):
+    return Item(next(_arrivals), wire.ACQUIRE, (ORIGIN, session), n=n, record=record)
 
 
 def view(lengths, free_slots=8, records=(), session_ctx=1024):

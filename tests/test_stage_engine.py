@@ -62,12 +62,14 @@ def test_hostile_frames_get_errors_and_the_chain_keeps_serving(tiny_llama, tmp_p
             body += b"\xa4kind\xa4Ping"
             first.send(fr.HEADER.pack(len(body)) + body)
             reply = fr.decode(first.recv())
-            assert reply["code"] == "bad_version" and len(reply["message"]) < 200
+            assert reply["code"] == "bad_frame" and len(reply["message"]) < 200
             del huge_version
 
-            # A valid frame carrying a 60 MiB unknown field: it runs, and the forward (which
-            # would exceed the frame limit if it carried the field along) stays small.
+            # A frame carrying a 60 MiB field no kind defines is refused at the door.
             first.send(_prompt_frame(1, [1, 50, 60, 70], padding=b"\0" * (60 << 20)))
+            reply = fr.decode(first.recv())
+            assert reply["code"] == "bad_field" and "padding" in reply["message"]
+            first.send(_prompt_frame(1, [1, 50, 60, 70]))
             token = fr.decode(last.recv())
             assert token["kind"] == fr.TOKEN and token["session"] == 1 and token["pos"] == 4
 
@@ -123,13 +125,13 @@ def test_the_engine_queue_is_bounded_in_frames_and_bytes(tiny_llama):
         def frame(session):
             return fr.decode(_prompt_frame(session, [1, 2, 3]))
 
-        refused = engine.submit([(frame(session), 100) for session in range(4)])
+        refused = engine.submit([(frame(session), 100, b"") for session in range(4)])
         assert refused[:3] == [None] * 3 and isinstance(refused[3], OverloadedError)
         assert "3 frames" in str(refused[3]) and engine.queued == 3
         while engine.queued:
             engine._absorb(block=False)
             engine.step()
-        too_big, fits = engine.submit([(frame(4), 1001), (frame(5), 1000)])
+        too_big, fits = engine.submit([(frame(4), 1001, b""), (frame(5), 1000, b"")])
         assert isinstance(too_big, OverloadedError) and "0 frames" in str(too_big)
         assert fits is None and engine.queued == 1
         tokens = [f for item in mailbox.drain() for f in getattr(item, "frames", [])]

@@ -333,10 +333,10 @@ def _curl_line(base_url: str, key: str | None) -> str:
 
 
 def run_server(path: Path, stages: list[str], host: str, port: int, announce: bool,
-               decode_groups: int = 1, api_keys: tuple[str, ...] = ()) -> None:
+               decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None) -> None:
     import uvicorn
 
-    coordinator = Coordinator(path, stages, decode_groups=decode_groups)
+    coordinator = Coordinator(path, stages, decode_groups=decode_groups, keys=mesh_keys)
     settings = ApiSettings(model_id=path.stem, api_keys=api_keys,
                            announce_url=f"http://{host}:{port}" if announce else None)
     app = create_app(settings, coordinator)

@@ -37,6 +37,7 @@ from mesh.errors import InvalidInputError, MeshError
 from mesh.logs import get_logger
 from mesh.models import file_sha256
 from mesh.transport import frames as fr
+from mesh.transport.security import MeshKeys
 
 log = get_logger("mesh.coordinator")
 
@@ -106,11 +107,13 @@ class _Live:
 class Coordinator:
     def __init__(self, model_path: Path, stage_urls: list[str], *,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
-                 prefix_cache: bool = True, decode_groups: int = 1):
+                 prefix_cache: bool = True, decode_groups: int = 1,
+                 keys: MeshKeys | None = None):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
         self.stage_urls = list(stage_urls)
+        self._keys = keys  # the mesh's CURVE keys; None: plain connections
         self.prefill_chunk = prefill_chunk
         self.origin = b"coord-" + os.urandom(6).hex().encode()
         self._zctx = zmq.asyncio.Context()
@@ -135,7 +138,8 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         self.model_sha256 = await loop.run_in_executor(None, file_sha256, self.model_path)
         self.tokenizer = await loop.run_in_executor(None, Tokenizer, self.model_path)
-        self.links = [StageLink(i, url, self.origin, self._zctx, self._dispatch, self._fail)
+        self.links = [StageLink(i, url, self.origin, self._zctx, self._dispatch, self._fail,
+                                self._keys)
                       for i, url in enumerate(self.stage_urls)]
         for link in self.links:
             link.start()

@@ -26,6 +26,7 @@ from mesh.errors import MeshError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
+from mesh.transport.security import MeshKeys
 from mesh.transport.sockets import dealer
 
 log = get_logger("mesh.coordinator")
@@ -46,7 +47,8 @@ class HandshakeError(MeshError):
 class StageLink:
     def __init__(self, index: int, url: str, origin: bytes, zctx: zmq.asyncio.Context,
                  dispatch: Callable[[StageLink, dict[str, Any]], None],
-                 on_send_failure: Callable[[list[int], MeshError], None] | None = None):
+                 on_send_failure: Callable[[list[int], MeshError], None] | None = None,
+                 keys: MeshKeys | None = None):
         self.index = index
         self.url = url
         self.name = f"stage {index} ({url})"
@@ -57,7 +59,8 @@ class StageLink:
         self.longest_busy_ms = 0  # the longest step the stage has reported computing
         self._dispatch = dispatch
         self._on_send_failure = on_send_failure
-        self._sock = dealer(zctx, url, identity=origin, immediate=True)
+        self._sock = dealer(zctx, url, identity=origin, immediate=True, keys=keys,
+                            pair=keys.coordinator if keys is not None else None)
         self._posted: list[bytes] = []
         self._posted_sessions: list[int] = []
         self._handshake: asyncio.Future | None = None

@@ -21,6 +21,14 @@ def parse_layers(text: str) -> tuple[int, int]:
     return start, end
 
 
+def is_loopback(url: str) -> bool:
+    """Whether a ZeroMQ endpoint is reachable from this host only."""
+    if not url.startswith("tcp://"):
+        return True  # ipc:// and inproc://
+    host = url[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def normalize_listen(text: str) -> str:
     """``PORT`` or ``HOST:PORT`` or a full zmq URL; a bare port binds loopback only."""
     if "://" in text:
@@ -51,9 +59,15 @@ def normalize_listen(text: str) -> str:
               help="exact: decode sessions together only while that gives each the bits it "
                    "would get alone; all: batch every session (faster past 256 tokens at >1 "
                    "thread, but outputs then depend on load).")
+@click.option("--secret", "secret_file", envvar="MESH_SECRET_FILE", default=None,
+              type=click.Path(dir_okay=False), help="Mesh secret (`mesh secret FILE`): only "
+              "peers holding it can reach the stage (CURVE).")
+@click.option("--insecure", is_flag=True,
+              help="Listen beyond loopback without a secret: anyone reaching the port is "
+                   "trusted.")
 @click.option("--log-level", default="info", show_default=True)
 def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch,
-         prefix_records, batching, log_level) -> None:
+         prefix_records, batching, secret_file, insecure, log_level) -> None:
     """Serve layers START:END of a GGUF model as one pipeline stage."""
     # llama.cpp's CPU graph runs on OpenMP here; idle OpenMP workers spin for ~300k iterations
     # by default and steal the core from the stage that is computing. A short spin keeps the
@@ -65,12 +79,18 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
     from mesh.stage.server import StageServer
     from mesh.stage.slicing import slice_model
+    from mesh.transport.security import derive_keys, load_secret
 
     configure(log_level)
     log = get_logger("mesh.stage")
     start, end = parse_layers(layers)
     url = normalize_listen(listen)
+    if secret_file is None and not insecure and not is_loopback(url):
+        click.echo(f"mesh-stage: refusing to listen on {url} without a mesh secret: give "
+                   "--secret FILE (`mesh secret FILE` makes one), or --insecure", err=True)
+        sys.exit(2)
     try:
+        keys = derive_keys(load_secret(secret_file)) if secret_file else None
         path = resolve_model(model_spec)
         files = slice_model(path, start, end)
         config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
@@ -78,7 +98,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
                                n_ubatch=min(n_batch, 512))
         runtime = StageRuntime(files, config)
         server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
-                             exact=batching == "exact")
+                             exact=batching == "exact", keys=keys)
     except MeshError as exc:
         click.echo(f"mesh-stage: {exc}", err=True)
         sys.exit(2)

@@ -53,12 +53,13 @@ def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
     return SamplingParams(n_logprobs=int(raw.get("logprobs", 0)), **params)
 
 
-def item_from_frame(arrival: int, msg: dict[str, Any], nbytes: int) -> Item:
+def item_from_frame(arrival: int, msg: dict[str, Any], nbytes: int,
+                    record: bytes | None) -> Item:
     kind, key = msg["kind"], (msg["origin"], msg["session"])
     if kind in wire.WORK_KINDS:
         return Item(arrival, kind, key, pos=msg["pos"], n=msg["n"], nbytes=nbytes, frame=msg)
     n = msg["keep"] if kind == wire.STOP else msg["n"]
-    return Item(arrival, kind, key, n=n, prefix_id=msg["prefix_id"], nbytes=nbytes, frame=msg)
+    return Item(arrival, kind, key, n=n, record=record, nbytes=nbytes, frame=msg)
 
 
 class _Outbox:
@@ -108,13 +109,17 @@ class StageEngine:
         self._running = True
 
     # ---- called by the transport thread -----------------------------------------------------
-    def submit(self, frames: list[tuple[dict[str, Any], int]]) -> list[MeshError | None]:
-        """Queue work and control frames (decoded, with their sizes) as one arrival: frames
-        that came in one message run in the same step. Returns, per frame, None or the
-        OverloadedError that kept it out of a full queue."""
+    def submit(self, frames: list[tuple[dict[str, Any], int, bytes]]
+               ) -> list[MeshError | None]:
+        """Queue work and control frames (decoded, with their sizes and the principal that
+        sent them) as one arrival: frames that came in one message run in the same step.
+        Returns, per frame, None or the OverloadedError that kept it out of a full queue."""
         refused: list[MeshError | None] = []
+        records = [self.cache.record_id(msg["prefix_id"], principal)
+                   if msg.get("prefix_id") is not None else None
+                   for msg, _, principal in frames]
         with self._cond:
-            for msg, nbytes in frames:
+            for (msg, nbytes, _), record in zip(frames, records, strict=True):
                 count, size = self._queued
                 if count + 1 > self._limits[0] or size + nbytes > self._limits[1]:
                     refused.append(OverloadedError(
@@ -122,7 +127,7 @@ class StageEngine:
                     continue
                 self._queued[0] += 1
                 self._queued[1] += nbytes
-                self._inbox.append(item_from_frame(next(self._arrivals), msg, nbytes))
+                self._inbox.append(item_from_frame(next(self._arrivals), msg, nbytes, record))
                 refused.append(None)
             self._cond.notify()
         return refused
@@ -278,8 +283,8 @@ class StageEngine:
     def _stop(self, out: _Outbox, item: Item) -> None:
         rt, msg = self.runtime, item.frame
         kept = freed = 0
-        if msg["keep"] and msg["prefix_id"] is not None and rt.has_session(item.key):
-            kept = self.cache.keep(item.key, msg["prefix_id"], msg["keep"])
+        if msg["keep"] and item.record is not None and rt.has_session(item.key):
+            kept = self.cache.keep(item.key, item.record, msg["keep"])
         else:
             freed = rt.drop_session(item.key)
         if rt.is_last:
@@ -297,22 +302,23 @@ class StageEngine:
     def _open(self, out: _Outbox, item: Item) -> None:
         self.runtime.open_session(item.key)
         if item.kind == wire.ACQUIRE:
-            self._acquired(out, item, self.cache.acquire(item.key, item.prefix_id, item.n))
+            self._acquired(out, item, self.cache.acquire(item.key, item.record, item.n))
 
     def _take_over(self, out: _Outbox, item: Item) -> None:
-        self._acquired(out, item, self.cache.take_over(item.key, item.prefix_id, item.n))
+        self._acquired(out, item, self.cache.take_over(item.key, item.record, item.n))
 
     def _acquired(self, out: _Outbox, item: Item, placed: int) -> None:
         out.reply(item.key[0], fr.encode(wire.ACQUIRED, session=item.key[1],
-                                         prefix_id=item.prefix_id, n=placed, stage=self.name))
+                                         prefix_id=item.frame["prefix_id"], n=placed,
+                                         stage=self.name))
 
     def _evict(self, plan: StepPlan) -> None:
         eviction = plan.eviction
         if not eviction.target:
             return
         free_before = self.runtime.free_slots
-        for prefix_id in eviction.evict:
-            self.cache.evict(prefix_id)
+        for record_id in eviction.evict:
+            self.cache.evict(record_id)
         log.info("kv_eviction", status=eviction.status.value,
                  error_kind=None if eviction.ok else "insufficient",
                  target_slots=eviction.target, evicted_records=len(eviction.evict),

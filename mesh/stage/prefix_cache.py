@@ -1,10 +1,12 @@
 """Resident-prefix cache of one stage: prompt prefixes kept in their own KV streams.
 
 A record is a finished session whose stream was trimmed to its first ``tokens`` positions and
-kept under a new key. Its identity is a hash of the coordinator's prefix id (model fingerprint
-and token ids) with this stage's layer range and KV cache type, so a record can only ever be
-reused by the same model slice. A new session reuses a record by copying its stream
-(``StageRuntime.copy_prefix``): once copied, evicting the record cannot touch the session.
+kept under a new key. Its id is a hash of the coordinator's prefix id (model fingerprint, cache
+salt and token ids), the principal that kept it, and this stage's layer range and KV cache
+type: a record is only ever reused by the same model slice, and one principal can neither
+plant a record another would use nor probe another's. A new session reuses a record by
+copying its stream (``StageRuntime.copy_prefix``): once copied, evicting the record cannot
+touch the session.
 Records hold slots, so they are bounded by count and evicted least recently used when a new
 session needs a slot (``mesh.kv_eviction``).
 """
@@ -26,19 +28,18 @@ KV_CACHE_TYPE = "f16"
 class RecordKey:
     """The runtime session key of a record (never equal to a live session's key)."""
 
-    identity: bytes
+    record_id: bytes
 
 
 @dataclass
 class _Record:
-    prefix_id: bytes
-    identity: bytes
+    record_id: bytes
     tokens: int
     last_use: float
 
     @property
     def key(self) -> RecordKey:
-        return RecordKey(self.identity)
+        return RecordKey(self.record_id)
 
 
 class PrefixCache:
@@ -55,37 +56,39 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._records)
 
-    def identity(self, prefix_id: bytes) -> bytes:
+    def record_id(self, prefix_id: bytes, principal: bytes) -> bytes:
+        """Pure (no state): the transport thread computes it when a frame arrives."""
         rt = self.runtime
         h = hashlib.sha256(prefix_id)
+        h.update(bytes([len(principal) & 0xFF]) + principal[:255])
         h.update(f"|{rt.files.model.sha256}|{rt.start}:{rt.end}|{KV_CACHE_TYPE}".encode())
         return h.digest()
 
     def planner_view(self) -> list[PrefixRecord]:
-        return [PrefixRecord(id=r.prefix_id, tokens=r.tokens, last_use=r.last_use)
+        return [PrefixRecord(id=r.record_id, tokens=r.tokens, last_use=r.last_use)
                 for r in self._records.values()]
 
-    def keep(self, session: Hashable, prefix_id: bytes, n_tokens: int) -> int:
+    def keep(self, session: Hashable, record_id: bytes, n_tokens: int) -> int:
         """Turn a finished session into a record of its first ``n_tokens``; returns tokens kept."""
         rt = self.runtime
         if not self.enabled or n_tokens < 1 or rt.session_length(session) < n_tokens:
             rt.drop_session(session)
             return 0
-        existing = self._records.get(prefix_id)
+        existing = self._records.get(record_id)
         if existing is not None:  # already resident: refresh it, report it as kept
             existing.last_use = time.monotonic()
             rt.drop_session(session)
             return existing.tokens
         rt.trim_session(session, n_tokens)
-        record = _Record(prefix_id, self.identity(prefix_id), n_tokens, time.monotonic())
+        record = _Record(record_id, n_tokens, time.monotonic())
         rt.rename_session(session, record.key)
-        self._records[prefix_id] = record
-        self._enforce_bounds(protect=prefix_id)
+        self._records[record_id] = record
+        self._enforce_bounds(protect=record_id)
         return n_tokens
 
-    def acquire(self, session: Hashable, prefix_id: bytes, n_tokens: int) -> int:
+    def acquire(self, session: Hashable, record_id: bytes, n_tokens: int) -> int:
         """Copy the first ``n_tokens`` of a record into the (new, empty) ``session``."""
-        record = self._records.get(prefix_id)
+        record = self._records.get(record_id)
         if record is None or n_tokens < 1:
             return 0
         n = min(n_tokens, record.tokens)
@@ -93,18 +96,18 @@ class PrefixCache:
         record.last_use = time.monotonic()
         return n
 
-    def take_over(self, session: Hashable, prefix_id: bytes, n_tokens: int) -> int:
+    def take_over(self, session: Hashable, record_id: bytes, n_tokens: int) -> int:
         """Turn a record into the new ``session`` itself (no copy; the record leaves the cache),
         keeping its first ``n_tokens``: how a session reuses a prefix when no slot is free."""
-        record = self._records.pop(prefix_id)
+        record = self._records.pop(record_id)
         self.runtime.rename_session(record.key, session)
         n = min(max(n_tokens, 0), record.tokens)
         self.runtime.trim_session(session, n)
         return n
 
-    def evict(self, prefix_id: bytes) -> int:
+    def evict(self, record_id: bytes) -> int:
         """Drop a record; returns the tokens it held."""
-        record = self._records.pop(prefix_id, None)
+        record = self._records.pop(record_id, None)
         if record is None:
             return 0
         self.evicted_records += 1
@@ -115,5 +118,5 @@ class PrefixCache:
         for record in by_age:
             if len(self._records) <= self.max_records:
                 return
-            if record.prefix_id != protect:
-                self.evict(record.prefix_id)
+            if record.record_id != protect:
+                self.evict(record.record_id)

@@ -44,7 +44,7 @@ class Item:
     key: SessionKey
     pos: int = 0
     n: int = 0
-    prefix_id: bytes | None = None
+    record: bytes | None = None  # the prefix record a Stop keeps or an Acquire reuses
     nbytes: int = 0
     frame: Any = None
 
@@ -140,7 +140,7 @@ class Scheduler:
                 rows.append(item)
             else:
                 prompts.append(item)
-        pinned = {it.prefix_id for it in acquires}
+        pinned = {it.record for it in acquires}
         records = [replace(r, pinned=True) if r.id in pinned else r for r in view.records]
         starting = sorted([*acquires, *(it for it in [*rows, *prompts]
                                         if it.key not in view.lengths)],
@@ -193,8 +193,8 @@ class Scheduler:
             if budget > 0:
                 admissible.append(item)
                 budget -= 1
-            elif item.kind == wire.ACQUIRE and item.prefix_id in claimable:
-                claimable.discard(item.prefix_id)
+            elif item.kind == wire.ACQUIRE and item.record in claimable:
+                claimable.discard(item.record)
                 takeovers.append(item)
             else:
                 beyond.append(item)

@@ -6,10 +6,17 @@ once, even while the engine spends minutes on one frame (``Pong.busy_ms`` says s
 checks every frame at the door, queues work for the engine, and sends what the engine mails
 back. The compute thread (``StageEngine.run_forever``) never touches a socket, so liveness is the
 transport's answer and never depends on how long a frame computes.
+
+With mesh keys, the ROUTER is a CURVE server behind a ZAP handler: only members reach it, and
+each frame comes with its sender's role. Handshakes come only from coordinators; a session
+frame comes either from its owner (``origin`` is the sender, a coordinator) or from a stage
+forwarding it. Without keys (loopback, or ``--insecure``) every peer is trusted, and only the
+forwarder naming (``fwd-``) tells stages from coordinators.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -23,19 +30,21 @@ from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import StageRuntime
 from mesh.transport import frames as fr
 from mesh.transport import wire
+from mesh.transport.security import ROLE_COORDINATOR, ROLE_STAGE, MeshKeys, ZapGuard
 from mesh.transport.sockets import Forward, Mailbox, Reply, dealer, stage_router, valid_url
 
 log = get_logger("mesh.stage")
 
 POLL_MS = 100
 READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
+FORWARDER_PREFIX = b"fwd-"  # routing id of a stage's connection to the next stage
 
 
 class StageServer:
     def __init__(self, runtime: StageRuntime, listen: str, model_sha256: str,
                  zmq_context: zmq.Context | None = None, prefix_records: int | None = None,
-                 exact: bool = True, queue_frames: int = QUEUE_FRAMES,
-                 queue_bytes: int = QUEUE_BYTES):
+                 exact: bool = True, keys: MeshKeys | None = None,
+                 queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
         self.listen = listen
         self.model_sha256 = model_sha256
@@ -49,7 +58,10 @@ class StageServer:
         self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name, batching,
                                   queue_frames=queue_frames, queue_bytes=queue_bytes)
         self._zctx = zmq_context or zmq.Context.instance()
-        self._router = stage_router(self._zctx, listen)
+        self._keys = keys
+        self._guard = ZapGuard(self._zctx, keys) if keys is not None else None
+        self._forwarder_id = FORWARDER_PREFIX + os.urandom(8).hex().encode()
+        self._router = stage_router(self._zctx, listen, keys)
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self.mailbox.fd, zmq.POLLIN)
@@ -81,7 +93,7 @@ class StageServer:
         self._running = False
 
     def _read(self) -> None:
-        work: list[tuple[dict[str, Any], int]] = []
+        work: list[tuple[dict[str, Any], int, bytes]] = []
         for _ in range(READ_BATCH):
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -94,27 +106,32 @@ class StageServer:
                     wire.E_BAD_FRAME, f"{len(frames)} frames in one message (at most "
                     f"{wire.MAX_FRAMES_PER_MESSAGE})", None, self.name))
                 continue
+            role = frames[0].get("User-Id") if self._keys is not None and frames else None
             for part in frames:
                 try:
-                    self._accept(sender, part.buffer, work)
+                    self._accept(sender, role, part.buffer, work)
                 except Exception as exc:  # nothing a peer sends may end the loop
                     log.error("accept_failed", stage=self.name, error_type=type(exc).__name__)
         if work:
             # Everything read in this pass enters the engine at once: the frames of one message
             # (a decode group) must not be split across steps.
-            for (msg, _), refusal in zip(work, self.engine.submit(work), strict=True):
+            for (msg, _, _), refusal in zip(work, self.engine.submit(work), strict=True):
                 if refusal is not None:
                     self._refuse(msg, refusal)
 
-    def _accept(self, sender: bytes, payload: memoryview,
-                work: list[tuple[dict[str, Any], int]]) -> None:
+    def _accept(self, sender: bytes, role: str | None, payload: memoryview,
+                work: list[tuple[dict[str, Any], int, bytes]]) -> None:
         try:
             msg = fr.decode(payload)
+            kind = msg["kind"]
+            if kind == wire.HANDSHAKE and self._keys is not None and role != ROLE_COORDINATOR:
+                raise fr.ProtocolError(wire.E_FORBIDDEN, "only a coordinator may handshake")
+            if kind in wire.WORK_KINDS or kind in (wire.STOP, wire.ACQUIRE):
+                self._authorize(sender, role, msg)
         except fr.ProtocolError as exc:
             log.warning("frame_rejected", stage=self.name, code=exc.code)
             self._reply(sender, fr.error_frame(exc.code, str(exc), None, self.name))
             return
-        kind = msg["kind"]
         if kind == wire.PING:
             self._reply(sender, self._pong(msg["nonce"]))
         elif kind == wire.HANDSHAKE:
@@ -126,11 +143,26 @@ class StageServer:
             except MeshError as exc:
                 self._refuse(msg, exc)
                 return
-            work.append((msg, len(payload)))
+            # Members share prefix records; without keys, each coordinator has its own.
+            principal = b"" if self._keys is not None else msg["origin"]
+            work.append((msg, len(payload), principal))
         else:
             self._reply(sender, fr.error_frame(wire.E_UNKNOWN_KIND,
                                                f"a stage does not accept {kind}", None,
                                                self.name))
+
+    def _authorize(self, sender: bytes, role: str | None, msg: dict[str, Any]) -> None:
+        """A session frame comes from its owner, or from a stage forwarding the owner's frame:
+        a peer naming another peer's session is refused."""
+        if msg["origin"] == sender:
+            allowed = self._keys is None or role == ROLE_COORDINATOR
+        elif self._keys is not None:
+            allowed = role == ROLE_STAGE
+        else:
+            allowed = sender.startswith(FORWARDER_PREFIX)
+        if not allowed:
+            raise fr.ProtocolError(wire.E_FORBIDDEN, "a frame for a session its sender does "
+                                                     "not own")
 
     def _refuse(self, msg: dict[str, Any], exc: MeshError) -> None:
         """A session frame that will not be queued: its owner hears why."""
@@ -191,7 +223,9 @@ class StageServer:
             self._downstream = None
         self._next_url = None
         if url is not None:
-            self._downstream = dealer(self._zctx, url)
+            keys = self._keys
+            self._downstream = dealer(self._zctx, url, identity=self._forwarder_id, keys=keys,
+                                      pair=keys.stage if keys is not None else None)
             self._poller.register(self._downstream, zmq.POLLIN)
             self._next_url = url
 
@@ -251,3 +285,5 @@ class StageServer:
             self._downstream.close(linger=0)
         self._router.close(linger=0)
         self.mailbox.close()
+        if self._guard is not None:
+            self._guard.stop()

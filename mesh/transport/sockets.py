@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from mesh.transport.security import KeyPair, MeshKeys, curve_client, curve_server
 from mesh.transport.wire import MAX_FRAME_BYTES
 
 SOCKET_HWM = 1000  # messages queued per peer before ZeroMQ pushes back
@@ -38,12 +39,15 @@ def _common(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 4)
 
 
-def stage_router(zctx: zmq.Context, url: str) -> zmq.Socket:
+def stage_router(zctx: zmq.Context, url: str, keys: MeshKeys | None = None) -> zmq.Socket:
     """The stage's one listening socket: frames from coordinators and from the upstream stage.
-    Replies to an unknown peer fail at once (ROUTER_MANDATORY) instead of vanishing."""
+    Replies to an unknown peer fail at once (ROUTER_MANDATORY) instead of vanishing. With
+    ``keys`` it is a CURVE server (a ``ZapGuard`` on ``zctx`` decides who gets in)."""
     sock = zctx.socket(zmq.ROUTER)
     _common(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if keys is not None:
+        curve_server(sock, keys)
     try:
         sock.bind(url)
     except zmq.ZMQError:
@@ -53,12 +57,16 @@ def stage_router(zctx: zmq.Context, url: str) -> zmq.Socket:
 
 
 def dealer(zctx: zmq.Context, url: str, identity: bytes | None = None,
-           immediate: bool = False) -> zmq.Socket:
+           immediate: bool = False, keys: MeshKeys | None = None,
+           pair: KeyPair | None = None) -> zmq.Socket:
     """A connection to one stage. ``immediate`` makes sends fail while no connection is up
     (a coordinator must not queue work for a dead stage); a stage's downstream link waits for
-    the next stage instead, so frames sent while it connects are not lost."""
+    the next stage instead, so frames sent while it connects are not lost. With ``keys`` it
+    authenticates as ``pair`` (the coordinator's or the stage's client key)."""
     sock = zctx.socket(zmq.DEALER)
     _common(sock)
+    if keys is not None:
+        curve_client(sock, keys, pair)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     if immediate:
