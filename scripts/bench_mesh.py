@@ -20,6 +20,10 @@ Sections:
 4. Decode groups on one host vs two: the pacer's groups (1 vs 2) with the stages sharing the
    cores, and with each stage pinned to a core of its own (1 thread each), which is what two
    hosts give: while stage 1 computes one group, stage 0 computes the next.
+5. What CURVE costs: single-session decode of a mesh with a secret (every connection
+   encrypted and authenticated) against the same mesh without, runs alternating.
+
+    python scripts/bench_mesh.py --only curve      # just section 5
 """
 
 from __future__ import annotations
@@ -155,15 +159,48 @@ def _mesh(path: Path, ranges, tmp: str, threads: int, ctx: int = 1024, **kwargs)
     return LocalMesh(str(path), ranges, Path(tmp), ctx=ctx, threads=threads, **kwargs)
 
 
+def curve_cost(path: Path, ranges, tokens: int, repeats: int) -> tuple[float, float]:
+    """Median single-session decode (tok/s) without and with a mesh secret."""
+    from mesh.transport.security import derive_keys, load_secret, write_secret
+
+    with tempfile.TemporaryDirectory() as tmp:
+        secret = Path(tmp) / "mesh.secret"
+        write_secret(secret)
+        keys = derive_keys(load_secret(secret))
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        with _mesh(path, ranges, tmp + "/plain", 2) as plain, \
+                _mesh(path, ranges, tmp + "/curve", 2, secret=secret) as curve:
+            async def run(urls, mesh_keys):
+                coord = Coordinator(path, urls, prefix_cache=False, keys=mesh_keys)
+                await coord.start(handshake_timeout_s=120)
+                try:
+                    await coord.complete(PROMPT, GenerationParams(max_tokens=4))
+                    return await _mesh_run(coord, 1, tokens)
+                finally:
+                    await coord.close()
+            for _ in range(repeats):
+                for secure in (False, True):
+                    urls, mesh_keys = (curve.urls, keys) if secure else (plain.urls, None)
+                    rates[secure].append(asyncio.run(run(urls, mesh_keys)))
+    return statistics.median(rates[False]), statistics.median(rates[True])
+
+
 @click.command()
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--tokens", default=64, show_default=True, help="Tokens per session.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--hops", default=2000, show_default=True)
-def main(model_spec: str, tokens: int, repeats: int, hops: int) -> None:
+@click.option("--only", type=click.Choice(["curve"]), default=None,
+              help="Run one section only.")
+def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None) -> None:
     path = resolve_model(model_spec)
     info = model_info(path)
     ranges = balanced_split(list(info.layer_bytes), info.head_bytes, 2)
+    if only == "curve":
+        plain, secure = curve_cost(path, ranges, tokens, repeats)
+        print(f"5. single-session decode: plain {plain:.1f} tok/s, CURVE {secure:.1f} tok/s "
+              f"({secure / plain:.3f}x)")
+        return
     batches = [1, 2, 4, 8]
     with tempfile.TemporaryDirectory() as tmp, _mesh(path, ranges, tmp, 2) as mesh:
         shared, single = asyncio.run(mesh_tok_s(path, mesh.urls, batches, tokens, repeats,
@@ -201,6 +238,9 @@ def main(model_spec: str, tokens: int, repeats: int, hops: int) -> None:
     print(f"{'layout':>28} {'groups':>6} {'4 sessions':>11} {'8 sessions':>11}")
     for (label, groups), r in grouping.items():
         print(f"{label:>28} {groups:>6} {r[4]:11.1f} {r[8]:11.1f}")
+    plain, secure = curve_cost(path, ranges, tokens, repeats)
+    print(f"\n5. single-session decode: plain {plain:.1f} tok/s, CURVE {secure:.1f} tok/s "
+          f"({secure / plain:.3f}x)")
 
 
 if __name__ == "__main__":
