@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mesh.coordinator.coordinator import GenerationParams
 from mesh.errors import ContextLengthError, InvalidInputError
@@ -90,42 +90,48 @@ class CompletionRequest(_Sampling):
                                          self.logprobs or 0, cache_salt)
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message as OpenAI defines it (text content only; extra fields pass through to
+    the chat template)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _has_something(self) -> ChatMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("a message needs content (or tool_calls)")
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        out = self.model_dump(exclude_none=True)
+        if self.role == "developer":
+            out["role"] = "system"
+        if isinstance(self.content, list):
+            out["content"] = "".join(part.text for part in self.content)
+        return out
+
+
 class ChatRequest(_Sampling):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    @field_validator("messages")
-    @classmethod
-    def _roles(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for m in messages:
-            if m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-                raise ValueError(f"unknown message role {str(m.get('role'))[:40]!r}")
-            content = m.get("content")
-            if isinstance(content, list):
-                if not all(isinstance(p, dict) and p.get("type") == "text"
-                           and isinstance(p.get("text"), str) for p in content):
-                    raise ValueError("content parts must be {\"type\": \"text\", \"text\": ...}")
-            elif content is not None and not isinstance(content, str):
-                raise ValueError("message content must be a string or a list of text parts")
-            if content is None and not m.get("tool_calls"):
-                raise ValueError("a message needs content (or tool_calls)")
-        return messages
-
     def message_dicts(self) -> list[dict[str, Any]]:
-        out = []
-        for m in self.messages:
-            m = dict(m)
-            if m["role"] == "developer":
-                m["role"] = "system"
-            if isinstance(m.get("content"), list):  # content parts: keep the text ones
-                m["content"] = "".join(p.get("text", "") for p in m["content"]
-                                       if isinstance(p, dict))
-            out.append(m)
-        return out
+        return [m.for_template() for m in self.messages]
 
     def generation_params(self, extra_stops: list[str], add_special: bool = False,
                           default_max: int = 512, logprobs: int = 0,
