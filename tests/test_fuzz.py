@@ -21,11 +21,13 @@ from mesh.coordinator.coordinator import GenerationParams
 from mesh.transport import frames as fr
 from tests.apiutil import serving
 from tests.meshutil import running_mesh, with_coordinator
+from tests.rawpeer import RawPeer
 
 FRAMES = int(os.environ.get("MESH_FUZZ_FRAMES", "2000"))
 API = int(os.environ.get("MESH_FUZZ_API", "30"))
 KEY = "fuzz-key"
 ORIGIN = b"coord-fuzz"
+EPOCHS = [0]  # the fuzzed stage's epoch, so some session frames get past the epoch check
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,8 @@ def structured(draw):
     """A frame of a real kind: every field present, each valid or any value."""
     kind = draw(st.sampled_from(sorted(fr.SCHEMA)))
     good = {
-        "session": draw(st.integers(0, 20)), "origin": ORIGIN, "pos": draw(st.integers(0, 40)),
+        "session": draw(st.integers(0, 20)), "origin": ORIGIN, "epoch": EPOCHS[-1],
+        "pos": draw(st.integers(0, 40)), "next_epoch": None,
         "n": draw(st.integers(1, 3)), "tokens": None, "embd": None, "sampling": {},
         "history": None, "keep": draw(st.integers(0, 40)), "prefix_id": None,
         "next": None, "model_sha256": None, "index": 0, "nonce": 1,
@@ -73,54 +76,28 @@ frames = st.one_of(structured().map(_fix_length), st.binary(max_size=256),
                    st.binary(min_size=4, max_size=256).map(_fix_length))
 
 
-def _dealer(url):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, ORIGIN)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.connect(url)
-    return sock
-
-
-def _drain(sock) -> int:
-    n = 0
-    while True:
-        try:
-            sock.recv(zmq.NOBLOCK)
-            n += 1
-        except zmq.Again:
-            return n
-
-
-def _alive(sock) -> bool:
-    _drain(sock)
-    sock.send(fr.encode(fr.PING, nonce=4242))
-    while True:
-        msg = fr.decode(sock.recv())
-        if msg["kind"] == fr.PONG and msg["nonce"] == 4242:
-            return True
-
-
 @pytest.mark.parametrize("stage", [0, 1])
 def test_stage_survives_fuzzed_frames(mesh, tiny_llama, stage):
-    sock = _dealer(mesh.urls[stage])
+    peer = RawPeer(mesh.urls[stage], ORIGIN)
+    peer.sock.setsockopt(zmq.RCVHWM, 0)
+    EPOCHS.append(peer.epoch)
     sent = [0]
 
     @settings(max_examples=FRAMES, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(st.lists(frames, min_size=1, max_size=3))
     def send(message):
-        sock.send_multipart(message)
+        peer.send(*message)
         sent[0] += 1
         if sent[0] % 50 == 0:
-            _drain(sock)
+            peer.drain()
 
     try:
         send()
-        assert _alive(sock)
+        peer.drain()
+        assert peer.ping() is not None
     finally:
-        sock.close()
+        peer.close()
 
     async def body(coord):
         return await coord.complete([1, 50, 60], GenerationParams(max_tokens=3))

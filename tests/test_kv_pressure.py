@@ -10,11 +10,11 @@ import json
 
 import numpy as np
 import pytest
-import zmq
 
 from mesh.coordinator.coordinator import GenerationParams, StageError
 from mesh.transport import frames as fr
 from tests.meshutil import running_mesh, with_coordinator
+from tests.rawpeer import RawPeer
 
 EVICTION_KEYS = {"event", "level", "timestamp", "status", "error_kind", "target_slots",
                  "evicted_records", "evicted_tokens", "free_slots_before", "free_slots_after",
@@ -89,64 +89,35 @@ def test_eviction_telemetry_has_exactly_the_bounded_attribute_set(tiny_llama, tm
         assert "session" not in json.dumps(event) and "prompt" not in json.dumps(event)
 
 
-def _dealer(url, identity=b"coord-kv"):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, identity)
-    sock.setsockopt(zmq.RCVTIMEO, 10000)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(url)
-    sock.send(fr.encode(fr.HANDSHAKE, origin=identity, next=None, model_sha256=None, index=0))
-    assert fr.decode(sock.recv())["kind"] == fr.STAGE_INFO
-    return sock
-
-
-def _send(sock, kind, session, pos, tokens, **extra):
-    sock.send(fr.encode(kind, session=session, origin=b"coord-kv", pos=pos, n=len(tokens),
-                        tokens=fr.pack_tokens(tokens), embd=None, **extra))
-    return fr.decode(sock.recv())
-
-
-def _prompt_frame(sock, session, tokens):
-    return _send(sock, fr.PREFILL_FINAL, session, 0, tokens, sampling={}, history=None)
-
-
 def test_full_slots_refuse_only_the_new_session(tiny_llama, tmp_path):
     with running_mesh(tiny_llama, [(0, 4)], tmp_path, ctx=256, slots=2,
                       extra_args=["--prefix-records", "0"]) as mesh:
-        sock = _dealer(mesh.urls[0])
-        try:
-            first = _prompt_frame(sock, 1, _prompt(5, 50))
-            assert _prompt_frame(sock, 2, _prompt(6, 50))["kind"] == fr.TOKEN
-            refused = _prompt_frame(sock, 3, _prompt(7, 20))
+        with RawPeer(mesh.urls[0]) as peer:
+            first = peer.ask(peer.prompt(1, _prompt(5, 50)))
+            assert peer.ask(peer.prompt(2, _prompt(6, 50)))["kind"] == fr.TOKEN
+            refused = peer.ask(peer.prompt(3, _prompt(7, 20)))
             assert refused["kind"] == fr.ERROR and refused["code"] == "no_session_slot"
             assert refused["session"] == 3
-            step = _send(sock, fr.DECODE, 1, 50, [first["token"]])
+            step = peer.ask(peer.work(fr.DECODE, 1, 50, [first["token"]]))
             assert step["kind"] == fr.TOKEN and step["pos"] == 51
-            sock.send(fr.encode(fr.STOP, session=1, origin=b"coord-kv", keep=0,
-                                prefix_id=None))
-            assert fr.decode(sock.recv())["freed"] == 51
-            assert _prompt_frame(sock, 3, _prompt(7, 20))["kind"] == fr.TOKEN
-        finally:
-            sock.close()
+            assert peer.ask(peer.stop(1))["freed"] == 51
+            assert peer.ask(peer.prompt(3, _prompt(7, 20)))["kind"] == fr.TOKEN
         log = mesh.stages[0].log_path.read_text()
         assert "failed to find a memory slot" not in log and "Traceback" not in log
 
 
 def test_a_session_cannot_outgrow_its_stream_and_others_are_untouched(tiny_llama, tmp_path):
     with running_mesh(tiny_llama, [(0, 4)], tmp_path, ctx=256, slots=2) as mesh:
-        sock = _dealer(mesh.urls[0])
-        try:
-            big = _prompt_frame(sock, 1, _prompt(5, 250))
+        with RawPeer(mesh.urls[0]) as peer:
+            big = peer.ask(peer.prompt(1, _prompt(5, 250)))
             assert big["kind"] == fr.TOKEN
-            other = _prompt_frame(sock, 2, _prompt(6, 30))
-            too_far = _send(sock, fr.PREFILL, 1, 250, _prompt(8, 10))
+            other = peer.ask(peer.prompt(2, _prompt(6, 30)))
+            too_far = peer.ask(peer.work(fr.PREFILL, 1, 250, _prompt(8, 10)))
             assert too_far["code"] == "kv_exhausted" and too_far["session"] == 1
-            step = _send(sock, fr.DECODE, 2, 30, [other["token"]])
+            step = peer.ask(peer.work(fr.DECODE, 2, 30, [other["token"]]))
             assert step["kind"] == fr.TOKEN and step["pos"] == 31
-            step = _send(sock, fr.DECODE, 1, 250, [big["token"]])
+            step = peer.ask(peer.work(fr.DECODE, 1, 250, [big["token"]]))
             assert step["kind"] == fr.TOKEN and step["pos"] == 251
-        finally:
-            sock.close()
 
 
 @pytest.mark.parametrize("slots", [1])
@@ -171,7 +142,8 @@ async def _filler(model, urls):
 
     coord = Coordinator(model, urls, prefix_cache=False)
     await coord.start()
-    coord.links[0].post(fr.encode(fr.PREFILL, session=5, origin=coord.origin, pos=0, n=150,
-                                  tokens=fr.pack_tokens(_prompt(9, 150)), embd=None))
+    first = coord.links[0]
+    first.post(fr.encode(fr.PREFILL, session=5, origin=coord.origin, epoch=first.epoch, pos=0,
+                         n=150, tokens=fr.pack_tokens(_prompt(9, 150)), embd=None))
     await _settled_stats(coord, lambda p: p["kv_used"] >= 150)
     return coord

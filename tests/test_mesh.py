@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.coordinator.links import HandshakeError, StageUnavailableError
@@ -15,6 +14,7 @@ from mesh.stage.local_chain import SingleContext
 from mesh.stage.runtime import RuntimeConfig
 from mesh.transport import frames as fr
 from tests.meshutil import running_mesh, with_coordinator
+from tests.rawpeer import RawPeer
 
 pytestmark = pytest.mark.gemma
 
@@ -116,16 +116,6 @@ def test_handshake_refuses_a_different_model(tiny_llama, mesh2):
         with_coordinator(tiny_llama, mesh2.urls, lambda c: asyncio.sleep(0))
 
 
-def _raw_dealer(url, identity=None):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    if identity:
-        sock.setsockopt(zmq.ROUTING_ID, identity)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(url)
-    return sock
-
-
 BAD_FRAMES = {
     "random bytes": (b"\x13\x37garbage", "oversize"),
     "short garbage": (b"\x00\x00\x00\x02\xc1\xc1", "bad_frame"),
@@ -142,34 +132,27 @@ BAD_FRAMES = {
 
 @pytest.mark.parametrize("name", list(BAD_FRAMES))
 def test_malformed_frames_get_error_frames_and_stage_keeps_serving(mesh2, name):
-    sock = _raw_dealer(mesh2.urls[1])
-    try:
+    with RawPeer(mesh2.urls[1], learn_epoch=False) as peer:
         raw, code = BAD_FRAMES[name]
-        sock.send(raw)
-        reply = fr.decode(sock.recv())
+        reply = peer.ask(raw)
         assert reply["kind"] == fr.ERROR and reply["session"] is None
         assert reply["code"] == code
-        sock.send(fr.encode(fr.PING, nonce=5))
-        assert fr.decode(sock.recv())["kind"] == fr.PONG
-    finally:
-        sock.close()
+        assert peer.ping() is not None
 
 
 def test_session_errors_go_to_the_owner_and_leave_others_alone(gemma_path, mesh2):
-    sock = _raw_dealer(mesh2.urls[1], b"coord-test")
-    try:
-        wrong_size = fr.encode(fr.PREFILL_FINAL, session=1, origin=b"coord-test", pos=0, n=2,
-                               tokens=None, embd=b"\0" * (640 * 4), sampling={}, history=None)
-        sock.send(wrong_size)
-        reply = fr.decode(sock.recv())
+    with RawPeer(mesh2.urls[1], b"coord-test") as peer:
+        wrong_size = peer.work(fr.PREFILL_FINAL, 1, 0, n=2, embd=b"\0" * (640 * 4),
+                               sampling={}, history=None)
+        reply = peer.ask(wrong_size)
         assert reply["code"] == "bad_shape" and reply["session"] == 1
-        unknown = fr.encode(fr.DECODE, session=99, origin=b"coord-test", pos=5, n=1,
-                            tokens=None, embd=np.zeros((1, 640), "<f4").tobytes())
-        sock.send(unknown)
-        reply = fr.decode(sock.recv())
+        unknown = peer.work(fr.DECODE, 99, 5, embd=np.zeros((1, 640), "<f4").tobytes(), n=1)
+        reply = peer.ask(unknown)
         assert reply["code"] == "unknown_session" and reply["session"] == 99
-    finally:
-        sock.close()
+        stale = peer.work(fr.DECODE, 98, 0, embd=np.zeros((1, 640), "<f4").tobytes(), n=1,
+                          epoch=peer.epoch + 1)
+        reply = peer.ask(stale)  # meant for another process of this stage
+        assert reply["code"] == "stale_epoch" and reply["session"] == 98
 
     async def body(coord):
         return await coord.complete(PROMPTS[1], _greedy(8))

@@ -18,8 +18,8 @@ from mesh.transport.security import (
     load_secret,
     write_secret,
 )
-from mesh.transport.sockets import dealer
 from tests.meshutil import running_mesh, with_coordinator
+from tests.rawpeer import RawPeer
 
 PROTOCOL_MD = Path(__file__).resolve().parents[1] / "protocol.md"
 
@@ -68,21 +68,6 @@ def secure(tiny_llama, tmp_path_factory):
         yield mesh, derive_keys(load_secret(secret))
 
 
-def _socket(url, keys=None, pair=None, identity=b"coord-probe"):
-    sock = dealer(zmq.Context.instance(), url, identity=identity, keys=keys, pair=pair)
-    sock.setsockopt(zmq.RCVTIMEO, 3000)
-    sock.setsockopt(zmq.SNDTIMEO, 3000)  # a refused peer has no connection to queue into
-    return sock
-
-
-def _ping(sock):
-    try:
-        sock.send(fr.encode(fr.PING, nonce=11))
-        return fr.decode(sock.recv())
-    except zmq.Again:
-        return None
-
-
 def test_members_generate_and_outsiders_get_no_reply(secure, tiny_llama, tmp_path):
     mesh, keys = secure
 
@@ -91,46 +76,34 @@ def test_members_generate_and_outsiders_get_no_reply(secure, tiny_llama, tmp_pat
     result = with_coordinator(tiny_llama, mesh.urls, body, keys=keys)
     assert len(result.token_ids) == 4
 
-    plain = _socket(mesh.urls[0])
     other = derive_keys(os.urandom(32))
-    stranger = _socket(mesh.urls[0], other, other.coordinator)
-    try:
-        for sock in (plain, stranger):  # no CURVE, or CURVE without the secret
-            assert _ping(sock) is None
+    for peer_keys in (None, other):  # no CURVE, or CURVE without the secret
+        pair = peer_keys.coordinator if peer_keys else None
+        with RawPeer(mesh.urls[0], keys=peer_keys, pair=pair, timeout_ms=3000,
+                     learn_epoch=False) as outsider:
+            assert outsider.ping() is None
             try:
-                sock.send(fr.encode(fr.PREFILL, session=1, origin=b"coord-probe", pos=0, n=2,
-                                    tokens=fr.pack_tokens([1, 2]), embd=None))
+                outsider.send(outsider.prompt(1, [1, 2]))
             except zmq.Again:
                 pass
-    finally:
-        plain.close()
-        stranger.close()
-    member = _socket(mesh.urls[0], keys, keys.coordinator)
-    try:
-        pong = _ping(member)
+    with RawPeer(mesh.urls[0], keys=keys, pair=keys.coordinator) as member:
+        pong = member.ping()
         assert pong["kind"] == fr.PONG and pong["sessions"] == 0 and pong["queue"] == 0
-    finally:
-        member.close()
 
 
 def test_members_may_only_send_what_their_role_and_sessions_allow(secure):
     mesh, keys = secure
-    coordinator = _socket(mesh.urls[0], keys, keys.coordinator, identity=b"coord-one")
-    stage_peer = _socket(mesh.urls[0], keys, keys.stage, identity=b"fwd-peer")
+    coordinator = RawPeer(mesh.urls[0], b"coord-one", keys=keys, pair=keys.coordinator)
+    stage_peer = RawPeer(mesh.urls[0], b"fwd-peer", keys=keys, pair=keys.stage)
     try:
-        handshake = fr.encode(fr.HANDSHAKE, origin=b"fwd-peer", next=None, model_sha256=None,
-                              index=0)
-        stage_peer.send(handshake)
-        assert fr.decode(stage_peer.recv())["code"] == "forbidden"
-        # A coordinator naming another coordinator's session is refused; its own is served.
-        coordinator.send(fr.encode(fr.PREFILL, session=5, origin=b"coord-other", pos=0, n=2,
-                                   tokens=fr.pack_tokens([1, 2]), embd=None))
-        reply = fr.decode(coordinator.recv())
+        assert stage_peer.handshake()["code"] == "forbidden"
+        # A coordinator naming another coordinator's session is refused.
+        reply = coordinator.ask(coordinator.work(fr.PREFILL, 5, 0, [1, 2],
+                                                 origin=b"coord-other"))
         assert reply["code"] == "forbidden" and reply["session"] is None
-        coordinator.send(fr.encode(fr.STOP, session=5, origin=b"coord-other", keep=0,
-                                   prefix_id=None))
-        assert fr.decode(coordinator.recv())["code"] == "forbidden"
-        assert _ping(coordinator)["sessions"] == 0
+        reply = coordinator.ask(coordinator.stop(5, origin=b"coord-other"))
+        assert reply["code"] == "forbidden"
+        assert coordinator.ping()["sessions"] == 0
     finally:
         coordinator.close()
         stage_peer.close()

@@ -49,7 +49,8 @@ def _frame(body: dict) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-WORK = {"v": fr.PROTOCOL_VERSION, "kind": "Decode", "session": 1, "origin": b"c", "pos": 0, "n": 1,
+WORK = {"v": fr.PROTOCOL_VERSION, "kind": "Decode", "session": 1, "origin": b"c", "epoch": 3,
+        "pos": 0, "n": 1,
         "tokens": b"\0\0\0\0", "embd": None}
 
 

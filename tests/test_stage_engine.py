@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
 from mesh.coordinator.coordinator import GenerationParams
 from mesh.errors import OverloadedError
@@ -17,70 +16,42 @@ from mesh.stage.slicing import slice_model
 from mesh.transport import frames as fr
 from mesh.transport.sockets import Mailbox
 from tests.meshutil import running_mesh, with_coordinator
+from tests.rawpeer import RawPeer
 
 ORIGIN = b"coord-raw"
 
 
-def _dealer(url):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, ORIGIN)
-    sock.setsockopt(zmq.RCVTIMEO, 10000)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(url)
-    return sock
-
-
-def _handshake(sock, nxt, index):
-    sock.send(fr.encode(fr.HANDSHAKE, origin=ORIGIN, next=nxt, model_sha256=None, index=index))
-    return fr.decode(sock.recv())
-
-
-def _alive(sock):
-    sock.send(fr.encode(fr.PING, nonce=77))
-    reply = fr.decode(sock.recv())
-    return reply["kind"] == fr.PONG and reply["nonce"] == 77
-
-
-def _prompt_frame(session, tokens, **extra):
-    return fr.encode(fr.PREFILL_FINAL, session=session, origin=ORIGIN, pos=0, n=len(tokens),
-                     tokens=fr.pack_tokens(tokens), embd=None, sampling={}, history=None,
-                     **extra)
-
-
 def test_hostile_frames_get_errors_and_the_chain_keeps_serving(tiny_llama, tmp_path):
     with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=256, slots=4) as mesh:
-        first, last = _dealer(mesh.urls[0]), _dealer(mesh.urls[1])
+        first, last = RawPeer(mesh.urls[0], ORIGIN), RawPeer(mesh.urls[1], ORIGIN)
         try:
-            bogus = _handshake(first, "bogus", 0)
+            bogus = first.handshake("bogus")
             assert bogus["code"] == "bad_field" and "next" in bogus["message"]
-            assert _handshake(first, mesh.urls[1], -1)["code"] == "bad_field"
-            assert _handshake(first, mesh.urls[1], 0)["kind"] == fr.STAGE_INFO
-            assert _handshake(last, None, 1)["kind"] == fr.STAGE_INFO
+            assert first.handshake(mesh.urls[1], last.epoch, -1)["code"] == "bad_field"
+            assert first.handshake(mesh.urls[1], last.epoch)["kind"] == fr.STAGE_INFO
+            assert last.handshake(None, None, 1)["kind"] == fr.STAGE_INFO
 
             huge_version = fr.HEADER.pack(0)  # a 17 MiB string where the version belongs
             body = b"\x82\xa1v\xdb" + (17 << 20).to_bytes(4, "big") + b"x" * (17 << 20)
             body += b"\xa4kind\xa4Ping"
-            first.send(fr.HEADER.pack(len(body)) + body)
-            reply = fr.decode(first.recv())
+            reply = first.ask(fr.HEADER.pack(len(body)) + body)
             assert reply["code"] == "bad_frame" and len(reply["message"]) < 200
             del huge_version
 
             # A frame carrying a 60 MiB field no kind defines is refused at the door.
-            first.send(_prompt_frame(1, [1, 50, 60, 70], padding=b"\0" * (60 << 20)))
-            reply = fr.decode(first.recv())
+            reply = first.ask(first.prompt(1, [1, 50, 60, 70], padding=b"\0" * (60 << 20)))
             assert reply["code"] == "bad_field" and "padding" in reply["message"]
-            first.send(_prompt_frame(1, [1, 50, 60, 70]))
-            token = fr.decode(last.recv())
+            first.send(first.prompt(1, [1, 50, 60, 70]))
+            token = last.recv()
             assert token["kind"] == fr.TOKEN and token["session"] == 1 and token["pos"] == 4
 
-            first.send_multipart([fr.encode(fr.PING, nonce=i) for i in range(300)])
-            assert fr.decode(first.recv())["code"] == "bad_frame"
+            first.send(*[fr.encode(fr.PING, nonce=i) for i in range(300)])
+            assert first.recv()["code"] == "bad_frame"
 
-            not_after_prompt = fr.encode(fr.DECODE, session=9, origin=ORIGIN, pos=0, n=1,
-                                         tokens=fr.pack_tokens([5]), embd=None)
-            first.send(not_after_prompt)  # a Decode that opens a session: no sampler yet
-            assert fr.decode(last.recv())["code"] == "invalid_input"
-            assert _alive(first) and _alive(last)
+            # A Decode that opens a session: no sampler yet.
+            first.send(first.work(fr.DECODE, 9, 0, [5]))
+            assert last.recv()["code"] == "invalid_input"
+            assert first.ping() and last.ping()
         finally:
             first.close()
             last.close()
@@ -95,24 +66,20 @@ def test_hostile_frames_get_errors_and_the_chain_keeps_serving(tiny_llama, tmp_p
 
 def test_a_flood_of_new_sessions_is_answered_and_the_stage_keeps_serving(tiny_llama, tmp_path):
     with running_mesh(tiny_llama, [(0, 4)], tmp_path, ctx=256, slots=4) as mesh:
-        sock = _dealer(mesh.urls[0])
-        try:
-            _handshake(sock, None, 0)
-            frames = [_prompt_frame(100 + i, [1, 2, 3]) for i in range(5000)]
+        with RawPeer(mesh.urls[0], ORIGIN) as peer:
+            frames = [peer.prompt(100 + i, [1, 2, 3]) for i in range(5000)]
             for at in range(0, len(frames), 250):
-                sock.send_multipart(frames[at:at + 250])
+                peer.send(*frames[at:at + 250])
             codes = {}
             for _ in range(5000):
-                msg = fr.decode(sock.recv())
+                msg = peer.recv()
                 key = msg.get("code", msg["kind"])
                 codes[key] = codes.get(key, 0) + 1
             # Four sessions fit; the rest are refused: for lack of a slot, or (what arrives
             # beyond the queue's 4096 frames) as overloaded. Every frame gets its answer.
             assert codes["Token"] == 4 and sum(codes.values()) == 5000
             assert set(codes) <= {"Token", "no_session_slot", "overloaded"}
-            assert _alive(sock)
-        finally:
-            sock.close()
+            assert peer.ping()
 
 
 def test_the_engine_queue_is_bounded_in_frames_and_bytes(tiny_llama):
@@ -123,7 +90,9 @@ def test_the_engine_queue_is_bounded_in_frames_and_bytes(tiny_llama):
                              ExactBatching(1, None), queue_frames=3, queue_bytes=1000)
 
         def frame(session):
-            return fr.decode(_prompt_frame(session, [1, 2, 3]))
+            return fr.decode(fr.encode(fr.PREFILL_FINAL, session=session, origin=ORIGIN,
+                                       epoch=0, pos=0, n=3, tokens=fr.pack_tokens([1, 2, 3]),
+                                       embd=None, sampling={}, history=None))
 
         refused = engine.submit([(frame(session), 100, b"") for session in range(4)])
         assert refused[:3] == [None] * 3 and isinstance(refused[3], OverloadedError)

@@ -1,10 +1,9 @@
-"""One DEALER connection from the coordinator to one stage, with heartbeat liveness.
+"""One DEALER connection from the coordinator to one stage (liveness: ``mesh.coordinator.chain``).
 
-Paranoid-Pirate style: the coordinator pings every stage every ``HEARTBEAT_INTERVAL_S``; a stage
-that has not answered for ``DEAD_AFTER_S`` is declared down and every session in flight fails at
-once with an error naming it. A stage answers pings from its transport thread, so a frame that
-computes for minutes never looks like death (``Pong.busy_ms`` tells how long it has computed).
-Frames from the stage are decoded here and handed to ``dispatch``.
+A stage answers pings from its transport thread, so a frame that computes for minutes never
+looks like death (``Pong.busy_ms`` tells how long it has computed); a Pong with another epoch
+than the handshake's means a new process. Frames from the stage are decoded here and handed to
+``dispatch``.
 
 Session frames are ``post``ed: the frames posted during one turn of the event loop leave as one
 ZeroMQ message, so the decode steps of many sessions reach the stage together and run as one
@@ -31,8 +30,6 @@ from mesh.transport.sockets import dealer
 
 log = get_logger("mesh.coordinator")
 
-HEARTBEAT_INTERVAL_S = 0.5
-DEAD_AFTER_S = 2.0
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -54,6 +51,7 @@ class StageLink:
         self.name = f"stage {index} ({url})"
         self.info: dict[str, Any] | None = None
         self.alive = False
+        self.restarted = False  # a Pong came from another process than the handshaken one
         self.last_seen = 0.0
         self.last_pong: dict[str, Any] | None = None
         self.longest_busy_ms = 0  # the longest step the stage has reported computing
@@ -89,6 +87,8 @@ class StageLink:
     def _receive(self, msg: dict[str, Any]) -> None:
         kind = msg["kind"]
         if kind == wire.PONG:
+            if self.info is not None and msg["epoch"] != self.info["epoch"]:
+                self.restarted = True
             self.last_pong = msg
             self.longest_busy_ms = max(self.longest_busy_ms, msg["busy_ms"])
             for waiter in self._pong_waiters:
@@ -160,10 +160,16 @@ class StageLink:
         except TimeoutError:
             raise StageUnavailableError(f"{self.name} did not answer a ping") from None
 
-    async def handshake(self, origin: bytes, next_url: str | None, model_sha256: str | None,
-                        index: int, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
+    @property
+    def epoch(self) -> int:
+        """The stage process this link was handshaken with (frames to it carry it)."""
+        return self.info["epoch"]
+
+    async def handshake(self, origin: bytes, next_url: str | None, next_epoch: int | None,
+                        model_sha256: str | None, index: int,
+                        timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
         """Send Handshake until the stage answers (it may still be starting up)."""
-        frame = fr.encode(wire.HANDSHAKE, origin=origin, next=next_url,
+        frame = fr.encode(wire.HANDSHAKE, origin=origin, next=next_url, next_epoch=next_epoch,
                           model_sha256=model_sha256, index=index)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -180,6 +186,7 @@ class StageLink:
         if reply["kind"] == wire.ERROR:
             raise HandshakeError(f"{self.name} refused the handshake: {reply['message']}")
         self.info = reply
+        self.restarted = False
         self.alive = True
         self.last_seen = time.monotonic()
         return reply

@@ -95,6 +95,7 @@ class StageEngine:
         self.cache = cache
         self.name = name
         self.index = -1  # position in the chain, learned at handshake (for telemetry)
+        self.next_epoch: int | None = None  # the next stage's process, learned at handshake
         self.scheduler = Scheduler(SchedulerConfig(max_rows=batching.max_rows,
                                                    exact_batch_cells=batching.max_cells))
         self.stats = StageStats(kv_capacity=runtime.kv_capacity)
@@ -273,6 +274,7 @@ class StageEngine:
             fields = fr.known_fields(msg)
             fields["tokens"] = None
             fields["embd"] = fr.pack_embd(result.hidden)
+            fields["epoch"] = self._next_epoch()
             out.forward(item.key, fr.encode(item.kind, **fields))
         elif item.kind != wire.PREFILL:
             out.reply(origin, fr.encode(
@@ -291,7 +293,13 @@ class StageEngine:
             out.reply(item.key[0], fr.encode(wire.STOPPED, session=item.key[1], freed=freed,
                                               kept=kept))
         else:
-            out.forward(item.key, fr.encode(wire.STOP, **fr.known_fields(msg)))
+            out.forward(item.key, fr.encode(wire.STOP, **{**fr.known_fields(msg),
+                                                           "epoch": self._next_epoch()}))
+
+    def _next_epoch(self) -> int:
+        if self.next_epoch is None:
+            raise fr.ProtocolError(wire.E_NO_DOWNSTREAM, "stage has no next stage configured")
+        return self.next_epoch
 
     def _trim(self, out: _Outbox, item: Item) -> None:
         """Acquire on a session this stage already holds: trim it to the agreed length."""

@@ -61,6 +61,8 @@ class StageServer:
         self._keys = keys
         self._guard = ZapGuard(self._zctx, keys) if keys is not None else None
         self._forwarder_id = FORWARDER_PREFIX + os.urandom(8).hex().encode()
+        # This process: frames name it, so none meant for a previous one acts on this one.
+        self.epoch = int.from_bytes(os.urandom(8), "little") >> 1
         self._router = stage_router(self._zctx, listen, keys)
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
@@ -128,6 +130,10 @@ class StageServer:
                 raise fr.ProtocolError(wire.E_FORBIDDEN, "only a coordinator may handshake")
             if kind in wire.WORK_KINDS or kind in (wire.STOP, wire.ACQUIRE):
                 self._authorize(sender, role, msg)
+                if msg["epoch"] != self.epoch:
+                    self._refuse(msg, fr.ProtocolError(
+                        wire.E_STALE_EPOCH, "frame meant for an earlier process of this stage"))
+                    return
         except fr.ProtocolError as exc:
             log.warning("frame_rejected", stage=self.name, code=exc.code)
             self._reply(sender, fr.error_frame(exc.code, str(exc), None, self.name))
@@ -207,14 +213,14 @@ class StageServer:
             except zmq.ZMQError as exc:
                 refuse(wire.E_BAD_FIELD, f"cannot connect to the next stage: {exc}")
                 return
-        self.engine.index = msg["index"]
+        self.engine.index, self.engine.next_epoch = msg["index"], msg["next_epoch"]
         rt = self.runtime
         self._reply(sender, fr.encode(
             wire.STAGE_INFO, model_sha256=self.model_sha256, arch=rt.files.model.arch,
             start=rt.start, end=rt.end, n_layer=rt.files.model.n_layer, n_embd=rt.n_embd,
             session_ctx=rt.session_ctx, slots=rt.config.n_seq_max,
             max_tokens=rt.config.n_batch, max_frame_bytes=wire.MAX_FRAME_BYTES,
-            stage=self.name))
+            epoch=self.epoch, stage=self.name))
 
     def _connect_downstream(self, url: str | None) -> None:
         if self._downstream is not None:
@@ -231,7 +237,7 @@ class StageServer:
 
     def _pong(self, nonce: int) -> bytes:
         stats = self.engine.stats
-        return fr.encode(wire.PONG, nonce=nonce, kv_used=stats.kv_used,
+        return fr.encode(wire.PONG, nonce=nonce, epoch=self.epoch, kv_used=stats.kv_used,
                          kv_capacity=stats.kv_capacity, sessions=stats.sessions,
                          records=stats.records, evicted_records=stats.evicted_records,
                          queue=self.engine.queued, busy_ms=self.engine.busy_ms(),

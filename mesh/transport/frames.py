@@ -58,7 +58,8 @@ _OPT_BIN = (bytes, type(None))
 _LIST = (list,)
 
 # kind -> {field: allowed types}; every field listed is required (nil where the type allows).
-_WORK_FIELDS = {"session": _INT, "origin": _BIN, "pos": _INT, "n": _INT,
+_OPT_INT = (int, type(None))
+_WORK_FIELDS = {"session": _INT, "origin": _BIN, "epoch": _INT, "pos": _INT, "n": _INT,
                 "tokens": _OPT_BIN, "embd": _OPT_BIN}
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     PREFILL: _WORK_FIELDS,
@@ -66,17 +67,19 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     DECODE: _WORK_FIELDS,
     TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
             "top": _LIST},
-    STOP: {"session": _INT, "origin": _BIN, "keep": _INT, "prefix_id": _OPT_BIN},
+    STOP: {"session": _INT, "origin": _BIN, "epoch": _INT, "keep": _INT,
+           "prefix_id": _OPT_BIN},
     STOPPED: {"session": _INT, "freed": _INT, "kept": _INT},
-    ACQUIRE: {"session": _INT, "origin": _BIN, "prefix_id": _BIN, "n": _INT},
+    ACQUIRE: {"session": _INT, "origin": _BIN, "epoch": _INT, "prefix_id": _BIN, "n": _INT},
     ACQUIRED: {"session": _INT, "prefix_id": _BIN, "n": _INT, "stage": _STR},
     ERROR: {"code": _STR, "message": _STR, "session": (int, type(None)), "stage": _STR},
-    HANDSHAKE: {"origin": _BIN, "next": _OPT_STR, "model_sha256": _OPT_STR, "index": _INT},
+    HANDSHAKE: {"origin": _BIN, "next": _OPT_STR, "next_epoch": _OPT_INT,
+                "model_sha256": _OPT_STR, "index": _INT},
     STAGE_INFO: {"model_sha256": _STR, "arch": _STR, "start": _INT, "end": _INT,
                  "n_layer": _INT, "n_embd": _INT, "session_ctx": _INT, "slots": _INT,
-                 "max_tokens": _INT, "max_frame_bytes": _INT, "stage": _STR},
+                 "max_tokens": _INT, "max_frame_bytes": _INT, "epoch": _INT, "stage": _STR},
     PING: {"nonce": _INT},
-    PONG: {"nonce": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
+    PONG: {"nonce": _INT, "epoch": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
            "decode_steps": _INT, "decode_rows": _INT, "stage": _STR},
 }

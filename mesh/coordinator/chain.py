@@ -1,0 +1,159 @@
+"""The chain of stages as the coordinator sees it: links, handshakes, liveness.
+
+Paranoid-Pirate style: every ``HEARTBEAT_INTERVAL_S`` each stage is pinged. A stage silent for
+``DEAD_AFTER_S`` is down; a stage whose Pong carries a new epoch was restarted, however short the
+outage. Either way the sessions that went through it are lost (``on_lost``), and as soon as it
+answers it is handshaken again, with its upstream, which must learn the next stage's epoch.
+Frames name the epoch of the stage they are meant for, so nothing sent to an old process acts
+on a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq.asyncio
+
+from mesh.coordinator.links import HandshakeError, StageLink, StageUnavailableError
+from mesh.errors import MeshError
+from mesh.logs import get_logger
+from mesh.transport.security import MeshKeys
+
+log = get_logger("mesh.coordinator")
+
+HEARTBEAT_INTERVAL_S = 0.5
+DEAD_AFTER_S = 2.0
+REVIVE_TIMEOUT_S = 5.0
+
+
+class Chain:
+    def __init__(self, urls: list[str], origin: bytes, keys: MeshKeys | None,
+                 dispatch: Callable[[StageLink, dict[str, Any]], None],
+                 on_lost: Callable[[StageLink, MeshError], None],
+                 on_send_failure: Callable[[list[int], MeshError], None]):
+        self.urls = list(urls)
+        self.origin = origin
+        self.model_sha256: str | None = None
+        self.n_layer = 0
+        self._zctx = zmq.asyncio.Context()
+        self.links = [StageLink(i, url, origin, self._zctx, dispatch, on_send_failure, keys)
+                      for i, url in enumerate(urls)]
+        self._on_lost = on_lost
+        self._heartbeat: asyncio.Task | None = None
+        self._reviving: set[asyncio.Task] = set()
+        self.on_heartbeat: Callable[[], None] | None = None  # e.g. progress deadlines
+
+    @property
+    def first(self) -> StageLink:
+        return self.links[0]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.links) and all(link.alive for link in self.links)
+
+    @property
+    def session_ctx(self) -> int:
+        """Smallest per-session KV in the chain: the longest a session can ever grow."""
+        return min(link.info["session_ctx"] for link in self.links)
+
+    @property
+    def slots(self) -> int:
+        """Sessions the chain holds at once (every stage gives each session a slot)."""
+        return min(link.info["slots"] for link in self.links)
+
+    async def start(self, model_sha256: str, timeout_s: float) -> list[dict[str, Any]]:
+        self.model_sha256 = model_sha256
+        for link in self.links:
+            link.start()
+        infos = await self._handshake_all(timeout_s)
+        self._check(infos)
+        self._heartbeat = asyncio.create_task(self._liveness(), name="heartbeat")
+        return infos
+
+    async def _handshake_all(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Last stage first: each upstream learns the epoch of the stage it forwards to."""
+        deadline = time.monotonic() + timeout_s
+        for link in reversed(self.links):
+            await self._handshake(link, max(0.5, deadline - time.monotonic()))
+        return [link.info for link in self.links]
+
+    async def _handshake(self, link: StageLink, timeout_s: float) -> dict[str, Any]:
+        nxt = self.links[link.index + 1] if link.index + 1 < len(self.links) else None
+        return await link.handshake(self.origin, nxt.url if nxt else None,
+                                    nxt.epoch if nxt else None, self.model_sha256, link.index,
+                                    timeout_s)
+
+    def _check(self, infos: list[dict[str, Any]]) -> None:
+        n_layer = infos[0]["n_layer"]
+        expected_start = 0
+        for link, info in zip(self.links, infos, strict=True):
+            if info["n_layer"] != n_layer or info["n_embd"] != infos[0]["n_embd"]:
+                raise HandshakeError(f"{link.name} serves a different model shape")
+            if info["start"] != expected_start:
+                raise HandshakeError(
+                    f"{link.name} serves layers {info['start']}:{info['end']} but the chain "
+                    f"needs a stage starting at layer {expected_start}")
+            expected_start = info["end"]
+        if expected_start != n_layer:
+            raise HandshakeError(
+                f"stages cover layers 0:{expected_start} of {n_layer}; add a stage for "
+                f"{expected_start}:{n_layer}")
+        self.n_layer = n_layer
+
+    async def stats(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(link.stats() for link in self.links)))
+
+    # ---- liveness -------------------------------------------------------------------------
+    async def _liveness(self) -> None:
+        # Silence is counted from the first ping, not from a handshake that may have finished
+        # long before the slowest stage answered its own.
+        start = time.monotonic()
+        for link in self.links:
+            link.last_seen = max(link.last_seen, start)
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            now = time.monotonic()
+            for link in self.links:
+                link.ping()
+                silent = now - link.last_seen
+                if link.alive and silent > DEAD_AFTER_S:
+                    self._lose(link, StageUnavailableError(
+                        f"{link.name} stopped answering ({silent:.1f} s without a heartbeat)"))
+                elif link.alive and link.restarted:
+                    self._lose(link, StageUnavailableError(
+                        f"{link.name} restarted (a new process answers at its address)"))
+                if not link.alive and silent < DEAD_AFTER_S and not self._reviving:
+                    task = asyncio.create_task(self._revive(link))
+                    self._reviving.add(task)
+                    task.add_done_callback(self._reviving.discard)
+            if self.on_heartbeat is not None:
+                self.on_heartbeat()
+
+    def _lose(self, link: StageLink, exc: MeshError) -> None:
+        link.alive = False
+        log.warning("stage_down", stage_index=link.index, code=exc.code)
+        self._on_lost(link, exc)
+
+    async def _revive(self, link: StageLink) -> None:
+        """A stage answers again: handshake it, then its upstream (which forwards to it)."""
+        try:
+            info = await self._handshake(link, REVIVE_TIMEOUT_S)
+            if link.index > 0:
+                await self._handshake(self.links[link.index - 1], REVIVE_TIMEOUT_S)
+        except MeshError as exc:
+            link.alive = False
+            log.warning("stage_revive_failed", stage_index=link.index, error=exc.code)
+            return
+        log.info("stage_up", stage_index=link.index, start=info["start"], end=info["end"])
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for task in list(self._reviving):
+            task.cancel()
+        for link in self.links:
+            await link.close()
+        self._zctx.term()

@@ -1,0 +1,208 @@
+"""One request's generation: a session's prefill chunks, its decode loop, its end.
+
+Each request is one session with its own frames in flight; the stages batch sessions against
+each other. A session always ends with a Stop that walks the chain, whether it finished, failed
+or was cancelled. If the chain fails before a request has streamed anything (a stage died or
+restarted), the request waits for the chain to come back and runs again from its prompt: its
+caller sees latency, not an error. After the first streamed token, a failure is the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.coordinator.admission import Admission
+from mesh.coordinator.chain import Chain
+from mesh.coordinator.links import StageUnavailableError
+from mesh.coordinator.pacer import DecodePacer
+from mesh.coordinator.prefixes import PrefixProtocol
+from mesh.coordinator.sessions import Sessions, StageError
+from mesh.coordinator.text import TextAssembler
+from mesh.coordinator.tokenizer import Tokenizer
+from mesh.errors import MeshError
+from mesh.logs import get_logger
+from mesh.transport import frames as fr
+from mesh.transport import wire
+
+log = get_logger("mesh.coordinator")
+
+DEFAULT_PREFILL_CHUNK = 256
+RETRY_WAIT_S = 30.0  # how long a request that streamed nothing waits for the chain to return
+RETRY_ATTEMPTS = 3
+# Stage errors that mean "the chain lost this session", not "this request is wrong".
+RETRYABLE_CODES = {wire.E_STALE_EPOCH, wire.E_UNKNOWN_SESSION, wire.E_NO_DOWNSTREAM,
+                   wire.E_DOWNSTREAM_UNAVAILABLE}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
+    add_special: bool = True  # BOS for raw completions; chat templates carry their own
+    cache_salt: bytes = b""  # prefixes are reused only between requests with the same salt
+
+    def wire_sampling(self) -> dict[str, Any]:
+        return {"temperature": float(self.temperature), "top_k": int(self.top_k),
+                "top_p": float(self.top_p), "min_p": float(self.min_p), "seed": int(self.seed),
+                "repeat_penalty": float(self.repeat_penalty), "repeat_last_n": 64,
+                "logprobs": int(self.logprobs)}
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    cached_tokens: int
+    timings: dict[str, float]
+    retries: int = 0  # times the chain failed before anything streamed and the request re-ran
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        p, c = len(self.prompt_token_ids), len(self.token_ids)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+def retryable(exc: BaseException) -> bool:
+    return isinstance(exc, StageUnavailableError) or (
+        isinstance(exc, StageError) and exc.code in RETRYABLE_CODES)
+
+
+class Generator:
+    def __init__(self, chain: Chain, sessions: Sessions, prefixes: PrefixProtocol,
+                 pacer: DecodePacer, tokenizer: Tokenizer, admission: Admission,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, retry_wait_s: float = RETRY_WAIT_S):
+        self.chain = chain
+        self.sessions = sessions
+        self.prefixes = prefixes
+        self.pacer = pacer
+        self.tokenizer = tokenizer
+        self.admission = admission
+        self.prefill_chunk = prefill_chunk
+        self.retry_wait_s = retry_wait_s
+        self.retries = 0  # requests re-run since start, for metrics
+
+    async def stream(self, prompt_ids: list[int], params: GenerationParams
+                     ) -> AsyncIterator[Delta | Completion]:
+        """Run the request; re-run it while nothing has streamed and the chain comes back."""
+        attempt = 0
+        while True:
+            streamed = False
+            try:
+                async for item in self._run(prompt_ids, params):
+                    if isinstance(item, Completion):
+                        item.retries = attempt
+                    streamed = True
+                    yield item
+                return
+            except MeshError as exc:
+                if streamed or not retryable(exc) or attempt >= RETRY_ATTEMPTS:
+                    raise
+                attempt += 1
+                self.retries += 1
+                log.warning("request_retry", attempt=attempt, code=exc.code)
+                await self._wait_for_chain(exc)
+
+    async def _wait_for_chain(self, cause: MeshError) -> None:
+        deadline = time.monotonic() + self.retry_wait_s
+        await asyncio.sleep(0)  # let liveness see what just failed
+        while not self.chain.ready or any(link.restarted for link in self.chain.links):
+            if time.monotonic() > deadline:
+                raise cause
+            await asyncio.sleep(0.05)
+
+    async def _run(self, prompt_ids: list[int], params: GenerationParams
+                   ) -> AsyncIterator[Delta | Completion]:
+        session, inbox = self.sessions.open()
+        t0 = time.perf_counter()
+        text_out = TextAssembler(self.tokenizer, params.stop)
+        token_ids: list[int] = []
+        finish = "length"
+        t_first = None
+        completed = False
+        try:
+            cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt)
+            self._send_prefill(session, prompt_ids, params, cached)
+            pos = len(prompt_ids)
+            budget = self.admission.max_new_tokens(len(prompt_ids), params.max_tokens)
+            while len(token_ids) < budget:
+                msg = await Sessions.next(inbox)
+                token = msg["token"]
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if self.tokenizer.is_eog(token):
+                    finish = "stop"
+                    break
+                token_ids.append(token)
+                text, stopped = text_out.add(token)
+                if not stopped and len(token_ids) < budget:
+                    # The next step is queued before this token is handed on: the stages
+                    # compute while the caller streams, and the pacer sends it with its group.
+                    self.pacer.ready(session, functools.partial(
+                        self._send_work, wire.DECODE, session, pos, [token]))
+                    pos += 1
+                logprobs = []
+                if params.logprobs:
+                    logprobs = [{"token": token, "logprob": msg["logprob"], "top": msg["top"]}]
+                if text or logprobs:
+                    yield Delta(text, [token], logprobs)
+                if stopped:
+                    finish = "stop"
+                    break
+            tail = text_out.finish()
+            if tail:
+                yield Delta(tail, [])
+            t_end = time.perf_counter()
+            t_first = t_first or t_end
+            n = len(token_ids)
+            completed = True
+            yield Completion(
+                prompt_token_ids=prompt_ids, token_ids=token_ids, text=text_out.text,
+                finish_reason=finish, cached_tokens=cached,
+                timings={"prompt_ms": 1e3 * (t_first - t0), "decode_ms": 1e3 * (t_end - t_first),
+                         "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
+                         "total_ms": 1e3 * (t_end - t0)})
+        finally:
+            self.sessions.close(session)
+            self.pacer.forget(session)
+            self.prefixes.stop(session, prompt_ids if completed else None, params.cache_salt)
+
+    def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams,
+                      start_pos: int = 0) -> None:
+        chunk = min(self.prefill_chunk, *(link.info["max_tokens"] for link in self.chain.links))
+        for start in range(start_pos, len(prompt_ids), chunk):
+            part = prompt_ids[start:start + chunk]
+            if start + chunk >= len(prompt_ids):
+                self._send_work(wire.PREFILL_FINAL, session, start, part,
+                                sampling=params.wire_sampling(),
+                                history=fr.pack_tokens(prompt_ids[-wire.MAX_HISTORY_TOKENS:]))
+            else:
+                self._send_work(wire.PREFILL, session, start, part)
+
+    def _send_work(self, kind: str, session: int, pos: int, tokens: list[int], **extra) -> None:
+        first = self.chain.first
+        first.post(fr.encode(kind, session=session, origin=self.chain.origin, pos=pos,
+                             n=len(tokens), tokens=fr.pack_tokens(tokens), embd=None,
+                             epoch=first.epoch, **extra), session)
+

@@ -1,0 +1,95 @@
+"""The coordinator's live sessions: one inbox each, fed with what the stages send about it.
+
+A session's frames (Tokens, Acquired, Errors) reach its inbox through ``deliver``; a failure
+that is not any one stage's answer (a stage went down, a message could not leave) reaches every
+affected inbox through ``fail``. ``next`` is how a request waits for its session's next frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from mesh.coordinator.links import StageUnavailableError
+from mesh.errors import MeshError
+from mesh.transport import wire
+
+TOKEN_TIMEOUT_S = 120.0  # a live chain answers far sooner; liveness catches dead stages first
+_FAIL = "_fail"
+
+
+class StageError(MeshError):
+    """An Error frame about one of our sessions, raised with the stage's code."""
+
+    def __init__(self, code: str, message: str, stage: str):
+        super().__init__(f"{stage}: {message}")
+        self.code = code
+        self.stage = stage
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.progress = time.monotonic()  # when the session last heard from a stage
+
+
+class Sessions:
+    def __init__(self) -> None:
+        self._live: dict[int, Inbox] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, session: int) -> bool:
+        return session in self._live
+
+    def open(self) -> tuple[int, Inbox]:
+        session = int.from_bytes(os.urandom(8), "little") >> 1
+        inbox = self._live[session] = Inbox()
+        return session, inbox
+
+    def close(self, session: int) -> None:
+        self._live.pop(session, None)
+
+    def deliver(self, msg: dict[str, Any]) -> bool:
+        """Hand a stage's frame to its session; False when no such session is live here."""
+        inbox = self._live.get(msg.get("session"))
+        if inbox is None:
+            return False
+        inbox.progress = time.monotonic()
+        inbox.queue.put_nowait(msg)
+        return True
+
+    def fail(self, sessions: list[int], exc: MeshError) -> None:
+        """End these sessions with ``exc`` (a stage went down, or a message could not leave)."""
+        for session in sessions:
+            inbox = self._live.get(session)
+            if inbox is not None:
+                inbox.queue.put_nowait({"kind": _FAIL, "exc": exc})
+
+    def fail_all(self, exc: MeshError) -> None:
+        self.fail(list(self._live), exc)
+
+    def waiting_since(self) -> dict[int, float]:
+        """Live sessions and when each last heard from a stage."""
+        return {session: inbox.progress for session, inbox in self._live.items()}
+
+    @staticmethod
+    async def next(inbox: Inbox, want: str = wire.TOKEN) -> dict[str, Any]:
+        """The session's next ``want`` frame (others, e.g. a late Acquired, are skipped)."""
+        while True:
+            try:
+                async with asyncio.timeout(TOKEN_TIMEOUT_S):
+                    msg = await inbox.queue.get()
+            except TimeoutError:
+                raise StageUnavailableError(
+                    f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
+            if msg["kind"] in (want, _FAIL, wire.ERROR):
+                break
+        if msg["kind"] == _FAIL:
+            raise msg["exc"]
+        if msg["kind"] == wire.ERROR:
+            raise StageError(msg["code"], msg["message"], msg["stage"])
+        return msg

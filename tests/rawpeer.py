@@ -1,0 +1,89 @@
+"""A raw peer of one stage for tests: a DEALER speaking frames by hand.
+
+It learns the stage's epoch from a Ping (no side effects, unlike a Handshake, which would
+rewire the stage's downstream), and stamps it on the session frames it builds.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from mesh.transport import frames as fr
+from mesh.transport.sockets import dealer
+
+
+class RawPeer:
+    def __init__(self, url: str, identity: bytes = b"coord-raw", keys=None, pair=None,
+                 timeout_ms: int = 10_000, learn_epoch: bool = True):
+        self.identity = identity
+        self.sock = dealer(zmq.Context.instance(), url, identity=identity, keys=keys, pair=pair)
+        self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        self.sock.setsockopt(zmq.SNDTIMEO, timeout_ms)  # a refused peer has no connection
+        self.epoch = 0
+        if learn_epoch:
+            pong = self.ping()
+            self.epoch = pong["epoch"] if pong else 0
+
+    def ping(self, nonce: int = 4242) -> dict | None:
+        """The stage's Pong, or None if it never answers (skipping other replies)."""
+        try:
+            self.sock.send(fr.encode(fr.PING, nonce=nonce))
+            while True:
+                msg = fr.decode(self.sock.recv())
+                if msg["kind"] == fr.PONG and msg["nonce"] == nonce:
+                    return msg
+        except zmq.Again:
+            return None
+
+    def handshake(self, nxt: str | None = None, next_epoch: int | None = None,
+                  index: int = 0) -> dict:
+        self.send(fr.encode(fr.HANDSHAKE, origin=self.identity, next=nxt, next_epoch=next_epoch,
+                            model_sha256=None, index=index))
+        return self.recv()
+
+    def work(self, kind: str, session: int, pos: int, tokens=None, embd: bytes | None = None,
+             n: int | None = None, origin: bytes | None = None, **extra) -> bytes:
+        n = n if n is not None else len(tokens)
+        return fr.encode(kind, session=session, origin=origin or self.identity,
+                         epoch=extra.pop("epoch", self.epoch), pos=pos, n=n,
+                         tokens=None if tokens is None else fr.pack_tokens(tokens), embd=embd,
+                         **extra)
+
+    def prompt(self, session: int, tokens, pos: int = 0, **extra) -> bytes:
+        """A whole prompt as one final chunk (greedy sampling)."""
+        return self.work(fr.PREFILL_FINAL, session, pos, tokens, sampling={}, history=None,
+                         **extra)
+
+    def stop(self, session: int, keep: int = 0, prefix_id: bytes | None = None,
+             origin: bytes | None = None) -> bytes:
+        return fr.encode(fr.STOP, session=session, origin=origin or self.identity,
+                         epoch=self.epoch, keep=keep, prefix_id=prefix_id)
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def recv(self) -> dict:
+        return fr.decode(self.sock.recv())
+
+    def drain(self) -> int:
+        """Discard what has arrived; returns how many messages."""
+        n = 0
+        while True:
+            try:
+                self.sock.recv(zmq.NOBLOCK)
+                n += 1
+            except zmq.Again:
+                return n
+
+    def ask(self, frame: bytes) -> dict:
+        self.send(frame)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def __enter__(self) -> RawPeer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
