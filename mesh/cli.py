@@ -197,9 +197,12 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
 @click.option("--port", default=8000, show_default=True)
 @click.option("--decode-groups", default=1, show_default=True, type=click.IntRange(1, 64),
               help=DECODE_GROUPS_HELP)
+@click.option("--retry-wait", "retry_wait_s", default=30.0, show_default=True,
+              help="Seconds a request that streamed nothing waits for a failed chain to come "
+                   "back before it is answered 503.")
 @_api_options
 @_secret_option
-def serve(model_spec, stages, host, port, decode_groups, api_keys, insecure,
+def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys, insecure,
           secret_file) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
@@ -210,17 +213,18 @@ def serve(model_spec, stages, host, port, decode_groups, api_keys, insecure,
     try:
         _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
                decode_groups=decode_groups, api_keys=api_keys,
-               mesh_keys=_mesh_keys(secret_file))
+               mesh_keys=_mesh_keys(secret_file), retry_wait_s=retry_wait_s)
     except MeshError as exc:
         _fail(str(exc))
 
 
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
-           decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None) -> None:
+           decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None,
+           retry_wait_s: float = 30.0) -> None:
     from mesh.api.app import run_server
 
     run_server(path, stages, host, port, announce=announce, decode_groups=decode_groups,
-               api_keys=api_keys, mesh_keys=mesh_keys)
+               api_keys=api_keys, mesh_keys=mesh_keys, retry_wait_s=retry_wait_s)
 
 
 @main.command()

@@ -6,17 +6,24 @@ rewire the stage's downstream), and stamps it on the session frames it builds.
 
 from __future__ import annotations
 
+import itertools
+
 import zmq
 
 from mesh.transport import frames as fr
 from mesh.transport.sockets import dealer
 
+_SERIAL = itertools.count()
+
 
 class RawPeer:
-    def __init__(self, url: str, identity: bytes = b"coord-raw", keys=None, pair=None,
+    def __init__(self, url: str, identity: bytes | None = None, keys=None, pair=None,
                  timeout_ms: int = 10_000, learn_epoch: bool = True):
-        self.identity = identity
-        self.sock = dealer(zmq.Context.instance(), url, identity=identity, keys=keys, pair=pair)
+        # A fresh routing id each time: a stage's ROUTER ignores a new connection that reuses
+        # the id of one it has not yet seen close.
+        self.identity = identity or b"coord-raw-%d" % next(_SERIAL)
+        self.sock = dealer(zmq.Context.instance(), url, identity=self.identity, keys=keys,
+                           pair=pair)
         self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
         self.sock.setsockopt(zmq.SNDTIMEO, timeout_ms)  # a refused peer has no connection
         self.epoch = 0

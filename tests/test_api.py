@@ -175,17 +175,21 @@ def test_error_types_map_to_statuses_with_retry_after():
     assert internal.status_code == 500 and b"secret" not in internal.body
 
 
-def test_stage_down_is_503_and_health_stays_up(tiny_llama, tmp_path):
+def test_stage_down_is_503_after_the_retry_wait_and_health_stays_up(tiny_llama, tmp_path):
     with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=256) as mesh:
-        with serving(tiny_llama, mesh.urls, tmp_path / "serve.log") as base:
+        args = ("--retry-wait", "1")
+        with serving(tiny_llama, mesh.urls, tmp_path / "serve.log", args) as base:
             ok = httpx.post(f"{base}/v1/completions",
                             json={"prompt": [1, 50, 60], "max_tokens": 3}, timeout=30)
             assert ok.status_code == 200
             mesh.stages[1].kill(signal.SIGKILL)
-            time.sleep(3.0)
+            deadline = time.monotonic() + 5
+            while httpx.get(f"{base}/ready").status_code != 503:
+                assert time.monotonic() < deadline, "stage 1's death went unnoticed"
+                time.sleep(0.05)
+            t0 = time.monotonic()
             down = httpx.post(f"{base}/v1/completions",
                               json={"prompt": [1, 50, 60], "max_tokens": 3}, timeout=30)
-            assert down.status_code == 503
+            assert down.status_code == 503 and 0.9 < time.monotonic() - t0 < 5
             assert "stage 1" in down.json()["error"]["message"]
             assert httpx.get(f"{base}/health").status_code == 200
-            assert httpx.get(f"{base}/ready").status_code == 503

@@ -132,7 +132,7 @@ BAD_FRAMES = {
 
 @pytest.mark.parametrize("name", list(BAD_FRAMES))
 def test_malformed_frames_get_error_frames_and_stage_keeps_serving(mesh2, name):
-    with RawPeer(mesh2.urls[1], learn_epoch=False) as peer:
+    with RawPeer(mesh2.urls[1], timeout_ms=60_000) as peer:  # its Pong: the stage is up
         raw, code = BAD_FRAMES[name]
         reply = peer.ask(raw)
         assert reply["kind"] == fr.ERROR and reply["session"] is None

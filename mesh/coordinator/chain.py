@@ -27,6 +27,7 @@ log = get_logger("mesh.coordinator")
 HEARTBEAT_INTERVAL_S = 0.5
 DEAD_AFTER_S = 2.0
 REVIVE_TIMEOUT_S = 5.0
+CLOSE_LINGER_MS = 500  # what was posted last (Stops) gets this long to leave
 
 
 class Chain:
@@ -155,5 +156,6 @@ class Chain:
         for task in list(self._reviving):
             task.cancel()
         for link in self.links:
-            await link.close()
+            link.flush()
+            await link.close(linger_ms=CLOSE_LINGER_MS)
         self._zctx.term()

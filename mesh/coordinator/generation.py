@@ -2,9 +2,11 @@
 
 Each request is one session with its own frames in flight; the stages batch sessions against
 each other. A session always ends with a Stop that walks the chain, whether it finished, failed
-or was cancelled. If the chain fails before a request has streamed anything (a stage died or
-restarted), the request waits for the chain to come back and runs again from its prompt: its
-caller sees latency, not an error. After the first streamed token, a failure is the caller's.
+or was cancelled. A request waits for the chain to be whole before it starts; if the chain
+fails before the request has streamed anything (a stage died or restarted, or its slots are
+still held by sessions of a crashed coordinator), it waits and runs again from its prompt: its
+caller sees latency, not an error, for up to ``retry_wait_s``. After the first streamed token,
+a failure is the caller's.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ log = get_logger("mesh.coordinator")
 
 DEFAULT_PREFILL_CHUNK = 256
 RETRY_WAIT_S = 30.0  # how long a request that streamed nothing waits for the chain to return
-RETRY_ATTEMPTS = 3
-# Stage errors that mean "the chain lost this session", not "this request is wrong".
+RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0)  # between attempts (the last one repeats)
+# Stage errors that mean "the chain lost or cannot yet hold this session", not "this request
+# is wrong".
 RETRYABLE_CODES = {wire.E_STALE_EPOCH, wire.E_UNKNOWN_SESSION, wire.E_NO_DOWNSTREAM,
-                   wire.E_DOWNSTREAM_UNAVAILABLE}
+                   wire.E_DOWNSTREAM_UNAVAILABLE, wire.E_NO_SESSION_SLOT, wire.E_OVERLOADED}
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,11 @@ class Generator:
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams
                      ) -> AsyncIterator[Delta | Completion]:
-        """Run the request; re-run it while nothing has streamed and the chain comes back."""
+        """Run the request; re-run it while nothing has streamed and time remains."""
+        deadline = time.monotonic() + self.retry_wait_s
         attempt = 0
         while True:
+            await self._whole_chain(deadline)
             streamed = False
             try:
                 async for item in self._run(prompt_ids, params):
@@ -117,19 +122,21 @@ class Generator:
                     yield item
                 return
             except MeshError as exc:
-                if streamed or not retryable(exc) or attempt >= RETRY_ATTEMPTS:
+                if streamed or not retryable(exc) or time.monotonic() > deadline:
                     raise
-                attempt += 1
                 self.retries += 1
-                log.warning("request_retry", attempt=attempt, code=exc.code)
-                await self._wait_for_chain(exc)
+                log.warning("request_retry", attempt=attempt + 1, code=exc.code)
+                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+                attempt += 1
 
-    async def _wait_for_chain(self, cause: MeshError) -> None:
-        deadline = time.monotonic() + self.retry_wait_s
-        await asyncio.sleep(0)  # let liveness see what just failed
-        while not self.chain.ready or any(link.restarted for link in self.chain.links):
+    async def _whole_chain(self, deadline: float) -> None:
+        """Wait until every stage is up and handshaken (liveness notices losses first)."""
+        while True:
+            down = [link for link in self.chain.links if not link.alive or link.restarted]
+            if not down:
+                return
             if time.monotonic() > deadline:
-                raise cause
+                raise StageUnavailableError(f"{down[0].name} is down")
             await asyncio.sleep(0.05)
 
     async def _run(self, prompt_ids: list[int], params: GenerationParams

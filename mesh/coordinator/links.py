@@ -191,11 +191,11 @@ class StageLink:
         self.last_seen = time.monotonic()
         return reply
 
-    async def close(self) -> None:
+    async def close(self, linger_ms: int = 0) -> None:
         if self._reader is not None:
             self._reader.cancel()
             try:
                 await self._reader
             except asyncio.CancelledError:
                 pass
-        self._sock.close(linger=0)
+        self._sock.close(linger=linger_ms)

@@ -69,6 +69,9 @@ class Sessions:
             if inbox is not None:
                 inbox.queue.put_nowait({"kind": _FAIL, "exc": exc})
 
+    def ids(self) -> list[int]:
+        return list(self._live)
+
     def fail_all(self, exc: MeshError) -> None:
         self.fail(list(self._live), exc)
 

@@ -65,9 +65,11 @@ def normalize_listen(text: str) -> str:
 @click.option("--insecure", is_flag=True,
               help="Listen beyond loopback without a secret: anyone reaching the port is "
                    "trusted.")
+@click.option("--lease-s", "lease_s", default=10.0, show_default=True,
+              help="Seconds a session's owner may stay silent before its sessions are dropped.")
 @click.option("--log-level", default="info", show_default=True)
 def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch,
-         prefix_records, batching, secret_file, insecure, log_level) -> None:
+         prefix_records, batching, secret_file, insecure, lease_s, log_level) -> None:
     """Serve layers START:END of a GGUF model as one pipeline stage."""
     # llama.cpp's CPU graph runs on OpenMP here; idle OpenMP workers spin for ~300k iterations
     # by default and steal the core from the stage that is computing. A short spin keeps the
@@ -98,7 +100,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
                                n_ubatch=min(n_batch, 512))
         runtime = StageRuntime(files, config)
         server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
-                             exact=batching == "exact", keys=keys)
+                             exact=batching == "exact", keys=keys, lease_s=lease_s)
     except MeshError as exc:
         click.echo(f"mesh-stage: {exc}", err=True)
         sys.exit(2)

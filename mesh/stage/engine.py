@@ -46,6 +46,7 @@ class StageStats:
     evicted_records: int = 0
     decode_steps: int = 0  # llama_decode calls that ran one-token rows
     decode_rows: int = 0  # the rows they ran (rows / steps: the mean batch)
+    owners: frozenset[bytes] = frozenset()  # origins that hold live sessions
 
 
 def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
@@ -107,6 +108,7 @@ class StageEngine:
         self._queued = [0, 0]  # frames, bytes accepted and not yet run
         self._arrivals = itertools.count()
         self._decoded = [0, 0]  # decode steps, rows
+        self._expired: list[bytes] = []  # owners whose lease ran out, to drop at the next step
         self._running = True
 
     # ---- called by the transport thread -----------------------------------------------------
@@ -141,6 +143,12 @@ class StageEngine:
         since = self.busy_since
         return 0 if since is None else int((time.monotonic() - since) * 1e3)
 
+    def expire(self, origin: bytes) -> None:
+        """``origin`` was not heard from for a lease: drop its sessions and queued frames."""
+        with self._cond:
+            self._expired.append(origin)
+            self._cond.notify()
+
     def stop(self) -> None:
         with self._cond:
             self._running = False
@@ -150,8 +158,26 @@ class StageEngine:
     def run_forever(self) -> None:
         while self._running:
             self._absorb(block=not len(self.scheduler))
+            self._drop_expired()
             if len(self.scheduler):
                 self.step()
+
+    def _drop_expired(self) -> None:
+        with self._cond:
+            expired, self._expired = self._expired, []
+        for origin in expired:
+            purged = self.scheduler.purge(origin)
+            with self._cond:
+                self._queued[0] -= len(purged)
+                self._queued[1] -= sum(item.nbytes for item in purged)
+            rt = self.runtime
+            dropped = [key for key in rt.lengths() if not isinstance(key, RecordKey)
+                       and key[0] == origin]
+            freed = sum(rt.drop_session(key) for key in dropped)
+            log.info("lease_expired", stage=self.name, sessions=len(dropped),
+                     queued_frames=len(purged), freed_cells=freed)
+        if expired:
+            self._publish()
 
     def step(self) -> StepPlan:
         """Plan and perform one step (also usable directly, without the thread)."""
@@ -173,7 +199,7 @@ class StageEngine:
 
     def _absorb(self, block: bool) -> None:
         with self._cond:
-            if block and not self._inbox and self._running:
+            if block and not self._inbox and not self._expired and self._running:
                 self._cond.wait(IDLE_WAIT_S)
             items, self._inbox = self._inbox, collections.deque()
         for item in items:
@@ -188,9 +214,10 @@ class StageEngine:
 
     def _publish(self) -> None:
         rt = self.runtime
+        live = [k for k in rt.lengths() if not isinstance(k, RecordKey)]
         self.stats = StageStats(
-            kv_used=rt.kv_used, kv_capacity=rt.kv_capacity,
-            sessions=sum(1 for k in rt.lengths() if not isinstance(k, RecordKey)),
+            kv_used=rt.kv_used, kv_capacity=rt.kv_capacity, sessions=len(live),
+            owners=frozenset(key[0] for key in live),
             records=len(self.cache), evicted_records=self.cache.evicted_records,
             decode_steps=self._decoded[0], decode_rows=self._decoded[1])
 

@@ -120,6 +120,13 @@ class Scheduler:
         self._queues.setdefault(item.key, collections.deque()).append(item)
         self._count += 1
 
+    def purge(self, origin: bytes) -> list[Item]:
+        """Take every queued frame of ``origin``'s sessions out (its lease expired)."""
+        gone = [key for key in self._queues if key[0] == origin]
+        items = [item for key in gone for item in self._queues.pop(key)]
+        self._count -= len(items)
+        return items
+
     def schedule(self, view: KvView) -> StepPlan:
         """The next step; every frame it names leaves the queue (``StepPlan.items``)."""
         heads = sorted((q[0] for q in self._queues.values()), key=lambda it: it.arrival)

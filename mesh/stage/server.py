@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -37,13 +38,14 @@ log = get_logger("mesh.stage")
 
 POLL_MS = 100
 READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
+LEASE_S = 10.0  # an owner not heard from for this long loses its sessions
 FORWARDER_PREFIX = b"fwd-"  # routing id of a stage's connection to the next stage
 
 
 class StageServer:
     def __init__(self, runtime: StageRuntime, listen: str, model_sha256: str,
                  zmq_context: zmq.Context | None = None, prefix_records: int | None = None,
-                 exact: bool = True, keys: MeshKeys | None = None,
+                 exact: bool = True, keys: MeshKeys | None = None, lease_s: float = LEASE_S,
                  queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
         self.listen = listen
@@ -69,6 +71,9 @@ class StageServer:
         self._poller.register(self.mailbox.fd, zmq.POLLIN)
         self._next_url: str | None = None
         self._downstream: zmq.Socket | None = None
+        self._lease_s = lease_s
+        self._heard: dict[bytes, float] = {}  # peer routing id -> when it last sent anything
+        self._expiring: set[bytes] = set()
         self._running = True
 
     # ---- loop -------------------------------------------------------------------------------
@@ -86,6 +91,7 @@ class StageServer:
                 if self._downstream is not None and self._downstream in events:
                     self._drain_downstream()
                 self._send_mail()
+                self._check_leases()
         finally:
             self.engine.stop()
             compute.join()  # the step in progress finishes; the runtime is freed after it
@@ -103,6 +109,7 @@ class StageServer:
                 break
             sender = parts[0].bytes
             frames = parts[1:]
+            self._heard[sender] = time.monotonic()
             if len(frames) > wire.MAX_FRAMES_PER_MESSAGE:
                 self._reply(sender, fr.error_frame(
                     wire.E_BAD_FRAME, f"{len(frames)} frames in one message (at most "
@@ -175,6 +182,22 @@ class StageServer:
         log.warning("frame_refused", stage=self.name, code=exc.code, kind=msg["kind"])
         self._reply(msg["origin"], fr.error_frame(exc.code, str(exc), msg["session"],
                                                   self.name))
+
+    def _check_leases(self) -> None:
+        """Owners of live sessions that went silent (a coordinator that crashed pings no more)
+        lose their sessions: their slots and KV come back, confirmed prefix records stay."""
+        now = time.monotonic()
+        owners = self.engine.stats.owners
+        self._expiring &= owners
+        for owner in owners - self._expiring:
+            heard = self._heard.setdefault(owner, now)
+            if now - heard > self._lease_s:
+                self._expiring.add(owner)
+                log.warning("lease_expiring", stage=self.name, silent_s=round(now - heard, 1))
+                self.engine.expire(owner)
+        if len(self._heard) > 4 * len(owners) + 64:  # forget long-gone peers
+            self._heard = {p: t for p, t in self._heard.items()
+                           if p in owners or now - t < self._lease_s}
 
     def _check_inputs(self, msg: dict[str, Any]) -> None:
         """This stage's input kind and size, checked before the frame is queued."""
