@@ -70,13 +70,14 @@ class StageProcess:
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
     cpus: set[int] | None = None  # CPU affinity (e.g. one core per stage, as on separate hosts)
+    wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS (another host)
     proc: subprocess.Popen | None = None
 
     def launch(self) -> None:
         log = self.log_path.open("ab")
         cpus = self.cpus
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.stage.cli", *self.args],
+            [*self.wrapper, sys.executable, "-m", "mesh.stage.cli", *self.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env},
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
@@ -105,19 +106,23 @@ class LocalMesh:
     env: dict[str, str] = field(default_factory=dict)
     cpus: list[set[int]] | None = None  # per stage
     secret: Path | None = None  # the mesh secret every stage is started with
+    hosts: list[str] | None = None  # per stage: the address it listens on (default loopback)
+    wrappers: list[list[str]] | None = None  # per stage: a command prefix (ip netns exec NS)
     stages: list[StageProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, (start, end) in enumerate(self.ranges):
-            url = f"tcp://127.0.0.1:{free_port()}"
+            host = self.hosts[i] if self.hosts else "127.0.0.1"
+            url = f"tcp://{host}:{free_port()}"
             args = ["--model", self.model, "--layers", f"{start}:{end}", "--listen", url,
                     "--ctx", str(self.ctx), "--slots", str(self.slots),
                     "--threads", str(self.threads), *self.extra_args]
             if self.secret is not None:
                 args += ["--secret", str(self.secret)]
             self.stages.append(StageProcess(start, end, url, self.log_dir / f"stage{i}.log", args,
-                                            self.env, self.cpus[i] if self.cpus else None))
+                                            self.env, self.cpus[i] if self.cpus else None,
+                                            self.wrappers[i] if self.wrappers else []))
 
     @property
     def urls(self) -> list[str]:

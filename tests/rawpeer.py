@@ -64,7 +64,8 @@ class RawPeer:
     def stop(self, session: int, keep: int = 0, prefix_id: bytes | None = None,
              origin: bytes | None = None) -> bytes:
         return fr.encode(fr.STOP, session=session, origin=origin or self.identity,
-                         epoch=self.epoch, keep=keep, prefix_id=prefix_id)
+                         epoch=self.epoch, keep=keep, prefix_id=prefix_id, tokens=None,
+                         salt=None)
 
     def send(self, *frames: bytes) -> None:
         self.sock.send_multipart(list(frames))

@@ -10,7 +10,10 @@ import httpx
 import pytest
 
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.errors import MeshError
 from mesh.launcher import free_port
+from mesh.transport.security import derive_keys, load_secret, write_secret
+from tests import netns
 from tests.meshutil import running_mesh, with_coordinator
 from tests.rawpeer import RawPeer
 
@@ -122,3 +125,62 @@ def test_a_clean_coordinator_exit_stops_its_sessions(tiny_llama, tmp_path):
         assert with_coordinator(tiny_llama, mesh.urls, body) == [1, 1]
         # with_coordinator closed the coordinator: its Stops left before the sockets closed.
         _wait(lambda: _live_sessions(mesh.urls) == [0, 0], 5, "sessions stopped on close")
+
+
+@pytest.mark.gemma  # a generation that stays in flight while the link is cut
+@pytest.mark.skipif(not netns.available(), reason="needs root and network namespaces")
+def test_a_cut_link_between_stages_fails_in_time_naming_it_and_serves_when_back(gemma_path,
+                                                                                 tmp_path):
+    secret = tmp_path / "mesh.secret"
+    write_secret(secret)
+    with netns.Hosts(2) as hosts, running_mesh(
+            gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=1024, slots=4, threads=1,
+            hosts=hosts.addresses, wrappers=hosts.wrappers, secret=secret) as mesh:
+        async def body(coord: Coordinator):
+            params = GenerationParams(max_tokens=900)
+            stream = coord.stream(COUNT, params)
+            await anext(stream)
+            hosts.cut(0)  # stage 0 can no longer reach stage 1; both still answer us
+            cut = time.monotonic()
+            with pytest.raises(MeshError) as failed:
+                async for _ in stream:
+                    pass
+            failed_after = time.monotonic() - cut
+            # A request that has streamed nothing waits for the link instead of failing.
+            waiting = asyncio.create_task(coord.complete(COUNT, GenerationParams(max_tokens=8)))
+            await asyncio.sleep(1.0)
+            assert not waiting.done()
+            hosts.cut(0, False)
+            healed = time.monotonic()
+            result = await waiting
+            return failed.value, failed_after, time.monotonic() - healed, result
+
+        exc, failed_after, served_after, result = with_coordinator(
+            gemma_path, mesh.urls, body, keys=derive_keys(load_secret(secret)))
+    assert "stage 0 → stage 1" in str(exc), str(exc)
+    assert failed_after < 5
+    assert len(result.token_ids) == 8
+    print(f"link cut: request failed {failed_after:.1f} s after the cut ({exc}); a waiting "
+          f"request was served {served_after:.1f} s after the link came back")
+
+
+def test_a_restarted_coordinator_rebuilds_its_prefix_index_from_the_stages(tiny_llama, tmp_path):
+    long_prompt = [1, *range(200, 260)]
+    with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=512) as mesh:
+        async def first(coord: Coordinator):
+            done = await coord.complete(long_prompt, GenerationParams(max_tokens=4))
+            # The record exists once the final stage confirms the keep.
+            while not len(coord.prefixes.index):
+                await asyncio.sleep(0.01)
+            return done
+
+        async def second(coord: Coordinator):
+            restored = len(coord.prefixes.index)
+            again = await coord.complete(long_prompt + [7, 8], GenerationParams(max_tokens=4))
+            return restored, again
+
+        before = with_coordinator(tiny_llama, mesh.urls, first)
+        restored, after = with_coordinator(tiny_llama, mesh.urls, second)
+    assert before.cached_tokens == 0
+    assert restored == 1
+    assert after.cached_tokens == len(long_prompt)

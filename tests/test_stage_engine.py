@@ -94,13 +94,13 @@ def test_the_engine_queue_is_bounded_in_frames_and_bytes(tiny_llama):
                                        epoch=0, pos=0, n=3, tokens=fr.pack_tokens([1, 2, 3]),
                                        embd=None, sampling={}, history=None))
 
-        refused = engine.submit([(frame(session), 100, b"") for session in range(4)])
+        refused = engine.submit([(frame(session), 100) for session in range(4)])
         assert refused[:3] == [None] * 3 and isinstance(refused[3], OverloadedError)
         assert "3 frames" in str(refused[3]) and engine.queued == 3
         while engine.queued:
             engine._absorb(block=False)
             engine.step()
-        too_big, fits = engine.submit([(frame(4), 1001, b""), (frame(5), 1000, b"")])
+        too_big, fits = engine.submit([(frame(4), 1001), (frame(5), 1000)])
         assert isinstance(too_big, OverloadedError) and "0 frames" in str(too_big)
         assert fits is None and engine.queued == 1
         tokens = [f for item in mailbox.drain() for f in getattr(item, "frames", [])]

@@ -6,6 +6,10 @@ outage. Either way the sessions that went through it are lost (``on_lost``), and
 answers it is handshaken again, with its upstream, which must learn the next stage's epoch.
 Frames name the epoch of the stage they are meant for, so nothing sent to an old process acts
 on a new one.
+
+Stages ping the next stage too, and each Pong says how long ago the next one answered
+(``downstream_ms``): a link between two stages that the coordinator reaches is down when that
+passes ``DEAD_AFTER_S``, and the sessions on it are lost with an error naming the link.
 """
 
 from __future__ import annotations
@@ -53,7 +57,25 @@ class Chain:
 
     @property
     def ready(self) -> bool:
-        return bool(self.links) and all(link.alive for link in self.links)
+        return self.down() is None
+
+    def down(self) -> str | None:
+        """What keeps the chain from serving now (a stage or a link), or None."""
+        for link in self.links:
+            if not link.alive or link.restarted:
+                return f"{link.name} is down"
+        for link in self.links:
+            if not link.link_up:
+                return f"the link {self.link_name(link.index)} is down"
+        return None if self.links else "no stages"
+
+    def link_name(self, index: int) -> str:
+        nxt = self.links[index + 1]
+        return f"stage {index} → stage {index + 1} ({self.links[index].url} → {nxt.url})"
+
+    def active_at(self) -> float:
+        """When a stage last showed work in a Pong (queued or computing)."""
+        return max((link.active_at for link in self.links), default=0.0)
 
     @property
     def session_ctx(self) -> int:
@@ -130,8 +152,28 @@ class Chain:
                     task = asyncio.create_task(self._revive(link))
                     self._reviving.add(task)
                     task.add_done_callback(self._reviving.discard)
+            self._check_links()
             if self.on_heartbeat is not None:
                 self.on_heartbeat()
+
+    def _check_links(self) -> None:
+        """Links between stages that both answer us: down while the upstream one has not heard
+        from the next for ``DEAD_AFTER_S`` (a stage down is reported as the stage instead)."""
+        for link, nxt in zip(self.links[:-1], self.links[1:], strict=True):
+            if not (link.alive and nxt.alive) or link.last_pong is None:
+                continue
+            silent_ms = link.last_pong["downstream_ms"]
+            if silent_ms is None:  # not told its next stage yet (a handshake is on its way)
+                continue
+            if link.link_up and silent_ms > 1e3 * DEAD_AFTER_S:
+                link.link_up = False
+                log.warning("link_down", stage_index=link.index, silent_ms=silent_ms)
+                self._on_lost(link, StageUnavailableError(
+                    f"the link {self.link_name(link.index)} is down: stage {link.index} has "
+                    f"not heard from stage {nxt.index} for {silent_ms / 1e3:.1f} s"))
+            elif not link.link_up and silent_ms < 1e3 * DEAD_AFTER_S:
+                link.link_up = True
+                log.info("link_up", stage_index=link.index)
 
     def _lose(self, link: StageLink, exc: MeshError) -> None:
         link.alive = False

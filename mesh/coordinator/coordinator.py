@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from mesh.coordinator import progress
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.generation import (  # noqa: F401  (re-exported: the API's vocabulary)
@@ -27,7 +29,7 @@ from mesh.coordinator.generation import (  # noqa: F401  (re-exported: the API's
     GenerationParams,
     Generator,
 )
-from mesh.coordinator.links import StageLink
+from mesh.coordinator.links import StageLink, StageUnavailableError
 from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import PrefixIndex
 from mesh.coordinator.prefixes import PrefixProtocol
@@ -54,6 +56,7 @@ class Coordinator:
         self.sessions = Sessions()
         self.chain = Chain(stage_urls, self.origin, keys, self._dispatch, self._lost,
                            self.sessions.fail)
+        self.chain.on_heartbeat = self._check_progress
         self.pacer = DecodePacer(decode_groups, on_depart=lambda: self.chain.first.flush())
         self.tokenizer: Tokenizer | None = None
         self.model_sha256 = ""
@@ -70,17 +73,19 @@ class Coordinator:
         self.model_sha256 = await loop.run_in_executor(None, file_sha256, self.model_path)
         self.tokenizer = await loop.run_in_executor(None, Tokenizer, self.model_path)
         try:
-            await self.chain.start(self.model_sha256, handshake_timeout_s)
+            infos = await self.chain.start(self.model_sha256, handshake_timeout_s)
         except BaseException:
             await self.close()
             raise
         index = PrefixIndex(self.model_sha256) if prefix_cache else None
         self.prefixes = PrefixProtocol(index, self.chain)
+        restored = self.prefixes.restore(infos)
         self.admission = Admission(self.chain.slots, self.chain.session_ctx, admission_wait_s,
                                    on_wait=self.wait_observer)
         self.generator = Generator(self.chain, self.sessions, self.prefixes, self.pacer,
                                    self.tokenizer, self.admission, prefill_chunk, retry_wait_s)
-        log.info("coordinator_ready", stages=len(self.links), n_layer=self.chain.n_layer)
+        log.info("coordinator_ready", stages=len(self.links), n_layer=self.chain.n_layer,
+                 restored_prefixes=restored)
 
     async def close(self) -> None:
         """Stop our sessions on every stage first: a clean exit leaves nothing behind."""
@@ -122,8 +127,24 @@ class Coordinator:
             log.warning("stage_error", stage_index=link.index, code=msg["code"])
 
     def _lost(self, link: StageLink, exc: MeshError) -> None:
-        """A stage went down or restarted: every session went through it."""
+        """A stage or a link went down, or a stage restarted: every session went through it."""
         self.sessions.fail_all(exc)
+        if self.prefixes is not None:
+            self.prefixes.lost()
+
+    def _check_progress(self) -> None:
+        """Sessions waiting on an idle chain lost a frame: fail them (their requests re-run
+        if nothing streamed yet)."""
+        stuck = progress.stalled(self.sessions.waiting(), self.chain.active_at(),
+                                 time.monotonic())
+        if not stuck:
+            return
+        first, last = self.links[0], self.links[-1]
+        log.warning("sessions_stalled", sessions=len(stuck))
+        self.sessions.fail(stuck, StageUnavailableError(
+            f"no progress for {progress.PROGRESS_DEADLINE_S:.0f} s while every stage and link "
+            f"answers and no stage has work: a frame was lost between {first.name} and "
+            f"{last.name}"))
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special: bool = True) -> list[int]:

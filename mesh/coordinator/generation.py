@@ -132,11 +132,11 @@ class Generator:
     async def _whole_chain(self, deadline: float) -> None:
         """Wait until every stage is up and handshaken (liveness notices losses first)."""
         while True:
-            down = [link for link in self.chain.links if not link.alive or link.restarted]
-            if not down:
+            down = self.chain.down()
+            if down is None:
                 return
             if time.monotonic() > deadline:
-                raise StageUnavailableError(f"{down[0].name} is down")
+                raise StageUnavailableError(down)
             await asyncio.sleep(0.05)
 
     async def _run(self, prompt_ids: list[int], params: GenerationParams

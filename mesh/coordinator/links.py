@@ -55,6 +55,8 @@ class StageLink:
         self.last_seen = 0.0
         self.last_pong: dict[str, Any] | None = None
         self.longest_busy_ms = 0  # the longest step the stage has reported computing
+        self.active_at = 0.0  # when a Pong last showed the stage with work (queued, computing)
+        self.link_up = True  # its link to the next stage answers (Pong.downstream_ms)
         self._dispatch = dispatch
         self._on_send_failure = on_send_failure
         self._sock = dealer(zctx, url, identity=origin, immediate=True, keys=keys,
@@ -89,7 +91,10 @@ class StageLink:
         if kind == wire.PONG:
             if self.info is not None and msg["epoch"] != self.info["epoch"]:
                 self.restarted = True
-            self.last_pong = msg
+            previous, self.last_pong = self.last_pong, msg
+            if msg["queue"] or msg["busy_ms"] or (
+                    previous is not None and previous["decode_steps"] != msg["decode_steps"]):
+                self.active_at = self.last_seen
             self.longest_busy_ms = max(self.longest_busy_ms, msg["busy_ms"])
             for waiter in self._pong_waiters:
                 if not waiter.done():
@@ -186,6 +191,8 @@ class StageLink:
         if reply["kind"] == wire.ERROR:
             raise HandshakeError(f"{self.name} refused the handshake: {reply['message']}")
         self.info = reply
+        self.last_pong = None  # what it said before this handshake no longer holds
+        self.link_up = True
         self.restarted = False
         self.alive = True
         self.last_seen = time.monotonic()

@@ -4,12 +4,18 @@ Reuse: agree with every stage on a record to start from (``Acquire`` to each; ea
 the record into the new session as it answers, so eviction cannot take it any more; stages that
 placed more than the agreed length trim back). Keep: a finished session's ``Stop`` asks every
 stage to keep its prompt; the prefix enters the index once the final stage's ``Stopped``
-confirms it, so a reuse never overtakes the keep.
+confirms it, so a reuse never overtakes the keep. A new request waits for keeps posted less
+than ``PENDING_KEEP_WAIT_S`` ago, never longer: a ``Stopped`` that never comes (a stage went
+down) costs one request at most that second, not every later one.
+Restore: the first stage remembers the salt and token ids of each record it keeps, and every
+stage lists its records at handshake, so a restarted coordinator rebuilds its index.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from mesh.coordinator.chain import Chain
@@ -20,23 +26,57 @@ from mesh.transport import frames as fr
 from mesh.transport import wire
 
 PENDING_KEEP_WAIT_S = 1.0  # how long a new request waits for in-flight keeps to land
+PENDING_KEEP_EXPIRY_S = 60.0  # a keep unconfirmed for this long is forgotten
+
+
+@dataclass
+class _Keep:
+    """A Stop asking stages to keep a prompt, until the final stage's Stopped confirms it."""
+
+    prompt: list[int]
+    salt: bytes
+    posted: float
+    done: asyncio.Future
 
 
 class PrefixProtocol:
     def __init__(self, index: PrefixIndex | None, chain: Chain):
         self.index = index
         self._chain = chain
-        # session -> (prompt, salt, done) for Stops asking stages to keep a prefix
-        self._pending: dict[int, tuple[list[int], bytes, asyncio.Future]] = {}
+        self._pending: dict[int, _Keep] = {}
+
+    def restore(self, infos: list[dict[str, Any]]) -> int:
+        """Index the records every stage reported at handshake (``StageInfo.records``);
+        returns how many. The first stage's entries carry salt and token ids; an entry whose
+        prefix id does not hash from them, or that some stage lacks, is left out."""
+        if self.index is None or not infos:
+            return 0
+        width = wire.PREFIX_ID_BYTES
+        everywhere = set.intersection(*({entry[:width] for entry in info["records"]}
+                                        for info in infos))
+        restored = 0
+        for entry in infos[0]["records"]:  # least recently used first, as the index ages
+            pid = entry[:width]
+            salt = entry[width + 1:width + 1 + entry[width]] if len(entry) > width else b""
+            body = entry[width + 1 + len(salt):]
+            if pid not in everywhere or len(entry) <= width or len(body) % 4:
+                continue
+            tokens = fr.unpack_tokens(body).tolist()
+            if prefix_id(self._chain.model_sha256, tokens, salt) == pid:
+                self.index.add(tokens, salt)
+                restored += 1
+        return restored
 
     async def reuse(self, session: int, inbox: Inbox, prompt_ids: list[int],
                     salt: bytes) -> int:
         """The length of the resident prefix the new ``session`` starts from (0: none)."""
         if self.index is None:
             return 0
-        in_flight = [done for _, _, done in self._pending.values()]
-        if in_flight:  # a prefix being kept right now may be the one this prompt needs
-            await asyncio.wait(in_flight, timeout=PENDING_KEEP_WAIT_S)
+        now = time.monotonic()
+        recent = [k for k in self._pending.values() if now - k.posted < PENDING_KEEP_WAIT_S]
+        if recent:  # a prefix being kept right now may be the one this prompt needs
+            until = max(k.posted for k in recent) + PENDING_KEEP_WAIT_S
+            await asyncio.wait([k.done for k in recent], timeout=until - now)
         links = self._chain.links
         for pid, n in self.index.matches(prompt_ids, salt):
             placed = await self._acquire_round(session, inbox, pid, n, links)
@@ -69,23 +109,36 @@ class PrefixProtocol:
         The Stop walks the chain behind any frames still in flight, so ordering is kept.
         """
         keep, pid = 0, None
+        now = time.monotonic()
+        for old in [s for s, k in self._pending.items() if now - k.posted > PENDING_KEEP_EXPIRY_S]:
+            self._resolve(old)
         if (keep_prompt is not None and self.index is not None
                 and len(keep_prompt) >= MIN_REUSE_TOKENS):
             keep, pid = len(keep_prompt), prefix_id(self._chain.model_sha256, keep_prompt, salt)
-            done = asyncio.get_running_loop().create_future()
-            self._pending[session] = (keep_prompt, salt, done)
+            self._pending[session] = _Keep(keep_prompt, salt, now,
+                                           asyncio.get_running_loop().create_future())
         links = self._chain.links
         targets = links[:1] if links[0].alive else [link for link in links if link.alive]
         for link in targets:
+            first = keep and link.index == 0  # the first stage remembers what it keeps
             link.post(fr.encode(wire.STOP, session=session, origin=self._chain.origin,
-                                keep=keep, prefix_id=pid, epoch=link.epoch))
+                                keep=keep, prefix_id=pid, epoch=link.epoch,
+                                tokens=fr.pack_tokens(keep_prompt) if first else None,
+                                salt=salt if first else None))
 
     def stopped(self, msg: dict[str, Any]) -> None:
         """The final stage's Stopped: the record now exists on every stage (or none)."""
-        pending = self._pending.pop(msg["session"], None)
-        if pending is None:
-            return
-        prompt, salt, done = pending
-        if msg["kept"] and self.index is not None:
-            self.index.add(prompt, salt)
-        done.set_result(None)
+        keep = self._pending.get(msg["session"])
+        if keep is not None and msg["kept"] and self.index is not None:
+            self.index.add(keep.prompt, keep.salt)
+        self._resolve(msg["session"])
+
+    def lost(self) -> None:
+        """A stage or link went down: Stops in flight may never be answered."""
+        for session in list(self._pending):
+            self._resolve(session)
+
+    def _resolve(self, session: int) -> None:
+        keep = self._pending.pop(session, None)
+        if keep is not None and not keep.done.done():
+            keep.done.set_result(None)

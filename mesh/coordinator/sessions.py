@@ -16,7 +16,9 @@ from mesh.coordinator.links import StageUnavailableError
 from mesh.errors import MeshError
 from mesh.transport import wire
 
-TOKEN_TIMEOUT_S = 120.0  # a live chain answers far sooner; liveness catches dead stages first
+# The last resort: liveness catches dead stages and links, progress deadlines lost frames on an
+# idle chain; this bounds a wait for a frame lost while other sessions keep the chain busy.
+TOKEN_TIMEOUT_S = 120.0
 _FAIL = "_fail"
 
 
@@ -32,7 +34,7 @@ class StageError(MeshError):
 class Inbox:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.progress = time.monotonic()  # when the session last heard from a stage
+        self.waiting: float | None = None  # since when its request waits on an empty inbox
 
 
 class Sessions:
@@ -58,7 +60,6 @@ class Sessions:
         inbox = self._live.get(msg.get("session"))
         if inbox is None:
             return False
-        inbox.progress = time.monotonic()
         inbox.queue.put_nowait(msg)
         return True
 
@@ -75,20 +76,25 @@ class Sessions:
     def fail_all(self, exc: MeshError) -> None:
         self.fail(list(self._live), exc)
 
-    def waiting_since(self) -> dict[int, float]:
-        """Live sessions and when each last heard from a stage."""
-        return {session: inbox.progress for session, inbox in self._live.items()}
+    def waiting(self) -> dict[int, float]:
+        """Sessions whose request waits for a frame, and since when."""
+        return {session: inbox.waiting for session, inbox in self._live.items()
+                if inbox.waiting is not None}
 
     @staticmethod
     async def next(inbox: Inbox, want: str = wire.TOKEN) -> dict[str, Any]:
         """The session's next ``want`` frame (others, e.g. a late Acquired, are skipped)."""
         while True:
+            if inbox.queue.empty():
+                inbox.waiting = time.monotonic()
             try:
                 async with asyncio.timeout(TOKEN_TIMEOUT_S):
                     msg = await inbox.queue.get()
             except TimeoutError:
                 raise StageUnavailableError(
                     f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
+            finally:
+                inbox.waiting = None
             if msg["kind"] in (want, _FAIL, wire.ERROR):
                 break
         if msg["kind"] == _FAIL:

@@ -47,6 +47,7 @@ class StageStats:
     decode_steps: int = 0  # llama_decode calls that ran one-token rows
     decode_rows: int = 0  # the rows they ran (rows / steps: the mean batch)
     owners: frozenset[bytes] = frozenset()  # origins that hold live sessions
+    record_entries: tuple[bytes, ...] = ()  # the prefix records, for StageInfo
 
 
 def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
@@ -112,17 +113,15 @@ class StageEngine:
         self._running = True
 
     # ---- called by the transport thread -----------------------------------------------------
-    def submit(self, frames: list[tuple[dict[str, Any], int, bytes]]
-               ) -> list[MeshError | None]:
-        """Queue work and control frames (decoded, with their sizes and the principal that
-        sent them) as one arrival: frames that came in one message run in the same step.
-        Returns, per frame, None or the OverloadedError that kept it out of a full queue."""
+    def submit(self, frames: list[tuple[dict[str, Any], int]]) -> list[MeshError | None]:
+        """Queue work and control frames (decoded, with their sizes) as one arrival: frames
+        that came in one message run in the same step. Returns, per frame, None or the
+        OverloadedError that kept it out of a full queue."""
         refused: list[MeshError | None] = []
-        records = [self.cache.record_id(msg["prefix_id"], principal)
-                   if msg.get("prefix_id") is not None else None
-                   for msg, _, principal in frames]
+        records = [self.cache.record_id(msg["prefix_id"])
+                   if msg.get("prefix_id") is not None else None for msg, _ in frames]
         with self._cond:
-            for (msg, nbytes, _), record in zip(frames, records, strict=True):
+            for (msg, nbytes), record in zip(frames, records, strict=True):
                 count, size = self._queued
                 if count + 1 > self._limits[0] or size + nbytes > self._limits[1]:
                     refused.append(OverloadedError(
@@ -219,7 +218,8 @@ class StageEngine:
             kv_used=rt.kv_used, kv_capacity=rt.kv_capacity, sessions=len(live),
             owners=frozenset(key[0] for key in live),
             records=len(self.cache), evicted_records=self.cache.evicted_records,
-            decode_steps=self._decoded[0], decode_rows=self._decoded[1])
+            record_entries=tuple(self.cache.report()), decode_steps=self._decoded[0],
+            decode_rows=self._decoded[1])
 
     # ---- performing a plan ------------------------------------------------------------------
     def _perform(self, plan: StepPlan) -> None:
@@ -313,15 +313,20 @@ class StageEngine:
         rt, msg = self.runtime, item.frame
         kept = freed = 0
         if msg["keep"] and item.record is not None and rt.has_session(item.key):
-            kept = self.cache.keep(item.key, item.record, msg["keep"])
+            entry = msg["prefix_id"]
+            if msg["tokens"] is not None:  # the first stage remembers what the prefix holds
+                salt = msg["salt"] or b""
+                entry += bytes([len(salt)]) + salt + msg["tokens"]
+            kept = self.cache.keep(item.key, item.record, msg["keep"], entry)
         else:
             freed = rt.drop_session(item.key)
         if rt.is_last:
             out.reply(item.key[0], fr.encode(wire.STOPPED, session=item.key[1], freed=freed,
                                               kept=kept))
         else:
-            out.forward(item.key, fr.encode(wire.STOP, **{**fr.known_fields(msg),
-                                                           "epoch": self._next_epoch()}))
+            out.forward(item.key, fr.encode(wire.STOP, **{
+                **fr.known_fields(msg), "tokens": None, "salt": None,
+                "epoch": self._next_epoch()}))
 
     def _next_epoch(self) -> int:
         if self.next_epoch is None:

@@ -2,11 +2,13 @@
 
 A record is a finished session whose stream was trimmed to its first ``tokens`` positions and
 kept under a new key. Its id is a hash of the coordinator's prefix id (model fingerprint, cache
-salt and token ids), the principal that kept it, and this stage's layer range and KV cache
-type: a record is only ever reused by the same model slice, and one principal can neither
-plant a record another would use nor probe another's. A new session reuses a record by
-copying its stream (``StageRuntime.copy_prefix``): once copied, evicting the record cannot
-touch the session.
+salt and token ids) and this stage's layer range and KV cache type, so a record is only ever
+reused by the same model slice; tenants are kept apart by the salt inside the prefix id. A new
+session reuses a record by copying its stream (``StageRuntime.copy_prefix``): once copied,
+evicting the record cannot touch the session.
+Records outlive the coordinator that kept them: each remembers its prefix id (and, at the first
+stage, the salt and token ids it was kept for), and ``report`` lists them for the handshake, so
+a restarted coordinator rebuilds its index instead of starting cold.
 Records hold slots, so they are bounded by count and evicted least recently used when a new
 session needs a slot (``mesh.kv_eviction``).
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 from mesh.kv_eviction import PrefixRecord
 from mesh.stage.runtime import StageRuntime
+from mesh.transport import wire
 
 KV_CACHE_TYPE = "f16"
 
@@ -36,6 +39,7 @@ class _Record:
     record_id: bytes
     tokens: int
     last_use: float
+    entry: bytes  # what ``report`` says about it: prefix id, then salt and token ids (stage 0)
 
     @property
     def key(self) -> RecordKey:
@@ -56,11 +60,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._records)
 
-    def record_id(self, prefix_id: bytes, principal: bytes) -> bytes:
+    def record_id(self, prefix_id: bytes) -> bytes:
         """Pure (no state): the transport thread computes it when a frame arrives."""
         rt = self.runtime
         h = hashlib.sha256(prefix_id)
-        h.update(bytes([len(principal) & 0xFF]) + principal[:255])
         h.update(f"|{rt.files.model.sha256}|{rt.start}:{rt.end}|{KV_CACHE_TYPE}".encode())
         return h.digest()
 
@@ -68,8 +71,14 @@ class PrefixCache:
         return [PrefixRecord(id=r.record_id, tokens=r.tokens, last_use=r.last_use)
                 for r in self._records.values()]
 
-    def keep(self, session: Hashable, record_id: bytes, n_tokens: int) -> int:
-        """Turn a finished session into a record of its first ``n_tokens``; returns tokens kept."""
+    def report(self) -> list[bytes]:
+        """The records, most recently used last, as StageInfo lists them (``protocol.md``)."""
+        by_use = sorted(self._records.values(), key=lambda r: r.last_use)
+        return [r.entry for r in by_use[-wire.MAX_RECORDS_REPORTED:]]
+
+    def keep(self, session: Hashable, record_id: bytes, n_tokens: int, entry: bytes) -> int:
+        """Turn a finished session into a record of its first ``n_tokens``; returns tokens kept.
+        ``entry`` is what ``report`` will say about it."""
         rt = self.runtime
         if not self.enabled or n_tokens < 1 or rt.session_length(session) < n_tokens:
             rt.drop_session(session)
@@ -80,7 +89,7 @@ class PrefixCache:
             rt.drop_session(session)
             return existing.tokens
         rt.trim_session(session, n_tokens)
-        record = _Record(record_id, n_tokens, time.monotonic())
+        record = _Record(record_id, n_tokens, time.monotonic(), entry)
         rt.rename_session(session, record.key)
         self._records[record_id] = record
         self._enforce_bounds(protect=record_id)

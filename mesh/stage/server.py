@@ -16,6 +16,7 @@ forwarder naming (``fwd-``) tells stages from coordinators.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -39,6 +40,7 @@ log = get_logger("mesh.stage")
 POLL_MS = 100
 READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
 LEASE_S = 10.0  # an owner not heard from for this long loses its sessions
+DOWNSTREAM_PING_S = 0.5  # how often a stage pings the next one (Pong.downstream_ms)
 FORWARDER_PREFIX = b"fwd-"  # routing id of a stage's connection to the next stage
 
 
@@ -71,6 +73,9 @@ class StageServer:
         self._poller.register(self.mailbox.fd, zmq.POLLIN)
         self._next_url: str | None = None
         self._downstream: zmq.Socket | None = None
+        self._downstream_heard = 0.0  # when the next stage last answered
+        self._downstream_pinged = 0.0
+        self._pings = itertools.count(1)
         self._lease_s = lease_s
         self._heard: dict[bytes, float] = {}  # peer routing id -> when it last sent anything
         self._expiring: set[bytes] = set()
@@ -88,8 +93,10 @@ class StageServer:
                 events = dict(self._poller.poll(POLL_MS))
                 if self._router in events:
                     self._read()
-                if self._downstream is not None and self._downstream in events:
-                    self._drain_downstream()
+                if self._downstream is not None:
+                    if self._downstream in events:
+                        self._drain_downstream()
+                    self._ping_downstream()
                 self._send_mail()
                 self._check_leases()
         finally:
@@ -101,7 +108,7 @@ class StageServer:
         self._running = False
 
     def _read(self) -> None:
-        work: list[tuple[dict[str, Any], int, bytes]] = []
+        work: list[tuple[dict[str, Any], int]] = []
         for _ in range(READ_BATCH):
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -124,7 +131,7 @@ class StageServer:
         if work:
             # Everything read in this pass enters the engine at once: the frames of one message
             # (a decode group) must not be split across steps.
-            for (msg, _, _), refusal in zip(work, self.engine.submit(work), strict=True):
+            for (msg, _), refusal in zip(work, self.engine.submit(work), strict=True):
                 if refusal is not None:
                     self._refuse(msg, refusal)
 
@@ -156,9 +163,7 @@ class StageServer:
             except MeshError as exc:
                 self._refuse(msg, exc)
                 return
-            # Members share prefix records; without keys, each coordinator has its own.
-            principal = b"" if self._keys is not None else msg["origin"]
-            work.append((msg, len(payload), principal))
+            work.append((msg, len(payload)))
         else:
             self._reply(sender, fr.error_frame(wire.E_UNKNOWN_KIND,
                                                f"a stage does not accept {kind}", None,
@@ -236,6 +241,8 @@ class StageServer:
             except zmq.ZMQError as exc:
                 refuse(wire.E_BAD_FIELD, f"cannot connect to the next stage: {exc}")
                 return
+        # The next stage may have restarted behind the same URL: give the link a beat again.
+        self._downstream_heard = time.monotonic()
         self.engine.index, self.engine.next_epoch = msg["index"], msg["next_epoch"]
         rt = self.runtime
         self._reply(sender, fr.encode(
@@ -243,7 +250,7 @@ class StageServer:
             start=rt.start, end=rt.end, n_layer=rt.files.model.n_layer, n_embd=rt.n_embd,
             session_ctx=rt.session_ctx, slots=rt.config.n_seq_max,
             max_tokens=rt.config.n_batch, max_frame_bytes=wire.MAX_FRAME_BYTES,
-            epoch=self.epoch, stage=self.name))
+            epoch=self.epoch, stage=self.name, records=list(self.engine.stats.record_entries)))
 
     def _connect_downstream(self, url: str | None) -> None:
         if self._downstream is not None:
@@ -257,15 +264,30 @@ class StageServer:
                                       pair=keys.stage if keys is not None else None)
             self._poller.register(self._downstream, zmq.POLLIN)
             self._next_url = url
+            self._downstream_heard = time.monotonic()  # it has until now + a beat to answer
+
+    def _ping_downstream(self) -> None:
+        """Stage-to-stage liveness: a link the coordinator cannot see (it reaches both ends)
+        shows in Pong.downstream_ms, so sessions on a cut link fail fast, naming it."""
+        now = time.monotonic()
+        if now - self._downstream_pinged < DOWNSTREAM_PING_S:
+            return
+        self._downstream_pinged = now
+        try:
+            self._downstream.send(fr.encode(wire.PING, nonce=next(self._pings)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # its queue is full: the link is already silent, and Pong says so
 
     def _pong(self, nonce: int) -> bytes:
         stats = self.engine.stats
+        downstream_ms = (None if self._downstream is None
+                         else int(1e3 * (time.monotonic() - self._downstream_heard)))
         return fr.encode(wire.PONG, nonce=nonce, epoch=self.epoch, kv_used=stats.kv_used,
                          kv_capacity=stats.kv_capacity, sessions=stats.sessions,
                          records=stats.records, evicted_records=stats.evicted_records,
                          queue=self.engine.queued, busy_ms=self.engine.busy_ms(),
                          decode_steps=stats.decode_steps, decode_rows=stats.decode_rows,
-                         stage=self.name)
+                         downstream_ms=downstream_ms, stage=self.name)
 
     # ---- sending ----------------------------------------------------------------------------
     def _send_mail(self) -> None:
@@ -296,18 +318,21 @@ class StageServer:
             log.warning("reply_undeliverable", stage=self.name)
 
     def _drain_downstream(self) -> None:
-        """The next stage answers us only with errors about frames we forwarded malformed."""
+        """The next stage answers our pings, and errors about frames we forwarded malformed."""
         for _ in range(READ_BATCH):
             try:
                 parts = self._downstream.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._downstream_heard = time.monotonic()
             for part in parts:
                 try:
-                    code = fr.decode(part).get("code")
+                    msg = fr.decode(part)
                 except fr.ProtocolError as exc:
-                    code = exc.code
-                log.warning("downstream_error", stage=self.name, code=str(code)[:40])
+                    msg = {"kind": wire.ERROR, "code": exc.code}
+                if msg["kind"] != wire.PONG:
+                    log.warning("downstream_error", stage=self.name,
+                                code=str(msg.get("code"))[:40])
 
     def close(self) -> None:
         if self._downstream is not None:

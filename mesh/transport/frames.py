@@ -32,6 +32,8 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     MAX_FRAME_BYTES,
     MAX_HISTORY_TOKENS,
     MAX_LOGPROBS,
+    MAX_RECORDS_REPORTED,
+    MAX_SALT_BYTES,
     MAX_TOKENS_PER_FRAME,
     PING,
     PONG,
@@ -68,7 +70,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
             "top": _LIST},
     STOP: {"session": _INT, "origin": _BIN, "epoch": _INT, "keep": _INT,
-           "prefix_id": _OPT_BIN},
+           "prefix_id": _OPT_BIN, "tokens": _OPT_BIN, "salt": _OPT_BIN},
     STOPPED: {"session": _INT, "freed": _INT, "kept": _INT},
     ACQUIRE: {"session": _INT, "origin": _BIN, "epoch": _INT, "prefix_id": _BIN, "n": _INT},
     ACQUIRED: {"session": _INT, "prefix_id": _BIN, "n": _INT, "stage": _STR},
@@ -77,11 +79,12 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                 "model_sha256": _OPT_STR, "index": _INT},
     STAGE_INFO: {"model_sha256": _STR, "arch": _STR, "start": _INT, "end": _INT,
                  "n_layer": _INT, "n_embd": _INT, "session_ctx": _INT, "slots": _INT,
-                 "max_tokens": _INT, "max_frame_bytes": _INT, "epoch": _INT, "stage": _STR},
+                 "max_tokens": _INT, "max_frame_bytes": _INT, "epoch": _INT, "stage": _STR,
+                 "records": _LIST},
     PING: {"nonce": _INT},
     PONG: {"nonce": _INT, "epoch": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
-           "decode_steps": _INT, "decode_rows": _INT, "stage": _STR},
+           "decode_steps": _INT, "decode_rows": _INT, "downstream_ms": _OPT_INT, "stage": _STR},
 }
 
 # sampling field -> (types, lowest, highest). The final stage also checks top_k against its
@@ -182,6 +185,8 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
         _check_prefix(msg)
     elif kind == TOKEN:
         _check_token(msg)
+    elif kind == STAGE_INFO:
+        _check_records(msg["records"])
     return msg
 
 
@@ -193,6 +198,20 @@ def _check_prefix(msg: dict[str, Any]) -> None:
     if prefix_id is not None and len(prefix_id) != PREFIX_ID_BYTES:
         raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: prefix_id must be "
                                          f"{PREFIX_ID_BYTES} bytes")
+    if msg["kind"] == STOP:
+        tokens, salt = msg["tokens"], msg["salt"]
+        if tokens is not None and len(tokens) != 4 * n:
+            raise ProtocolError(E_BAD_SHAPE, f"Stop: tokens carry {len(tokens)} bytes, "
+                                             f"expected 4 * keep = {4 * n}")
+        if salt is not None and len(salt) > MAX_SALT_BYTES:
+            raise ProtocolError(E_BAD_FIELD, f"Stop: salt longer than {MAX_SALT_BYTES} bytes")
+
+
+def _check_records(records: list[Any]) -> None:
+    if len(records) > MAX_RECORDS_REPORTED or not all(
+            isinstance(r, bytes) and len(r) >= PREFIX_ID_BYTES for r in records):
+        raise ProtocolError(E_BAD_FIELD, f"StageInfo: records must be at most "
+                                         f"{MAX_RECORDS_REPORTED} record entries")
 
 
 def _check_work(msg: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ Constants only, no imports: the codec (``frames``), the sockets, the stage, the 
 the error hierarchy (``mesh.errors``) all take their names from here.
 """
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # ---- limits --------------------------------------------------------------------------------
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # one frame, length prefix excluded
@@ -14,6 +14,8 @@ MAX_ERROR_MESSAGE_CHARS = 512  # Error.message is truncated to this
 PREFIX_ID_BYTES = 32
 MAX_HISTORY_TOKENS = 64
 MAX_LOGPROBS = 20  # top log-probabilities per token
+MAX_SALT_BYTES = 255  # a cache salt (tenant) in a prefix id
+MAX_RECORDS_REPORTED = 32  # prefix records a StageInfo lists (the most recently used)
 
 # ---- frame kinds ---------------------------------------------------------------------------
 # Work frames: run at a stage, then forwarded (or answered with a Token at the final stage).

@@ -1,0 +1,145 @@
+"""The coordinator's parts alone, with no model and no stage process: progress deadlines,
+link liveness, sessions, and the prefix protocol's keeps and restore."""
+
+import asyncio
+import time
+
+import pytest
+
+from mesh.coordinator import progress
+from mesh.coordinator.chain import DEAD_AFTER_S, Chain
+from mesh.coordinator.links import StageUnavailableError
+from mesh.coordinator.prefix_index import PrefixIndex, prefix_id
+from mesh.coordinator.prefixes import PENDING_KEEP_WAIT_S, PrefixProtocol
+from mesh.coordinator.sessions import Sessions
+from mesh.transport import frames as fr
+
+MODEL = "ab" * 32
+PROMPT = list(range(100, 140))
+
+
+def test_a_session_is_stalled_only_past_the_deadline_on_an_idle_chain():
+    now = 100.0
+    waiting = {1: now - 5, 2: now - 1}
+    assert progress.stalled(waiting, chain_active_at=now - 0.5, now=now) == []  # still working
+    assert progress.stalled(waiting, chain_active_at=now - 4, now=now) == [1]
+    assert progress.stalled({}, chain_active_at=0.0, now=now) == []
+
+
+def test_sessions_report_waiting_only_while_their_request_waits_on_an_empty_inbox():
+    async def main():
+        sessions = Sessions()
+        session, inbox = sessions.open()
+        assert sessions.waiting() == {}
+        waiter = asyncio.create_task(Sessions.next(inbox))
+        await asyncio.sleep(0)
+        assert list(sessions.waiting()) == [session]
+        sessions.deliver({"kind": "Token", "session": session, "token": 7})
+        assert (await waiter)["token"] == 7
+        assert sessions.waiting() == {}
+        sessions.fail([session], StageUnavailableError("gone"))
+        with pytest.raises(StageUnavailableError, match="gone"):
+            await Sessions.next(inbox)
+
+    asyncio.run(main())
+
+
+def _chain(n: int, lost: list) -> Chain:
+    """A chain whose links never connect (nothing listens): liveness is fed by hand."""
+    return Chain([f"tcp://127.0.0.1:{1 + i}" for i in range(n)], b"coord-test", None,
+                 dispatch=lambda link, msg: None, on_lost=lambda link, exc: lost.append(exc),
+                 on_send_failure=lambda sessions, exc: None)
+
+
+def _pong(downstream_ms):
+    return {"kind": "Pong", "queue": 0, "busy_ms": 0, "decode_steps": 0,
+            "downstream_ms": downstream_ms}
+
+
+def test_a_silent_link_between_live_stages_is_down_and_named_then_up_again():
+    async def main():
+        lost: list = []
+        chain = _chain(3, lost)
+        for link in chain.links:
+            link.alive = True
+        chain.links[0].last_pong = _pong(100)
+        chain.links[1].last_pong = _pong(int(1e3 * DEAD_AFTER_S) + 1)
+        chain.links[2].last_pong = _pong(None)
+        chain._check_links()
+        assert len(lost) == 1 and "stage 1 → stage 2" in str(lost[0])
+        assert chain.down().startswith("the link stage 1 → stage 2")
+        chain._check_links()
+        assert len(lost) == 1  # reported once
+        chain.links[2].alive = False  # the next stage itself is down: that is the stage's news
+        chain.links[1].last_pong = _pong(50)
+        chain._check_links()
+        assert not chain.links[1].link_up
+        chain.links[2].alive = True
+        chain._check_links()
+        assert chain.down() is None
+        await chain.close()
+
+    asyncio.run(main())
+
+
+class _Link:
+    index, alive, epoch = 0, True, 1
+
+    def __init__(self):
+        self.posted = []
+
+    def post(self, frame, session=None):
+        self.posted.append(fr.decode(frame))
+
+
+class _FakeChain:
+    """What PrefixProtocol reads from a chain: its model, origin and links."""
+
+    model_sha256 = MODEL
+    origin = b"coord-test"
+
+    def __init__(self):
+        self.links = [_Link()]
+
+
+def _entry(tokens, salt=b""):
+    pid = prefix_id(MODEL, tokens, salt)
+    return pid + bytes([len(salt)]) + salt + fr.pack_tokens(tokens), pid
+
+
+def test_restore_indexes_records_every_stage_holds_and_that_hash_right():
+    protocol = PrefixProtocol(PrefixIndex(MODEL), _FakeChain())
+    everywhere, pid_a = _entry(PROMPT, b"tenant")
+    only_first, pid_b = _entry(PROMPT[:35])
+    forged = pid_a + bytes([0]) + fr.pack_tokens(PROMPT[:36])  # tokens that do not hash to it
+    restored = protocol.restore([
+        {"records": [everywhere, only_first, forged]},
+        {"records": [pid_a]},
+    ])
+    assert restored == 1 and len(protocol.index) == 1
+    assert protocol.index.matches(PROMPT + [1], b"tenant") == [(pid_a, len(PROMPT))]
+    assert protocol.index.matches(PROMPT + [1], b"") == []
+
+
+def test_a_lost_stopped_delays_one_request_at_most_and_loss_resolves_the_rest():
+    async def main():
+        chain = _FakeChain()
+        protocol = PrefixProtocol(PrefixIndex(MODEL), chain)
+        protocol.stop(1, PROMPT, b"salt")  # its Stopped never comes
+        stop = chain.links[0].posted[0]  # the first stage is told what it keeps
+        assert fr.unpack_tokens(stop["tokens"]).tolist() == PROMPT and stop["salt"] == b"salt"
+        assert stop["keep"] == len(PROMPT)
+        inbox = Sessions().open()[1]
+        t0 = time.monotonic()
+        assert await protocol.reuse(2, inbox, PROMPT + [1], b"") == 0
+        first = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert await protocol.reuse(3, inbox, PROMPT + [1], b"") == 0
+        second = time.monotonic() - t0
+        assert first <= PENDING_KEEP_WAIT_S + 0.2 and second < 0.05
+        protocol.stop(4, PROMPT, b"")
+        keep = protocol._pending[4].done
+        protocol.lost()
+        assert keep.done() and not protocol._pending
+
+    asyncio.run(main())
