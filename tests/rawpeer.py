@@ -31,10 +31,12 @@ class RawPeer:
             pong = self.ping()
             self.epoch = pong["epoch"] if pong else 0
 
-    def ping(self, nonce: int = 4242) -> dict | None:
-        """The stage's Pong, or None if it never answers (skipping other replies)."""
+    def ping(self, nonce: int = 4242, sessions: list[int] | None = None) -> dict | None:
+        """The stage's Pong, or None if it never answers (skipping other replies). With
+        ``sessions``, the Ping lists this peer's live sessions."""
         try:
-            self.sock.send(fr.encode(fr.PING, nonce=nonce))
+            self.sock.send(fr.encode(fr.PING, nonce=nonce, sessions=None if sessions is None
+                                     else fr.pack_sessions(sessions)))
             while True:
                 msg = fr.decode(self.sock.recv())
                 if msg["kind"] == fr.PONG and msg["nonce"] == nonce:

@@ -9,9 +9,12 @@ import time
 import httpx
 import pytest
 
+from mesh.coordinator import progress
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.sessions import Sessions
 from mesh.errors import MeshError
 from mesh.launcher import free_port
+from mesh.transport import frames as fr
 from mesh.transport.security import derive_keys, load_secret, write_secret
 from tests import netns
 from tests.meshutil import running_mesh, with_coordinator
@@ -184,3 +187,39 @@ def test_a_restarted_coordinator_rebuilds_its_prefix_index_from_the_stages(tiny_
     assert before.cached_tokens == 0
     assert restored == 1
     assert after.cached_tokens == len(long_prompt)
+
+
+def test_a_session_waiting_on_an_idle_chain_fails_by_its_progress_deadline(tiny_llama, tmp_path):
+    with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=256) as mesh:
+        async def body(coord: Coordinator):
+            session, inbox = coord.sessions.open()
+            # A non-final chunk gets no reply: as if the frame carrying the reply were lost.
+            coord.generator._send_work(fr.PREFILL, session, 0, PROMPT)
+            t0 = time.monotonic()
+            with pytest.raises(MeshError) as stalled:
+                await Sessions.next(inbox)
+            coord.sessions.close(session)
+            coord.prefixes.stop(session, None, b"")
+            served = await coord.complete(PROMPT, GenerationParams(max_tokens=4))
+            return stalled.value, time.monotonic() - t0, served
+
+        exc, seconds, served = with_coordinator(tiny_llama, mesh.urls, body)
+    assert "no progress" in str(exc) and "stage 0" in str(exc)
+    assert progress.PROGRESS_DEADLINE_S <= seconds < 5
+    assert len(served.token_ids) == 4
+
+
+def test_a_stage_drops_sessions_its_owner_left_out_of_two_lists_in_a_row(tiny_llama, tmp_path):
+    with running_mesh(tiny_llama, [(0, 4)], tmp_path, ctx=256) as mesh:
+        with RawPeer(mesh.urls[0], timeout_ms=60_000) as owner:
+            owner.send(owner.prompt(1, PROMPT), owner.prompt(2, PROMPT))
+            assert [owner.recv()["kind"] for _ in range(2)] == [fr.TOKEN, fr.TOKEN]
+            assert owner.ping()["sessions"] == 2
+            assert owner.ping(sessions=[2])["sessions"] == 2  # one list: 1 is only suspect
+            with RawPeer(mesh.urls[0]) as other:  # another peer's list touches nothing of ours
+                other.ping(sessions=[])
+                other.ping(sessions=[])
+            assert owner.ping(sessions=[2])["sessions"] == 2  # pongs precede the drop
+            _wait(lambda: owner.ping()["sessions"] == 1, 5, "session 1 dropped")
+            owner.send(owner.work(fr.DECODE, 2, len(PROMPT), [5]))
+            assert owner.recv()["kind"] == fr.TOKEN  # the listed one still decodes

@@ -119,11 +119,11 @@ def test_handshake_refuses_a_different_model(tiny_llama, mesh2):
 BAD_FRAMES = {
     "random bytes": (b"\x13\x37garbage", "oversize"),
     "short garbage": (b"\x00\x00\x00\x02\xc1\xc1", "bad_frame"),
-    "wrong length prefix": (fr.encode(fr.PING, nonce=1)[:-1], "bad_frame"),
+    "wrong length prefix": (fr.encode(fr.PING, nonce=1, sessions=None)[:-1], "bad_frame"),
     "non-map body": (b"\x00\x00\x00\x03\x93\x01\x02", "bad_frame"),
     "unknown kind": (fr.HEADER.pack(13) + b"\x82\xa1v" + bytes([fr.PROTOCOL_VERSION])
                      + b"\xa4kind\xa3Zap", "unknown_kind"),
-    "wrong version": (fr.encode(fr.PING, nonce=1).replace(
+    "wrong version": (fr.encode(fr.PING, nonce=1, sessions=None).replace(
         b"\xa1v" + bytes([fr.PROTOCOL_VERSION]), b"\xa1v\x07"), "bad_version"),
     "token frame to a stage": (fr.encode(fr.TOKEN, session=1, pos=1, token=1, logprob=None,
                                          top=[]), "unknown_kind"),

@@ -45,7 +45,7 @@ def test_hostile_frames_get_errors_and_the_chain_keeps_serving(tiny_llama, tmp_p
             token = last.recv()
             assert token["kind"] == fr.TOKEN and token["session"] == 1 and token["pos"] == 4
 
-            first.send(*[fr.encode(fr.PING, nonce=i) for i in range(300)])
+            first.send(*[fr.encode(fr.PING, nonce=i, sessions=None) for i in range(300)])
             assert first.recv()["code"] == "bad_frame"
 
             # A Decode that opens a session: no sampler yet.

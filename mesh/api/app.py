@@ -220,7 +220,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         endpoint = "chat" if chat else "completions"
         body.check_limits(len(prompt_ids), coordinator.session_ctx,
                           coordinator.tokenizer.n_vocab)
-        stream = coordinator.stream(prompt_ids, params)
+        stream = coordinator.stream(prompt_ids, params, hold=not body.stream)
         try:
             first = await anext(stream)
         except StopAsyncIteration:

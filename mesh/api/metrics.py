@@ -50,6 +50,11 @@ class ApiMetrics:
                           "been computing (0 when idle)", ["stage"], registry=r)
         self.decode_steps = Gauge("mesh_stage_decode_steps", "llama_decode calls that ran "
                                   "decode rows, since the stage started", ["stage"], registry=r)
+        self.retried = Gauge("mesh_requests_retried", "Requests re-run from their prompt because "
+                             "the chain failed before they streamed anything, since start",
+                             registry=r)
+        self.link_up = Gauge("mesh_stage_link_up", "1 when the stage hears from the next stage",
+                             ["stage"], registry=r)
         self.decode_rows = Gauge("mesh_stage_decode_rows", "Decode rows run, since the stage "
                                  "started (rows / steps: the mean batch)", ["stage"], registry=r)
 
@@ -69,9 +74,12 @@ class ApiMetrics:
         admission = self._coord.admission
         if admission is not None:
             self.queue_depth.set(admission.queue_depth)
+        if self._coord.generator is not None:
+            self.retried.set(self._coord.generator.retries)
         for link in self._coord.links:
             label = str(link.index)
             self.stage_up.labels(label).set(1 if link.alive else 0)
+            self.link_up.labels(label).set(1 if link.link_up else 0)
             pong = link.last_pong
             if pong:
                 self.kv_used.labels(label).set(pong["kv_used"])

@@ -15,6 +15,7 @@ passes ``DEAD_AFTER_S``, and the sessions on it are lost with an error naming th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 DEAD_AFTER_S = 2.0
 REVIVE_TIMEOUT_S = 5.0
 CLOSE_LINGER_MS = 500  # what was posted last (Stops) gets this long to leave
+LIST_EVERY = 4  # every 4th ping (2 s) lists our live sessions, so lost Stops cost no slot
 
 
 class Chain:
@@ -50,6 +52,7 @@ class Chain:
         self._heartbeat: asyncio.Task | None = None
         self._reviving: set[asyncio.Task] = set()
         self.on_heartbeat: Callable[[], None] | None = None  # e.g. progress deadlines
+        self.live_sessions: Callable[[], list[int]] | None = None  # what Ping lists
 
     @property
     def first(self) -> StageLink:
@@ -136,11 +139,13 @@ class Chain:
         start = time.monotonic()
         for link in self.links:
             link.last_seen = max(link.last_seen, start)
-        while True:
+        for beat in itertools.count(1):
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             now = time.monotonic()
+            listed = (self.live_sessions() if self.live_sessions is not None
+                      and beat % LIST_EVERY == 0 else None)
             for link in self.links:
-                link.ping()
+                link.ping(listed if link.alive else None)
                 silent = now - link.last_seen
                 if link.alive and silent > DEAD_AFTER_S:
                     self._lose(link, StageUnavailableError(

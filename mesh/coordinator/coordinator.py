@@ -57,6 +57,7 @@ class Coordinator:
         self.chain = Chain(stage_urls, self.origin, keys, self._dispatch, self._lost,
                            self.sessions.fail)
         self.chain.on_heartbeat = self._check_progress
+        self.chain.live_sessions = self.sessions.ids
         self.pacer = DecodePacer(decode_groups, on_depart=lambda: self.chain.first.flush())
         self.tokenizer: Tokenizer | None = None
         self.model_sha256 = ""
@@ -155,14 +156,15 @@ class Coordinator:
 
     async def complete(self, prompt: str | list[int], params: GenerationParams) -> Completion:
         result = None
-        async for item in self.stream(prompt, params):
+        async for item in self.stream(prompt, params, hold=True):
             if isinstance(item, Completion):
                 result = item
         return result
 
-    async def stream(self, prompt: str | list[int], params: GenerationParams
-                     ) -> AsyncIterator[Delta | Completion]:
-        """Yield Deltas as tokens arrive, then one Completion."""
+    async def stream(self, prompt: str | list[int], params: GenerationParams,
+                     hold: bool = False) -> AsyncIterator[Delta | Completion]:
+        """Yield Deltas as tokens arrive, then one Completion (all at the end with ``hold``:
+        then a failure at any point re-runs the request, see ``generation``)."""
         if isinstance(prompt, str):  # a long prompt must not stall the event loop
             prompt_ids = await asyncio.get_running_loop().run_in_executor(
                 None, self.tokenize, prompt, params.add_special)
@@ -171,7 +173,7 @@ class Coordinator:
         self._check_request(prompt_ids, params)
         await self.admission.reserve(len(prompt_ids))
         try:
-            async for item in self.generator.stream(prompt_ids, params):
+            async for item in self.generator.stream(prompt_ids, params, hold):
                 yield item
         finally:
             self.admission.release()

@@ -6,7 +6,8 @@ or was cancelled. A request waits for the chain to be whole before it starts; if
 fails before the request has streamed anything (a stage died or restarted, or its slots are
 still held by sessions of a crashed coordinator), it waits and runs again from its prompt: its
 caller sees latency, not an error, for up to ``retry_wait_s``. After the first streamed token,
-a failure is the caller's.
+a failure is the caller's; a caller that takes the answer whole (``hold``) has seen nothing
+until the end, so its request re-runs whenever it fails.
 """
 
 from __future__ import annotations
@@ -106,16 +107,19 @@ class Generator:
         self.retry_wait_s = retry_wait_s
         self.retries = 0  # requests re-run since start, for metrics
 
-    async def stream(self, prompt_ids: list[int], params: GenerationParams
+    async def stream(self, prompt_ids: list[int], params: GenerationParams, hold: bool = False
                      ) -> AsyncIterator[Delta | Completion]:
-        """Run the request; re-run it while nothing has streamed and time remains."""
+        """Run the request; re-run it while nothing has streamed and time remains. With
+        ``hold`` the caller gets everything at the end (a non-streamed answer), so a failure
+        at any point before then re-runs it."""
         deadline = time.monotonic() + self.retry_wait_s
         attempt = 0
         while True:
             await self._whole_chain(deadline)
             streamed = False
             try:
-                async for item in self._run(prompt_ids, params):
+                run = self._held(prompt_ids, params) if hold else self._run(prompt_ids, params)
+                async for item in run:
                     if isinstance(item, Completion):
                         item.retries = attempt
                     streamed = True
@@ -128,6 +132,11 @@ class Generator:
                 log.warning("request_retry", attempt=attempt + 1, code=exc.code)
                 await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
                 attempt += 1
+
+    async def _held(self, prompt_ids: list[int], params: GenerationParams
+                    ) -> AsyncIterator[Delta | Completion]:
+        for item in [item async for item in self._run(prompt_ids, params)]:
+            yield item
 
     async def _whole_chain(self, deadline: float) -> None:
         """Wait until every stage is up and handshaken (liveness notices losses first)."""

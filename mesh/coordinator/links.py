@@ -149,9 +149,12 @@ class StageLink:
         if exc is not None:
             raise exc
 
-    def ping(self) -> None:
+    def ping(self, sessions: list[int] | None = None) -> None:
+        """Ping; with ``sessions`` (all of ours that are live), the stage drops any others of
+        ours it holds whose Stop was lost."""
         try:
-            self.send(fr.encode(wire.PING, nonce=next(self._nonce)))
+            self.send(fr.encode(wire.PING, nonce=next(self._nonce), sessions=None
+                                if sessions is None else fr.pack_sessions(sessions)))
         except StageUnavailableError:
             pass
 

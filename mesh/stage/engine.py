@@ -110,6 +110,8 @@ class StageEngine:
         self._arrivals = itertools.count()
         self._decoded = [0, 0]  # decode steps, rows
         self._expired: list[bytes] = []  # owners whose lease ran out, to drop at the next step
+        self._listed: list[tuple[bytes, frozenset[int]]] = []  # owners' live-session lists
+        self._suspects: dict[bytes, set[tuple[bytes, int]]] = {}  # held, missing from a list
         self._running = True
 
     # ---- called by the transport thread -----------------------------------------------------
@@ -148,6 +150,12 @@ class StageEngine:
             self._expired.append(origin)
             self._cond.notify()
 
+    def reconcile(self, owner: bytes, live: frozenset[int]) -> None:
+        """``owner`` says which of its sessions are live (``Ping.sessions``)."""
+        with self._cond:
+            self._listed.append((owner, live))
+            self._cond.notify()
+
     def stop(self) -> None:
         with self._cond:
             self._running = False
@@ -164,7 +172,11 @@ class StageEngine:
     def _drop_expired(self) -> None:
         with self._cond:
             expired, self._expired = self._expired, []
+            listed, self._listed = self._listed, []
+        for owner, live in listed:
+            self._reconcile(owner, live)
         for origin in expired:
+            self._suspects.pop(origin, None)
             purged = self.scheduler.purge(origin)
             with self._cond:
                 self._queued[0] -= len(purged)
@@ -176,6 +188,21 @@ class StageEngine:
             log.info("lease_expired", stage=self.name, sessions=len(dropped),
                      queued_frames=len(purged), freed_cells=freed)
         if expired:
+            self._publish()
+
+    def _reconcile(self, owner: bytes, live: frozenset[int]) -> None:
+        """Drop the sessions ``owner`` left out of two lists in a row: their Stop was lost (a
+        stage died with it in its queue, or a late frame recreated a stopped session). One
+        list is not enough: a session may reach this stage before its owner's list does."""
+        held = {key for key in self.runtime.lengths() if not isinstance(key, RecordKey)
+                and key[0] == owner and key[1] not in live}
+        stale = held & self._suspects.pop(owner, set())
+        if held - stale:
+            self._suspects[owner] = held - stale
+        if stale:
+            freed = sum(self.runtime.drop_session(key) for key in stale)
+            log.info("sessions_reconciled", stage=self.name, sessions=len(stale),
+                     freed_cells=freed)
             self._publish()
 
     def step(self) -> StepPlan:
@@ -198,7 +225,8 @@ class StageEngine:
 
     def _absorb(self, block: bool) -> None:
         with self._cond:
-            if block and not self._inbox and not self._expired and self._running:
+            if (block and not self._inbox and not self._expired and not self._listed
+                    and self._running):
                 self._cond.wait(IDLE_WAIT_S)
             items, self._inbox = self._inbox, collections.deque()
         for item in items:

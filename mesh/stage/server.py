@@ -154,6 +154,9 @@ class StageServer:
             return
         if kind == wire.PING:
             self._reply(sender, self._pong(msg["nonce"]))
+            if msg["sessions"] is not None and (role == ROLE_COORDINATOR or (
+                    self._keys is None and not sender.startswith(FORWARDER_PREFIX))):
+                self.engine.reconcile(sender, fr.unpack_sessions(msg["sessions"]))
         elif kind == wire.HANDSHAKE:
             self._handshake(sender, msg)
         elif kind in wire.WORK_KINDS or kind in (wire.STOP, wire.ACQUIRE):
@@ -274,7 +277,8 @@ class StageServer:
             return
         self._downstream_pinged = now
         try:
-            self._downstream.send(fr.encode(wire.PING, nonce=next(self._pings)), zmq.NOBLOCK)
+            self._downstream.send(fr.encode(wire.PING, nonce=next(self._pings), sessions=None),
+                                  zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # its queue is full: the link is already silent, and Pong says so
 

@@ -81,7 +81,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                  "n_layer": _INT, "n_embd": _INT, "session_ctx": _INT, "slots": _INT,
                  "max_tokens": _INT, "max_frame_bytes": _INT, "epoch": _INT, "stage": _STR,
                  "records": _LIST},
-    PING: {"nonce": _INT},
+    PING: {"nonce": _INT, "sessions": _OPT_BIN},
     PONG: {"nonce": _INT, "epoch": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
            "decode_steps": _INT, "decode_rows": _INT, "downstream_ms": _OPT_INT, "stage": _STR},
@@ -187,6 +187,8 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
         _check_token(msg)
     elif kind == STAGE_INFO:
         _check_records(msg["records"])
+    elif kind == PING and msg["sessions"] is not None and len(msg["sessions"]) % 8:
+        raise ProtocolError(E_BAD_FIELD, "Ping: sessions must be uint64 session ids")
     return msg
 
 
@@ -268,6 +270,14 @@ def pack_tokens(tokens) -> bytes:
 
 def unpack_tokens(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i4")
+
+
+def pack_sessions(sessions) -> bytes:
+    return np.asarray(sessions, dtype="<u8").tobytes()
+
+
+def unpack_sessions(data: bytes) -> frozenset[int]:
+    return frozenset(np.frombuffer(data, dtype="<u8").tolist())
 
 
 def pack_embd(hidden: np.ndarray) -> bytes:
