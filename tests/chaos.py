@@ -8,7 +8,8 @@ each event a probe measures how long until a request is served again. At the end
 and every stage is asked what it still holds.
 
 ``run`` returns a ``Report``; ``scripts/chaos.py`` runs it long and prints it,
-``tests/test_chaos.py`` runs it briefly in CI.
+``tests/test_chaos.py`` runs it briefly in CI. ``soak`` is the same load with no chaos, for a
+fixed number of requests, watching the stages' memory (``scripts/soak.py``).
 """
 
 from __future__ import annotations
@@ -222,10 +223,7 @@ class Chaos:
         return time.monotonic() - t0
 
     def _served(self) -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.post(f"{self.server.base}/v1/completions", timeout=30,
-                              json={"prompt": "Hello", "max_tokens": 2}).status_code == 200
-        return False
+        return _served(self.server.base)
 
     def run(self, seconds: float) -> Report:
         report = Report()
@@ -287,3 +285,86 @@ class Chaos:
             report.recovery_s.setdefault("link cut (from the link back)", []).append(
                 time.monotonic() - healed)
         report.events[kind] += 1
+
+
+@dataclass
+class SoakReport:
+    outcomes: Counter = field(default_factory=Counter)
+    rss_mib: list[list[float]] = field(default_factory=list)  # per stage, one per sample
+    samples_at: list[int] = field(default_factory=list)  # requests done at each sample
+    stages: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"soak: {sum(self.outcomes.values())} requests in {self.seconds:.0f} s",
+               "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))]
+        for i, rss in enumerate(self.rss_mib):
+            out.append(f"stage {i} RSS (MiB) at " + ", ".join(
+                f"{n}: {mib:.1f}" for n, mib in zip(self.samples_at, rss, strict=True)))
+        for i, stage in enumerate(self.stages):
+            out.append(f"stage {i} after: sessions {stage['sessions']}, kv_used "
+                       f"{stage['kv_used']} cells, prefix records {stage['records']}")
+        return out
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def soak(model: Path, ranges: list[tuple[int, int]], workdir: Path, requests: int = 300,
+         clients: int = 4, samples: int = 6, ctx: int = 2048, slots: int = 8) -> SoakReport:
+    """``requests`` mixed requests (the chaos clients' mix) with nothing killed; stage RSS is
+    sampled after each ``requests / samples``, the first sample being the warm-up."""
+    report = SoakReport()
+    mesh = LocalMesh(str(model), ranges, workdir / "logs", ctx=ctx, slots=slots, threads=1)
+    server = Server(model, mesh.urls, workdir / "logs" / "serve.log", [])
+    lock, halt = threading.Lock(), threading.Event()
+    done = threading.Semaphore(0)
+
+    class Counted(Counter):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            done.release()
+
+    report.outcomes = Counted()
+    with mesh:
+        server.start()
+        try:
+            deadline = time.monotonic() + 180
+            while not _served(server.base):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("mesh serve did not serve within 180 s")
+                time.sleep(0.2)
+            t0 = time.monotonic()
+            workers = [Client(server.base, seed, report.outcomes, lock, halt)
+                       for seed in range(clients)]
+            for worker in workers:
+                worker.start()
+            report.rss_mib = [[] for _ in mesh.stages]
+            for n in range(1, requests + 1):
+                done.acquire()
+                if n % max(1, requests // samples) == 0 or n == requests:
+                    report.samples_at.append(n)
+                    for i, stage in enumerate(mesh.stages):
+                        report.rss_mib[i].append(_rss_mib(stage.proc.pid))
+            halt.set()
+            for worker in workers:
+                worker.join(90)
+            report.seconds = time.monotonic() - t0
+        finally:
+            server.stop()
+        for url in mesh.urls:  # the coordinator stopped its sessions as it shut down
+            with RawPeer(url, timeout_ms=5000, learn_epoch=False) as peer:
+                report.stages.append(peer.ping())
+    report.outcomes = Counter(report.outcomes)
+    return report
+
+
+def _served(base: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.post(f"{base}/v1/completions", timeout=30,
+                          json={"prompt": "Hello", "max_tokens": 2}).status_code == 200
+    return False

@@ -5,7 +5,7 @@ work. No request fails before its first token, and nothing is left behind."""
 import pytest
 
 from tests import netns
-from tests.chaos import Chaos
+from tests.chaos import Chaos, soak
 
 
 @pytest.mark.gemma
@@ -20,3 +20,11 @@ def test_a_short_chaos_run_fails_nothing_unstreamed_and_leaks_nothing(gemma_path
     assert failed == {}
     assert report.leaked_sessions == 0
     assert all(stage["records"] <= 8 for stage in report.stages)
+
+
+@pytest.mark.gemma
+def test_a_short_soak_ends_every_request_well_and_leaves_no_session(gemma_path, tmp_path):
+    report = soak(gemma_path, [(0, 9), (9, 18)], tmp_path, requests=40, clients=3, samples=2)
+    print("\n".join(report.lines()))
+    assert {k for k in report.outcomes} <= {"ok", "ok (dropped by client)"}
+    assert all(stage["sessions"] == 0 for stage in report.stages)

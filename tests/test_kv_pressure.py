@@ -134,7 +134,8 @@ def test_coordinator_reports_a_refused_slot_as_a_stage_error(tiny_llama, tmp_pat
                 return info.value.code
             finally:
                 await other.close()
-        assert with_coordinator(tiny_llama, mesh.urls, body) == "no_session_slot"
+        assert with_coordinator(tiny_llama, mesh.urls, body,
+                                retry_wait_s=2.0) == "no_session_slot"
 
 
 async def _filler(model, urls):
@@ -143,7 +144,8 @@ async def _filler(model, urls):
     coord = Coordinator(model, urls, prefix_cache=False)
     await coord.start()
     first = coord.links[0]
-    first.post(fr.encode(fr.PREFILL, session=5, origin=coord.origin, epoch=first.epoch, pos=0,
+    session, _ = coord.sessions.open()  # live: its coordinator lists it, so the stage keeps it
+    first.post(fr.encode(fr.PREFILL, session=session, origin=coord.origin, epoch=first.epoch, pos=0,
                          n=150, tokens=fr.pack_tokens(_prompt(9, 150)), embd=None))
     await _settled_stats(coord, lambda p: p["kv_used"] >= 150)
     return coord
