@@ -1,7 +1,7 @@
 """The stage's transport side: sockets, framing, pings and handshakes, on a thread of its own.
 
-The transport thread owns every socket of the stage: the ROUTER it listens on, the DEALER to the
-next stage, and the read end of the engine's mailbox. It answers ``Ping`` and ``Handshake`` at
+The transport thread owns every socket of the stage: the ROUTER it listens on, the link to the
+next stage (``mesh.stage.downstream``), and the read end of the engine's mailbox. It answers ``Ping`` and ``Handshake`` at
 once, even while the engine spends minutes on one frame (``Pong.busy_ms`` says so), decodes and
 checks every frame at the door, queues work for the engine, and sends what the engine mails
 back. The compute thread (``StageEngine.run_forever``) never touches a socket, so liveness is the
@@ -16,7 +16,6 @@ forwarder naming (``fwd-``) tells stages from coordinators.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -27,21 +26,20 @@ import zmq
 from mesh.errors import MeshError
 from mesh.logs import get_logger
 from mesh.stage import exactness
+from mesh.stage.downstream import FORWARDER_PREFIX, Downstream
 from mesh.stage.engine import QUEUE_BYTES, QUEUE_FRAMES, StageEngine
 from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import StageRuntime
 from mesh.transport import frames as fr
 from mesh.transport import wire
 from mesh.transport.security import ROLE_COORDINATOR, ROLE_STAGE, MeshKeys, ZapGuard
-from mesh.transport.sockets import Forward, Mailbox, Reply, dealer, stage_router, valid_url
+from mesh.transport.sockets import Forward, Mailbox, Reply, stage_router, valid_url
 
 log = get_logger("mesh.stage")
 
 POLL_MS = 100
 READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
 LEASE_S = 10.0  # an owner not heard from for this long loses its sessions
-DOWNSTREAM_PING_S = 0.5  # how often a stage pings the next one (Pong.downstream_ms)
-FORWARDER_PREFIX = b"fwd-"  # routing id of a stage's connection to the next stage
 
 
 class StageServer:
@@ -64,18 +62,13 @@ class StageServer:
         self._zctx = zmq_context or zmq.Context.instance()
         self._keys = keys
         self._guard = ZapGuard(self._zctx, keys) if keys is not None else None
-        self._forwarder_id = FORWARDER_PREFIX + os.urandom(8).hex().encode()
         # This process: frames name it, so none meant for a previous one acts on this one.
         self.epoch = int.from_bytes(os.urandom(8), "little") >> 1
         self._router = stage_router(self._zctx, listen, keys)
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self.mailbox.fd, zmq.POLLIN)
-        self._next_url: str | None = None
-        self._downstream: zmq.Socket | None = None
-        self._downstream_heard = 0.0  # when the next stage last answered
-        self._downstream_pinged = 0.0
-        self._pings = itertools.count(1)
+        self._downstream: Downstream | None = None
         self._lease_s = lease_s
         self._heard: dict[bytes, float] = {}  # peer routing id -> when it last sent anything
         self._expiring: set[bytes] = set()
@@ -94,9 +87,8 @@ class StageServer:
                 if self._router in events:
                     self._read()
                 if self._downstream is not None:
-                    if self._downstream in events:
-                        self._drain_downstream()
-                    self._ping_downstream()
+                    self._downstream.readable(events)
+                    self._downstream.tick()
                 self._send_mail()
                 self._check_leases()
         finally:
@@ -238,14 +230,14 @@ class StageServer:
         if not 0 <= msg["index"] < 256:
             refuse(wire.E_BAD_FIELD, "index must be in [0, 256)")
             return
-        if nxt != self._next_url:
+        if nxt != (self._downstream.url if self._downstream is not None else None):
             try:
                 self._connect_downstream(nxt)
             except zmq.ZMQError as exc:
                 refuse(wire.E_BAD_FIELD, f"cannot connect to the next stage: {exc}")
                 return
-        # The next stage may have restarted behind the same URL: give the link a beat again.
-        self._downstream_heard = time.monotonic()
+        elif self._downstream is not None:
+            self._downstream.restart_count()
         self.engine.index, self.engine.next_epoch = msg["index"], msg["next_epoch"]
         rt = self.runtime
         self._reply(sender, fr.encode(
@@ -257,35 +249,14 @@ class StageServer:
 
     def _connect_downstream(self, url: str | None) -> None:
         if self._downstream is not None:
-            self._poller.unregister(self._downstream)
-            self._downstream.close(linger=0)
+            self._downstream.close()
             self._downstream = None
-        self._next_url = None
         if url is not None:
-            keys = self._keys
-            self._downstream = dealer(self._zctx, url, identity=self._forwarder_id, keys=keys,
-                                      pair=keys.stage if keys is not None else None)
-            self._poller.register(self._downstream, zmq.POLLIN)
-            self._next_url = url
-            self._downstream_heard = time.monotonic()  # it has until now + a beat to answer
-
-    def _ping_downstream(self) -> None:
-        """Stage-to-stage liveness: a link the coordinator cannot see (it reaches both ends)
-        shows in Pong.downstream_ms, so sessions on a cut link fail fast, naming it."""
-        now = time.monotonic()
-        if now - self._downstream_pinged < DOWNSTREAM_PING_S:
-            return
-        self._downstream_pinged = now
-        try:
-            self._downstream.send(fr.encode(wire.PING, nonce=next(self._pings), sessions=None),
-                                  zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # its queue is full: the link is already silent, and Pong says so
+            self._downstream = Downstream(self._zctx, url, self._keys, self._poller, self.name)
 
     def _pong(self, nonce: int) -> bytes:
         stats = self.engine.stats
-        downstream_ms = (None if self._downstream is None
-                         else int(1e3 * (time.monotonic() - self._downstream_heard)))
+        downstream_ms = None if self._downstream is None else self._downstream.silent_ms
         return fr.encode(wire.PONG, nonce=nonce, epoch=self.epoch, kv_used=stats.kv_used,
                          kv_capacity=stats.kv_capacity, sessions=stats.sessions,
                          records=stats.records, evicted_records=stats.evicted_records,
@@ -306,11 +277,11 @@ class StageServer:
             code, message = wire.E_NO_DOWNSTREAM, "stage has no next stage configured"
         else:
             try:
-                self._downstream.send_multipart(item.frames, zmq.NOBLOCK, copy=False)
+                self._downstream.send(item.frames)
                 return
             except zmq.ZMQError:
                 code = wire.E_DOWNSTREAM_UNAVAILABLE
-                message = f"next stage {self._next_url} is not accepting frames"
+                message = f"next stage {self._downstream.url} is not accepting frames"
         for origin, session in item.owners:
             self._reply(origin, fr.error_frame(code, message, session, self.name))
 
@@ -321,26 +292,9 @@ class StageServer:
             # Peer gone or not connected here (ROUTER_MANDATORY): nothing left to tell it.
             log.warning("reply_undeliverable", stage=self.name)
 
-    def _drain_downstream(self) -> None:
-        """The next stage answers our pings, and errors about frames we forwarded malformed."""
-        for _ in range(READ_BATCH):
-            try:
-                parts = self._downstream.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._downstream_heard = time.monotonic()
-            for part in parts:
-                try:
-                    msg = fr.decode(part)
-                except fr.ProtocolError as exc:
-                    msg = {"kind": wire.ERROR, "code": exc.code}
-                if msg["kind"] != wire.PONG:
-                    log.warning("downstream_error", stage=self.name,
-                                code=str(msg.get("code"))[:40])
-
     def close(self) -> None:
         if self._downstream is not None:
-            self._downstream.close(linger=0)
+            self._downstream.close()
         self._router.close(linger=0)
         self.mailbox.close()
         if self._guard is not None:
