@@ -125,6 +125,12 @@ async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_
         await coord.close()
 
 
+DEFAULT_MODEL_NOTE = (
+    "note: the default model, Gemma 3 270M, is a small base model for trying the mesh: chat "
+    "replies continue the text rather than answer it. For chat, give --model an "
+    "instruction-tuned GGUF (any local path).")
+
+
 @main.command()
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--stages", "n_stages", default=2, show_default=True)
@@ -155,6 +161,8 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
         info = model_info(path)
         ranges = (balanced_split(list(info.layer_bytes), info.head_bytes, n_stages)
                   if info.layer_bytes else even_split(info.n_layer, n_stages))
+        if model_spec == "default":
+            click.echo(DEFAULT_MODEL_NOTE, err=True)
         click.echo(f"preparing {n_stages} stages of {path.name}: "
                    f"{', '.join(f'{a}:{b}' for a, b in ranges)}", err=True)
         for start, end in ranges:

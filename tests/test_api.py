@@ -36,6 +36,7 @@ CHAT = [{"role": "system", "content": "You are terse."},
 def test_models_lists_the_served_model(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["gemma-3-270m-q4_k_m"]
+    assert models[0].context_length == 2048  # each session's KV (the fixture's --ctx)
 
 
 @pytest.mark.gemma
@@ -84,6 +85,48 @@ def test_logprobs_in_full_responses(client):
     assert len(lp.token_logprobs) == out.usage.completion_tokens
     assert all(v <= 0 for v in lp.token_logprobs)
     assert all(len(top) == 3 for top in lp.top_logprobs)
+    # Tokens are named by their text, which joins to the answer; offsets point into it.
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert all(out.choices[0].text[o:].startswith(t)
+               for o, t in zip(lp.text_offset, lp.tokens, strict=True))
+    assert all(isinstance(k, str) for top in lp.top_logprobs for k in top)
+
+
+@pytest.mark.gemma
+def test_chat_logprobs_name_tokens_by_text_and_bytes_as_openai_does(client):
+    # "é" and "—" take several bytes: pieces may split them, and the texts still join.
+    messages = [{"role": "user", "content": "Écris « café — thé » trois fois : café — thé,"}]
+    out = client.chat.completions.create(model="m", messages=messages, max_tokens=16,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    assert "".join(c.token for c in content) == out.choices[0].message.content
+    for c in content:
+        assert bytes(c.bytes) == c.token.encode("utf-8") and c.logprob <= 0
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert all(isinstance(t.token, str) and isinstance(t.bytes, list) for t in c.top_logprobs)
+    bare = client.chat.completions.create(model="m", messages=messages, max_tokens=4,
+                                          temperature=0, logprobs=True)
+    assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
+    chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=16,
+                                                 temperature=0, logprobs=True, stream=True))
+    streamed = [c for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+
+
+@pytest.mark.gemma
+def test_streamed_completion_offsets_continue_across_chunks(client):
+    chunks = list(client.completions.create(model="m", prompt="Le café est", max_tokens=10,
+                                            temperature=0, logprobs=1, stream=True))
+    tokens, offsets = [], []
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+    text = "".join(tokens)
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    assert text == "".join(c.choices[0].text for c in chunks if c.choices)
 
 
 @pytest.mark.gemma

@@ -143,3 +143,13 @@ def test_a_lost_stopped_delays_one_request_at_most_and_loss_resolves_the_rest():
         assert keep.done() and not protocol._pending
 
     asyncio.run(main())
+
+
+def test_logprob_texts_keep_split_characters_whole_and_trim_to_the_answer():
+    from mesh.api.logprobs import _valid_prefix, trim
+
+    assert _valid_prefix("é".encode()[:1]) == ""
+    assert _valid_prefix(b"a" + "—".encode()[:2]) == "a"
+    assert _valid_prefix("thé".encode()) == "thé"
+    entries = [{"text": "ca"}, {"text": ""}, {"text": "fé,"}, {"text": " th"}]
+    assert [e["text"] for e in trim(entries, "café")] == ["ca", "", "fé"]

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 
+from mesh.api import logprobs as lp_format
 from mesh.api.chat import ChatRenderer
 from mesh.api.metrics import ApiMetrics
 from mesh.api.schemas import ChatRequest, CompletionRequest
@@ -190,7 +191,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": settings.model_id, "object": "model",
-                                            "created": 0, "owned_by": "mesh"}]}
+                                            "created": 0, "owned_by": "mesh",
+                                            "context_length": coordinator.session_ctx}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -244,7 +246,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
                 metrics.request(endpoint, exc)
                 raise
             metrics.request(endpoint, None, result)
-            lp = _logprobs(Delta("", [], logprobs), chat, body) if logprobs else None
+            lp = (_logprobs(lp_format.trim(logprobs, result.text), chat, body, 0)
+                  if logprobs else None)
             return _full_response(rid, created, settings.model_id, result, chat, lp)
         return EventSourceResponse(_sse(stream, first, rid, created, chat, body, endpoint),
                                    ping=15, send_timeout=STREAM_SEND_TIMEOUT_S)
@@ -252,6 +255,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     async def _sse(stream, first, rid, created, chat, body, endpoint):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         obj = "chat.completion.chunk" if chat else "text_completion"
+        offset = 0  # where the next token's text starts in the answer (text_offset)
         try:
             if chat:
                 yield json.dumps(_chunk(rid, created, settings.model_id, obj,
@@ -260,8 +264,10 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
             while item is not None:
                 if isinstance(item, Delta):
                     payload = {"content": item.text} if chat else item.text
+                    lp = _logprobs(item.logprobs, chat, body, offset)
+                    offset += sum(len(e["text"]) for e in item.logprobs)
                     yield json.dumps(_chunk(rid, created, settings.model_id, obj, payload, None,
-                                            chat, _logprobs(item, chat, body)))
+                                            chat, lp))
                 elif isinstance(item, Completion):
                     empty = {} if chat else ""
                     yield json.dumps(_chunk(rid, created, settings.model_id, obj, empty,
@@ -284,6 +290,15 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         finally:
             await stream.aclose()
 
+    def _logprobs(entries: list[dict], chat: bool, body, offset: int) -> dict | None:
+        if not entries:
+            return None
+        tokenizer = coordinator.tokenizer
+        if chat:
+            shown = body.top_logprobs or 0  # logprobs alone: the chosen tokens, no alternatives
+            return lp_format.chat([{**e, "top": e["top"][:shown]} for e in entries], tokenizer)
+        return lp_format.completion(entries, tokenizer, offset)
+
     return app
 
 
@@ -294,20 +309,6 @@ def _chunk(rid, created, model, obj, payload, finish, chat, logprobs=None) -> di
     else:
         choice["text"] = payload
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-
-
-def _logprobs(item: Delta, chat: bool, body) -> dict | None:
-    if not item.logprobs:
-        return None
-    entries = [{"token_id": e["token"], "logprob": e["logprob"],
-                "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in e["top"]]}
-               for e in item.logprobs]
-    if chat:
-        return {"content": entries}
-    return {"tokens": [str(e["token_id"]) for e in entries],
-            "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{str(t["token_id"]): t["logprob"] for t in e["top_logprobs"]}
-                             for e in entries]}
 
 
 def _full_response(rid, created, model, result: Completion, chat: bool, logprobs) -> dict:

@@ -180,7 +180,8 @@ class Generator:
                     pos += 1
                 logprobs = []
                 if params.logprobs:
-                    logprobs = [{"token": token, "logprob": msg["logprob"], "top": msg["top"]}]
+                    logprobs = [{"token": token, "text": text_out.last,
+                                 "logprob": msg["logprob"], "top": msg["top"]}]
                 if text or logprobs:
                     yield Delta(text, [token], logprobs)
                 if stopped:

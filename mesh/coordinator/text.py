@@ -15,11 +15,13 @@ class TextAssembler:
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self.text = ""
+        self.last = ""  # the text the last token added (a split character: with its last byte)
         self._emitted = 0
         self._done = False
 
     def add(self, token: int) -> tuple[str, bool]:
-        self.text += self._decoder.decode(self._tokenizer.piece(token))
+        self.last = self._decoder.decode(self._tokenizer.piece(token))
+        self.text += self.last
         for s in self._stop:
             idx = self.text.find(s, max(0, self._emitted - len(s)))
             if idx >= 0:

@@ -1,11 +1,12 @@
 """The stage's transport side: sockets, framing, pings and handshakes, on a thread of its own.
 
 The transport thread owns every socket of the stage: the ROUTER it listens on, the link to the
-next stage (``mesh.stage.downstream``), and the read end of the engine's mailbox. It answers ``Ping`` and ``Handshake`` at
-once, even while the engine spends minutes on one frame (``Pong.busy_ms`` says so), decodes and
-checks every frame at the door, queues work for the engine, and sends what the engine mails
-back. The compute thread (``StageEngine.run_forever``) never touches a socket, so liveness is the
-transport's answer and never depends on how long a frame computes.
+next stage (``mesh.stage.downstream``), and the read end of the engine's mailbox. It answers
+``Ping`` and ``Handshake`` at once, even while the engine spends minutes on one frame
+(``Pong.busy_ms`` says so), decodes and checks every frame at the door, queues work for the
+engine, and sends what the engine mails back. The compute thread
+(``StageEngine.run_forever``) never touches a socket, so liveness is the transport's answer and
+never depends on how long a frame computes.
 
 With mesh keys, the ROUTER is a CURVE server behind a ZAP handler: only members reach it, and
 each frame comes with its sender's role. Handshakes come only from coordinators; a session
