@@ -60,6 +60,7 @@ class RawPeer:
 
     def prompt(self, session: int, tokens, pos: int = 0, **extra) -> bytes:
         """A whole prompt as one final chunk (greedy sampling)."""
+        extra.setdefault("grammar", None)
         return self.work(fr.PREFILL_FINAL, session, pos, tokens, sampling={}, history=None,
                          **extra)
 

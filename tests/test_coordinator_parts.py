@@ -153,3 +153,18 @@ def test_logprob_texts_keep_split_characters_whole_and_trim_to_the_answer():
     assert _valid_prefix("thé".encode()) == "thé"
     entries = [{"text": "ca"}, {"text": ""}, {"text": "fé,"}, {"text": " th"}]
     assert [e["text"] for e in trim(entries, "café")] == ["ca", "", "fé"]
+
+
+def test_structured_output_grammars_keep_control_characters_out_of_strings():
+    from mesh.api.structured import grammar_for
+    from mesh.errors import InvalidInputError
+    from mesh.stage.sampling import check_grammar
+
+    for grammar in (grammar_for("json_object", None),
+                    grammar_for("json_schema", {"type": "array", "items": {"type": "string"}})):
+        char = next(line for line in grammar.splitlines() if line.startswith("char ::= "))
+        assert "\\x00-\\x1F" in char
+        check_grammar(grammar.encode())  # what the final stage will accept
+    assert grammar_for("text", None) is None
+    with pytest.raises(InvalidInputError, match="local"):
+        grammar_for("json_schema", {"items": {"$ref": "http://example.com/x.json"}})

@@ -46,6 +46,13 @@ values = st.one_of(
                                                              max_size=3))
 
 
+# Grammars a peer may send: valid, unparsable, left-recursive, undefined rules, a repetition
+# llama.cpp's parser never returns from, not UTF-8.
+HOSTILE_GRAMMARS = [b'root ::= "x" "y"?', b"root ::= (((", b'root ::= root "a"',
+                    b"root ::= missing", b'root ::= "a"{3,1}', b"\xff\xfe", b"x ::= \"a\"",
+                    b"root ::= [^", b" "]
+
+
 @st.composite
 def structured(draw):
     """A frame of a real kind: every field present, each valid or any value."""
@@ -55,6 +62,8 @@ def structured(draw):
         "pos": draw(st.integers(0, 40)), "next_epoch": None,
         "n": draw(st.integers(1, 3)), "tokens": None, "embd": None, "sampling": {},
         "history": None, "keep": draw(st.integers(0, 40)), "prefix_id": None,
+        "grammar": draw(st.sampled_from([None, *HOSTILE_GRAMMARS])), "salt": None,
+        "sessions": None, "records": [],
         "next": None, "model_sha256": None, "index": 0, "nonce": 1,
     }
     good["tokens"] = fr.pack_tokens(draw(st.lists(st.integers(0, 300), min_size=good["n"],

@@ -143,7 +143,7 @@ def test_malformed_frames_get_error_frames_and_stage_keeps_serving(mesh2, name):
 def test_session_errors_go_to_the_owner_and_leave_others_alone(gemma_path, mesh2):
     with RawPeer(mesh2.urls[1], b"coord-test") as peer:
         wrong_size = peer.work(fr.PREFILL_FINAL, 1, 0, n=2, embd=b"\0" * (640 * 4),
-                               sampling={}, history=None)
+                               sampling={}, history=None, grammar=None)
         reply = peer.ask(wrong_size)
         assert reply["code"] == "bad_shape" and reply["session"] == 1
         unknown = peer.work(fr.DECODE, 99, 5, embd=np.zeros((1, 640), "<f4").tobytes(), n=1)

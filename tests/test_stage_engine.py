@@ -92,7 +92,7 @@ def test_the_engine_queue_is_bounded_in_frames_and_bytes(tiny_llama):
         def frame(session):
             return fr.decode(fr.encode(fr.PREFILL_FINAL, session=session, origin=ORIGIN,
                                        epoch=0, pos=0, n=3, tokens=fr.pack_tokens([1, 2, 3]),
-                                       embd=None, sampling={}, history=None))
+                                       embd=None, sampling={}, history=None, grammar=None))
 
         refused = engine.submit([(frame(session), 100) for session in range(4)])
         assert refused[:3] == [None] * 3 and isinstance(refused[3], OverloadedError)
@@ -137,3 +137,34 @@ def test_a_2048_token_frame_at_one_thread_is_served_and_equals_one_process(gemma
         single.close()
     assert result.token_ids == expected and len(expected) == 8
     assert busiest >= 500  # Pongs kept coming while one step computed, and said so
+
+
+def test_grammars_a_peer_sends_never_stop_the_final_stage(tiny_llama, tmp_path):
+    from tests.test_fuzz import HOSTILE_GRAMMARS
+
+    prompt = [1, 50, 60, 70]
+    with running_mesh(tiny_llama, [(0, 4)], tmp_path, ctx=256) as mesh:
+        with RawPeer(mesh.urls[0], timeout_ms=60_000) as peer:
+            for session, grammar in enumerate(HOSTILE_GRAMMARS[1:], start=10):
+                peer.send(peer.prompt(session, prompt, grammar=grammar))
+                reply = peer.recv()
+                assert reply["kind"] == fr.ERROR and reply["code"] == "invalid_input", reply
+            peer.send(peer.prompt(1, prompt), peer.prompt(2, prompt, grammar=b"root ::= [a-c]+"))
+            replies = {m["session"]: m for m in (peer.recv(), peer.recv())}
+            assert {m["kind"] for m in replies.values()} == {fr.TOKEN}
+
+
+def test_a_grammar_with_no_way_on_is_an_error_not_a_native_exception(tiny_llama):
+    from mesh.errors import InvalidInputError
+    from mesh.stage.native import NativeModel
+    from mesh.stage.sampling import SamplerChain, SamplingParams
+
+    model = NativeModel(tiny_llama, vocab_only=True)
+    try:
+        chain = SamplerChain(SamplingParams(grammar=b'root ::= "a"'), model.n_vocab, model.vocab)
+        # Every candidate ruled out: llama_sampler_accept would throw a C++ exception.
+        with pytest.raises(InvalidInputError, match="allows no token"):
+            chain.sample(None, 0, logits=np.full(model.n_vocab, -np.inf, dtype=np.float32))
+        chain.close()
+    finally:
+        model.close()

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mesh.api.structured import grammar_for
 from mesh.coordinator.coordinator import GenerationParams
 from mesh.errors import ContextLengthError, InvalidInputError
 
@@ -15,6 +16,24 @@ MAX_STOP_STRINGS = 4
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self) -> str | None:
+        schema = self.json_schema.json_schema if self.json_schema is not None else None
+        return grammar_for(self.type, schema)
 
 
 class _Sampling(BaseModel):
@@ -32,6 +51,7 @@ class _Sampling(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("n")
     @classmethod
@@ -67,7 +87,8 @@ class _Sampling(BaseModel):
             max_tokens=self._max_tokens(default_max), temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=seed,
             repeat_penalty=self.repeat_penalty, stop=tuple(self._stops() + extra_stops),
-            logprobs=logprobs, add_special=add_special, cache_salt=cache_salt)
+            logprobs=logprobs, add_special=add_special, cache_salt=cache_salt,
+            grammar=self.response_format.grammar() if self.response_format else None)
 
 
 class CompletionRequest(_Sampling):

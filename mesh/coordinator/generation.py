@@ -56,6 +56,7 @@ class GenerationParams:
     logprobs: int = 0
     add_special: bool = True  # BOS for raw completions; chat templates carry their own
     cache_salt: bytes = b""  # prefixes are reused only between requests with the same salt
+    grammar: str | None = None  # GBNF the output must follow (structured output)
 
     def wire_sampling(self) -> dict[str, Any]:
         return {"temperature": float(self.temperature), "top_k": int(self.top_k),
@@ -213,7 +214,8 @@ class Generator:
             if start + chunk >= len(prompt_ids):
                 self._send_work(wire.PREFILL_FINAL, session, start, part,
                                 sampling=params.wire_sampling(),
-                                history=fr.pack_tokens(prompt_ids[-wire.MAX_HISTORY_TOKENS:]))
+                                history=fr.pack_tokens(prompt_ids[-wire.MAX_HISTORY_TOKENS:]),
+                                grammar=params.grammar.encode() if params.grammar else None)
             else:
                 self._send_work(wire.PREFILL, session, start, part)
 

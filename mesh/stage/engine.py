@@ -50,9 +50,9 @@ class StageStats:
     record_entries: tuple[bytes, ...] = ()  # the prefix records, for StageInfo
 
 
-def sampling_from_wire(raw: dict[str, Any]) -> SamplingParams:
+def sampling_from_wire(raw: dict[str, Any], grammar: bytes | None = None) -> SamplingParams:
     params = {k: v for k, v in raw.items() if k != "logprobs"}
-    return SamplingParams(n_logprobs=int(raw.get("logprobs", 0)), **params)
+    return SamplingParams(n_logprobs=int(raw.get("logprobs", 0)), grammar=grammar, **params)
 
 
 def item_from_frame(arrival: int, msg: dict[str, Any], nbytes: int,
@@ -313,7 +313,7 @@ class StageEngine:
             inputs = {"hidden": fr.unpack_embd(msg["embd"], item.n, rt.n_embd)}
         sample = history = None
         if rt.is_last and item.kind == wire.PREFILL_FINAL:
-            sample = sampling_from_wire(msg["sampling"])
+            sample = sampling_from_wire(msg["sampling"], msg["grammar"])
             if msg["history"] is not None:
                 history = fr.unpack_tokens(msg["history"])
         elif rt.is_last and item.kind == wire.DECODE:
@@ -325,6 +325,8 @@ class StageEngine:
 
     def _emit(self, out: _Outbox, item: Item, result) -> None:
         msg, origin, session = item.frame, item.key[0], item.key[1]
+        if result.error is not None:
+            raise result.error
         if not self.runtime.is_last:
             fields = fr.known_fields(msg)
             fields["tokens"] = None

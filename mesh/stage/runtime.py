@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mesh.errors import InvalidInputError, KvSlotError, SessionLimitError, UnknownSessionError
+from mesh.errors import (
+    InvalidInputError,
+    KvSlotError,
+    MeshError,
+    SessionLimitError,
+    UnknownSessionError,
+)
 from mesh.stage.embeddings import TokenEmbedder
 from mesh.stage.native import Batch, ContextParams, HiddenCapture, NativeContext, NativeModel
 from mesh.stage.sampling import SamplerChain, SamplingParams, top_logprobs
@@ -59,6 +65,7 @@ class StepResult:
     logits: np.ndarray | None = None  # final stage, when asked for (raw, before sampling)
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    error: MeshError | None = None  # this session's sampling failed (the others' did not)
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,15 @@ class StageRuntime:
             if history.size and (int(history.min()) < 0 or int(history.max()) >= self.n_vocab):
                 raise InvalidInputError(f"history token id out of range [0, {self.n_vocab})")
         state = self._get(session)
+        if sample is not None and (state.sampler is None or state.sampler.params != sample):
+            # Built here, not at sampling time: a grammar that does not parse is this frame's
+            # error, before it joins a batch.
+            sampler = SamplerChain(sample, self.n_vocab, self.model.vocab)
+            if history is not None:
+                sampler.seed_history(history)
+            if state.sampler is not None:
+                state.sampler.close()
+            state.sampler = sampler
         if pos != state.length:
             raise InvalidInputError(
                 f"chunk starts at position {pos}, session is at {state.length}")
@@ -311,12 +327,18 @@ class StageRuntime:
         results, row = [], 0
         for chunk, state in zip(chunks, states, strict=True):
             row += chunk.n
-            results.append(self._final_result(state, chunk, row - 1))
+            try:
+                results.append(self._final_result(state, chunk, row - 1))
+            except MeshError as exc:  # e.g. a grammar with no way on: this session's error
+                results.append(StepResult(error=exc))
         return results
 
     def run(self, session: Hashable, pos: int, **kwargs) -> StepResult:
         """``prepare`` and ``decode`` one chunk on its own."""
-        return self.decode([self.prepare(session, pos, **kwargs)])[0]
+        result = self.decode([self.prepare(session, pos, **kwargs)])[0]
+        if result.error is not None:
+            raise result.error
+        return result
 
     def _input_rows(self, tokens, hidden) -> np.ndarray:
         if (tokens is None) == (hidden is None):
@@ -348,14 +370,8 @@ class StageRuntime:
         if want_logits:
             result.logits = logits
         if sample is not None:
-            if state.sampler is None or state.sampler.params != sample:
-                if state.sampler is not None:
-                    state.sampler.close()
-                state.sampler = SamplerChain(sample, self.n_vocab)
-                if chunk.history is not None:
-                    state.sampler.accept(chunk.history)
             state.sampling = sample
-            result.token = state.sampler.sample(self.ctx.ptr, index)
+            result.token = state.sampler.sample(self.ctx.ptr, index, logits)
             if sample.n_logprobs or want_logits:
                 result.logprob, result.top_logprobs = top_logprobs(
                     logits, result.token, sample.n_logprobs)

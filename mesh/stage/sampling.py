@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # 1.0 = off
     repeat_last_n: int = 64
     n_logprobs: int = 0
+    grammar: bytes | None = None  # GBNF (rule "root") the sampled text must follow
 
     def validate(self, n_vocab: int | None = None, n_ctx: int | None = None) -> None:
         """Ranges llama.cpp's samplers can take without misbehaving (a repeat window sizes a
@@ -51,20 +53,69 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
-class SamplerChain:
-    """One session's sampler chain (it holds penalty history and RNG state)."""
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+MAX_REPEAT = 1000  # largest {m,n} bound a grammar may use (llama.cpp expands each copy)
 
-    def __init__(self, params: SamplingParams, n_vocab: int):
+
+def check_grammar(grammar: bytes) -> None:
+    """Refuse what llama.cpp's GBNF parser cannot take safely: text that is not UTF-8, and
+    repetition bounds ``{m,n}`` with m > n (the parser never returns) or past ``MAX_REPEAT``
+    (it expands every copy). Everything else it refuses itself, quickly."""
+    try:
+        text = grammar.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError("the grammar is not UTF-8 text") from None
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"[":  # a literal or a character class: braces inside are characters
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c == "{":
+            end = text.find("}", i)
+            bounds = text[i + 1:end if end >= 0 else n].replace(" ", "").split(",")
+            if end < 0 or len(bounds) > 2 or not all(b.isdigit() or not b for b in bounds) or (
+                    not bounds[0] and len(bounds) == 1):
+                raise InvalidInputError("the grammar has a malformed {m,n} repetition")
+            low = int(bounds[0] or 0)
+            high = int(bounds[1]) if len(bounds) == 2 and bounds[1] else low
+            if low > high or high > MAX_REPEAT:
+                raise InvalidInputError(f"grammar repetitions need m <= n <= {MAX_REPEAT}")
+            i = end
+        i += 1
+
+
+class SamplerChain:
+    """One session's sampler chain (it holds penalty history, grammar and RNG state).
+
+    A grammar comes first: it rules out every token the grammar does not allow next, then the
+    usual samplers choose among the rest."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab=None):
         lib = llama()
         self.params = params
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self._penalties = None
 
         def add(sampler) -> None:
             lib.llama_sampler_chain_add(self.ptr, sampler)
 
+        if params.grammar is not None:
+            check_grammar(params.grammar)
+            grammar = lib.llama_sampler_init_grammar(vocab, params.grammar, b"root")
+            if not grammar:
+                self.close()
+                raise InvalidInputError("the grammar does not parse (GBNF with a root rule)")
+            add(grammar)
         if params.repeat_penalty != 1.0:
-            add(lib.llama_sampler_init_penalties(
-                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+            self._penalties = lib.llama_sampler_init_penalties(
+                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0)
+            add(self._penalties)
         if params.greedy:
             add(lib.llama_sampler_init_greedy())
             return
@@ -77,14 +128,41 @@ class SamplerChain:
         add(lib.llama_sampler_init_temp(params.temperature))
         add(lib.llama_sampler_init_dist(params.seed))
 
-    def accept(self, tokens) -> None:
+    def seed_history(self, tokens) -> None:
+        """Prompt tokens for the repetition penalty (the grammar starts after the prompt)."""
+        if self._penalties is None:
+            return
         lib = llama()
         for token in tokens:
-            lib.llama_sampler_accept(self.ptr, int(token))
+            lib.llama_sampler_accept(self._penalties, int(token))
 
-    def sample(self, ctx_ptr, output_index: int) -> int:
-        """Sample from an output row; ``llama_sampler_sample`` also accepts the token."""
-        return int(llama().llama_sampler_sample(self.ptr, ctx_ptr, output_index))
+    def sample(self, ctx_ptr, output_index: int, logits: np.ndarray | None = None) -> int:
+        """Sample from an output row and accept the token.
+
+        Without a grammar, ``llama_sampler_sample`` does both. With one, the candidates are
+        filtered here first and a dead end (the grammar allows no token of this vocabulary)
+        is an error: llama.cpp's accept would throw a C++ exception that would end the process.
+        ``logits`` is the row, if the caller already copied it."""
+        lib = llama()
+        if self.params.grammar is None:
+            return int(lib.llama_sampler_sample(self.ptr, ctx_ptr, output_index))
+        if logits is None:
+            n = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(lib.llama_get_model(ctx_ptr)))
+            row = lib.llama_get_logits_ith(ctx_ptr, output_index)
+            logits = np.ctypeslib.as_array(row, shape=(n,))
+        cells = np.empty(len(logits), dtype=_TOKEN_DATA)
+        cells["id"] = np.arange(len(logits), dtype=np.int32)
+        cells["logit"] = logits
+        cells["p"] = 0.0
+        array = lib.llama_token_data_array(
+            cells.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), len(cells), -1, False)
+        lib.llama_sampler_apply(self.ptr, ctypes.byref(array))
+        chosen = array.data[array.selected] if 0 <= array.selected < array.size else None
+        if chosen is None or not np.isfinite(chosen.logit):
+            raise InvalidInputError("the grammar allows no token of this model's vocabulary")
+        token = int(chosen.id)
+        lib.llama_sampler_accept(self.ptr, token)
+        return token
 
     def close(self) -> None:
         if self.ptr:

@@ -30,6 +30,7 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     HANDSHAKE,
     MAX_ERROR_MESSAGE_CHARS,
     MAX_FRAME_BYTES,
+    MAX_GRAMMAR_BYTES,
     MAX_HISTORY_TOKENS,
     MAX_LOGPROBS,
     MAX_RECORDS_REPORTED,
@@ -65,7 +66,8 @@ _WORK_FIELDS = {"session": _INT, "origin": _BIN, "epoch": _INT, "pos": _INT, "n"
                 "tokens": _OPT_BIN, "embd": _OPT_BIN}
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     PREFILL: _WORK_FIELDS,
-    PREFILL_FINAL: {**_WORK_FIELDS, "sampling": _MAP, "history": _OPT_BIN},
+    PREFILL_FINAL: {**_WORK_FIELDS, "sampling": _MAP, "history": _OPT_BIN,
+                    "grammar": _OPT_BIN},
     DECODE: _WORK_FIELDS,
     TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
             "top": _LIST},
@@ -237,6 +239,9 @@ def _check_work(msg: dict[str, Any]) -> None:
         if history is not None and (len(history) % 4 or len(history) > 4 * MAX_HISTORY_TOKENS):
             raise ProtocolError(E_BAD_FIELD, f"history must hold at most {MAX_HISTORY_TOKENS} "
                                              "int32 token ids")
+        grammar = msg["grammar"]
+        if grammar is not None and not 0 < len(grammar) <= MAX_GRAMMAR_BYTES:
+            raise ProtocolError(E_BAD_FIELD, f"grammar must be 1 to {MAX_GRAMMAR_BYTES} bytes")
         for name, value in msg["sampling"].items():
             spec = SAMPLING_FIELDS.get(name)
             if spec is None or not isinstance(value, spec[0]) or isinstance(value, bool):

@@ -15,6 +15,7 @@ PREFIX_ID_BYTES = 32
 MAX_HISTORY_TOKENS = 64
 MAX_LOGPROBS = 20  # top log-probabilities per token
 MAX_SALT_BYTES = 255  # a cache salt (tenant) in a prefix id
+MAX_GRAMMAR_BYTES = 256 * 1024  # a GBNF grammar constraining sampling (structured output)
 MAX_RECORDS_REPORTED = 32  # prefix records a StageInfo lists (the most recently used)
 
 # ---- frame kinds ---------------------------------------------------------------------------
