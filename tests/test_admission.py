@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.coordinator.admission import Admission, AdmissionTimeoutError, SlotBudget
-from mesh.errors import ContextLengthError
+from mesh.errors import ContextLengthError, InvalidInputError
 
 
 @given(st.lists(st.booleans(), max_size=60), st.integers(1, 8))
@@ -74,5 +74,32 @@ def test_cancelled_waiter_releases_its_place():
         assert admission.budget.reserved == 0
         await admission.reserve(10)
         assert admission.budget.reserved == 1
+
+    asyncio.run(scenario())
+
+
+def test_several_slots_are_taken_together_and_never_overtaken_by_smaller_requests():
+    async def scenario():
+        admission = Admission(4, session_ctx=1024, wait_s=5)
+        with pytest.raises(InvalidInputError, match="holds 4"):
+            await admission.reserve(10, count=5)
+        await admission.reserve(10, count=2)
+        order: list[str] = []
+
+        async def want(name, count):
+            await admission.reserve(10, count)
+            order.append(name)
+
+        big = asyncio.create_task(want("three", 3))
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(want("one", 1))
+        await asyncio.sleep(0.01)
+        assert order == []  # two slots are free, but the request for three came first
+        admission.release(2)
+        await asyncio.gather(big, small)
+        assert order == ["three", "one"] and admission.budget.reserved == 4
+        admission.release(3)
+        admission.release()
+        assert admission.budget.reserved == 0
 
     asyncio.run(scenario())

@@ -146,7 +146,7 @@ def test_exact_prefix_reuse_reports_cached_tokens(client):
 @pytest.mark.gemma
 @pytest.mark.parametrize("kwargs,code", [
     ({"prompt": "word " * 3000, "max_tokens": 4}, "context_length_exceeded"),
-    ({"prompt": "hi", "n": 2}, "invalid_request"),
+    ({"prompt": "hi", "n": 17}, "invalid_request"),
     ({"prompt": "hi", "temperature": 7}, "invalid_request"),
 ])
 def test_bad_requests_are_400_in_openai_shape(client, kwargs, code):
@@ -279,3 +279,48 @@ def test_unusable_schemas_are_the_callers_400(client, schema):
         client.chat.completions.create(
             model="m", messages=CHAT, max_tokens=4, response_format={
                 "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+
+
+def _metric(api, name: str) -> float:
+    for line in httpx.get(f"{api}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+@pytest.mark.gemma
+def test_n_choices_share_one_prefill_and_count_the_prompt_once(client, api):
+    prompt = "Notes on the rivers of Europe, their sources and their mouths. " * 24
+    cached_before = _metric(api, "mesh_cached_prompt_tokens_total")
+    t0 = time.perf_counter()
+    four = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=1.0,
+                                     seed=11, n=4, logprobs=1)
+    t_four = time.perf_counter() - t0
+    prompt_tokens = four.usage.prompt_tokens
+    assert [c.index for c in four.choices] == [0, 1, 2, 3] and prompt_tokens > 300
+    assert four.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in four.choices)
+    assert len({c.text for c in four.choices}) > 1  # each choice has its own seed
+    # Every choice started from the one prefill of the prompt (all but its last token).
+    reused = _metric(api, "mesh_cached_prompt_tokens_total") - cached_before
+    assert reused == 4 * (prompt_tokens - 1)
+    aclient = openai.AsyncOpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0)
+
+    async def separately(text):  # what n=4 saves: four requests that each prefill the prompt
+        t = time.perf_counter()
+        await asyncio.gather(*(aclient.completions.create(
+            model="m", prompt=text, max_tokens=8, temperature=1.0, seed=11 + i)
+            for i in range(4)))
+        return time.perf_counter() - t
+
+    t_separate = asyncio.run(separately(prompt.replace("rivers", "mountains")))
+    print(f"{prompt_tokens}-token prompt, 8 tokens each: n=4 {t_four:.2f} s; four concurrent "
+          f"n=1 requests on a fresh prompt of the same length {t_separate:.2f} s")
+    greedy = client.chat.completions.create(model="m", messages=CHAT, max_tokens=8,
+                                            temperature=0, n=2, stream=True)
+    texts = ["", ""]
+    for chunk in greedy:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    alone = client.chat.completions.create(model="m", messages=CHAT, max_tokens=8,
+                                           temperature=0).choices[0].message.content
+    assert texts == [alone, alone]

@@ -222,6 +222,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         endpoint = "chat" if chat else "completions"
         body.check_limits(len(prompt_ids), coordinator.session_ctx,
                           coordinator.tokenizer.n_vocab)
+        if body.n > 1:
+            return await _respond_choices(body, prompt_ids, params, chat, endpoint)
         stream = coordinator.stream(prompt_ids, params, hold=not body.stream)
         try:
             first = await anext(stream)
@@ -248,9 +250,86 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
             metrics.request(endpoint, None, result)
             lp = (_logprobs(lp_format.trim(logprobs, result.text), chat, body, 0)
                   if logprobs else None)
-            return _full_response(rid, created, settings.model_id, result, chat, lp)
+            return _full_response(rid, created, settings.model_id, [(result, lp)], chat)
         return EventSourceResponse(_sse(stream, first, rid, created, chat, body, endpoint),
                                    ping=15, send_timeout=STREAM_SEND_TIMEOUT_S)
+
+    async def _respond_choices(body, prompt_ids, params, chat: bool, endpoint: str):
+        """Several choices of one prompt (``n``): one prefill, a session per choice."""
+        stream = coordinator.stream_choices(prompt_ids, params, body.n, hold=not body.stream)
+        rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
+        created = int(time.time())
+        try:
+            first = await anext(stream)  # a failure before anything streamed is an HTTP error
+        except Exception as exc:
+            metrics.request(endpoint, exc)
+            await stream.aclose()
+            raise
+        if body.stream:
+            return EventSourceResponse(
+                _sse_choices(stream, first, rid, created, chat, body, endpoint),
+                ping=15, send_timeout=STREAM_SEND_TIMEOUT_S)
+        results: dict[int, Completion] = {}
+        entries: dict[int, list[dict]] = {i: [] for i in range(body.n)}
+        try:
+            item: tuple[int, Any] | None = first
+            while item is not None:
+                index, got = item
+                if isinstance(got, Delta):
+                    entries[index] += got.logprobs
+                else:
+                    results[index] = got
+                item = await anext(stream, None)
+        except Exception as exc:
+            metrics.request(endpoint, exc)
+            raise
+        for result in results.values():
+            metrics.request(endpoint, None, result)
+        return _full_response(rid, created, settings.model_id, [
+            (results[i], _logprobs(lp_format.trim(entries[i], results[i].text), chat, body, 0)
+             if entries[i] else None) for i in range(body.n)], chat)
+
+    async def _sse_choices(stream, first, rid, created, chat, body, endpoint):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        offsets = [0] * body.n
+        finished: list[Completion] = []
+        model = settings.model_id
+        try:
+            if chat:
+                for i in range(body.n):
+                    yield json.dumps(_chunk(rid, created, model, obj,
+                                            {"role": "assistant", "content": ""}, None, chat,
+                                            index=i))
+            item = first
+            while item is not None:
+                index, got = item
+                if isinstance(got, Delta):
+                    lp = _logprobs(got.logprobs, chat, body, offsets[index])
+                    offsets[index] += sum(len(e["text"]) for e in got.logprobs)
+                    payload = {"content": got.text} if chat else got.text
+                    yield json.dumps(_chunk(rid, created, model, obj, payload, None, chat, lp,
+                                            index))
+                else:
+                    finished.append(got)
+                    metrics.request(endpoint, None, got)
+                    yield json.dumps(_chunk(rid, created, model, obj, {} if chat else "",
+                                            got.finish_reason, chat, index=index))
+                item = await anext(stream, None)
+            if body.stream_options and body.stream_options.include_usage:
+                usage = _full_response(rid, created, model, [(r, None) for r in finished],
+                                       chat)["usage"]
+                yield json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                  "choices": [], "usage": usage})
+            yield "[DONE]"
+        except asyncio.CancelledError:
+            metrics.request(endpoint, "cancelled")
+            raise
+        except Exception as exc:
+            metrics.request(endpoint, exc)
+            yield error_response(exc).body.decode()
+            yield "[DONE]"
+        finally:
+            await stream.aclose()
 
     async def _sse(stream, first, rid, created, chat, body, endpoint):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -302,8 +381,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     return app
 
 
-def _chunk(rid, created, model, obj, payload, finish, chat, logprobs=None) -> dict:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
+def _chunk(rid, created, model, obj, payload, finish, chat, logprobs=None, index=0) -> dict:
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         choice["delta"] = payload
     else:
@@ -311,17 +390,24 @@ def _chunk(rid, created, model, obj, payload, finish, chat, logprobs=None) -> di
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
 
-def _full_response(rid, created, model, result: Completion, chat: bool, logprobs) -> dict:
+def _choice(index: int, result: Completion, chat: bool, logprobs) -> dict:
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": result.finish_reason, "logprobs": logprobs}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
-                  "logprobs": logprobs}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-            "usage": result.usage}
+        return {"index": index, "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason, "logprobs": logprobs}
+    return {"index": index, "text": result.text, "finish_reason": result.finish_reason,
+            "logprobs": logprobs}
+
+
+def _full_response(rid, created, model, results: list[tuple[Completion, Any]], chat: bool
+                   ) -> dict:
+    """One response with a choice per (result, logprobs); the prompt counts once in usage."""
+    usage = dict(results[0][0].usage)
+    completion = sum(len(result.token_ids) for result, _ in results)
+    usage["completion_tokens"] = completion
+    usage["total_tokens"] = usage["prompt_tokens"] + completion
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": model, "usage": usage,
+            "choices": [_choice(i, result, chat, lp) for i, (result, lp) in enumerate(results)]}
 
 
 def _curl_line(base_url: str, key: str | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mesh.api.structured import grammar_for
 from mesh.coordinator.coordinator import GenerationParams
@@ -48,17 +48,10 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     repeat_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=16)  # choices; each holds a session slot
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
 
     def _stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

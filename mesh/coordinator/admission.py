@@ -14,7 +14,7 @@ import asyncio
 import collections
 import time
 
-from mesh.errors import ContextLengthError, MeshError
+from mesh.errors import ContextLengthError, InvalidInputError, MeshError
 from mesh.logs import get_logger
 
 log = get_logger("mesh.admission")
@@ -44,16 +44,16 @@ class SlotBudget:
     def available(self) -> int:
         return self.capacity - self.reserved
 
-    def try_reserve(self) -> bool:
-        if not self.available:
+    def try_reserve(self, count: int = 1) -> bool:
+        if self.available < count:
             return False
-        self.reserved += 1
+        self.reserved += count
         return True
 
-    def release(self) -> None:
-        if not self.reserved:
+    def release(self, count: int = 1) -> None:
+        if self.reserved < count:
             raise ValueError("release without a reservation")
-        self.reserved -= 1
+        self.reserved -= count
 
 
 class Admission:
@@ -63,7 +63,9 @@ class Admission:
         self.budget = SlotBudget(slots)
         self.session_ctx = session_ctx
         self.wait_s = wait_s
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        # (granted, slots wanted), first come first served: a request for several slots is
+        # not overtaken by smaller ones behind it
+        self._waiters: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
 
     @property
     def queue_depth(self) -> int:
@@ -79,48 +81,52 @@ class Admission:
     def max_new_tokens(self, prompt_tokens: int, requested: int) -> int:
         return max(0, min(requested, self.session_ctx - prompt_tokens))
 
-    async def reserve(self, prompt_tokens: int) -> None:
-        """Take a slot, waiting FIFO up to ``wait_s``; give it back with ``release``."""
+    async def reserve(self, prompt_tokens: int, count: int = 1) -> None:
+        """Take ``count`` slots (one per session: choices of one prompt take several), waiting
+        FIFO up to ``wait_s``; give them back with ``release``."""
         self.check(prompt_tokens)
-        if not self._waiters and self.budget.try_reserve():
+        if count > self.budget.capacity:
+            raise InvalidInputError(f"{count} sessions at once, but the mesh holds "
+                                    f"{self.budget.capacity}")
+        if not self._waiters and self.budget.try_reserve(count):
             self._log("admitted", 0.0)
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        self._waiters.append((waiter, count))
         t0 = time.monotonic()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.wait_s)
         except TimeoutError:
-            self._abandon(waiter)
+            self._abandon(waiter, count)
             self._log("rejected", time.monotonic() - t0)
             raise AdmissionTimeoutError(
                 f"no session slot free within {self.wait_s:.0f} s "
                 f"({self.budget.capacity} slots, {len(self._waiters)} waiting)") from None
         except asyncio.CancelledError:
-            self._abandon(waiter)
+            self._abandon(waiter, count)
             raise
         self._log("admitted", time.monotonic() - t0)
 
-    def release(self) -> None:
-        self.budget.release()
+    def release(self, count: int = 1) -> None:
+        self.budget.release(count)
         self._wake()
 
-    def _abandon(self, waiter: asyncio.Future) -> None:
+    def _abandon(self, waiter: asyncio.Future, count: int) -> None:
         if waiter.done() and not waiter.cancelled():
-            self.budget.release()  # granted just as we gave up: hand it back
+            self.budget.release(count)  # granted just as we gave up: hand it back
         try:
-            self._waiters.remove(waiter)
+            self._waiters.remove((waiter, count))
         except ValueError:
             pass
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.budget.try_reserve():
-            waiter = self._waiters.popleft()
+        while self._waiters and self.budget.try_reserve(self._waiters[0][1]):
+            waiter, count = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
             else:
-                self.budget.release()
+                self.budget.release(count)
 
     def _log(self, status: str, waited_s: float) -> None:
         if self.on_wait is not None:

@@ -12,6 +12,7 @@ generation (``generation``), admission (``admission``). This class wires them to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
@@ -178,6 +179,26 @@ class Coordinator:
         finally:
             self.admission.release()
 
+    async def stream_choices(self, prompt_ids: list[int], params: GenerationParams, n: int,
+                             hold: bool = False
+                             ) -> AsyncIterator[tuple[int, Delta | Completion]]:
+        """``n`` choices of one prompt, as (choice, item) in arrival order. Choice i samples
+        with seed + i. The prompt is prefilled once and kept as a resident prefix; every
+        choice starts from a copy of its KV (``Generator.warm``), so n choices cost one
+        prefill, not n."""
+        prompt_ids = self.tokenize(prompt_ids)
+        self._check_request(prompt_ids, params)
+        await self.admission.reserve(len(prompt_ids), n)
+        try:
+            await self.generator.warm(prompt_ids, params.cache_salt)
+            runs = [self.generator.stream(
+                prompt_ids, dataclasses.replace(params, seed=(params.seed + i) % 2**32), hold)
+                for i in range(n)]
+            async for item in _merged(runs):
+                yield item
+        finally:
+            self.admission.release(n)
+
     def _check_request(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if not prompt_ids:
             raise InvalidInputError("the prompt is empty")
@@ -185,3 +206,34 @@ class Coordinator:
             raise InvalidInputError(f"token ids must be in [0, {self.tokenizer.n_vocab})")
         if params.max_tokens < 1:
             raise InvalidInputError("max_tokens must be >= 1")
+
+
+async def _merged(runs: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """Items of several iterators as they come, tagged with the iterator's index; the first
+    error ends them all."""
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+    done = object()
+
+    async def drain(i: int, run: AsyncIterator) -> None:
+        try:
+            async for item in run:
+                await queue.put((i, item, None))
+            await queue.put((i, done, None))
+        except Exception as exc:
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.create_task(drain(i, run)) for i, run in enumerate(runs)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                left -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -23,6 +23,7 @@ from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.links import StageUnavailableError
 from mesh.coordinator.pacer import DecodePacer
+from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS
 from mesh.coordinator.prefixes import PrefixProtocol
 from mesh.coordinator.sessions import Sessions, StageError
 from mesh.coordinator.text import TextAssembler
@@ -133,6 +134,32 @@ class Generator:
                 log.warning("request_retry", attempt=attempt + 1, code=exc.code)
                 await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
                 attempt += 1
+
+    async def warm(self, prompt_ids: list[int], salt: bytes, timeout_s: float = 60.0) -> int:
+        """Prefill all but the prompt's last token once and keep it as a resident prefix, so
+        that several sessions of this prompt (choices) start from it instead of each
+        prefilling it; returns the tokens kept (0: too short, or no prefix cache)."""
+        keep = prompt_ids[:-1]
+        if self.prefixes.index is None or len(keep) < MIN_REUSE_TOKENS:
+            return 0
+        best = self.prefixes.index.matches(prompt_ids, salt, limit=1)
+        if best and best[0][1] == len(keep):
+            return len(keep)  # already resident
+        await self._whole_chain(time.monotonic() + self.retry_wait_s)
+        session, _ = self.sessions.open()
+        try:
+            chunk = min(self.prefill_chunk, *(link.info["max_tokens"] for link in self.chain.links))
+            for start in range(0, len(keep), chunk):
+                self._send_work(wire.PREFILL, session, start, keep[start:start + chunk])
+        finally:
+            self.sessions.close(session)
+            done = self.prefixes.stop(session, keep, salt)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout_s)
+        except TimeoutError:
+            return 0
+        best = self.prefixes.index.matches(prompt_ids, salt, limit=1)
+        return best[0][1] if best else 0
 
     async def _held(self, prompt_ids: list[int], params: GenerationParams
                     ) -> AsyncIterator[Delta | Completion]:

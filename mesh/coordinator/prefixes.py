@@ -103,8 +103,10 @@ class PrefixProtocol:
                 placed[by_stage[msg["stage"]]] = msg["n"]
         return placed
 
-    def stop(self, session: int, keep_prompt: list[int] | None, salt: bytes) -> None:
-        """End ``session`` on every stage; a completed one keeps its prompt as a prefix.
+    def stop(self, session: int, keep_prompt: list[int] | None, salt: bytes
+             ) -> asyncio.Future | None:
+        """End ``session`` on every stage; a completed one keeps its prompt as a prefix (the
+        returned future is done once the final stage says whether it did).
 
         The Stop walks the chain behind any frames still in flight, so ordering is kept.
         """
@@ -125,6 +127,7 @@ class PrefixProtocol:
                                 keep=keep, prefix_id=pid, epoch=link.epoch,
                                 tokens=fr.pack_tokens(keep_prompt) if first else None,
                                 salt=salt if first else None))
+        return self._pending[session].done if keep else None
 
     def stopped(self, msg: dict[str, Any]) -> None:
         """The final stage's Stopped: the record now exists on every stage (or none)."""
