@@ -251,8 +251,9 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
             lp = (_logprobs(lp_format.trim(logprobs, result.text), chat, body, 0)
                   if logprobs else None)
             return _full_response(rid, created, settings.model_id, [(result, lp)], chat)
-        return EventSourceResponse(_sse(stream, first, rid, created, chat, body, endpoint),
-                                   ping=15, send_timeout=STREAM_SEND_TIMEOUT_S)
+        return EventSourceResponse(
+            _sse_choices(_indexed(stream), None if first is None else (0, first), rid, created,
+                         chat, body, endpoint), ping=15, send_timeout=STREAM_SEND_TIMEOUT_S)
 
     async def _respond_choices(body, prompt_ids, params, chat: bool, endpoint: str):
         """Several choices of one prompt (``n``): one prefill, a session per choice."""
@@ -290,6 +291,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
              if entries[i] else None) for i in range(body.n)], chat)
 
     async def _sse_choices(stream, first, rid, created, chat, body, endpoint):
+        """Server-sent events for ``(choice, item)`` pairs, ``first`` already taken."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         offsets = [0] * body.n
         finished: list[Completion] = []
@@ -331,41 +333,11 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         finally:
             await stream.aclose()
 
-    async def _sse(stream, first, rid, created, chat, body, endpoint):
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        offset = 0  # where the next token's text starts in the answer (text_offset)
+    async def _indexed(stream):
+        """A single request's items as choice 0 of ``_sse_choices``."""
         try:
-            if chat:
-                yield json.dumps(_chunk(rid, created, settings.model_id, obj,
-                                        {"role": "assistant", "content": ""}, None, chat))
-            item = first
-            while item is not None:
-                if isinstance(item, Delta):
-                    payload = {"content": item.text} if chat else item.text
-                    lp = _logprobs(item.logprobs, chat, body, offset)
-                    offset += sum(len(e["text"]) for e in item.logprobs)
-                    yield json.dumps(_chunk(rid, created, settings.model_id, obj, payload, None,
-                                            chat, lp))
-                elif isinstance(item, Completion):
-                    empty = {} if chat else ""
-                    yield json.dumps(_chunk(rid, created, settings.model_id, obj, empty,
-                                            item.finish_reason, chat))
-                    if include_usage:
-                        yield json.dumps({"id": rid, "object": obj, "created": created,
-                                          "model": settings.model_id, "choices": [],
-                                          "usage": item.usage})
-                    metrics.request(endpoint, None, item)
-                item = await anext(stream, None)
-            yield "[DONE]"
-        except asyncio.CancelledError:
-            metrics.request(endpoint, "cancelled")
-            raise
-        except Exception as exc:
-            metrics.request(endpoint, exc)
-            response = error_response(exc)
-            yield response.body.decode()
-            yield "[DONE]"
+            async for item in stream:
+                yield 0, item
         finally:
             await stream.aclose()
 
