@@ -324,3 +324,29 @@ def test_n_choices_share_one_prefill_and_count_the_prompt_once(client, api):
     alone = client.chat.completions.create(model="m", messages=CHAT, max_tokens=8,
                                            temperature=0).choices[0].message.content
     assert texts == [alone, alone]
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"],
+    "properties": {"city": {"type": "string", "maxLength": 16}}}}}]
+
+
+@pytest.mark.gemma
+def test_a_required_tool_call_comes_back_as_typed_tool_calls(client):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        out = client.chat.completions.create(model="m", messages=messages, tools=WEATHER,
+                                             tool_choice=choice, max_tokens=64, temperature=0)
+        assert out.choices[0].finish_reason == "tool_calls"
+        call = out.choices[0].message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+    chunks = list(client.chat.completions.create(
+        model="m", messages=messages, tools=WEATHER, tool_choice="required", max_tokens=64,
+        temperature=0, stream=True))
+    calls = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls
+             for tc in c.choices[0].delta.tool_calls]
+    assert [tc.function.name for tc in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == json.loads(call.function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert all(not (c.choices and c.choices[0].delta.content) for c in chunks)

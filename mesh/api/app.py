@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 
 from mesh.api import logprobs as lp_format
+from mesh.api import tools as tool_calls
 from mesh.api.chat import ChatRenderer
 from mesh.api.metrics import ApiMetrics
 from mesh.api.schemas import ChatRequest, CompletionRequest
@@ -250,7 +251,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
             metrics.request(endpoint, None, result)
             lp = (_logprobs(lp_format.trim(logprobs, result.text), chat, body, 0)
                   if logprobs else None)
-            return _full_response(rid, created, settings.model_id, [(result, lp)], chat)
+            return _full_response(rid, created, settings.model_id, [(result, lp)], chat,
+                                  _tools(body))
         return EventSourceResponse(
             _sse_choices(_indexed(stream), None if first is None else (0, first), rid, created,
                          chat, body, endpoint), ping=15, send_timeout=STREAM_SEND_TIMEOUT_S)
@@ -288,7 +290,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
             metrics.request(endpoint, None, result)
         return _full_response(rid, created, settings.model_id, [
             (results[i], _logprobs(lp_format.trim(entries[i], results[i].text), chat, body, 0)
-             if entries[i] else None) for i in range(body.n)], chat)
+             if entries[i] else None) for i in range(body.n)], chat, _tools(body))
 
     async def _sse_choices(stream, first, rid, created, chat, body, endpoint):
         """Server-sent events for ``(choice, item)`` pairs, ``first`` already taken."""
@@ -296,6 +298,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         offsets = [0] * body.n
         finished: list[Completion] = []
         model = settings.model_id
+        tools = _tools(body)
+        held = [tool_calls.ToolStream() for _ in range(body.n)] if tools else None
         try:
             if chat:
                 for i in range(body.n):
@@ -308,14 +312,23 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
                 if isinstance(got, Delta):
                     lp = _logprobs(got.logprobs, chat, body, offsets[index])
                     offsets[index] += sum(len(e["text"]) for e in got.logprobs)
-                    payload = {"content": got.text} if chat else got.text
+                    text = held[index].add(got.text) if held else got.text
+                    payload = {"content": text} if chat else text
                     yield json.dumps(_chunk(rid, created, model, obj, payload, None, chat, lp,
                                             index))
                 else:
                     finished.append(got)
                     metrics.request(endpoint, None, got)
+                    finish = got.finish_reason
+                    if held and held[index].holding:  # a call, or text that only looked like one
+                        content, calls = tool_calls.parse(held[index].text, tools)
+                        delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                                 if calls else {"content": content})
+                        finish = "tool_calls" if calls else finish
+                        yield json.dumps(_chunk(rid, created, model, obj, delta, None, chat,
+                                                index=index))
                     yield json.dumps(_chunk(rid, created, model, obj, {} if chat else "",
-                                            got.finish_reason, chat, index=index))
+                                            finish, chat, index=index))
                 item = await anext(stream, None)
             if body.stream_options and body.stream_options.include_usage:
                 usage = _full_response(rid, created, model, [(r, None) for r in finished],
@@ -332,6 +345,9 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
             yield "[DONE]"
         finally:
             await stream.aclose()
+
+    def _tools(body) -> list[dict[str, Any]] | None:
+        return body.callable_tools() if isinstance(body, ChatRequest) else None
 
     async def _indexed(stream):
         """A single request's items as choice 0 of ``_sse_choices``."""
@@ -362,16 +378,23 @@ def _chunk(rid, created, model, obj, payload, finish, chat, logprobs=None, index
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
 
-def _choice(index: int, result: Completion, chat: bool, logprobs) -> dict:
+def _choice(index: int, result: Completion, chat: bool, logprobs, tools=None) -> dict:
     if chat:
-        return {"index": index, "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason, "logprobs": logprobs}
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        finish = result.finish_reason
+        if tools:
+            content, calls = tool_calls.parse(result.text, tools)
+            if calls:
+                message, finish = ({"role": "assistant", "content": content,
+                                    "tool_calls": calls}, "tool_calls")
+        return {"index": index, "message": message, "finish_reason": finish,
+                "logprobs": logprobs}
     return {"index": index, "text": result.text, "finish_reason": result.finish_reason,
             "logprobs": logprobs}
 
 
-def _full_response(rid, created, model, results: list[tuple[Completion, Any]], chat: bool
-                   ) -> dict:
+def _full_response(rid, created, model, results: list[tuple[Completion, Any]], chat: bool,
+                   tools=None) -> dict:
     """One response with a choice per (result, logprobs); the prompt counts once in usage."""
     usage = dict(results[0][0].usage)
     completion = sum(len(result.token_ids) for result, _ in results)
@@ -379,7 +402,8 @@ def _full_response(rid, created, model, results: list[tuple[Completion, Any]], c
     usage["total_tokens"] = usage["prompt_tokens"] + completion
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": model, "usage": usage,
-            "choices": [_choice(i, result, chat, lp) for i, (result, lp) in enumerate(results)]}
+            "choices": [_choice(i, result, chat, lp, tools)
+                        for i, (result, lp) in enumerate(results)]}
 
 
 def _curl_line(base_url: str, key: str | None) -> str:

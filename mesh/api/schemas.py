@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mesh.api.structured import grammar_for
+from mesh.api.tools import forced_grammar
 from mesh.coordinator.coordinator import GenerationParams
 from mesh.errors import ContextLengthError, InvalidInputError
 
@@ -147,11 +149,22 @@ class ChatRequest(_Sampling):
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
 
+    def callable_tools(self) -> list[dict[str, Any]] | None:
+        """The tools whose calls are parsed out of the answer (none with tool_choice none)."""
+        return self.tools if self.tools and self.tool_choice != "none" else None
+
     def generation_params(self, extra_stops: list[str], add_special: bool = False,
                           default_max: int = 512, logprobs: int = 0,
                           cache_salt: bytes = b"") -> GenerationParams:
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         n_logprobs = (self.top_logprobs or 1) if self.logprobs else 0
-        return super().generation_params(extra_stops, add_special, default_max, n_logprobs,
-                                         cache_salt)
+        params = super().generation_params(extra_stops, add_special, default_max, n_logprobs,
+                                           cache_salt)
+        forced = forced_grammar(self.tools or [], self.tool_choice)
+        if forced is None:
+            return params
+        if params.grammar is not None:
+            raise InvalidInputError("response_format and a required tool_choice exclude each "
+                                    "other")
+        return dataclasses.replace(params, grammar=forced)
