@@ -227,3 +227,22 @@ def test_a_stage_drops_sessions_its_owner_left_out_of_two_lists_in_a_row(tiny_ll
             _wait(lambda: owner.ping()["sessions"] == 1, 5, "session 1 dropped")
             owner.send(owner.work(fr.DECODE, 2, len(PROMPT), [5]))
             assert owner.recv()["kind"] == fr.TOKEN  # the listed one still decodes
+
+
+def test_slow_links_cost_latency_and_are_not_taken_for_failures(tiny_llama, tmp_path):
+    from tests.linkdelay import DelayedLink
+
+    delay_ms = 40.0  # one way, on every hop: 3 hops a token
+    with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=256) as mesh:
+        ports = [int(url.rsplit(":", 1)[1]) for url in mesh.urls]
+        with DelayedLink("127.0.0.1", ports[0], delay_ms) as first, \
+                DelayedLink("127.0.0.1", ports[1], delay_ms) as second:
+            async def body(coord: Coordinator):
+                t0 = time.monotonic()
+                done = await coord.complete(PROMPT, GenerationParams(max_tokens=40))
+                return done, time.monotonic() - t0, coord.generator.retries
+
+            done, seconds, retries = with_coordinator(tiny_llama, [first.url, second.url], body)
+    steps = len(done.token_ids)
+    assert steps == 40 and retries == 0  # 3+ s of generation, no stage or link "down"
+    assert seconds >= steps * 3 * delay_ms / 1e3
