@@ -55,12 +55,25 @@ def test_text_before_a_hermes_call_is_the_content():
     assert content == "Let me check." and len(calls) == 1
 
 
+def _streamed(pieces):
+    stream = ToolStream()
+    shown = [stream.add(p) for p in pieces]
+    rest, calls = stream.finish(TOOLS)
+    return shown, rest, calls
+
+
 def test_streams_hold_back_only_what_may_become_a_call():
-    plain = ToolStream()
-    assert plain.add("Sun") == "Sun" and plain.add("ny") == "ny" and not plain.holding
-    call = ToolStream()
-    assert call.add(" ") == "" and call.add("<tool_") == "" and call.add("call>{") == ""
-    assert call.holding and call.text == " <tool_call>{"
+    shown, rest, calls = _streamed(["Sun", "ny <", "b>"])
+    assert shown == ["Sun", "ny ", "<b>"] and rest == "" and calls == []
+    shown, rest, calls = _streamed([" ", "<tool_", "call>", RECORDED["qwen2.5"][11:]])
+    assert "".join(shown) == "" and rest == "" and len(calls) == 1
+    # Text first, then a Hermes call: the text streams, the call comes back as a call.
+    pieces = ["Let me ", "check. <tool", "_call>", RECORDED["qwen2.5"][11:]]
+    shown, rest, calls = _streamed(pieces)
+    assert "".join(shown) == "Let me check. " and calls[0]["function"]["name"] == "get_weather"
+    # Looked like a call, was not: everything held comes out at the end.
+    shown, rest, calls = _streamed(["{", "\"city\": 1}"])
+    assert "".join(shown) == "" and rest == '{"city": 1}' and calls == []
 
 
 def test_a_required_tool_choice_is_a_grammar_the_final_stage_takes():

@@ -320,10 +320,10 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
                     finished.append(got)
                     metrics.request(endpoint, None, got)
                     finish = got.finish_reason
-                    if held and held[index].holding:  # a call, or text that only looked like one
-                        content, calls = tool_calls.parse(held[index].text, tools)
+                    rest, calls = held[index].finish(tools) if held else ("", [])
+                    if calls or rest:  # the calls, or held text that was no call after all
                         delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
-                                 if calls else {"content": content})
+                                 if calls else {"content": rest})
                         finish = "tool_calls" if calls else finish
                         yield json.dumps(_chunk(rid, created, model, obj, delta, None, chat,
                                                 index=index))

@@ -115,20 +115,49 @@ def forced_grammar(tools: list[dict[str, Any]], choice: Any) -> str | None:
 
 
 class ToolStream:
-    """Streamed text of an answer that may be a tool call: held back while it may still
-    become one, passed through as soon as it cannot."""
+    """Streamed text of an answer that may hold tool calls. Text streams through, except what
+    may be part of a call: an answer that opens like a JSON call, or anything from a Hermes or
+    Mistral marker on (and a tail that may be the start of one). ``finish`` says what is left:
+    the calls, or the held text if it was no call after all."""
 
     def __init__(self) -> None:
         self.text = ""
-        self.holding = True
+        self._sent = 0
+        self._call_at: int | None = None
 
     def add(self, text: str) -> str:
         """What may be streamed now of the text so far."""
         self.text += text
-        if not self.holding:
-            return text
-        head = self.text.lstrip()
-        if not head or any(m.startswith(head) or head.startswith(m) for m in _MARKERS):
-            return ""
-        self.holding = False
-        return self.text
+        if self._call_at is None:
+            head = self.text.lstrip()
+            if self._sent == 0 and (not head or any(m.startswith(head) or head.startswith(m)
+                                                    for m in _MARKERS)):
+                return ""  # it opens like a call (or has not opened yet)
+            found = [i for i in (self.text.find(m, self._sent) for m in _INLINE) if i >= 0]
+            if found:
+                self._call_at = min(found)
+                return self._emit(self._call_at)
+            return self._emit(len(self.text) - _partial_marker(self.text))
+        return ""
+
+    def finish(self, tools: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+        """(text still to stream, tool calls) once the answer is complete."""
+        start = self._call_at if self._call_at is not None else self._sent
+        _, calls = parse(self.text[start:], tools)
+        if calls:
+            return "", calls
+        return self._emit(len(self.text)), []
+
+    def _emit(self, upto: int) -> str:
+        out = self.text[self._sent:upto]
+        self._sent = max(self._sent, upto)
+        return out
+
+
+_INLINE = ("<tool_call>", "[TOOL_CALLS]")  # markers that may follow some text
+
+
+def _partial_marker(text: str) -> int:
+    """Length of the longest tail of ``text`` that may be the start of an inline marker."""
+    return max((k for m in _INLINE for k in range(1, len(m)) if text.endswith(m[:k])),
+               default=0)
