@@ -220,45 +220,10 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         return request.scope.get("state", {}).get("cache_salt", b"")
 
     async def _respond(body, prompt_ids: list[int], params: GenerationParams, chat: bool):
+        """``n`` choices (usually one) of one prompt: a session per choice, one prefill."""
         endpoint = "chat" if chat else "completions"
         body.check_limits(len(prompt_ids), coordinator.session_ctx,
                           coordinator.tokenizer.n_vocab)
-        if body.n > 1:
-            return await _respond_choices(body, prompt_ids, params, chat, endpoint)
-        stream = coordinator.stream(prompt_ids, params, hold=not body.stream)
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            first = None
-        except Exception as exc:
-            metrics.request(endpoint, exc)
-            await stream.aclose()
-            raise
-        rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
-        created = int(time.time())
-        if not body.stream:
-            result, logprobs = first, []
-            try:
-                item = first
-                while item is not None:
-                    if isinstance(item, Delta):
-                        logprobs += item.logprobs
-                    result = item
-                    item = await anext(stream, None)
-            except Exception as exc:
-                metrics.request(endpoint, exc)
-                raise
-            metrics.request(endpoint, None, result)
-            lp = (_logprobs(lp_format.trim(logprobs, result.text), chat, body, 0)
-                  if logprobs else None)
-            return _full_response(rid, created, settings.model_id, [(result, lp)], chat,
-                                  _tools(body))
-        return EventSourceResponse(
-            _sse_choices(_indexed(stream), None if first is None else (0, first), rid, created,
-                         chat, body, endpoint), ping=15, send_timeout=STREAM_SEND_TIMEOUT_S)
-
-    async def _respond_choices(body, prompt_ids, params, chat: bool, endpoint: str):
-        """Several choices of one prompt (``n``): one prefill, a session per choice."""
         stream = coordinator.stream_choices(prompt_ids, params, body.n, hold=not body.stream)
         rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
         created = int(time.time())
@@ -348,14 +313,6 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
 
     def _tools(body) -> list[dict[str, Any]] | None:
         return body.callable_tools() if isinstance(body, ChatRequest) else None
-
-    async def _indexed(stream):
-        """A single request's items as choice 0 of ``_sse_choices``."""
-        try:
-            async for item in stream:
-                yield 0, item
-        finally:
-            await stream.aclose()
 
     def _logprobs(entries: list[dict], chat: bool, body, offset: int) -> dict | None:
         if not entries:

@@ -1,6 +1,6 @@
 """The chain of stages as the coordinator sees it: links, handshakes, liveness.
 
-Paranoid-Pirate style: every ``HEARTBEAT_INTERVAL_S`` each stage is pinged. A stage silent for
+Paranoid-Pirate style: every ``HEARTBEAT_S`` each stage is pinged. A stage silent for
 ``DEAD_AFTER_S`` is down; a stage whose Pong carries a new epoch was restarted, however short the
 outage. Either way the sessions that went through it are lost (``on_lost``), and as soon as it
 answers it is handshaken again, with its upstream, which must learn the next stage's epoch.
@@ -26,11 +26,10 @@ from mesh.coordinator.links import HandshakeError, StageLink, StageUnavailableEr
 from mesh.errors import MeshError
 from mesh.logs import get_logger
 from mesh.transport.security import MeshKeys
+from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S
 
 log = get_logger("mesh.coordinator")
 
-HEARTBEAT_INTERVAL_S = 0.5
-DEAD_AFTER_S = 2.0
 REVIVE_TIMEOUT_S = 5.0
 CLOSE_LINGER_MS = 500  # what was posted last (Stops) gets this long to leave
 LIST_EVERY = 4  # every 4th ping (2 s) lists our live sessions, so lost Stops cost no slot
@@ -140,7 +139,7 @@ class Chain:
         for link in self.links:
             link.last_seen = max(link.last_seen, start)
         for beat in itertools.count(1):
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
             listed = (self.live_sessions() if self.live_sessions is not None
                       and beat % LIST_EVERY == 0 else None)

@@ -166,30 +166,28 @@ class Coordinator:
                      hold: bool = False) -> AsyncIterator[Delta | Completion]:
         """Yield Deltas as tokens arrive, then one Completion (all at the end with ``hold``:
         then a failure at any point re-runs the request, see ``generation``)."""
+        async for _, item in self.stream_choices(prompt, params, 1, hold):
+            yield item
+
+    async def stream_choices(self, prompt: str | list[int], params: GenerationParams, n: int,
+                             hold: bool = False
+                             ) -> AsyncIterator[tuple[int, Delta | Completion]]:
+        """``n`` choices of one prompt, as (choice, item) in arrival order. Choice i samples
+        with seed + i. With several, the prompt is prefilled once and kept as a resident
+        prefix; every choice starts from a copy of its KV (``Generator.warm``), so n choices
+        cost one prefill, not n."""
         if isinstance(prompt, str):  # a long prompt must not stall the event loop
             prompt_ids = await asyncio.get_running_loop().run_in_executor(
                 None, self.tokenize, prompt, params.add_special)
         else:
             prompt_ids = self.tokenize(prompt)
         self._check_request(prompt_ids, params)
-        await self.admission.reserve(len(prompt_ids))
-        try:
-            async for item in self.generator.stream(prompt_ids, params, hold):
-                yield item
-        finally:
-            self.admission.release()
-
-    async def stream_choices(self, prompt_ids: list[int], params: GenerationParams, n: int,
-                             hold: bool = False
-                             ) -> AsyncIterator[tuple[int, Delta | Completion]]:
-        """``n`` choices of one prompt, as (choice, item) in arrival order. Choice i samples
-        with seed + i. The prompt is prefilled once and kept as a resident prefix; every
-        choice starts from a copy of its KV (``Generator.warm``), so n choices cost one
-        prefill, not n."""
-        prompt_ids = self.tokenize(prompt_ids)
-        self._check_request(prompt_ids, params)
         await self.admission.reserve(len(prompt_ids), n)
         try:
+            if n == 1:
+                async for item in self.generator.stream(prompt_ids, params, hold):
+                    yield 0, item
+                return
             await self.generator.warm(prompt_ids, params.cache_salt)
             runs = [self.generator.stream(
                 prompt_ids, dataclasses.replace(params, seed=(params.seed + i) % 2**32), hold)

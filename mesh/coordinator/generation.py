@@ -148,7 +148,7 @@ class Generator:
         await self._whole_chain(time.monotonic() + self.retry_wait_s)
         session, _ = self.sessions.open()
         try:
-            chunk = min(self.prefill_chunk, *(link.info["max_tokens"] for link in self.chain.links))
+            chunk = self._chunk_size()
             for start in range(0, len(keep), chunk):
                 self._send_work(wire.PREFILL, session, start, keep[start:start + chunk])
         finally:
@@ -235,7 +235,7 @@ class Generator:
 
     def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams,
                       start_pos: int = 0) -> None:
-        chunk = min(self.prefill_chunk, *(link.info["max_tokens"] for link in self.chain.links))
+        chunk = self._chunk_size()
         for start in range(start_pos, len(prompt_ids), chunk):
             part = prompt_ids[start:start + chunk]
             if start + chunk >= len(prompt_ids):
@@ -245,6 +245,10 @@ class Generator:
                                 grammar=params.grammar.encode() if params.grammar else None)
             else:
                 self._send_work(wire.PREFILL, session, start, part)
+
+    def _chunk_size(self) -> int:
+        """Prompt tokens per frame: ours, unless a stage takes fewer at once."""
+        return min(self.prefill_chunk, *(link.info["max_tokens"] for link in self.chain.links))
 
     def _send_work(self, kind: str, session: int, pos: int, tokens: list[int], **extra) -> None:
         first = self.chain.first

@@ -51,17 +51,13 @@ class PrefixProtocol:
         prefix id does not hash from them, or that some stage lacks, is left out."""
         if self.index is None or not infos:
             return 0
-        width = wire.PREFIX_ID_BYTES
-        everywhere = set.intersection(*({entry[:width] for entry in info["records"]}
-                                        for info in infos))
+        everywhere = set.intersection(*({fr.unpack_record_entry(entry)[0]
+                                         for entry in info["records"]} for info in infos))
         restored = 0
         for entry in infos[0]["records"]:  # least recently used first, as the index ages
-            pid = entry[:width]
-            salt = entry[width + 1:width + 1 + entry[width]] if len(entry) > width else b""
-            body = entry[width + 1 + len(salt):]
-            if pid not in everywhere or len(entry) <= width or len(body) % 4:
+            pid, salt, tokens = fr.unpack_record_entry(entry)
+            if pid not in everywhere or tokens is None:
                 continue
-            tokens = fr.unpack_tokens(body).tolist()
             if prefix_id(self._chain.model_sha256, tokens, salt) == pid:
                 self.index.add(tokens, salt)
                 restored += 1

@@ -30,12 +30,11 @@ from mesh.transport import frames as fr
 from mesh.transport import wire
 from mesh.transport.security import MeshKeys
 from mesh.transport.sockets import dealer
+from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S
 
 log = get_logger("mesh.stage")
 
 FORWARDER_PREFIX = b"fwd-"  # routing ids of a stage's connections to the next stage
-PING_S = 0.5  # how often the next stage is pinged
-SILENT_S = 2.0  # silence after which the link counts as down (as the coordinator's DEAD_AFTER_S)
 PROBE_RESET_S = 1.0  # while silent, the probe reconnects this often
 
 
@@ -50,7 +49,7 @@ class Downstream:
         self._zctx, self._keys, self._poller, self._stage = zctx, keys, poller, stage
         self._pings = itertools.count(1)
         now = time.monotonic()
-        self.heard = now  # it has until now + SILENT_S to answer
+        self.heard = now  # it has until now + DEAD_AFTER_S to answer
         self._pinged = self._reset_at = 0.0
         self._lost = False
         self.data = self._connect()
@@ -83,7 +82,7 @@ class Downstream:
     def tick(self) -> None:
         """Ping when due; while silent, reconnect the probe."""
         now = time.monotonic()
-        if now - self.heard > SILENT_S:
+        if now - self.heard > DEAD_AFTER_S:
             if not self._lost:
                 log.warning("downstream_silent", stage=self._stage)
             self._lost = True
@@ -91,7 +90,7 @@ class Downstream:
                 self._reset_at = now
                 self.probe = self._replace(self.probe)
                 self._pinged = 0.0
-        if now - self._pinged >= PING_S:
+        if now - self._pinged >= HEARTBEAT_S:
             self._pinged = now
             try:
                 self.probe.send(fr.encode(wire.PING, nonce=next(self._pings), sessions=None),
@@ -106,7 +105,7 @@ class Downstream:
                 self._drain(sock)
 
     def _drain(self, sock: zmq.Socket) -> None:
-        for _ in range(256):
+        for _ in range(wire.MAX_FRAMES_PER_MESSAGE):  # then let the other sockets have a turn
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

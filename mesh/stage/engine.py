@@ -165,11 +165,12 @@ class StageEngine:
     def run_forever(self) -> None:
         while self._running:
             self._absorb(block=not len(self.scheduler))
-            self._drop_expired()
+            self._drop_orphans()
             if len(self.scheduler):
                 self.step()
 
-    def _drop_expired(self) -> None:
+    def _drop_orphans(self) -> None:
+        """Sessions whose owner's lease ran out, or that their owner no longer lists."""
         with self._cond:
             expired, self._expired = self._expired, []
             listed, self._listed = self._listed, []
@@ -246,7 +247,7 @@ class StageEngine:
             kv_used=rt.kv_used, kv_capacity=rt.kv_capacity, sessions=len(live),
             owners=frozenset(key[0] for key in live),
             records=len(self.cache), evicted_records=self.cache.evicted_records,
-            record_entries=tuple(self.cache.report()), decode_steps=self._decoded[0],
+            record_entries=self.cache.report(), decode_steps=self._decoded[0],
             decode_rows=self._decoded[1])
 
     # ---- performing a plan ------------------------------------------------------------------
@@ -343,10 +344,8 @@ class StageEngine:
         rt, msg = self.runtime, item.frame
         kept = freed = 0
         if msg["keep"] and item.record is not None and rt.has_session(item.key):
-            entry = msg["prefix_id"]
-            if msg["tokens"] is not None:  # the first stage remembers what the prefix holds
-                salt = msg["salt"] or b""
-                entry += bytes([len(salt)]) + salt + msg["tokens"]
+            # The first stage remembers what the prefix holds (its Stop carries tokens).
+            entry = fr.pack_record_entry(msg["prefix_id"], msg["salt"], msg["tokens"])
             kept = self.cache.keep(item.key, item.record, msg["keep"], entry)
         else:
             freed = rt.drop_session(item.key)

@@ -51,6 +51,7 @@ class PrefixCache:
         self.runtime = runtime
         self.max_records = max_records
         self._records: dict[bytes, _Record] = {}
+        self._report: tuple[bytes, ...] | None = None  # until the records change
         self.evicted_records = 0
 
     @property
@@ -71,10 +72,13 @@ class PrefixCache:
         return [PrefixRecord(id=r.record_id, tokens=r.tokens, last_use=r.last_use)
                 for r in self._records.values()]
 
-    def report(self) -> list[bytes]:
-        """The records, most recently used last, as StageInfo lists them (``protocol.md``)."""
-        by_use = sorted(self._records.values(), key=lambda r: r.last_use)
-        return [r.entry for r in by_use[-wire.MAX_RECORDS_REPORTED:]]
+    def report(self) -> tuple[bytes, ...]:
+        """The records, most recently used last, as StageInfo lists them (``protocol.md``);
+        kept until the records change, so publishing it after every step costs nothing."""
+        if self._report is None:
+            by_use = sorted(self._records.values(), key=lambda r: r.last_use)
+            self._report = tuple(r.entry for r in by_use[-wire.MAX_RECORDS_REPORTED:])
+        return self._report
 
     def keep(self, session: Hashable, record_id: bytes, n_tokens: int, entry: bytes) -> int:
         """Turn a finished session into a record of its first ``n_tokens``; returns tokens kept.
@@ -84,6 +88,7 @@ class PrefixCache:
             rt.drop_session(session)
             return 0
         existing = self._records.get(record_id)
+        self._report = None
         if existing is not None:  # already resident: refresh it, report it as kept
             existing.last_use = time.monotonic()
             rt.drop_session(session)
@@ -103,12 +108,14 @@ class PrefixCache:
         n = min(n_tokens, record.tokens)
         self.runtime.copy_prefix(record.key, session, n)
         record.last_use = time.monotonic()
+        self._report = None
         return n
 
     def take_over(self, session: Hashable, record_id: bytes, n_tokens: int) -> int:
         """Turn a record into the new ``session`` itself (no copy; the record leaves the cache),
         keeping its first ``n_tokens``: how a session reuses a prefix when no slot is free."""
         record = self._records.pop(record_id)
+        self._report = None
         self.runtime.rename_session(record.key, session)
         n = min(max(n_tokens, 0), record.tokens)
         self.runtime.trim_session(session, n)
@@ -119,6 +126,7 @@ class PrefixCache:
         record = self._records.pop(record_id, None)
         if record is None:
             return 0
+        self._report = None
         self.evicted_records += 1
         return self.runtime.drop_session(record.key)
 

@@ -129,7 +129,7 @@ class StageServer:
                     self._refuse(msg, refusal)
 
     def _accept(self, sender: bytes, role: str | None, payload: memoryview,
-                work: list[tuple[dict[str, Any], int, bytes]]) -> None:
+                work: list[tuple[dict[str, Any], int]]) -> None:
         try:
             msg = fr.decode(payload)
             kind = msg["kind"]

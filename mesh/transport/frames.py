@@ -277,6 +277,27 @@ def unpack_tokens(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i4")
 
 
+def pack_record_entry(prefix_id: bytes, salt: bytes | None, tokens: bytes | None) -> bytes:
+    """One ``StageInfo.records`` entry: the prefix id, then (first stage) what it holds."""
+    if tokens is None:
+        return prefix_id
+    salt = salt or b""
+    return prefix_id + bytes([len(salt)]) + salt + tokens
+
+
+def unpack_record_entry(entry: bytes) -> tuple[bytes, bytes, list[int] | None]:
+    """(prefix id, salt, token ids) of an entry; token ids None when it holds none (a later
+    stage's entry) or they do not parse."""
+    pid = entry[:PREFIX_ID_BYTES]
+    if len(entry) <= PREFIX_ID_BYTES:
+        return pid, b"", None
+    salt_end = PREFIX_ID_BYTES + 1 + entry[PREFIX_ID_BYTES]
+    body = entry[salt_end:]
+    if len(entry) < salt_end or len(body) % 4:
+        return pid, b"", None
+    return pid, entry[PREFIX_ID_BYTES + 1:salt_end], unpack_tokens(body).tolist()
+
+
 def pack_sessions(sessions) -> bytes:
     return np.asarray(sessions, dtype="<u8").tobytes()
 

@@ -18,6 +18,10 @@ MAX_SALT_BYTES = 255  # a cache salt (tenant) in a prefix id
 MAX_GRAMMAR_BYTES = 256 * 1024  # a GBNF grammar constraining sampling (structured output)
 MAX_RECORDS_REPORTED = 32  # prefix records a StageInfo lists (the most recently used)
 
+# ---- liveness (protocol.md, "Liveness, leases and deadlines") -----------------------------------
+HEARTBEAT_S = 0.5  # coordinators ping every stage, and stages the next stage, this often
+DEAD_AFTER_S = 2.0  # silence after which a stage, or the link to a stage, counts as down
+
 # ---- frame kinds ---------------------------------------------------------------------------
 # Work frames: run at a stage, then forwarded (or answered with a Token at the final stage).
 PREFILL = "PrefillEmbd"
