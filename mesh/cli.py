@@ -56,6 +56,26 @@ def _api_options(fn):
                              "only within a key.")(fn)
 
 
+def _speculation_options(fn):
+    from mesh.coordinator.speculation import DRAFT_MAX, SPECULATIVE_MODES
+    from mesh.transport.wire import MAX_DRAFT_TOKENS
+
+    fn = click.option("--draft-max", default=DRAFT_MAX, show_default=True,
+                      type=click.IntRange(1, MAX_DRAFT_TOKENS),
+                      help="Most drafted tokens in one verify window.")(fn)
+    return click.option("--speculative", default=SPECULATIVE_MODES[0], show_default=True,
+                        type=click.Choice(SPECULATIVE_MODES),
+                        help="Speculative decoding: draft tokens from the text so far (ngram) "
+                             "and verify them through the chain in one pass; never changes "
+                             "the output.")(fn)
+
+
+def _speculation(speculative: str, draft_max: int):
+    from mesh.coordinator.speculation import SpeculationConfig
+
+    return SpeculationConfig(mode=speculative, draft_max=draft_max)
+
+
 def _generation_options(fn):
     options = [
         click.option("--max-tokens", default=128, show_default=True),
@@ -81,9 +101,10 @@ def _generation_options(fn):
 @click.option("--connect-timeout", default=10.0, show_default=True,
               help="Seconds to wait for every stage's handshake.")
 @_secret_option
+@_speculation_options
 @_generation_options
-def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_file, max_tokens,
-             temperature, top_p, seed, stop, as_json) -> None:
+def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_file, speculative,
+             draft_max, max_tokens, temperature, top_p, seed, stop, as_json) -> None:
     """Raw-text completion through a running chain of stages."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.logs import configure
@@ -95,16 +116,19 @@ def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_
     try:
         path = resolve_model(model_spec)
         asyncio.run(_generate(path, list(stages), prompt, params, prefill_chunk, as_json,
-                              connect_timeout, _mesh_keys(secret_file)))
+                              connect_timeout, _mesh_keys(secret_file),
+                              _speculation(speculative, draft_max)))
     except MeshError as exc:
         _fail(str(exc))
 
 
 async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_chunk: int,
-                    as_json: bool, connect_timeout: float = 60.0, mesh_keys=None) -> None:
+                    as_json: bool, connect_timeout: float = 60.0, mesh_keys=None,
+                    speculation=None) -> None:
     from mesh.coordinator.coordinator import Completion, Coordinator
 
-    coord = Coordinator(path, stages, prefill_chunk=prefill_chunk, keys=mesh_keys)
+    coord = Coordinator(path, stages, prefill_chunk=prefill_chunk, keys=mesh_keys,
+                        **({"speculation": speculation} if speculation else {}))
     await coord.start(handshake_timeout_s=connect_timeout)
     try:
         result = None
@@ -118,6 +142,7 @@ async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_
                 "prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,
                 "text": result.text, "finish_reason": result.finish_reason,
                 "usage": result.usage, "timings": result.timings,
+                "speculation": result.speculation,
             }))
         else:
             click.echo("")
@@ -143,9 +168,10 @@ DEFAULT_MODEL_NOTE = (
 @click.option("--port", default=8000, show_default=True)
 @click.option("--prompt", default=None, help="Generate once and exit instead of serving.")
 @_api_options
+@_speculation_options
 @_generation_options
 def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, insecure,
-       max_tokens, temperature, top_p, seed, stop, as_json) -> None:
+       speculative, draft_max, max_tokens, temperature, top_p, seed, stop, as_json) -> None:
     """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.launcher import LocalMesh, balanced_split, even_split
@@ -173,6 +199,7 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
     secret = log_dir / "mesh.secret"  # this chain's own: only its members talk to its stages
     write_secret(secret)
     mesh_keys = _mesh_keys(str(secret))
+    speculation = _speculation(speculative, draft_max)
     with LocalMesh(str(path), ranges, log_dir, ctx=ctx, slots=slots, threads=threads,
                    secret=secret) as local:
         click.echo(f"stages: {' '.join(local.urls)} (logs in {log_dir})", err=True)
@@ -181,10 +208,10 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
                 params = GenerationParams(max_tokens=max_tokens, temperature=temperature,
                                           top_p=top_p, seed=seed, stop=tuple(stop))
                 asyncio.run(_generate(path, local.urls, prompt, params, 256, as_json,
-                                      mesh_keys=mesh_keys))
+                                      mesh_keys=mesh_keys, speculation=speculation))
             else:
                 _serve(path, local.urls, host, port, announce=True, api_keys=api_keys,
-                       mesh_keys=mesh_keys)
+                       mesh_keys=mesh_keys, speculation=speculation)
         except MeshError as exc:
             local.check_running()
             _fail(str(exc))
@@ -210,8 +237,9 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
                    "back before it is answered 503.")
 @_api_options
 @_secret_option
+@_speculation_options
 def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys, insecure,
-          secret_file) -> None:
+          secret_file, speculative, draft_max) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
     from mesh.models import resolve_model
@@ -221,18 +249,20 @@ def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys,
     try:
         _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
                decode_groups=decode_groups, api_keys=api_keys,
-               mesh_keys=_mesh_keys(secret_file), retry_wait_s=retry_wait_s)
+               mesh_keys=_mesh_keys(secret_file), retry_wait_s=retry_wait_s,
+               speculation=_speculation(speculative, draft_max))
     except MeshError as exc:
         _fail(str(exc))
 
 
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
            decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None,
-           retry_wait_s: float = 30.0) -> None:
+           retry_wait_s: float = 30.0, speculation=None) -> None:
     from mesh.api.app import run_server
 
     run_server(path, stages, host, port, announce=announce, decode_groups=decode_groups,
-               api_keys=api_keys, mesh_keys=mesh_keys, retry_wait_s=retry_wait_s)
+               api_keys=api_keys, mesh_keys=mesh_keys, retry_wait_s=retry_wait_s,
+               speculation=speculation)
 
 
 @main.command()

@@ -53,6 +53,8 @@ class RawPeer:
     def work(self, kind: str, session: int, pos: int, tokens=None, embd: bytes | None = None,
              n: int | None = None, origin: bytes | None = None, **extra) -> bytes:
         n = n if n is not None else len(tokens)
+        if kind == fr.DECODE:
+            extra.setdefault("draft", None)
         return fr.encode(kind, session=session, origin=origin or self.identity,
                          epoch=extra.pop("epoch", self.epoch), pos=pos, n=n,
                          tokens=None if tokens is None else fr.pack_tokens(tokens), embd=embd,

@@ -146,10 +146,10 @@ def test_session_errors_go_to_the_owner_and_leave_others_alone(gemma_path, mesh2
                                sampling={}, history=None, grammar=None)
         reply = peer.ask(wrong_size)
         assert reply["code"] == "bad_shape" and reply["session"] == 1
-        unknown = peer.work(fr.DECODE, 99, 5, embd=np.zeros((1, 640), "<f4").tobytes(), n=1)
+        unknown = peer.work(fr.DECODE, 99, 5, [5], embd=np.zeros((1, 640), "<f4").tobytes())
         reply = peer.ask(unknown)
         assert reply["code"] == "unknown_session" and reply["session"] == 99
-        stale = peer.work(fr.DECODE, 98, 0, embd=np.zeros((1, 640), "<f4").tobytes(), n=1,
+        stale = peer.work(fr.DECODE, 98, 0, [5], embd=np.zeros((1, 640), "<f4").tobytes(),
                           epoch=peer.epoch + 1)
         reply = peer.ask(stale)  # meant for another process of this stage
         assert reply["code"] == "stale_epoch" and reply["session"] == 98

@@ -49,9 +49,10 @@ def _frame(body: dict) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-WORK = {"v": fr.PROTOCOL_VERSION, "kind": "Decode", "session": 1, "origin": b"c", "epoch": 3,
-        "pos": 0, "n": 1,
-        "tokens": b"\0\0\0\0", "embd": None}
+WORK = {"v": fr.PROTOCOL_VERSION, "kind": "PrefillEmbd", "session": 1, "origin": b"c",
+        "epoch": 3, "pos": 0, "n": 1, "tokens": b"\0\0\0\0", "embd": None}
+DECODE = {**WORK, "kind": "Decode", "draft": None}
+WINDOW = {**DECODE, "n": 3, "tokens": b"\1\0\0\0" * 3, "draft": b"\1\0\0\0" * 2}
 
 
 @pytest.mark.parametrize(
@@ -69,7 +70,7 @@ WORK = {"v": fr.PROTOCOL_VERSION, "kind": "Decode", "session": 1, "origin": b"c"
         (_frame({k: v for k, v in WORK.items() if k != "pos"}), "bad_field"),
         (_frame({**WORK, "pos": "zero"}), "bad_field"),
         (_frame({**WORK, "pos": True}), "bad_field"),
-        (_frame({**WORK, "n": 2, "tokens": b"\0" * 8}), "bad_field"),
+        (_frame({**DECODE, "n": 2, "tokens": b"\0" * 8}), "bad_field"),
         (_frame({**WORK, "tokens": b"\0" * 3}), "bad_shape"),
         (_frame({**WORK, "embd": b"\0" * 4}), "bad_field"),
         (_frame({**WORK, "tokens": None, "embd": b"\0" * 6}), "bad_shape"),
@@ -88,6 +89,13 @@ WORK = {"v": fr.PROTOCOL_VERSION, "kind": "Decode", "session": 1, "origin": b"c"
                  "sampling": {"top_p": 1.5}}), "bad_field"),
         (_frame({"v": fr.PROTOCOL_VERSION, "kind": "Token", "session": 1, "pos": 1, "token": 1,
                  "logprob": None, "top": [[1, 0.5]] * 21}), "bad_field"),
+        (_frame({k: v for k, v in DECODE.items() if k != "draft"}), "bad_field"),
+        (_frame({**DECODE, "tokens": None, "embd": b"\0" * 8}), "bad_field"),
+        (_frame({**WINDOW, "draft": None}), "bad_field"),
+        (_frame({**WINDOW, "draft": b"\1\0\0\0"}), "bad_shape"),
+        (_frame({**WINDOW, "draft": b"\1\0\0\0" * 4}), "bad_shape"),
+        (_frame({**DECODE, "draft": b""}), "bad_shape"),
+        (_frame({**WINDOW, "n": 18, "tokens": b"\0" * 72, "draft": b"\0" * 68}), "bad_field"),
     ],
 )
 def test_malformed_frames_get_their_error_code(raw, code):
@@ -155,3 +163,9 @@ def test_random_maps_are_accepted_or_rejected_cleanly(body):
     except fr.ProtocolError:
         return
     assert msg["kind"] in fr.SCHEMA
+
+
+@pytest.mark.parametrize("draft", [2, 3])
+def test_a_verify_window_carries_its_tokens_and_a_draft_to_every_stage(draft):
+    msg = fr.decode(_frame({**WINDOW, "draft": b"\1\0\0\0" * draft, "embd": b"\0" * 24}))
+    assert msg["n"] == 3 and len(msg["draft"]) == 4 * draft and msg["embd"] is not None

@@ -374,11 +374,12 @@ def _curl_line(base_url: str, key: str | None) -> str:
 
 def run_server(path: Path, stages: list[str], host: str, port: int, announce: bool,
                decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None,
-               retry_wait_s: float = 30.0) -> None:
+               retry_wait_s: float = 30.0, speculation=None) -> None:
     import uvicorn
 
     coordinator = Coordinator(path, stages, decode_groups=decode_groups, keys=mesh_keys,
-                              retry_wait_s=retry_wait_s)
+                              retry_wait_s=retry_wait_s,
+                              **({"speculation": speculation} if speculation else {}))
     settings = ApiSettings(model_id=path.stem, api_keys=api_keys,
                            announce_url=f"http://{host}:{port}" if announce else None)
     app = create_app(settings, coordinator)

@@ -57,6 +57,13 @@ class ApiMetrics:
                              ["stage"], registry=r)
         self.decode_rows = Gauge("mesh_stage_decode_rows", "Decode rows run, since the stage "
                                  "started (rows / steps: the mean batch)", ["stage"], registry=r)
+        self.speculation = {
+            name: Gauge(f"mesh_speculative_{name}", help_text, registry=r)
+            for name, help_text in (
+                ("windows", "Verify windows with drafted tokens that came back, since start"),
+                ("drafted", "Drafted tokens verify windows checked, since start"),
+                ("accepted", "Drafted tokens the model sampled too, since start (accepted / "
+                             "drafted: the acceptance rate)"))}
 
     def request(self, endpoint: str, error, result: Completion | None = None) -> None:
         if error is None:
@@ -76,6 +83,8 @@ class ApiMetrics:
             self.queue_depth.set(admission.queue_depth)
         if self._coord.generator is not None:
             self.retried.set(self._coord.generator.retries)
+            for name, value in self._coord.generator.speculated.as_dict().items():
+                self.speculation[name].set(value)
         for link in self._coord.links:
             label = str(link.index)
             self.stage_up.labels(label).set(1 if link.alive else 0)

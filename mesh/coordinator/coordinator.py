@@ -35,6 +35,7 @@ from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import PrefixIndex
 from mesh.coordinator.prefixes import PrefixProtocol
 from mesh.coordinator.sessions import Sessions, StageError  # noqa: F401  (re-exported)
+from mesh.coordinator.speculation import SpeculationConfig
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import InvalidInputError, MeshError
 from mesh.logs import get_logger
@@ -49,7 +50,8 @@ class Coordinator:
     def __init__(self, model_path: Path, stage_urls: list[str], *,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
                  prefix_cache: bool = True, decode_groups: int = 1,
-                 keys: MeshKeys | None = None, retry_wait_s: float = RETRY_WAIT_S):
+                 keys: MeshKeys | None = None, retry_wait_s: float = RETRY_WAIT_S,
+                 speculation: SpeculationConfig = SpeculationConfig()):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
@@ -66,6 +68,7 @@ class Coordinator:
         self.prefixes: PrefixProtocol | None = None
         self.generator: Generator | None = None
         self._settings = (prefill_chunk, admission_wait_s, prefix_cache, retry_wait_s)
+        self.speculation = speculation
         self.wait_observer = None  # set by the API's metrics
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -85,7 +88,8 @@ class Coordinator:
         self.admission = Admission(self.chain.slots, self.chain.session_ctx, admission_wait_s,
                                    on_wait=self.wait_observer)
         self.generator = Generator(self.chain, self.sessions, self.prefixes, self.pacer,
-                                   self.tokenizer, self.admission, prefill_chunk, retry_wait_s)
+                                   self.tokenizer, self.admission, prefill_chunk, retry_wait_s,
+                                   self.speculation)
         log.info("coordinator_ready", stages=len(self.links), n_layer=self.chain.n_layer,
                  restored_prefixes=restored)
 

@@ -26,6 +26,7 @@ from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS
 from mesh.coordinator.prefixes import PrefixProtocol
 from mesh.coordinator.sessions import Sessions, StageError
+from mesh.coordinator.speculation import SpeculationConfig, SpeculationStats, Speculator, Window
 from mesh.coordinator.text import TextAssembler
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import MeshError
@@ -82,6 +83,7 @@ class Completion:
     cached_tokens: int
     timings: dict[str, float]
     retries: int = 0  # times the chain failed before anything streamed and the request re-ran
+    speculation: dict[str, int] = field(default_factory=dict)  # verify windows, drafted, accepted
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -98,7 +100,8 @@ def retryable(exc: BaseException) -> bool:
 class Generator:
     def __init__(self, chain: Chain, sessions: Sessions, prefixes: PrefixProtocol,
                  pacer: DecodePacer, tokenizer: Tokenizer, admission: Admission,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, retry_wait_s: float = RETRY_WAIT_S):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, retry_wait_s: float = RETRY_WAIT_S,
+                 speculation: SpeculationConfig = SpeculationConfig()):
         self.chain = chain
         self.sessions = sessions
         self.prefixes = prefixes
@@ -108,6 +111,8 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.retry_wait_s = retry_wait_s
         self.retries = 0  # requests re-run since start, for metrics
+        self.speculation = speculation
+        self.speculated = SpeculationStats()  # every request's windows, for metrics
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams, hold: bool = False
                      ) -> AsyncIterator[Delta | Completion]:
@@ -185,14 +190,18 @@ class Generator:
         finish = "length"
         t_first = None
         completed = False
+        spec = Speculator(self.speculation, prompt_ids, *self._window_limits())
         try:
             cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt)
             self._send_prefill(session, prompt_ids, params, cached)
-            pos = len(prompt_ids)
             budget = self.admission.max_new_tokens(len(prompt_ids), params.max_tokens)
             while len(token_ids) < budget:
                 msg = await Sessions.next(inbox)
+                if not spec.awaited(msg["pos"]):
+                    log.warning("token_unexpected", session_pos=msg["pos"])
+                    continue
                 token = msg["token"]
+                spec.take(token)
                 if t_first is None:
                     t_first = time.perf_counter()
                 if self.tokenizer.is_eog(token):
@@ -202,10 +211,15 @@ class Generator:
                 text, stopped = text_out.add(token)
                 if not stopped and len(token_ids) < budget:
                     # The next step is queued before this token is handed on: the stages
-                    # compute while the caller streams, and the pacer sends it with its group.
-                    self.pacer.ready(session, functools.partial(
-                        self._send_work, wire.DECODE, session, pos, [token]))
-                    pos += 1
+                    # compute while the caller streams, and the pacer sends it with its group
+                    # (more windows of a session already in flight leave at once).
+                    first = not spec.in_flight
+                    windows = spec.next_windows(budget - len(token_ids), self._speculate())
+                    if windows and first:
+                        self.pacer.ready(session, functools.partial(
+                            self._send_windows, session, windows))
+                    elif windows:
+                        self._send_windows(session, windows)
                 logprobs = []
                 if params.logprobs:
                     logprobs = [{"token": token, "text": text_out.last,
@@ -225,6 +239,7 @@ class Generator:
             yield Completion(
                 prompt_token_ids=prompt_ids, token_ids=token_ids, text=text_out.text,
                 finish_reason=finish, cached_tokens=cached,
+                speculation=spec.stats.as_dict(),
                 timings={"prompt_ms": 1e3 * (t_first - t0), "decode_ms": 1e3 * (t_end - t_first),
                          "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
                          "total_ms": 1e3 * (t_end - t0)})
@@ -232,6 +247,26 @@ class Generator:
             self.sessions.close(session)
             self.pacer.forget(session)
             self.prefixes.stop(session, prompt_ids if completed else None, params.cache_salt)
+            for name, value in spec.stats.as_dict().items():
+                setattr(self.speculated, name, getattr(self.speculated, name) + value)
+
+    def _speculate(self) -> bool:
+        return self.speculation.enabled and len(self.sessions) <= self.speculation.max_sessions
+
+    def _window_limits(self) -> tuple[int, int | None]:
+        """Rows a window may hold and the position it must end by: what every stage computes
+        exactly in one llama_decode."""
+        infos = [link.info for link in self.chain.links]
+        cells = [i["exact_cells"] for i in infos if i["exact_cells"] is not None]
+        rows = min([self.speculation.draft_max + 1, wire.MAX_DRAFT_TOKENS + 1,
+                    *(i["exact_rows"] for i in infos)])
+        return rows, min(cells) if cells else None
+
+    def _send_windows(self, session: int, windows: list[Window]) -> None:
+        for window in windows:
+            self._send_work(wire.DECODE, session, window.pos, window.tokens,
+                            draft=fr.pack_tokens(window.draft) if window.draft else None)
+        self.chain.first.flush()
 
     def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams,
                       start_pos: int = 0) -> None:

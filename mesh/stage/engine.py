@@ -3,8 +3,9 @@
 One thread runs ``run_forever``. The transport thread hands it frames with ``submit`` (bounded
 in frames and bytes) and sends whatever the engine puts in the mailbox. A step is: ask the
 scheduler for a plan, then perform it in order: controls (Stop, Acquire), the eviction plan,
-new sessions, the decode rows (each group one llama_decode), one prompt chunk. The decode rows'
-outputs are mailed together before the prompt chunk runs. Any exception while handling one
+new sessions, the decode rows (each group one llama_decode), the verify windows (each in exact
+pieces), one prompt chunk. The decode rows' outputs are mailed together before the windows and
+the prompt chunk run. Any exception while handling one
 frame becomes an Error frame for that frame's session, and the engine carries on.
 """
 
@@ -17,9 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from mesh.errors import MeshError, OverloadedError
 from mesh.logs import get_logger
-from mesh.stage.exactness import ExactBatching
+from mesh.stage.exactness import ExactBatching, window_pieces
 from mesh.stage.prefix_cache import PrefixCache, RecordKey
 from mesh.stage.runtime import StageRuntime
 from mesh.stage.sampling import SamplingParams
@@ -59,7 +62,10 @@ def item_from_frame(arrival: int, msg: dict[str, Any], nbytes: int,
                     record: bytes | None) -> Item:
     kind, key = msg["kind"], (msg["origin"], msg["session"])
     if kind in wire.WORK_KINDS:
-        return Item(arrival, kind, key, pos=msg["pos"], n=msg["n"], nbytes=nbytes, frame=msg)
+        first = (int(fr.unpack_tokens(msg["tokens"][:4])[0])
+                 if kind == wire.DECODE else None)
+        return Item(arrival, kind, key, pos=msg["pos"], n=msg["n"], nbytes=nbytes, frame=msg,
+                    first=first)
     n = msg["keep"] if kind == wire.STOP else msg["n"]
     return Item(arrival, kind, key, n=n, record=record, nbytes=nbytes, frame=msg)
 
@@ -98,6 +104,7 @@ class StageEngine:
         self.name = name
         self.index = -1  # position in the chain, learned at handshake (for telemetry)
         self.next_epoch: int | None = None  # the next stage's process, learned at handshake
+        self.batching = batching
         self.scheduler = Scheduler(SchedulerConfig(max_rows=batching.max_rows,
                                                    exact_batch_cells=batching.max_cells))
         self.stats = StageStats(kv_capacity=runtime.kv_capacity)
@@ -236,9 +243,13 @@ class StageEngine:
     def _view(self) -> KvView:
         rt = self.runtime
         lengths = {k: n for k, n in rt.lengths().items() if not isinstance(k, RecordKey)}
+        resume = {}
+        if rt.is_last:
+            resume = {k: r for k in lengths if (r := rt.stale_resume(k)) is not None}
         return KvView(lengths=lengths, free_slots=rt.free_slots,
                       records=self.cache.planner_view(), session_ctx=rt.session_ctx,
-                      streams={k: rt.session_seq(k) for k in lengths})
+                      streams={k: rt.session_seq(k) for k in lengths},
+                      floors={k: rt.floor(k) for k in lengths}, resume=resume)
 
     def _publish(self) -> None:
         rt = self.runtime
@@ -272,6 +283,10 @@ class StageEngine:
         # One message for all of the step's rows: the next stage batches them the same way,
         # and on a shared host it does not start computing while this one still does.
         out.flush()
+        for item in plan.windows:
+            if item.arrival not in failed:
+                self._guarded(out, item, self._window)
+        out.flush()
         if plan.prefill is not None and plan.prefill.arrival not in failed:
             self._compute(out, [plan.prefill])
             out.flush()
@@ -303,16 +318,57 @@ class StageEngine:
                 self._fail(out, item, exc)
             return 0
         for (item, _), result in zip(ready, results, strict=True):
+            if item.kind != wire.DECODE:
+                rt.seal(item.key)  # prompt rows: no Decode may cut them
             self._guarded(out, item, lambda o, it, r=result: self._emit(o, it, r))
         return len(ready)
 
-    def _prepare(self, item: Item):
-        rt, msg = self.runtime, item.frame
-        if rt.is_first:
-            inputs = {"tokens": fr.unpack_tokens(msg["tokens"])}
+    def _window(self, out: _Outbox, item: Item) -> None:
+        """A verify window, piece by piece. The final stage stops at the first piece whose
+        samples leave the draft (the later pieces would be cut anyway); the other stages
+        compute every row and forward them as one frame."""
+        rt, start = self.runtime, 0
+        hidden, sampled = [], None
+        for rows in window_pieces(item.pos, item.n, self.batching):
+            chunk = self._prepare(item, slice(start, start + rows))
+            result = rt.decode([chunk])[0]
+            if result.error is not None:
+                raise result.error
+            start += rows
+            if not rt.is_last:
+                hidden.append(result.hidden)
+                continue
+            if sampled is None:
+                sampled = result
+            else:
+                sampled.tokens += result.tokens
+                sampled.logprobs += result.logprobs
+                sampled.tops += result.tops
+            if result.rejected or len(result.tokens) < rows:
+                break
+        if rt.is_last:
+            self._reply_tokens(out, item, sampled, 0)
         else:
-            inputs = {"hidden": fr.unpack_embd(msg["embd"], item.n, rt.n_embd)}
-        sample = history = None
+            self._forward(out, item, np.concatenate(hidden))
+
+    def _prepare(self, item: Item, part: slice | None = None):
+        """The item's chunk (``part``: some of a window's rows), rewound to the item's
+        position first when a rejected draft left rows above it."""
+        rt, msg = self.runtime, item.frame
+        part = part or slice(0, item.n)
+        pos = item.pos + part.start
+        if item.kind == wire.DECODE and rt.has_session(item.key) and (
+                part.start == 0 and rt.session_length(item.key) > pos):
+            rt.rewind(item.key, pos)
+        if rt.is_first:
+            if msg["embd"] is not None:
+                raise fr.ProtocolError(wire.E_BAD_FIELD, "the first stage takes token ids")
+            inputs = {"tokens": fr.unpack_tokens(msg["tokens"])[part]}
+        elif msg["embd"] is None:
+            raise fr.ProtocolError(wire.E_BAD_FIELD, "a later stage takes an activation")
+        else:
+            inputs = {"hidden": fr.unpack_embd(msg["embd"], item.n, rt.n_embd)[part]}
+        sample = history = draft = None
         if rt.is_last and item.kind == wire.PREFILL_FINAL:
             sample = sampling_from_wire(msg["sampling"], msg["grammar"])
             if msg["history"] is not None:
@@ -322,22 +378,35 @@ class StageEngine:
             if sample is None:
                 raise fr.ProtocolError(wire.E_INVALID_INPUT,
                                        "Decode before the prompt's PrefillFinalEmbd")
-        return rt.prepare(item.key, item.pos, sample=sample, history=history, **inputs)
+            if msg["draft"] is not None:
+                draft = fr.unpack_tokens(msg["draft"])[part]
+                draft = draft if draft.size else None
+        return rt.prepare(item.key, pos, sample=sample, history=history, draft=draft,
+                          **inputs)
 
     def _emit(self, out: _Outbox, item: Item, result) -> None:
-        msg, origin, session = item.frame, item.key[0], item.key[1]
         if result.error is not None:
             raise result.error
         if not self.runtime.is_last:
-            fields = fr.known_fields(msg)
-            fields["tokens"] = None
-            fields["embd"] = fr.pack_embd(result.hidden)
-            fields["epoch"] = self._next_epoch()
-            out.forward(item.key, fr.encode(item.kind, **fields))
+            self._forward(out, item, result.hidden)
         elif item.kind != wire.PREFILL:
-            out.reply(origin, fr.encode(
-                wire.TOKEN, session=session, pos=item.pos + item.n, token=result.token,
-                logprob=result.logprob, top=[list(t) for t in result.top_logprobs]))
+            self._reply_tokens(out, item, result, item.n - 1)
+
+    def _forward(self, out: _Outbox, item: Item, hidden: np.ndarray) -> None:
+        fields = fr.known_fields(item.frame)
+        if item.kind != wire.DECODE:  # a Decode's token ids travel on (the final stage checks)
+            fields["tokens"] = None
+        fields["embd"] = fr.pack_embd(hidden)
+        fields["epoch"] = self._next_epoch()
+        out.forward(item.key, fr.encode(item.kind, **fields))
+
+    def _reply_tokens(self, out: _Outbox, item: Item, result, row: int) -> None:
+        """One Token per sampled token (a window's come back in one message); ``row`` is the
+        row the first was sampled from."""
+        for i, token in enumerate(result.tokens):
+            out.reply(item.key[0], fr.encode(
+                wire.TOKEN, session=item.key[1], pos=item.pos + row + i + 1, token=token,
+                logprob=result.logprobs[i], top=[list(t) for t in result.tops[i]]))
 
     # ---- controls and slots -----------------------------------------------------------------
     def _stop(self, out: _Outbox, item: Item) -> None:

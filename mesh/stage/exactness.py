@@ -13,6 +13,10 @@ it is batched with, and the stage batches only where neither applies:
   Q4_K_M with AVX-512 every batch of 2..7 rows is exact and 8 rows are not; an f32 model is not
   exact at 2. So each stage measures it at start-up (``probe``): the largest batch whose rows all
   equal the same rows decoded alone, and every smaller one too.
+
+A verify window (one session's drafted rows) is a batch too: it runs in pieces of at most
+``max_rows`` rows, and row by row where a row would pass ``max_cells`` (``window_pieces``). The
+probe measures windows alongside batches of sessions and keeps the smaller limit.
 """
 
 from __future__ import annotations
@@ -37,6 +41,19 @@ class ExactBatching:
     # tokens after the step; None: any length
 
 
+def window_pieces(pos: int, n: int, batching: ExactBatching) -> list[int]:
+    """Rows per llama_decode for a window of ``n`` rows at ``pos``: each piece computes what
+    the rows would get one decode step at a time."""
+    pieces: list[int] = []
+    while n:
+        room = n if batching.max_cells is None else batching.max_cells - pos
+        rows = max(1, min(n, batching.max_rows, room))
+        pieces.append(rows)
+        pos += rows
+        n -= rows
+    return pieces
+
+
 def attention_limit(runtime: StageRuntime) -> int | None:
     return None if runtime.config.n_threads == 1 else KV_PAD_CELLS
 
@@ -57,6 +74,8 @@ def probe(runtime: StageRuntime, limit: int) -> ExactBatching:
             together = _step(runtime, keys[:rows])
             if not all(np.array_equal(a, b) for a, b in zip(alone[:rows], together, strict=True)):
                 break
+            if not _window_exact(runtime, keys[0], rows):
+                break
             exact = rows
     finally:
         for key in keys:
@@ -75,6 +94,25 @@ def _step(runtime: StageRuntime, keys: list) -> list[np.ndarray]:
     for key in keys:
         runtime.trim_session(key, PROBE_PROMPT)
     return [r.logits if runtime.is_last else r.hidden for r in results]
+
+
+def _window_exact(runtime: StageRuntime, key, rows: int) -> bool:
+    """One session's ``rows`` rows in one llama_decode against the same rows one at a time
+    (all rows' hidden states; the final stage, the last row's logits)."""
+    inputs = _inputs(runtime, key[1], rows, salt=2)
+    stepped = []
+    for i in range(rows):
+        row = {name: value[i:i + 1] for name, value in inputs.items()}
+        result = runtime.decode([runtime.prepare(key, PROBE_PROMPT + i,
+                                                 want_logits=runtime.is_last, **row)])[0]
+        stepped.append(result.logits if runtime.is_last else result.hidden)
+    runtime.trim_session(key, PROBE_PROMPT)
+    window = runtime.decode([runtime.prepare(key, PROBE_PROMPT, want_logits=runtime.is_last,
+                                             **inputs)])[0]
+    runtime.trim_session(key, PROBE_PROMPT)
+    if runtime.is_last:
+        return np.array_equal(window.logits, stepped[-1])
+    return np.array_equal(window.hidden, np.concatenate(stepped))
 
 
 def _inputs(runtime: StageRuntime, index: int, n: int, salt: int) -> dict[str, np.ndarray]:

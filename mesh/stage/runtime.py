@@ -66,6 +66,13 @@ class StepResult:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     error: MeshError | None = None  # this session's sampling failed (the others' did not)
+    # A verify window (final stage): every token sampled, in order, with its log-probability
+    # and top list; the first is ``token``. ``rejected``: a sample differed from the draft, so
+    # the rows after it were cut and the frames already sent after this window are stale.
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    rejected: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class Chunk:
     sample: SamplingParams | None
     history: np.ndarray | None
     want_logits: bool
+    draft: np.ndarray | None = None  # final stage: the token expected after each row
 
     @property
     def n(self) -> int:
@@ -91,6 +99,11 @@ class _Session:
     length: int = 0
     sampling: SamplingParams | None = None  # final stage: set by the last prompt chunk
     sampler: SamplerChain | None = None
+    floor: int = 0  # rows below this came from prompt chunks; a Decode never cuts them
+    last_token: int | None = None  # final stage: the last token sampled
+    # Final stage: a window was rejected, so frames sent after it (on the assumption that it
+    # would be accepted) are stale until one resumes at (length, last_token).
+    stale: bool = False
 
 
 class StageRuntime:
@@ -170,6 +183,29 @@ class StageRuntime:
     def session_sampling(self, session: Hashable) -> SamplingParams | None:
         return self._get(session).sampling
 
+    def stale_resume(self, session: Hashable) -> tuple[int, int] | None:
+        """Final stage, after a rejected window: the (position, first token) of the frame
+        that resumes the session; None when its frames are not stale."""
+        state = self._get(session)
+        return (state.length, state.last_token) if state.stale else None
+
+    def floor(self, session: Hashable) -> int:
+        return self._get(session).floor
+
+    def seal(self, session: Hashable) -> None:
+        """The session's rows so far are its prompt: a Decode never cuts them."""
+        state = self._get(session)
+        state.floor = state.length
+
+    def rewind(self, session: Hashable, pos: int) -> int:
+        """A Decode at ``pos`` below the session's length: the rows from ``pos`` on held
+        drafted tokens that the final stage rejected. Cut them; returns the cells freed."""
+        state = self._get(session)
+        if not state.floor <= pos <= state.length:
+            raise InvalidInputError(f"a Decode may resume at positions {state.floor}.."
+                                    f"{state.length}, not {pos}")
+        return self.trim_session(session, pos)
+
     def lengths(self) -> dict[Hashable, int]:
         return {key: s.length for key, s in self._sessions.items()}
 
@@ -201,6 +237,7 @@ class StageRuntime:
         if n_keep < state.length and not self.ctx.seq_rm(state.seq, n_keep, -1):
             raise InvalidInputError("llama.cpp refused the partial removal")
         freed, state.length = state.length - n_keep, n_keep
+        state.floor = min(state.floor, n_keep)
         return freed
 
     def rename_session(self, old: Hashable, new: Hashable) -> None:
@@ -225,6 +262,7 @@ class StageRuntime:
             self.ctx.seq_cp_all(src_state.seq, dst_state.seq)
             dst_state.length = src_state.length
             self.trim_session(dst, n_tokens)
+            dst_state.floor = n_tokens
 
     def _get(self, session: Hashable) -> _Session:
         try:
@@ -243,11 +281,14 @@ class StageRuntime:
         sample: SamplingParams | None = None,
         history: np.ndarray | None = None,
         want_logits: bool = False,
+        draft: np.ndarray | None = None,
     ) -> Chunk:
         """Validate one chunk of ``session`` at positions ``pos..pos+n-1`` for ``decode``.
 
         First stage: ``tokens``; others: ``hidden``. On the final stage, ``sample`` asks for a
-        token from the chunk's last row (``history`` seeds the repetition penalty once).
+        token from the chunk's last row (``history`` seeds the repetition penalty once). With a
+        ``draft`` (the token expected after each row, or after all but the last) the chunk is
+        a verify window: rows are sampled in order while each sample equals its draft token.
         """
         rows = self._input_rows(tokens, hidden)
         n = rows.shape[0]
@@ -258,6 +299,14 @@ class StageRuntime:
             if not self.is_last:
                 raise InvalidInputError("only the final stage samples")
             sample.validate(self.n_vocab, self.session_ctx)
+        if draft is not None:
+            draft = np.asarray(draft)
+            if sample is None or draft.ndim != 1 or draft.size not in (n - 1, n) or (
+                    not draft.size):
+                raise InvalidInputError("a draft needs sampling and one token per row (the "
+                                        "last row's may be left out)")
+            if int(draft.min()) < 0 or int(draft.max()) >= self.n_vocab:
+                raise InvalidInputError(f"draft token id out of range [0, {self.n_vocab})")
         if history is not None:
             history = np.asarray(history)
             if history.size and (int(history.min()) < 0 or int(history.max()) >= self.n_vocab):
@@ -279,7 +328,7 @@ class StageRuntime:
             raise KvSlotError(
                 f"session holds {state.length} of {self.session_ctx} KV cells; "
                 f"{n} more do not fit", 1)
-        return Chunk(session, state.seq, pos, rows, sample, history, want_logits)
+        return Chunk(session, state.seq, pos, rows, sample, history, want_logits, draft)
 
     def decode(self, chunks: Sequence[Chunk]) -> list[StepResult]:
         """Run the chunks (one per session, each already ``prepare``d) in one llama_decode.
@@ -297,13 +346,15 @@ class StageRuntime:
                 raise InvalidInputError("chunk prepared against an older session state")
         outputs = []
         if self.is_last:
-            wanted = [c for c in chunks if c.sample is not None or c.want_logits]
-            if len(wanted) > self.max_outputs:
-                raise InvalidInputError(f"more than {self.max_outputs} sampled rows per batch")
             for chunk in chunks:
                 mask = np.zeros(chunk.n, dtype=np.int8)
-                mask[-1] = 1 if (chunk.sample is not None or chunk.want_logits) else 0
+                if chunk.draft is not None:
+                    mask[:] = 1
+                elif chunk.sample is not None or chunk.want_logits:
+                    mask[-1] = 1
                 outputs.append(mask)
+            if sum(int(m.sum()) for m in outputs) > self.max_outputs:
+                raise InvalidInputError(f"more than {self.max_outputs} sampled rows per batch")
         else:
             outputs = [None] * len(chunks)
         self.batch.fill_parts([(c.seq, c.pos, c.rows, out)
@@ -328,6 +379,9 @@ class StageRuntime:
         for chunk, state in zip(chunks, states, strict=True):
             row += chunk.n
             try:
+                if chunk.draft is not None:
+                    results.append(self._verify(state, chunk, row - chunk.n))
+                    continue
                 results.append(self._final_result(state, chunk, row - 1))
             except MeshError as exc:  # e.g. a grammar with no way on: this session's error
                 results.append(StepResult(error=exc))
@@ -372,9 +426,42 @@ class StageRuntime:
         if sample is not None:
             state.sampling = sample
             result.token = state.sampler.sample(self.ctx.ptr, index, logits)
+            state.last_token, state.stale = result.token, False
             if sample.n_logprobs or want_logits:
                 result.logprob, result.top_logprobs = top_logprobs(
                     logits, result.token, sample.n_logprobs)
+            result.tokens = [result.token]
+            result.logprobs, result.tops = [result.logprob], [result.top_logprobs]
+        return result
+
+    def _verify(self, state: _Session, chunk: Chunk, first: int) -> StepResult:
+        """Sample a window's rows in order and stop at the first sample that differs from
+        the draft (or after the last row). Each sample comes from the same sampler, in the
+        same order, as one decode step at a time would draw it: accepted tokens, the sampler's
+        state and its random draws are those of a run without drafts, so the output
+        distribution (and, with a seed, every token) is unchanged. The rows after the last
+        accepted one are cut."""
+        sample = chunk.sample
+        state.sampling = sample
+        result = StepResult(rejected=False)
+        for i in range(chunk.n):
+            logits = (self.ctx.logits_row(first + i, self.n_vocab) if sample.n_logprobs
+                      else None)
+            token = state.sampler.sample(self.ctx.ptr, first + i, logits)
+            logprob, top = (top_logprobs(logits, token, sample.n_logprobs) if logits is not None
+                            else (None, []))
+            result.tokens.append(token)
+            result.logprobs.append(logprob)
+            result.tops.append(top)
+            if i >= chunk.draft.size:
+                break
+            if token != int(chunk.draft[i]):
+                result.rejected = True
+                break
+        result.token, result.logprob, result.top_logprobs = (
+            result.tokens[0], result.logprobs[0], result.tops[0])
+        self.trim_session(chunk.session, chunk.pos + len(result.tokens))
+        state.last_token, state.stale = result.tokens[-1], result.rejected
         return result
 
     def close(self) -> None:

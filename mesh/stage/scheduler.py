@@ -11,6 +11,11 @@ thread queues frames here; the engine asks for a ``StepPlan``, performs it, asks
   ``max_rows`` per call (more are split into near-equal groups), and a row past
   ``exact_batch_cells`` runs in a call of its own. (Which sessions arrive together is the
   coordinator's pacing: ``mesh.coordinator.pacer``.)
+- Verify windows (a Decode of several tokens: drafted ones) each run this step, in their own
+  llama_decode calls (``mesh.stage.exactness.window_pieces``). A Decode may start below the
+  session's length, down to its prompt (``floors``): the rows above held rejected drafts. On the
+  final stage, after a rejected window, frames that do not resume at the session's length with
+  its last sampled token were sent before the rejection was known: they are dropped unanswered.
 - At most one prompt chunk (a frame of more than one token) per step: the oldest.
 - A frame that cannot run is rejected here with its error code (unknown session, position gap,
   session stream full) before anything reaches llama.cpp.
@@ -47,6 +52,7 @@ class Item:
     record: bytes | None = None  # the prefix record a Stop keeps or an Acquire reuses
     nbytes: int = 0
     frame: Any = None
+    first: int | None = None  # a Decode's first token id
 
     @property
     def is_work(self) -> bool:
@@ -64,6 +70,10 @@ class KvView:
     # live sessions -> KV stream: llama.cpp runs adjacent streams as one ubatch, so a batch
     # is cut from rows sorted by stream (a batch of scattered streams is one graph per row)
     streams: Mapping[SessionKey, int] = field(default_factory=dict)
+    # live sessions -> the lowest position a Decode may resume at (their prompt's end)
+    floors: Mapping[SessionKey, int] = field(default_factory=dict)
+    # final stage: sessions whose frames are stale -> (position, token) of the one resuming
+    resume: Mapping[SessionKey, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,22 +90,24 @@ class StepPlan:
     opens: tuple[Item, ...] = ()  # frames that start a new session (each takes a slot)
     takeovers: tuple[Item, ...] = ()  # Acquires that turn their record into the session
     rows: tuple[tuple[Item, ...], ...] = ()  # one-token frames; each tuple is one llama_decode
+    windows: tuple[Item, ...] = ()  # verify windows, each in llama_decode calls of its own
     prefill: Item | None = None
     rejected: tuple[Rejection, ...] = ()
+    dropped: tuple[Item, ...] = ()  # stale frames after a rejected window: no answer
 
     @property
     def items(self) -> list[Item]:
         """Every frame this step consumes."""
-        work = [item for group in self.rows for item in group]
+        work = [item for group in self.rows for item in group] + list(self.windows)
         if self.prefill is not None:
             work.append(self.prefill)
         opened = [item for item in self.opens if not item.is_work]
         return [*self.controls, *opened, *self.takeovers, *work,
-                *(r.item for r in self.rejected)]
+                *(r.item for r in self.rejected), *self.dropped]
 
     @property
     def computes(self) -> bool:
-        return bool(self.rows) or self.prefill is not None
+        return bool(self.rows or self.windows) or self.prefill is not None
 
 
 @dataclass(frozen=True)
@@ -134,22 +146,30 @@ class Scheduler:
         acquires: list[Item] = []  # Acquire for a session this stage does not hold yet
         rejected: list[Rejection] = []
         rows: list[Item] = []
+        windows: list[Item] = []
         prompts: list[Item] = []
+        dropped: list[Item] = []
         for item in heads:
             live = item.key in view.lengths
+            resume = view.resume.get(item.key)
             if item.kind == wire.ACQUIRE and not live:
                 acquires.append(item)
             elif not item.is_work:
                 controls.append(item)
+            elif (item.kind == wire.DECODE and resume is not None
+                  and (item.pos, item.first) != resume):
+                dropped.append(item)
             elif (refusal := self._refusal(item, view)) is not None:
                 rejected.append(refusal)
+            elif item.kind == wire.DECODE and item.n > 1:
+                windows.append(item)
             elif item.n == 1:
                 rows.append(item)
             else:
                 prompts.append(item)
         pinned = {it.record for it in acquires}
         records = [replace(r, pinned=True) if r.id in pinned else r for r in view.records]
-        starting = sorted([*acquires, *(it for it in [*rows, *prompts]
+        starting = sorted([*acquires, *(it for it in [*rows, *windows, *prompts]
                                         if it.key not in view.lengths)],
                           key=lambda it: it.arrival)
         admissible, takeovers, beyond = self._slots(starting, records, view.free_slots)
@@ -165,9 +185,10 @@ class Scheduler:
 
         # This step's work: every one-token row and the oldest prompt chunk.
         rows = [it for it in rows if it.arrival not in blocked]
+        windows = [it for it in windows if it.arrival not in blocked]
         prompts = [it for it in prompts if it.arrival not in blocked]
         prefill = prompts[0] if prompts else None
-        running = {id(it) for it in rows} | {id(prefill)}
+        running = {id(it) for it in [*rows, *windows]} | {id(prefill)}
         wanting = [it for it in admissible
                    if it.kind == wire.ACQUIRE or id(it) in running]
         eviction = plan_eviction(view.free_slots, len(wanting), records,
@@ -175,12 +196,14 @@ class Scheduler:
         opens = wanting[:view.free_slots + len(eviction.evict)]
         late = {it.arrival for it in wanting[len(opens):]}  # past the plan's bound: next step
         rows = [it for it in rows if it.arrival not in late]
+        windows = [it for it in windows if it.arrival not in late]
         if prefill is not None and prefill.arrival in late:
             prefill = None
 
         plan = StepPlan(controls=tuple(controls), eviction=eviction, opens=tuple(opens),
                         takeovers=tuple(takeovers), rows=self._groups(rows, view),
-                        prefill=prefill, rejected=tuple(rejected))
+                        windows=tuple(windows), prefill=prefill, rejected=tuple(rejected),
+                        dropped=tuple(dropped))
         for item in plan.items:
             self._pop(item)
         return plan
@@ -213,12 +236,14 @@ class Scheduler:
             return Rejection(item, wire.E_UNKNOWN_SESSION,
                              f"unknown session {item.key[1]} at position {item.pos} "
                              "(sessions start at 0)")
-        if length is not None and item.pos != length:
+        if length is not None and item.pos != length and not (
+                item.kind == wire.DECODE
+                and view.floors.get(item.key, length) <= item.pos < length):
             return Rejection(item, wire.E_INVALID_INPUT,
                              f"chunk starts at position {item.pos}, session is at {length}")
-        if (length or 0) + item.n > view.session_ctx:
+        if item.pos + item.n > view.session_ctx:
             return Rejection(item, wire.E_KV_EXHAUSTED,
-                             f"session holds {length or 0} of {view.session_ctx} KV cells; "
+                             f"session holds {item.pos} of {view.session_ctx} KV cells; "
                              f"{item.n} more do not fit")
         return None
 
@@ -227,7 +252,7 @@ class Scheduler:
         together: list[Item] = []
         alone: list[tuple[Item, ...]] = []
         for item in rows:
-            if limit is None or view.lengths.get(item.key, 0) + 1 <= limit:
+            if limit is None or item.pos + 1 <= limit:
                 together.append(item)
             else:
                 alone.append((item,))

@@ -246,7 +246,9 @@ class StageServer:
             start=rt.start, end=rt.end, n_layer=rt.files.model.n_layer, n_embd=rt.n_embd,
             session_ctx=rt.session_ctx, slots=rt.config.n_seq_max,
             max_tokens=rt.config.n_batch, max_frame_bytes=wire.MAX_FRAME_BYTES,
-            epoch=self.epoch, stage=self.name, records=list(self.engine.stats.record_entries)))
+            epoch=self.epoch, stage=self.name, records=list(self.engine.stats.record_entries),
+            exact_rows=self.engine.batching.max_rows,
+            exact_cells=self.engine.batching.max_cells))
 
     def _connect_downstream(self, url: str | None) -> None:
         if self._downstream is not None:

@@ -28,6 +28,7 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     E_UNKNOWN_KIND,
     ERROR,
     HANDSHAKE,
+    MAX_DRAFT_TOKENS,
     MAX_ERROR_MESSAGE_CHARS,
     MAX_FRAME_BYTES,
     MAX_GRAMMAR_BYTES,
@@ -68,7 +69,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     PREFILL: _WORK_FIELDS,
     PREFILL_FINAL: {**_WORK_FIELDS, "sampling": _MAP, "history": _OPT_BIN,
                     "grammar": _OPT_BIN},
-    DECODE: _WORK_FIELDS,
+    DECODE: {**_WORK_FIELDS, "draft": _OPT_BIN},
     TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
             "top": _LIST},
     STOP: {"session": _INT, "origin": _BIN, "epoch": _INT, "keep": _INT,
@@ -82,7 +83,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     STAGE_INFO: {"model_sha256": _STR, "arch": _STR, "start": _INT, "end": _INT,
                  "n_layer": _INT, "n_embd": _INT, "session_ctx": _INT, "slots": _INT,
                  "max_tokens": _INT, "max_frame_bytes": _INT, "epoch": _INT, "stage": _STR,
-                 "records": _LIST},
+                 "records": _LIST, "exact_rows": _INT, "exact_cells": _OPT_INT},
     PING: {"nonce": _INT, "sessions": _OPT_BIN},
     PONG: {"nonce": _INT, "epoch": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
@@ -222,11 +223,11 @@ def _check_work(msg: dict[str, Any]) -> None:
     kind, n = msg["kind"], msg["n"]
     if not 1 <= n <= MAX_TOKENS_PER_FRAME:
         raise ProtocolError(E_BAD_FIELD, f"{kind}: n={n} outside [1, {MAX_TOKENS_PER_FRAME}]")
-    if kind == DECODE and n != 1:
-        raise ProtocolError(E_BAD_FIELD, "Decode carries exactly one token")
     if msg["pos"] >= 2**31 or msg["session"] >= 2**64:
         raise ProtocolError(E_BAD_FIELD, f"{kind}: pos or session out of range")
-    if (msg["tokens"] is None) == (msg["embd"] is None):
+    if kind == DECODE:
+        _check_window(msg)
+    elif (msg["tokens"] is None) == (msg["embd"] is None):
         raise ProtocolError(E_BAD_FIELD, f"{kind}: exactly one of tokens or embd must be set")
     if msg["tokens"] is not None and len(msg["tokens"]) != 4 * n:
         raise ProtocolError(E_BAD_SHAPE, f"{kind}: tokens carry {len(msg['tokens'])} bytes, "
@@ -250,6 +251,24 @@ def _check_work(msg: dict[str, Any]) -> None:
             if not (math.isfinite(value) and spec[1] <= value <= spec[2]):
                 raise ProtocolError(E_BAD_FIELD, f"sampling field {name!r} outside "
                                                  f"[{spec[1]}, {spec[2]}]")
+
+
+def _check_window(msg: dict[str, Any]) -> None:
+    """A Decode is one token, or a verify window: the last sampled token and up to
+    ``MAX_DRAFT_TOKENS`` drafted ones. Its token ids travel to every stage (the final stage
+    checks that a window continues what it sampled); ``draft`` holds, per row, the token the
+    coordinator expects the model to sample there: one per row, or none for the last row."""
+    n, tokens, draft = msg["n"], msg["tokens"], msg["draft"]
+    if n > MAX_DRAFT_TOKENS + 1:
+        raise ProtocolError(E_BAD_FIELD, f"Decode: n={n} exceeds a verify window of "
+                                         f"{MAX_DRAFT_TOKENS} drafted tokens")
+    if tokens is None:
+        raise ProtocolError(E_BAD_FIELD, "Decode: tokens must be set at every stage")
+    if draft is None and n > 1:
+        raise ProtocolError(E_BAD_FIELD, "Decode: a window of several tokens needs a draft")
+    if draft is not None and len(draft) not in (4 * (n - 1), 4 * n) or draft == b"":
+        raise ProtocolError(E_BAD_SHAPE, f"Decode: draft must hold n - 1 or n int32 token ids "
+                                         f"(n = {n})")
 
 
 def _check_token(msg: dict[str, Any]) -> None:
