@@ -1,13 +1,14 @@
-"""Decode speed across slow links: tok/s at 0, 5, 10, 20 ms one-way delay on every hop.
+"""Decode speed across slow links, speculation off and on: tok/s at 0, 5, 10, 20 ms one-way delay.
 
-    python scripts/bench_wan.py [--delays 0,5,10,20] [--tokens 64] [--model default]
+    python scripts/bench_wan.py [--delays 0,5,10,20] [--tokens 64] [--draft-max 8]
 
 Two stages (0:9 | 9:18, 1 thread each) on this host, with a link-delay shim
 (``tests/linkdelay.py``, a TCP forwarder holding each direction's bytes for the delay) in front
 of each stage, so coordinator → stage 0, stage 0 → stage 1 and stage 1 → coordinator each pay
-it once per token. One greedy session per run, on a repetitive continuation and on novel
-text; prints tok/s per delay side by side with the token round trip a delay implies. Issue H
-(speculative decoding) adds the speculation-on column; this measures the baseline.
+it once per round trip. One greedy session per run, on a repetitive continuation and on novel
+text, with ``--speculative none`` and ``ngram``; prints tok/s side by side with their ratio,
+the acceptance rate (accepted / drafted tokens), the tokens per verify window, and whether the
+two runs produced the same tokens.
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shim
 
 from mesh.coordinator.coordinator import Coordinator, GenerationParams  # noqa: E402
+from mesh.coordinator.speculation import SpeculationConfig  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
 from mesh.models import resolve_model  # noqa: E402
 from tests.linkdelay import DelayedLink  # noqa: E402
 
 TEXTS = {
     "repetitive": "def add(a, b):\n    return a + b\n\n" * 6 + "def add(a, b):\n",
-    "novel": "The lighthouse keeper had not seen a ship in eleven days, and",
+    "novel": "Photosynthesis is the process by which",
 }
 
 
-async def _rate(model: Path, urls: list[str], prompt: str, tokens: int) -> float:
-    coord = Coordinator(model, urls)
+async def _run(model: Path, urls: list[str], prompt: str, tokens: int,
+               speculation: SpeculationConfig) -> tuple[float, list[int], dict[str, int]]:
+    coord = Coordinator(model, urls, speculation=speculation)
     await coord.start(handshake_timeout_s=120)
     try:
         params = GenerationParams(max_tokens=tokens, temperature=0.0)
@@ -43,7 +46,8 @@ async def _rate(model: Path, urls: list[str], prompt: str, tokens: int) -> float
         t0 = time.perf_counter()
         result = await coord.complete(prompt + " ", params)
         n = len(result.token_ids)
-        return n / (time.perf_counter() - t0) if n else 0.0
+        rate = n / (time.perf_counter() - t0) if n else 0.0
+        return rate, result.token_ids, result.speculation
     finally:
         await coord.close()
 
@@ -51,11 +55,14 @@ async def _rate(model: Path, urls: list[str], prompt: str, tokens: int) -> float
 @click.command()
 @click.option("--delays", default="0,5,10,20", show_default=True)
 @click.option("--tokens", default=64, show_default=True)
+@click.option("--draft-max", default=8, show_default=True)
 @click.option("--model", default="default", show_default=True)
-def main(delays: str, tokens: int, model: str) -> None:
+def main(delays: str, tokens: int, draft_max: int, model: str) -> None:
     path = resolve_model(model, progress=False)
+    modes = {"none": SpeculationConfig(mode="none"),
+             "ngram": SpeculationConfig(mode="ngram", draft_max=draft_max)}
     with tempfile.TemporaryDirectory(prefix="mesh-wan-") as tmp, \
-            LocalMesh(str(path), [(0, 9), (9, 18)], Path(tmp), ctx=1024, slots=4,
+            LocalMesh(str(path), [(0, 9), (9, 18)], Path(tmp), ctx=1024, slots=8,
                       threads=1) as mesh:
         rows = []
         for delay in [float(d) for d in delays.split(",")]:
@@ -64,14 +71,20 @@ def main(delays: str, tokens: int, model: str) -> None:
                 if delay > 0:
                     urls = [stack.enter_context(DelayedLink(
                         "127.0.0.1", int(url.rsplit(":", 1)[1]), delay)).url for url in urls]
-                rates = {name: asyncio.run(_rate(path, urls, text, tokens))
-                         for name, text in TEXTS.items()}
-            rows.append((delay, rates))
-    print(f"{'one-way delay':>14} {'hops x delay':>13} " +
-          " ".join(f"{name + ' tok/s':>17}" for name in TEXTS))
-    for delay, rates in rows:
-        print(f"{delay:>11.0f} ms {3 * delay:>10.0f} ms " +
-              " ".join(f"{rates[name]:>17.1f}" for name in TEXTS))
+                for name, text in TEXTS.items():
+                    runs = {mode: asyncio.run(_run(path, urls, text, tokens, config))
+                            for mode, config in modes.items()}
+                    rows.append((delay, name, runs))
+    print(f"{'delay':>6} {'text':>10} {'none tok/s':>11} {'ngram tok/s':>12} {'ratio':>6} "
+          f"{'accepted':>9} {'tok/window':>11} {'same tokens':>12}")
+    for delay, name, runs in rows:
+        (off, off_ids, _), (on, on_ids, spec) = runs["none"], runs["ngram"]
+        accepted = spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0
+        # a window yields its accepted drafts plus the model's own token
+        per_window = (spec["accepted"] + spec["windows"]) / spec["windows"] if spec["windows"] \
+            else 0.0
+        print(f"{delay:>3.0f} ms {name:>10} {off:>11.1f} {on:>12.1f} {on / off:>5.2f}x "
+              f"{accepted:>8.0%} {per_window:>11.2f} {str(off_ids == on_ids):>12}")
 
 
 if __name__ == "__main__":
