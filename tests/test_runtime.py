@@ -306,3 +306,40 @@ def test_bad_sampling_params_are_rejected(tiny_llama, params):
             chain.run("s", 0, _tokens(3), sample=params)
     finally:
         chain.close()
+
+
+def test_a_window_samples_what_single_steps_sample_and_cuts_after_a_rejection(tiny_llama):
+    greedy = SamplingParams()
+    with StageRuntime(slice_model(tiny_llama, 0, 4), CFG) as rt:
+        rt.open_session("steps")
+        steps = [rt.run("steps", 0, tokens=_tokens(5), sample=greedy).token]
+        for i in range(6):
+            steps.append(rt.run("steps", 5 + i, tokens=np.array([steps[-1]]),
+                                sample=greedy).token)
+        rt.open_session("w")
+        rt.run("w", 0, tokens=_tokens(5), sample=greedy)
+        rt.seal("w")  # the prompt (the engine seals after prompt chunks)
+        draft = np.array(steps[1:5])  # 4 rows: this runtime samples at most 4 per decode
+        draft[3] = (draft[3] + 1) % rt.n_vocab
+        result = rt.run("w", 5, tokens=np.array(steps[:4]), sample=greedy, draft=draft)
+        assert result.tokens == steps[1:5] and result.rejected
+        assert rt.session_length("w") == 9 and rt.stale_resume("w") == (9, steps[4])
+        resumed = rt.run("w", 9, tokens=np.array([steps[4]]), sample=greedy)
+        assert resumed.token == steps[5] and rt.stale_resume("w") is None
+        whole = rt.run("w", 10, tokens=np.array([steps[5]]), sample=greedy,
+                       draft=np.array([steps[6]]))  # a lookahead, accepted
+        assert whole.tokens == [steps[6]] and not whole.rejected
+        with pytest.raises(InvalidInputError, match="draft"):
+            rt.prepare("w", 11, tokens=np.array([1, 2]), sample=greedy, draft=np.array([1] * 3))
+        with pytest.raises(InvalidInputError, match="sampled rows"):
+            rt.run("w", 11, tokens=np.array([1] * 5), sample=greedy, draft=np.array([1] * 5))
+        with pytest.raises(InvalidInputError, match="resume"):
+            rt.rewind("w", 3)  # below the prompt
+
+
+def test_window_pieces_stay_within_the_exact_rows_and_go_row_by_row_past_the_cells():
+    batching = exactness.ExactBatching(max_rows=4, max_cells=256)
+    assert exactness.window_pieces(10, 9, batching) == [4, 4, 1]
+    assert exactness.window_pieces(250, 9, batching) == [4, 2, 1, 1, 1]
+    assert exactness.window_pieces(300, 3, batching) == [1, 1, 1]
+    assert exactness.window_pieces(0, 9, exactness.ExactBatching(7, None)) == [7, 2]

@@ -191,3 +191,41 @@ def test_every_frame_runs_or_is_answered_once_in_session_order(ops, slots, max_r
     for session in {it.key for it in submitted}:
         order = [it.arrival for it in seen if it.key == session]
         assert order == sorted(order)
+
+
+def window(session, pos, n, first=5):
+    return Item(next(_arrivals), wire.DECODE, (ORIGIN, session), pos=pos, n=n, nbytes=4 * n,
+                first=first)
+
+
+def test_verify_windows_run_in_the_step_beside_rows_and_a_prompt_chunk():
+    rows = [work(s, 10) for s in range(2)]
+    win, chunk = window(5, 20, 6), work(7, 0, n=64)
+    plan = scheduler(win, *rows, chunk).schedule(view({0: 10, 1: 10, 5: 20}))
+    assert [keys(group) for group in plan.rows] == [[0, 1]]
+    assert plan.windows == (win,) and plan.prefill is chunk
+
+
+def test_a_decode_may_resume_below_the_sessions_length_down_to_its_prompt():
+    resumed, below = window(1, 12, 3), window(2, 9, 3)
+    lengths = {1: 16, 2: 16}
+    plan = scheduler(resumed, below).schedule(KvView(
+        {(ORIGIN, s): n for s, n in lengths.items()}, 8, [], 1024,
+        floors={(ORIGIN, 1): 10, (ORIGIN, 2): 10}))
+    assert plan.windows == (resumed,)
+    assert [(r.item, r.code) for r in plan.rejected] == [(below, wire.E_INVALID_INPUT)]
+    prompt_below = work(3, 12, n=4)  # prompt chunks never rewind
+    plan = scheduler(prompt_below).schedule(view({3: 16}))
+    assert plan.rejected[0].code == wire.E_INVALID_INPUT
+
+
+def test_after_a_rejected_window_only_the_frame_that_resumes_runs():
+    stale_pos, stale_token, resume = window(1, 20, 4), window(1, 17, 4, first=9), \
+        window(1, 17, 3, first=8)
+    sched = scheduler(stale_pos, stale_token, resume)
+    stale_view = KvView({(ORIGIN, 1): 17}, 8, [], 1024, resume={(ORIGIN, 1): (17, 8)})
+    first, second = sched.schedule(stale_view), sched.schedule(stale_view)
+    assert first.dropped == (stale_pos,) and second.dropped == (stale_token,)
+    assert not first.computes and not first.rejected
+    third = sched.schedule(stale_view)
+    assert third.windows == (resume,) and not third.dropped and len(sched) == 0

@@ -21,6 +21,7 @@ from typing import Any
 
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
+from mesh.coordinator.drafting import NgramDrafter
 from mesh.coordinator.links import StageUnavailableError
 from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS
@@ -113,6 +114,7 @@ class Generator:
         self.retries = 0  # requests re-run since start, for metrics
         self.speculation = speculation
         self.speculated = SpeculationStats()  # every request's windows, for metrics
+        self.drafter_factory = NgramDrafter  # a request's drafter, from its prompt
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams, hold: bool = False
                      ) -> AsyncIterator[Delta | Completion]:
@@ -190,7 +192,8 @@ class Generator:
         finish = "length"
         t_first = None
         completed = False
-        spec = Speculator(self.speculation, prompt_ids, *self._window_limits())
+        spec = Speculator(self.speculation, prompt_ids, *self._window_limits(),
+                          drafter_factory=self.drafter_factory)
         try:
             cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt)
             self._send_prefill(session, prompt_ids, params, cached)

@@ -21,7 +21,9 @@ samples are the ones plain decode steps would draw, so the output never changes.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mesh.coordinator.drafting import NgramDrafter
 
@@ -31,6 +33,14 @@ MAX_WINDOWS = 3
 # Speculate while at most this many sessions decode: more share each stage step as a batch,
 # and their rows already fill it (a window's rows would run in a llama_decode of their own).
 MAX_SESSIONS = 2
+
+
+class Drafter(Protocol):
+    """Guesses what follows the text: n-gram lookup here; a draft model would fit the same."""
+
+    def extend(self, tokens: list[int]) -> None: ...
+
+    def propose(self, count: int, assumed: list[int] | None = None) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,10 @@ class Speculator:
     rows_limit: int  # rows one window may hold (the chain's exact_rows)
     cells_limit: int | None  # a window ends at or before this position (exact_cells)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
+    drafter_factory: Callable[[list[int]], Drafter] = NgramDrafter
 
     def __post_init__(self) -> None:
-        self.drafter = NgramDrafter(self.prompt) if self.config.mode == "ngram" else None
+        self.drafter = self.drafter_factory(self.prompt) if self.config.enabled else None
         self.k = self.config.draft_max
         self.streak = 0  # wholly accepted windows in a row
         self.in_flight: collections.deque[Window] = collections.deque(
