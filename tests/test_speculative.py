@@ -49,7 +49,7 @@ def test_greedy_with_windows_equals_a_single_process_run_at_two_and_three_stages
         reference = single_greedy(gemma_path, a.prompt_token_ids, 48)
         assert a.token_ids == reference and b.token_ids == reference
     code = two[0].speculation
-    assert code["windows"] > 0 and code["accepted"] >= 0.8 * code["drafted"]
+    assert code["windows"] > 0 and code["accepted"] >= 0.5 * code["drafted"]
     assert three[0].speculation["accepted"] > 0 and two[1].speculation["drafted"] > 0
 
 
