@@ -113,3 +113,21 @@ def test_seeded_sampling_draws_the_same_tokens_and_logprobs_with_windows(gemma_p
     logprobs = {name: [lp for d in items[:-1] for lp in d.logprobs]
                 for name, items in deltas.items()}
     assert logprobs["on"] == logprobs["off"] and len(logprobs["on"]) == len(off.token_ids)
+
+
+def test_with_two_threads_windows_end_where_rows_would_leave_the_exact_path(gemma_path,
+                                                                             tmp_path):
+    """Past 256 cells a lone row takes another attention path at >1 thread: windows stop
+    there, and the output still equals a single-process run across the boundary."""
+    prompt = CODE * 4
+    with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=1024, slots=4,
+                      threads=2) as mesh:
+        async def body(coord):
+            limits = coord.generator._window_limits()
+            return limits, await coord.complete(prompt, GenerationParams(max_tokens=64))
+        (rows, cells), result = with_coordinator(gemma_path, mesh.urls, body, speculation=ON)
+    assert cells == 256 and 2 <= rows <= 9
+    n = len(result.prompt_token_ids)
+    assert n < 256 < n + 64  # the run crosses the boundary
+    assert result.token_ids == single_greedy(gemma_path, result.prompt_token_ids, 64)
+    assert result.speculation["accepted"] > 0
