@@ -56,11 +56,13 @@ async def _run(model: Path, urls: list[str], prompt: str, tokens: int,
 @click.option("--delays", default="0,5,10,20", show_default=True)
 @click.option("--tokens", default=64, show_default=True)
 @click.option("--draft-max", default=8, show_default=True)
+@click.option("--max-windows", default=3, show_default=True, help="Verify windows in flight.")
 @click.option("--model", default="default", show_default=True)
-def main(delays: str, tokens: int, draft_max: int, model: str) -> None:
+def main(delays: str, tokens: int, draft_max: int, max_windows: int, model: str) -> None:
     path = resolve_model(model, progress=False)
     modes = {"none": SpeculationConfig(mode="none"),
-             "ngram": SpeculationConfig(mode="ngram", draft_max=draft_max)}
+             "ngram": SpeculationConfig(mode="ngram", draft_max=draft_max,
+                                        max_windows=max_windows)}
     with tempfile.TemporaryDirectory(prefix="mesh-wan-") as tmp, \
             LocalMesh(str(path), [(0, 9), (9, 18)], Path(tmp), ctx=1024, slots=8,
                       threads=1) as mesh:

@@ -350,3 +350,15 @@ def test_a_required_tool_call_comes_back_as_typed_tool_calls(client):
     assert json.loads(calls[0].function.arguments) == json.loads(call.function.arguments)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     assert all(not (c.choices and c.choices[0].delta.content) for c in chunks)
+
+
+@pytest.mark.gemma
+def test_metrics_count_verify_windows_and_usage_stays_exact(client, api):
+    prompt = "def add(a, b):\n    return a + b\n\n" * 5 + "def add"
+    before = {name: _metric(api, f"mesh_speculative_{name}")
+              for name in ("windows", "drafted", "accepted")}
+    result = client.completions.create(model="m", prompt=prompt, max_tokens=40, temperature=0)
+    after = {name: _metric(api, f"mesh_speculative_{name}") for name in before}
+    assert after["windows"] > before["windows"] and after["accepted"] > before["accepted"]
+    assert after["drafted"] - before["drafted"] >= after["accepted"] - before["accepted"]
+    assert result.usage.completion_tokens == 40 and result.choices[0].finish_reason == "length"

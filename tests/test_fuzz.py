@@ -60,7 +60,7 @@ def structured(draw):
     good = {
         "session": draw(st.integers(0, 20)), "origin": ORIGIN, "epoch": EPOCHS[-1],
         "pos": draw(st.integers(0, 40)), "next_epoch": None,
-        "n": draw(st.integers(1, 3)), "tokens": None, "embd": None, "sampling": {},
+        "n": draw(st.integers(1, 6)), "tokens": None, "embd": None, "sampling": {},
         "history": None, "keep": draw(st.integers(0, 40)), "prefix_id": None,
         "grammar": draw(st.sampled_from([None, *HOSTILE_GRAMMARS])), "salt": None,
         "sessions": None, "records": [],
@@ -68,6 +68,9 @@ def structured(draw):
     }
     good["tokens"] = fr.pack_tokens(draw(st.lists(st.integers(0, 300), min_size=good["n"],
                                                    max_size=good["n"])))
+    drafted = draw(st.sampled_from([good["n"] - 1, good["n"]]))  # a verify window's draft
+    good["draft"] = fr.pack_tokens(draw(st.lists(st.integers(0, 300), min_size=drafted,
+                                                  max_size=drafted))) if drafted else None
     fields = {}
     for name in fr.SCHEMA[kind]:
         fields[name] = good.get(name) if draw(st.booleans()) and name in good else draw(values)

@@ -168,3 +168,60 @@ def test_a_grammar_with_no_way_on_is_an_error_not_a_native_exception(tiny_llama)
         chain.close()
     finally:
         model.close()
+
+
+def test_verify_windows_at_real_stages_pieces_rewinds_stale_drops_and_bad_drafts(tiny_llama,
+                                                                                 tmp_path):
+    """Windows longer than a stage's exact rows run in pieces and sample what single steps
+    sample; a rejected window's later rows are cut at every stage, the window sent after it is
+    dropped unanswered, and a bad window is its session's error."""
+    prompt = [1, 50, 60, 70]
+    with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=256, slots=4) as mesh:
+        first, last = RawPeer(mesh.urls[0], ORIGIN), RawPeer(mesh.urls[1], ORIGIN)
+        try:
+            info = first.handshake(mesh.urls[1], last.epoch)
+            assert last.handshake(None, None, 1)["kind"] == fr.STAGE_INFO
+            assert info["exact_rows"] < 12
+
+            def tokens(session, count):
+                return [last.recv() for _ in range(count)]
+
+            first.send(first.prompt(1, prompt))
+            truth = [tokens(1, 1)[0]["token"]]
+            for i in range(12):
+                first.send(first.work(fr.DECODE, 1, 4 + i, [truth[-1]]))
+                truth.append(tokens(1, 1)[0]["token"])
+
+            # A whole window of 12 rows (more than the exact rows: pieces), lookahead included.
+            first.send(first.prompt(2, prompt))
+            assert tokens(2, 1)[0]["token"] == truth[0]
+            first.send(first.work(fr.DECODE, 2, 4, truth[:12], draft=fr.pack_tokens(truth[1:13])))
+            got = tokens(2, 12)
+            assert [m["token"] for m in got] == truth[1:13]
+            assert [m["pos"] for m in got] == list(range(5, 17))
+
+            # Wrong at index 5: six samples come back, the next window is stale, a resume runs.
+            first.send(first.prompt(3, prompt))
+            tokens(3, 1)
+            draft = truth[1:9]
+            draft[5] = (draft[5] + 1) % 256
+            first.send(first.work(fr.DECODE, 3, 4, truth[:8], draft=fr.pack_tokens(draft)),
+                       first.work(fr.DECODE, 3, 12, [draft[7]], draft=None))
+            assert [m["token"] for m in tokens(3, 6)] == truth[1:7]
+            first.send(first.work(fr.DECODE, 3, 10, [truth[6]]))
+            (resumed,) = tokens(3, 1)
+            assert (resumed["pos"], resumed["token"]) == (11, truth[7])
+
+            # Bad windows are their session's errors; the stages keep serving.
+            bad = first.work(fr.DECODE, 2, 16, [truth[12], 5], draft=fr.pack_tokens([5, 10**6]))
+            first.send(bad)
+            assert last.recv()["code"] == "invalid_input"
+            below = first.work(fr.DECODE, 1, 2, [5])  # inside the prompt
+            assert first.ask(below)["code"] == "invalid_input"
+            assert first.ping() and last.ping()
+        finally:
+            first.close()
+            last.close()
+        for stage in mesh.stages:
+            assert stage.proc.poll() is None
+            assert "Traceback" not in stage.log_path.read_text()

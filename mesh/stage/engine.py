@@ -329,6 +329,8 @@ class StageEngine:
         compute every row and forward them as one frame."""
         rt, start = self.runtime, 0
         hidden, sampled = [], None
+        if rt.is_last and item.frame["draft"] is not None:  # all of it, before any piece runs
+            rt.check_vocab(fr.unpack_tokens(item.frame["draft"]), "draft")
         for rows in window_pieces(item.pos, item.n, self.batching):
             chunk = self._prepare(item, slice(start, start + rows))
             result = rt.decode([chunk])[0]

@@ -305,12 +305,10 @@ class StageRuntime:
                     not draft.size):
                 raise InvalidInputError("a draft needs sampling and one token per row (the "
                                         "last row's may be left out)")
-            if int(draft.min()) < 0 or int(draft.max()) >= self.n_vocab:
-                raise InvalidInputError(f"draft token id out of range [0, {self.n_vocab})")
+            self.check_vocab(draft, "draft")
         if history is not None:
             history = np.asarray(history)
-            if history.size and (int(history.min()) < 0 or int(history.max()) >= self.n_vocab):
-                raise InvalidInputError(f"history token id out of range [0, {self.n_vocab})")
+            self.check_vocab(history, "history")
         state = self._get(session)
         if sample is not None and (state.sampler is None or state.sampler.params != sample):
             # Built here, not at sampling time: a grammar that does not parse is this frame's
@@ -329,6 +327,11 @@ class StageRuntime:
                 f"session holds {state.length} of {self.session_ctx} KV cells; "
                 f"{n} more do not fit", 1)
         return Chunk(session, state.seq, pos, rows, sample, history, want_logits, draft)
+
+    def check_vocab(self, ids: np.ndarray, what: str) -> None:
+        """Final stage: token ids a frame names must be in the vocabulary."""
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab):
+            raise InvalidInputError(f"{what} token id out of range [0, {self.n_vocab})")
 
     def decode(self, chunks: Sequence[Chunk]) -> list[StepResult]:
         """Run the chunks (one per session, each already ``prepare``d) in one llama_decode.
