@@ -60,6 +60,10 @@ def _speculation_options(fn):
     from mesh.coordinator.speculation import DRAFT_MAX, SPECULATIVE_MODES
     from mesh.transport.wire import MAX_DRAFT_TOKENS
 
+    fn = click.option("--draft-model", default=None, type=click.Path(dir_okay=False),
+                      help="A small GGUF with the target's vocabulary that drafts in the "
+                           "coordinator's process (pays on slow links and large targets); "
+                           "without it, drafts come from n-gram lookup.")(fn)
     fn = click.option("--draft-max", default=DRAFT_MAX, show_default=True,
                       type=click.IntRange(1, MAX_DRAFT_TOKENS),
                       help="Most drafted tokens in one verify window.")(fn)
@@ -70,10 +74,12 @@ def _speculation_options(fn):
                              "the output.")(fn)
 
 
-def _speculation(speculative: str, draft_max: int):
+def _speculation(speculative: str, draft_max: int, draft_model: str | None):
     from mesh.coordinator.speculation import SpeculationConfig
+    from mesh.models import resolve_model
 
-    return SpeculationConfig(mode=speculative, draft_max=draft_max)
+    model = str(resolve_model(draft_model)) if draft_model else None
+    return SpeculationConfig(mode=speculative, draft_max=draft_max, draft_model=model)
 
 
 def _generation_options(fn):
@@ -104,7 +110,8 @@ def _generation_options(fn):
 @_speculation_options
 @_generation_options
 def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_file, speculative,
-             draft_max, max_tokens, temperature, top_p, seed, stop, as_json) -> None:
+             draft_max, draft_model, max_tokens, temperature, top_p, seed, stop,
+             as_json) -> None:
     """Raw-text completion through a running chain of stages."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.logs import configure
@@ -117,7 +124,7 @@ def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_
         path = resolve_model(model_spec)
         asyncio.run(_generate(path, list(stages), prompt, params, prefill_chunk, as_json,
                               connect_timeout, _mesh_keys(secret_file),
-                              _speculation(speculative, draft_max)))
+                              _speculation(speculative, draft_max, draft_model)))
     except MeshError as exc:
         _fail(str(exc))
 
@@ -171,7 +178,8 @@ DEFAULT_MODEL_NOTE = (
 @_speculation_options
 @_generation_options
 def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, insecure,
-       speculative, draft_max, max_tokens, temperature, top_p, seed, stop, as_json) -> None:
+       speculative, draft_max, draft_model, max_tokens, temperature, top_p, seed, stop,
+       as_json) -> None:
     """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.launcher import LocalMesh, balanced_split, even_split
@@ -199,7 +207,10 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
     secret = log_dir / "mesh.secret"  # this chain's own: only its members talk to its stages
     write_secret(secret)
     mesh_keys = _mesh_keys(str(secret))
-    speculation = _speculation(speculative, draft_max)
+    try:
+        speculation = _speculation(speculative, draft_max, draft_model)
+    except MeshError as exc:
+        _fail(str(exc))
     with LocalMesh(str(path), ranges, log_dir, ctx=ctx, slots=slots, threads=threads,
                    secret=secret) as local:
         click.echo(f"stages: {' '.join(local.urls)} (logs in {log_dir})", err=True)
@@ -239,7 +250,7 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
 @_secret_option
 @_speculation_options
 def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys, insecure,
-          secret_file, speculative, draft_max) -> None:
+          secret_file, speculative, draft_max, draft_model) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
     from mesh.models import resolve_model
@@ -250,7 +261,7 @@ def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys,
         _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
                decode_groups=decode_groups, api_keys=api_keys,
                mesh_keys=_mesh_keys(secret_file), retry_wait_s=retry_wait_s,
-               speculation=_speculation(speculative, draft_max))
+               speculation=_speculation(speculative, draft_max, draft_model))
     except MeshError as exc:
         _fail(str(exc))
 

@@ -1,6 +1,7 @@
 """Decode speed across slow links, speculation off and on: tok/s at 0, 5, 10, 20 ms one-way delay.
 
     python scripts/bench_wan.py [--delays 0,5,10,20] [--tokens 64] [--draft-max 8]
+                                [--max-windows 3] [--draft-model PATH|default]
 
 Two stages (0:9 | 9:18, 1 thread each) on this host, with a link-delay shim
 (``tests/linkdelay.py``, a TCP forwarder holding each direction's bytes for the delay) in front
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import time
@@ -57,12 +59,17 @@ async def _run(model: Path, urls: list[str], prompt: str, tokens: int,
 @click.option("--tokens", default=64, show_default=True)
 @click.option("--draft-max", default=8, show_default=True)
 @click.option("--max-windows", default=3, show_default=True, help="Verify windows in flight.")
+@click.option("--draft-model", default=None,
+              help="Also run with this draft model ('default': the target itself).")
 @click.option("--model", default="default", show_default=True)
-def main(delays: str, tokens: int, draft_max: int, max_windows: int, model: str) -> None:
+def main(delays: str, tokens: int, draft_max: int, max_windows: int, draft_model: str | None,
+         model: str) -> None:
     path = resolve_model(model, progress=False)
-    modes = {"none": SpeculationConfig(mode="none"),
-             "ngram": SpeculationConfig(mode="ngram", draft_max=draft_max,
-                                        max_windows=max_windows)}
+    ngram = SpeculationConfig(mode="ngram", draft_max=draft_max, max_windows=max_windows)
+    modes = {"none": SpeculationConfig(mode="none"), "ngram": ngram}
+    if draft_model:
+        modes["model"] = dataclasses.replace(
+            ngram, draft_model=str(resolve_model(draft_model, progress=False)))
     with tempfile.TemporaryDirectory(prefix="mesh-wan-") as tmp, \
             LocalMesh(str(path), [(0, 9), (9, 18)], Path(tmp), ctx=1024, slots=8,
                       threads=1) as mesh:
@@ -77,16 +84,22 @@ def main(delays: str, tokens: int, draft_max: int, max_windows: int, model: str)
                     runs = {mode: asyncio.run(_run(path, urls, text, tokens, config))
                             for mode, config in modes.items()}
                     rows.append((delay, name, runs))
-    print(f"{'delay':>6} {'text':>10} {'none tok/s':>11} {'ngram tok/s':>12} {'ratio':>6} "
-          f"{'accepted':>9} {'tok/window':>11} {'same tokens':>12}")
+    spec_modes = [m for m in modes if m != "none"]
+    print(f"{'delay':>6} {'text':>10} {'none tok/s':>11} " + " ".join(
+        f"{m + ' tok/s':>12} {'ratio':>6} {'accepted':>9} {'tok/window':>11} {'same':>5}"
+        for m in spec_modes))
     for delay, name, runs in rows:
-        (off, off_ids, _), (on, on_ids, spec) = runs["none"], runs["ngram"]
-        accepted = spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0
-        # a window yields its accepted drafts plus the model's own token
-        per_window = (spec["accepted"] + spec["windows"]) / spec["windows"] if spec["windows"] \
-            else 0.0
-        print(f"{delay:>3.0f} ms {name:>10} {off:>11.1f} {on:>12.1f} {on / off:>5.2f}x "
-              f"{accepted:>8.0%} {per_window:>11.2f} {str(off_ids == on_ids):>12}")
+        off, off_ids, _ = runs["none"]
+        cells = []
+        for mode in spec_modes:
+            on, on_ids, spec = runs[mode]
+            accepted = spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0
+            # a window yields its accepted drafts plus the model's own token
+            per_window = ((spec["accepted"] + spec["windows"]) / spec["windows"]
+                          if spec["windows"] else 0.0)
+            cells.append(f"{on:>12.1f} {on / off:>5.2f}x {accepted:>8.0%} {per_window:>11.2f} "
+                         f"{str(off_ids == on_ids):>5}")
+        print(f"{delay:>3.0f} ms {name:>10} {off:>11.1f} " + " ".join(cells))
 
 
 if __name__ == "__main__":

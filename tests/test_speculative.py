@@ -65,6 +65,9 @@ class ScriptedDrafter:
     def extend(self, tokens):
         self.tokens += tokens
 
+    def close(self):
+        pass
+
     def propose(self, count, assumed=None):
         start = len(self.tokens) + len(assumed or []) - self.prompt
         out = []
@@ -131,3 +134,16 @@ def test_with_two_threads_windows_end_where_rows_would_leave_the_exact_path(gemm
     assert n < 256 < n + 64  # the run crosses the boundary
     assert result.token_ids == single_greedy(gemma_path, result.prompt_token_ids, 64)
     assert result.speculation["accepted"] > 0
+
+
+def test_a_draft_model_drafts_novel_text_without_changing_it(gemma_path, mesh2):
+    """The target drafting for itself (its draft context batches rows the chain ran one at a
+    time, so a near tie can go the other way): most guesses hold, and the output is the output
+    without drafts."""
+    greedy = GenerationParams(max_tokens=32)
+    (off,) = _complete(gemma_path, mesh2.urls, [NOVEL], greedy, OFF)
+    (on,) = _complete(gemma_path, mesh2.urls, [NOVEL], greedy,
+                      dataclasses.replace(ON, draft_model=str(gemma_path)))
+    assert on.token_ids == off.token_ids
+    assert on.speculation["drafted"] > 20
+    assert on.speculation["accepted"] >= 0.6 * on.speculation["drafted"]

@@ -69,6 +69,7 @@ class Coordinator:
         self.generator: Generator | None = None
         self._settings = (prefill_chunk, admission_wait_s, prefix_cache, retry_wait_s)
         self.speculation = speculation
+        self.draft_model = None
         self.wait_observer = None  # set by the API's metrics
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -90,6 +91,18 @@ class Coordinator:
         self.generator = Generator(self.chain, self.sessions, self.prefixes, self.pacer,
                                    self.tokenizer, self.admission, prefill_chunk, retry_wait_s,
                                    self.speculation)
+        if self.speculation.enabled and self.speculation.draft_model:
+            from mesh.coordinator.draft_model import DraftModel
+
+            try:
+                self.draft_model = await loop.run_in_executor(
+                    None, DraftModel, Path(self.speculation.draft_model),
+                    self.tokenizer.n_vocab, self.chain.session_ctx)
+            except BaseException:
+                await self.close()
+                raise
+            self.generator.drafter_factory = self.draft_model.drafter
+            self.generator.drafts_compute = True
         log.info("coordinator_ready", stages=len(self.links), n_layer=self.chain.n_layer,
                  restored_prefixes=restored)
 
@@ -99,6 +112,9 @@ class Coordinator:
             for session in self.sessions.ids():
                 self.prefixes.stop(session, None, b"")
         await self.chain.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
+            self.draft_model = None
         if self.tokenizer is not None:
             self.tokenizer.close()
             self.tokenizer = None

@@ -49,3 +49,6 @@ class NgramDrafter:
                 out.append(context[at] if at < len(context) else out[at - len(context)])
             return out
         return []
+
+    def close(self) -> None:
+        """Nothing held (a model drafter gives its KV stream back)."""

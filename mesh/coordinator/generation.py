@@ -115,6 +115,7 @@ class Generator:
         self.speculation = speculation
         self.speculated = SpeculationStats()  # every request's windows, for metrics
         self.drafter_factory = NgramDrafter  # a request's drafter, from its prompt
+        self.drafts_compute = False  # drafting computes (a draft model): off the event loop
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams, hold: bool = False
                      ) -> AsyncIterator[Delta | Completion]:
@@ -217,7 +218,10 @@ class Generator:
                     # compute while the caller streams, and the pacer sends it with its group
                     # (more windows of a session already in flight leave at once).
                     first = not spec.in_flight
-                    windows = spec.next_windows(budget - len(token_ids), self._speculate())
+                    plan = functools.partial(spec.next_windows, budget - len(token_ids),
+                                             self._speculate())
+                    windows = (await asyncio.get_running_loop().run_in_executor(None, plan)
+                               if self.drafts_compute else plan())
                     if windows and first:
                         self.pacer.ready(session, functools.partial(
                             self._send_windows, session, windows))
@@ -250,6 +254,7 @@ class Generator:
             self.sessions.close(session)
             self.pacer.forget(session)
             self.prefixes.stop(session, prompt_ids if completed else None, params.cache_salt)
+            spec.close()
             for name, value in spec.stats.as_dict().items():
                 setattr(self.speculated, name, getattr(self.speculated, name) + value)
 

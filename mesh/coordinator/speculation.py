@@ -42,6 +42,8 @@ class Drafter(Protocol):
 
     def propose(self, count: int, assumed: list[int] | None = None) -> list[int]: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class SpeculationConfig:
@@ -49,6 +51,7 @@ class SpeculationConfig:
     draft_max: int = DRAFT_MAX
     max_windows: int = MAX_WINDOWS
     max_sessions: int = MAX_SESSIONS
+    draft_model: str | None = None  # a GGUF sharing the target's vocabulary (else n-grams)
 
     @property
     def enabled(self) -> bool:
@@ -166,6 +169,10 @@ class Speculator:
             first, pos, budget, proposal = draft[-1], pos + n, budget - n, proposal[n:]
         self.in_flight.extend(windows)
         return windows
+
+    def close(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()
 
     def _target(self) -> int:
         return 1 + min(self.streak, self.config.max_windows - 1)
