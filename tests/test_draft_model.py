@@ -49,3 +49,13 @@ def test_proposals_follow_the_text_and_what_is_assumed_and_cut_back_what_it_drop
 def test_a_draft_model_must_share_the_targets_vocabulary(tiny_llama):
     with pytest.raises(InvalidInputError, match="vocabulary"):
         DraftModel(tiny_llama, 12345, n_ctx=256)
+
+
+def test_a_drafter_outliving_its_model_proposes_nothing_and_closes_quietly(tiny_llama):
+    with NativeModel(tiny_llama, vocab_only=True) as vocab:
+        draft = DraftModel(tiny_llama, vocab.n_vocab, n_ctx=256, slots=1)
+    drafter = draft.drafter([1, 50, 60])
+    draft.close()  # the coordinator shut down while a request still held a drafter
+    assert drafter.propose(3) == []
+    drafter.close()
+    assert isinstance(draft.drafter([1, 2]), NgramDrafter)

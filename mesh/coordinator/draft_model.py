@@ -48,23 +48,28 @@ class DraftModel:
         self.batch = Batch(DRAFT_BATCH, 0)
         self.lock = threading.Lock()  # one llama context: one decode at a time
         self._free = list(range(slots))
+        self.closed = False
 
     def drafter(self, prompt: list[int]):
         """A session's drafter: a stream of the pool, or prompt lookup when none is free."""
         with self.lock:
-            if not self._free:
+            if not self._free:  # all taken (or closed)
                 return NgramDrafter(prompt)
             return ModelDrafter(self, self._free.pop(), prompt)
 
     def release(self, seq: int) -> None:
-        with self.lock:
+        """Give a stream back (the caller holds ``lock``)."""
+        if not self.closed:
             self.ctx.seq_rm(seq, -1, -1)
             self._free.append(seq)
 
     def close(self) -> None:
-        self.batch.close()
-        self.ctx.close()
-        self.model.close()
+        with self.lock:  # after any proposal still running in the executor
+            self.closed = True
+            self._free.clear()
+            self.batch.close()
+            self.ctx.close()
+            self.model.close()
 
 
 class ModelDrafter:
@@ -94,6 +99,8 @@ class ModelDrafter:
     def _propose(self, target: list[int], count: int) -> list[int]:
         owner = self._owner
         with owner.lock:
+            if self._closed or owner.closed:  # ended while this proposal waited for the lock
+                return []
             keep = 0
             limit = min(len(self._cached), len(target) - 1)  # the last token is fed again
             while keep < limit and self._cached[keep] == target[keep]:
@@ -117,6 +124,7 @@ class ModelDrafter:
         return owner.ctx.logits_row(len(tokens) - 1, owner.model.n_vocab)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._owner.release(self._seq)
+        with self._owner.lock:
+            if not self._closed:
+                self._closed = True
+                self._owner.release(self._seq)
