@@ -129,7 +129,7 @@ def hop_latency_us(n: int) -> tuple[float, float]:
     samples = []
     for i in range(n + 200):
         t0 = time.perf_counter()
-        sock.send(fr.encode(fr.DECODE, session=1, origin=b"bench", pos=i, n=1,
+        sock.send(fr.encode(fr.DECODE, session=1, origin=b"bench", epoch=0, pos=i, n=1,
                             tokens=fr.pack_tokens([0]), embd=fr.pack_embd(hidden), draft=None))
         msg = fr.decode(sock.recv())
         fr.unpack_embd(msg["embd"], 1, 640)

@@ -7,6 +7,8 @@ import pytest
 
 from tests.tiny_gguf import TINY_GEMMA3, TINY_LLAMA, write_tiny_model
 
+_RUN_CACHE: list[str] = []
+
 
 def pytest_configure(config):
     # Slices and assembled models go to a per-run cache unless the caller shares one.
@@ -14,6 +16,16 @@ def pytest_configure(config):
         import tempfile
 
         os.environ["MESH_CACHE_DIR"] = tempfile.mkdtemp(prefix="mesh-test-cache-")
+        _RUN_CACHE.append(os.environ["MESH_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+    # A run's cache holds a 270 MB model and its slices: left behind, runs fill the disk.
+    import shutil
+
+    for path in _RUN_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
+        os.environ.pop("MESH_CACHE_DIR", None)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.coordinator.links import HandshakeError, StageUnavailableError
+from mesh.coordinator.speculation import SpeculationConfig
 from mesh.launcher import LocalMesh
 from mesh.stage.local_chain import SingleContext
 from mesh.stage.runtime import RuntimeConfig
@@ -185,3 +186,19 @@ def test_killed_stage_fails_fast_and_a_restarted_stage_serves(gemma_path, tmp_pa
         message, result = with_coordinator(gemma_path, mesh.urls, body)
     assert "stopped answering" in message
     assert len(result.token_ids) == 6
+
+
+def test_concurrent_decode_steps_reach_the_stages_as_one_batch(gemma_path, mesh2):
+    """The pacer's group leaves as one message, so each stage runs the group's rows in one
+    llama_decode (sent as one message per session: 2.9 rows a step here, against 3.7)."""
+    prompts = [[2, 818, 100 + i, 5279, 529] for i in range(4)]
+
+    async def body(coord):
+        before = await coord.stage_stats()
+        await asyncio.gather(*(coord.complete(p, _greedy(64)) for p in prompts))
+        return before, await coord.stage_stats()
+    before, after = with_coordinator(gemma_path, mesh2.urls, body, prefix_cache=False,
+                                     speculation=SpeculationConfig(mode="none"))
+    for a, b in zip(before, after, strict=True):
+        rows, steps = b["decode_rows"] - a["decode_rows"], b["decode_steps"] - a["decode_steps"]
+        assert rows >= 4 * 63 and rows / steps >= 3.4, (rows, steps)

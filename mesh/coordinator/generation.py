@@ -271,10 +271,11 @@ class Generator:
         return rows, min(cells) if cells else None
 
     def _send_windows(self, session: int, windows: list[Window]) -> None:
+        """Post the windows: they leave with the pacer's group (one message, so the stage
+        batches the group's rows), or at the end of this turn of the event loop."""
         for window in windows:
             self._send_work(wire.DECODE, session, window.pos, window.tokens,
                             draft=fr.pack_tokens(window.draft) if window.draft else None)
-        self.chain.first.flush()
 
     def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams,
                       start_pos: int = 0) -> None:
