@@ -135,7 +135,7 @@ async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_
     from mesh.coordinator.coordinator import Completion, Coordinator
 
     coord = Coordinator(path, stages, prefill_chunk=prefill_chunk, keys=mesh_keys,
-                        **({"speculation": speculation} if speculation else {}))
+                        speculation=speculation)
     await coord.start(handshake_timeout_s=connect_timeout)
     try:
         result = None

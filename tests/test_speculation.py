@@ -62,7 +62,7 @@ PROMPT = list(range(100, 110))  # 10 tokens, the first sampled token takes posit
 def speculator(**config) -> Speculator:
     cells = config.pop("cells", None)
     rows = config.pop("rows", 9)
-    return Speculator(SpeculationConfig(**config), PROMPT, rows, cells)
+    return Speculator(SpeculationConfig(**config), PROMPT, rows, cells, NgramDrafter)
 
 
 def test_a_repeating_output_goes_out_in_chained_windows_and_comes_back_whole():

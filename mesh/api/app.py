@@ -378,8 +378,7 @@ def run_server(path: Path, stages: list[str], host: str, port: int, announce: bo
     import uvicorn
 
     coordinator = Coordinator(path, stages, decode_groups=decode_groups, keys=mesh_keys,
-                              retry_wait_s=retry_wait_s,
-                              **({"speculation": speculation} if speculation else {}))
+                              retry_wait_s=retry_wait_s, speculation=speculation)
     settings = ApiSettings(model_id=path.stem, api_keys=api_keys,
                            announce_url=f"http://{host}:{port}" if announce else None)
     app = create_app(settings, coordinator)

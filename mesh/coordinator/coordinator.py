@@ -51,7 +51,7 @@ class Coordinator:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
                  prefix_cache: bool = True, decode_groups: int = 1,
                  keys: MeshKeys | None = None, retry_wait_s: float = RETRY_WAIT_S,
-                 speculation: SpeculationConfig = SpeculationConfig()):
+                 speculation: SpeculationConfig | None = None):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
@@ -68,7 +68,7 @@ class Coordinator:
         self.prefixes: PrefixProtocol | None = None
         self.generator: Generator | None = None
         self._settings = (prefill_chunk, admission_wait_s, prefix_cache, retry_wait_s)
-        self.speculation = speculation
+        self.speculation = speculation or SpeculationConfig()
         self.draft_model = None
         self.wait_observer = None  # set by the API's metrics
 

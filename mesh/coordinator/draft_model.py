@@ -87,7 +87,7 @@ class ModelDrafter:
         target = self._tokens + (assumed or [])
         owner = self._owner
         count = min(count, owner.n_ctx - len(target))
-        if count < 1 or self._closed:
+        if count < 1:
             return []
         try:
             return self._propose(target, count)

@@ -102,7 +102,7 @@ class Generator:
     def __init__(self, chain: Chain, sessions: Sessions, prefixes: PrefixProtocol,
                  pacer: DecodePacer, tokenizer: Tokenizer, admission: Admission,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, retry_wait_s: float = RETRY_WAIT_S,
-                 speculation: SpeculationConfig = SpeculationConfig()):
+                 speculation: SpeculationConfig | None = None):
         self.chain = chain
         self.sessions = sessions
         self.prefixes = prefixes
@@ -112,7 +112,7 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.retry_wait_s = retry_wait_s
         self.retries = 0  # requests re-run since start, for metrics
-        self.speculation = speculation
+        self.speculation = speculation or SpeculationConfig()
         self.speculated = SpeculationStats()  # every request's windows, for metrics
         self.drafter_factory = NgramDrafter  # a request's drafter, from its prompt
         self.drafts_compute = False  # drafting computes (a draft model): off the event loop
@@ -194,7 +194,7 @@ class Generator:
         t_first = None
         completed = False
         spec = Speculator(self.speculation, prompt_ids, *self._window_limits(),
-                          drafter_factory=self.drafter_factory)
+                          self.drafter_factory)
         try:
             cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt)
             self._send_prefill(session, prompt_ids, params, cached)
@@ -255,8 +255,7 @@ class Generator:
             self.pacer.forget(session)
             self.prefixes.stop(session, prompt_ids if completed else None, params.cache_salt)
             spec.close()
-            for name, value in spec.stats.as_dict().items():
-                setattr(self.speculated, name, getattr(self.speculated, name) + value)
+            self.speculated.add(spec.stats)
 
     def _speculate(self) -> bool:
         return self.speculation.enabled and len(self.sessions) <= self.speculation.max_sessions

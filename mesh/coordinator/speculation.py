@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mesh.coordinator.drafting import NgramDrafter
-
 SPECULATIVE_MODES = ("ngram", "none")
 DRAFT_MAX = 8
 MAX_WINDOWS = 3
@@ -76,6 +74,11 @@ class SpeculationStats:
     drafted: int = 0  # drafted tokens they checked
     accepted: int = 0  # of those, the ones the model sampled too
 
+    def add(self, other: SpeculationStats) -> None:
+        self.windows += other.windows
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+
     def as_dict(self) -> dict[str, int]:
         return {"windows": self.windows, "drafted": self.drafted, "accepted": self.accepted}
 
@@ -88,8 +91,8 @@ class Speculator:
     prompt: list[int]
     rows_limit: int  # rows one window may hold (the chain's exact_rows)
     cells_limit: int | None  # a window ends at or before this position (exact_cells)
+    drafter_factory: Callable[[list[int]], Drafter]  # the request's drafter, from its prompt
     stats: SpeculationStats = field(default_factory=SpeculationStats)
-    drafter_factory: Callable[[list[int]], Drafter] = NgramDrafter
 
     def __post_init__(self) -> None:
         self.drafter = self.drafter_factory(self.prompt) if self.config.enabled else None

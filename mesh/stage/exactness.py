@@ -69,12 +69,14 @@ def probe(runtime: StageRuntime, limit: int) -> ExactBatching:
             runtime.open_session(key)
             runtime.run(key, 0, **_inputs(runtime, key[1], PROBE_PROMPT, salt=0))
         alone = [_step(runtime, [key])[0] for key in keys]
+        window = _inputs(runtime, keys[0][1], limit, salt=2)
+        stepped = _one_at_a_time(runtime, keys[0], window)
         exact = 1
         for rows in range(2, limit + 1):
             together = _step(runtime, keys[:rows])
             if not all(np.array_equal(a, b) for a, b in zip(alone[:rows], together, strict=True)):
                 break
-            if not _window_exact(runtime, keys[0], rows):
+            if not _window_exact(runtime, keys[0], window, stepped, rows):
                 break
             exact = rows
     finally:
@@ -96,23 +98,30 @@ def _step(runtime: StageRuntime, keys: list) -> list[np.ndarray]:
     return [r.logits if runtime.is_last else r.hidden for r in results]
 
 
-def _window_exact(runtime: StageRuntime, key, rows: int) -> bool:
-    """One session's ``rows`` rows in one llama_decode against the same rows one at a time
-    (all rows' hidden states; the final stage, the last row's logits)."""
-    inputs = _inputs(runtime, key[1], rows, salt=2)
-    stepped = []
-    for i in range(rows):
+def _one_at_a_time(runtime: StageRuntime, key, inputs: dict[str, np.ndarray]
+                   ) -> list[np.ndarray]:
+    """The outputs of one session's rows decoded one step at a time (then undone)."""
+    outputs = []
+    for i in range(len(next(iter(inputs.values())))):
         row = {name: value[i:i + 1] for name, value in inputs.items()}
         result = runtime.decode([runtime.prepare(key, PROBE_PROMPT + i,
                                                  want_logits=runtime.is_last, **row)])[0]
-        stepped.append(result.logits if runtime.is_last else result.hidden)
+        outputs.append(result.logits if runtime.is_last else result.hidden)
     runtime.trim_session(key, PROBE_PROMPT)
-    window = runtime.decode([runtime.prepare(key, PROBE_PROMPT, want_logits=runtime.is_last,
-                                             **inputs)])[0]
+    return outputs
+
+
+def _window_exact(runtime: StageRuntime, key, inputs: dict[str, np.ndarray],
+                  stepped: list[np.ndarray], rows: int) -> bool:
+    """The first ``rows`` rows of ``inputs`` in one llama_decode against ``stepped`` (all
+    rows' hidden states; the final stage, the last row's logits)."""
+    window = runtime.decode([runtime.prepare(
+        key, PROBE_PROMPT, want_logits=runtime.is_last,
+        **{name: value[:rows] for name, value in inputs.items()})])[0]
     runtime.trim_session(key, PROBE_PROMPT)
     if runtime.is_last:
-        return np.array_equal(window.logits, stepped[-1])
-    return np.array_equal(window.hidden, np.concatenate(stepped))
+        return np.array_equal(window.logits, stepped[rows - 1])
+    return np.array_equal(window.hidden, np.concatenate(stepped[:rows]))
 
 
 def _inputs(runtime: StageRuntime, index: int, n: int, salt: int) -> dict[str, np.ndarray]:

@@ -61,18 +61,28 @@ class RuntimeConfig:
 @dataclass
 class StepResult:
     hidden: np.ndarray | None = None  # non-final stages: f32 [n_tokens, n_embd]
-    token: int | None = None  # final stage, when sampling was asked for
     logits: np.ndarray | None = None  # final stage, when asked for (raw, before sampling)
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     error: MeshError | None = None  # this session's sampling failed (the others' did not)
-    # A verify window (final stage): every token sampled, in order, with its log-probability
-    # and top list; the first is ``token``. ``rejected``: a sample differed from the draft, so
-    # the rows after it were cut and the frames already sent after this window are stale.
+    # Final stage, when sampling was asked for: every token sampled, in order (one; a verify
+    # window's several), with its log-probability and top list. ``rejected``: a window's
+    # sample differed from the draft, so the rows after it were cut and the frames already
+    # sent after this window are stale.
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
     rejected: bool = False
+
+    @property
+    def token(self) -> int | None:
+        return self.tokens[0] if self.tokens else None
+
+    @property
+    def logprob(self) -> float | None:
+        return self.logprobs[0] if self.logprobs else None
+
+    @property
+    def top_logprobs(self) -> list[tuple[int, float]]:
+        return self.tops[0] if self.tops else []
 
 
 @dataclass(frozen=True)
@@ -382,9 +392,6 @@ class StageRuntime:
         for chunk, state in zip(chunks, states, strict=True):
             row += chunk.n
             try:
-                if chunk.draft is not None:
-                    results.append(self._verify(state, chunk, row - chunk.n))
-                    continue
                 results.append(self._final_result(state, chunk, row - 1))
             except MeshError as exc:  # e.g. a grammar with no way on: this session's error
                 results.append(StepResult(error=exc))
@@ -416,54 +423,41 @@ class StageRuntime:
             raise InvalidInputError("hidden states contain NaN or infinity")
         return h
 
-    def _final_result(self, state: _Session, chunk: Chunk, index: int) -> StepResult:
-        result = StepResult()
-        sample, want_logits = chunk.sample, chunk.want_logits
-        if sample is None and not want_logits:
-            return result
-        logits = None
-        if want_logits or (sample is not None and sample.n_logprobs):
-            logits = self.ctx.logits_row(index, self.n_vocab)
-        if want_logits:
-            result.logits = logits
-        if sample is not None:
-            state.sampling = sample
-            result.token = state.sampler.sample(self.ctx.ptr, index, logits)
-            state.last_token, state.stale = result.token, False
-            if sample.n_logprobs or want_logits:
-                result.logprob, result.top_logprobs = top_logprobs(
-                    logits, result.token, sample.n_logprobs)
-            result.tokens = [result.token]
-            result.logprobs, result.tops = [result.logprob], [result.top_logprobs]
-        return result
+    def _final_result(self, state: _Session, chunk: Chunk, last: int) -> StepResult:
+        """Logits (``want_logits``) of the chunk's last row, output ``last``, and its samples.
 
-    def _verify(self, state: _Session, chunk: Chunk, first: int) -> StepResult:
-        """Sample a window's rows in order and stop at the first sample that differs from
-        the draft (or after the last row). Each sample comes from the same sampler, in the
-        same order, as one decode step at a time would draw it: accepted tokens, the sampler's
-        state and its random draws are those of a run without drafts, so the output
-        distribution (and, with a seed, every token) is unchanged. The rows after the last
-        accepted one are cut."""
+        A plain chunk samples its last row. A verify window samples its rows in order and
+        stops at the first sample that differs from the draft (or after the last row); the
+        rows after the last one sampled from are cut. Every sample comes from the session's
+        sampler in the order one decode step at a time would draw it: the accepted tokens,
+        the sampler's state and its random draws are those of a run without drafts, so the
+        output (with a seed, every token) is unchanged."""
+        result = StepResult()
+        if chunk.want_logits:
+            result.logits = self.ctx.logits_row(last, self.n_vocab)
         sample = chunk.sample
+        if sample is None:
+            return result
         state.sampling = sample
-        result = StepResult(rejected=False)
-        for i in range(chunk.n):
-            logits = (self.ctx.logits_row(first + i, self.n_vocab) if sample.n_logprobs
-                      else None)
-            token = state.sampler.sample(self.ctx.ptr, first + i, logits)
-            logprob, top = (top_logprobs(logits, token, sample.n_logprobs) if logits is not None
-                            else (None, []))
+        draft = [] if chunk.draft is None else chunk.draft.tolist()
+        first = last - chunk.n + 1 if draft else last
+        for i, index in enumerate(range(first, last + 1)):
+            logits = result.logits if index == last else None
+            if logits is None and sample.n_logprobs:
+                logits = self.ctx.logits_row(index, self.n_vocab)
+            token = state.sampler.sample(self.ctx.ptr, index, logits)
+            logprob, top = (None, []) if logits is None else top_logprobs(
+                logits, token, sample.n_logprobs)
             result.tokens.append(token)
             result.logprobs.append(logprob)
             result.tops.append(top)
-            if i >= chunk.draft.size:
+            if i >= len(draft):
                 break
-            if token != int(chunk.draft[i]):
+            if token != draft[i]:
                 result.rejected = True
                 break
-        result.token, result.logprob, result.top_logprobs = (
-            result.tokens[0], result.logprobs[0], result.tops[0])
-        self.trim_session(chunk.session, chunk.pos + len(result.tokens))
+        if draft:
+            self.trim_session(chunk.session, chunk.pos + len(result.tokens))
         state.last_token, state.stale = result.tokens[-1], result.rejected
         return result
 

@@ -266,7 +266,7 @@ def _check_window(msg: dict[str, Any]) -> None:
         raise ProtocolError(E_BAD_FIELD, "Decode: tokens must be set at every stage")
     if draft is None and n > 1:
         raise ProtocolError(E_BAD_FIELD, "Decode: a window of several tokens needs a draft")
-    if draft is not None and len(draft) not in (4 * (n - 1), 4 * n) or draft == b"":
+    if draft is not None and (not draft or len(draft) not in (4 * (n - 1), 4 * n)):
         raise ProtocolError(E_BAD_SHAPE, f"Decode: draft must hold n - 1 or n int32 token ids "
                                          f"(n = {n})")
 
