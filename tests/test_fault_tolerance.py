@@ -27,8 +27,11 @@ COUNT = "Counting from one to a thousand: one, two, three, four, five,"
 def _live_sessions(urls) -> list[int]:
     out = []
     for url in urls:
-        with RawPeer(url, b"observer") as peer:
-            out.append(peer.ping()["sessions"])
+        # A fresh routing id per poll: a reused one may reconnect before the stage saw it go.
+        with RawPeer(url, learn_epoch=False) as peer:
+            pong = peer.ping()
+            assert pong is not None, f"{url} answers a Ping"
+            out.append(pong["sessions"])
     return out
 
 
