@@ -27,7 +27,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shim
 
 from mesh.coordinator.coordinator import Coordinator, GenerationParams  # noqa: E402
-from mesh.coordinator.speculation import SpeculationConfig  # noqa: E402
+from mesh.coordinator.speculation import DRAFT_MAX, MAX_WINDOWS, SpeculationConfig  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
 from mesh.models import resolve_model  # noqa: E402
 from tests.linkdelay import DelayedLink  # noqa: E402
@@ -57,8 +57,9 @@ async def _run(model: Path, urls: list[str], prompt: str, tokens: int,
 @click.command()
 @click.option("--delays", default="0,5,10,20", show_default=True)
 @click.option("--tokens", default=64, show_default=True)
-@click.option("--draft-max", default=8, show_default=True)
-@click.option("--max-windows", default=3, show_default=True, help="Verify windows in flight.")
+@click.option("--draft-max", default=DRAFT_MAX, show_default=True)
+@click.option("--max-windows", default=MAX_WINDOWS, show_default=True,
+              help="Verify windows in flight.")
 @click.option("--draft-model", default=None,
               help="Also run with this draft model ('default': the target itself).")
 @click.option("--model", default="default", show_default=True)

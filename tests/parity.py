@@ -1,4 +1,5 @@
-"""Run a chain of stages and one single context side by side on the same chunks."""
+"""Run a chain of stages and one single context side by side on the same chunks, and the
+single-context greedy run that end-to-end outputs are compared with."""
 
 from __future__ import annotations
 
@@ -9,6 +10,22 @@ import numpy as np
 
 from mesh.stage.local_chain import LocalChain, SingleContext
 from mesh.stage.runtime import RuntimeConfig
+
+
+def single_greedy(model, prompt_ids, n: int,
+                  config: RuntimeConfig = RuntimeConfig(n_ctx=1024, n_seq_max=2)) -> list[int]:
+    """``n`` greedy tokens after the prompt from one llama.cpp context (the parity reference)."""
+    ctx = SingleContext(model, config)
+    try:
+        logits = ctx.logits(0, 0, np.array(prompt_ids, np.int32))
+        out: list[int] = []
+        while True:
+            out.append(int(np.argmax(logits)))
+            if len(out) == n:
+                return out
+            logits = ctx.logits(0, len(prompt_ids) + len(out) - 1, np.array(out[-1:], np.int32))
+    finally:
+        ctx.close()
 
 
 @dataclass

@@ -1,27 +1,18 @@
 """The draft model drafter (``--draft-model``) on tiny models: greedy proposals that equal the
 model's own greedy run, streams that keep what the text kept, and a vocabulary check."""
 
-import numpy as np
 import pytest
 
 from mesh.coordinator.draft_model import DraftModel
 from mesh.coordinator.drafting import NgramDrafter
 from mesh.errors import InvalidInputError
-from mesh.stage.local_chain import SingleContext
 from mesh.stage.native import NativeModel
 from mesh.stage.runtime import RuntimeConfig
+from tests.parity import single_greedy
 
 
 def greedy(model, tokens, n):
-    ctx = SingleContext(model, RuntimeConfig(n_ctx=256, n_seq_max=1))
-    try:
-        logits, out = ctx.logits(0, 0, np.array(tokens, np.int32)), []
-        for _ in range(n):
-            out.append(int(np.argmax(logits)))
-            logits = ctx.logits(0, len(tokens) + len(out) - 1, np.array(out[-1:], np.int32))
-        return out
-    finally:
-        ctx.close()
+    return single_greedy(model, tokens, n, RuntimeConfig(n_ctx=256, n_seq_max=1))
 
 
 def test_proposals_follow_the_text_and_what_is_assumed_and_cut_back_what_it_dropped(

@@ -11,32 +11,15 @@ from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.coordinator.links import HandshakeError, StageUnavailableError
 from mesh.coordinator.speculation import SpeculationConfig
 from mesh.launcher import LocalMesh
-from mesh.stage.local_chain import SingleContext
-from mesh.stage.runtime import RuntimeConfig
 from mesh.transport import frames as fr
 from tests.meshutil import running_mesh, with_coordinator
+from tests.parity import single_greedy
 from tests.rawpeer import RawPeer
 
 pytestmark = pytest.mark.gemma
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a village",
            "The three primary colors are"]
-
-
-def single_greedy(model, prompt_ids, n):
-    ctx = SingleContext(model, RuntimeConfig(n_ctx=1024, n_seq_max=2))
-    try:
-        out, pos = [], 0
-        logits = ctx.logits(0, 0, np.array(prompt_ids, np.int32))
-        pos = len(prompt_ids)
-        for _ in range(n):
-            token = int(np.argmax(logits))
-            out.append(token)
-            logits = ctx.logits(0, pos, np.array([token], np.int32))
-            pos += 1
-        return out
-    finally:
-        ctx.close()
 
 
 @pytest.fixture(scope="module")

@@ -285,6 +285,28 @@ def test_sampling_is_seeded_and_logprobs_are_consistent(tiny_llama):
     assert runs[0] == runs[1]
 
 
+def test_a_refused_frame_leaves_the_sessions_sampler_as_it_was(tiny_llama):
+    """A frame refused at its position carries other sampling params: the session's sampler
+    (its random state) must not be rebuilt for it, so the draws go on as without it."""
+    params = SamplingParams(temperature=0.9, top_k=40, seed=123)
+    other = SamplingParams(temperature=0.5, seed=7)
+    runs = []
+    for refuse in (False, True):
+        with StageRuntime(slice_model(tiny_llama, 0, 4), CFG) as rt:
+            rt.open_session("s")
+            tokens, pos, tok = [], 0, _tokens(8)
+            for _ in range(12):
+                if refuse:
+                    with pytest.raises(InvalidInputError, match="position"):
+                        rt.prepare("s", pos + 1, tokens=tok, sample=other)
+                out = rt.run("s", pos, tokens=tok, sample=params)
+                pos += len(tok)
+                tok = np.array([out.token], dtype=np.int32)
+                tokens.append(out.token)
+            runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
 def test_greedy_sample_equals_argmax_of_logits(tiny_llama):
     chain = LocalChain(tiny_llama, [(0, 4)], CFG)
     try:

@@ -13,7 +13,7 @@ import pytest
 from mesh.coordinator.coordinator import GenerationParams
 from mesh.coordinator.speculation import SpeculationConfig
 from tests.meshutil import running_mesh, with_coordinator
-from tests.test_mesh import single_greedy
+from tests.parity import single_greedy
 
 pytestmark = pytest.mark.gemma
 

@@ -9,13 +9,13 @@ from mesh.coordinator.coordinator import GenerationParams
 from mesh.errors import OverloadedError
 from mesh.stage.engine import StageEngine
 from mesh.stage.exactness import ExactBatching
-from mesh.stage.local_chain import SingleContext
 from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import RuntimeConfig, StageRuntime
 from mesh.stage.slicing import slice_model
 from mesh.transport import frames as fr
 from mesh.transport.sockets import Mailbox
 from tests.meshutil import running_mesh, with_coordinator
+from tests.parity import single_greedy
 from tests.rawpeer import RawPeer
 
 ORIGIN = b"coord-raw"
@@ -125,16 +125,8 @@ def test_a_2048_token_frame_at_one_thread_is_served_and_equals_one_process(gemma
         result, busiest, seconds = with_coordinator(gemma_path, mesh.urls, body,
                                                     prefill_chunk=2048)
     print(f"1900-token frame: {seconds:.1f} s end to end, longest step seen {busiest} ms")
-    single = SingleContext(gemma_path, RuntimeConfig(n_ctx=2304, n_batch=2048, n_ubatch=512,
-                                                     n_threads=1))
-    try:
-        logits = single.logits(0, 0, np.array(prompt, np.int32))
-        expected = []
-        for pos in range(len(prompt), len(prompt) + len(result.token_ids)):
-            expected.append(int(np.argmax(logits)))
-            logits = single.logits(0, pos, np.array([expected[-1]], np.int32))
-    finally:
-        single.close()
+    expected = single_greedy(gemma_path, prompt, len(result.token_ids), RuntimeConfig(
+        n_ctx=2304, n_batch=2048, n_ubatch=512, n_threads=1))
     assert result.token_ids == expected and len(expected) == 8
     assert busiest >= 500  # Pongs kept coming while one step computed, and said so
 

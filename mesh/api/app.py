@@ -296,10 +296,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
                                             finish, chat, index=index))
                 item = await anext(stream, None)
             if body.stream_options and body.stream_options.include_usage:
-                usage = _full_response(rid, created, model, [(r, None) for r in finished],
-                                       chat)["usage"]
                 yield json.dumps({"id": rid, "object": obj, "created": created, "model": model,
-                                  "choices": [], "usage": usage})
+                                  "choices": [], "usage": _usage(finished)})
             yield "[DONE]"
         except asyncio.CancelledError:
             metrics.request(endpoint, "cancelled")
@@ -352,15 +350,20 @@ def _choice(index: int, result: Completion, chat: bool, logprobs, tools=None) ->
 
 def _full_response(rid, created, model, results: list[tuple[Completion, Any]], chat: bool,
                    tools=None) -> dict:
-    """One response with a choice per (result, logprobs); the prompt counts once in usage."""
-    usage = dict(results[0][0].usage)
-    completion = sum(len(result.token_ids) for result, _ in results)
-    usage["completion_tokens"] = completion
-    usage["total_tokens"] = usage["prompt_tokens"] + completion
+    """One response with a choice per (result, logprobs)."""
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": model, "usage": usage,
+            "created": created, "model": model, "usage": _usage([r for r, _ in results]),
             "choices": [_choice(i, result, chat, lp, tools)
                         for i, (result, lp) in enumerate(results)]}
+
+
+def _usage(results: list[Completion]) -> dict[str, Any]:
+    """The choices' usage together: the prompt counts once, every choice's tokens count."""
+    usage = dict(results[0].usage)
+    completion = sum(len(result.token_ids) for result in results)
+    usage["completion_tokens"] = completion
+    usage["total_tokens"] = usage["prompt_tokens"] + completion
+    return usage
 
 
 def _curl_line(base_url: str, key: str | None) -> str:

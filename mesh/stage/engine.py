@@ -343,9 +343,7 @@ class StageEngine:
             if sampled is None:
                 sampled = result
             else:
-                sampled.tokens += result.tokens
-                sampled.logprobs += result.logprobs
-                sampled.tops += result.tops
+                sampled.extend(result)
             if result.rejected or len(result.tokens) < rows:
                 break
         if rt.is_last:

@@ -72,6 +72,13 @@ class StepResult:
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
     rejected: bool = False
 
+    def extend(self, later: StepResult) -> None:
+        """Append the samples of a later piece of the same verify window."""
+        self.tokens += later.tokens
+        self.logprobs += later.logprobs
+        self.tops += later.tops
+        self.rejected = later.rejected
+
     @property
     def token(self) -> int | None:
         return self.tokens[0] if self.tokens else None
@@ -94,7 +101,6 @@ class Chunk:
     pos: int
     rows: np.ndarray  # f32 [n, n_embd]
     sample: SamplingParams | None
-    history: np.ndarray | None
     want_logits: bool
     draft: np.ndarray | None = None  # final stage: the token expected after each row
 
@@ -320,15 +326,6 @@ class StageRuntime:
             history = np.asarray(history)
             self.check_vocab(history, "history")
         state = self._get(session)
-        if sample is not None and (state.sampler is None or state.sampler.params != sample):
-            # Built here, not at sampling time: a grammar that does not parse is this frame's
-            # error, before it joins a batch.
-            sampler = SamplerChain(sample, self.n_vocab, self.model.vocab)
-            if history is not None:
-                sampler.seed_history(history)
-            if state.sampler is not None:
-                state.sampler.close()
-            state.sampler = sampler
         if pos != state.length:
             raise InvalidInputError(
                 f"chunk starts at position {pos}, session is at {state.length}")
@@ -336,7 +333,16 @@ class StageRuntime:
             raise KvSlotError(
                 f"session holds {state.length} of {self.session_ctx} KV cells; "
                 f"{n} more do not fit", 1)
-        return Chunk(session, state.seq, pos, rows, sample, history, want_logits, draft)
+        if sample is not None and (state.sampler is None or state.sampler.params != sample):
+            # Built here, not at sampling time: a grammar that does not parse is this frame's
+            # error, before it joins a batch. Last: a frame refused above leaves it as it was.
+            sampler = SamplerChain(sample, self.n_vocab, self.model.vocab)
+            if history is not None:
+                sampler.seed_history(history)
+            if state.sampler is not None:
+                state.sampler.close()
+            state.sampler = sampler
+        return Chunk(session, state.seq, pos, rows, sample, want_logits, draft)
 
     def check_vocab(self, ids: np.ndarray, what: str) -> None:
         """Final stage: token ids a frame names must be in the vocabulary."""

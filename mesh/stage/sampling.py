@@ -99,6 +99,7 @@ class SamplerChain:
     def __init__(self, params: SamplingParams, n_vocab: int, vocab=None):
         lib = llama()
         self.params = params
+        self.n_vocab = n_vocab
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._penalties = None
 
@@ -147,9 +148,8 @@ class SamplerChain:
         if self.params.grammar is None:
             return int(lib.llama_sampler_sample(self.ptr, ctx_ptr, output_index))
         if logits is None:
-            n = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(lib.llama_get_model(ctx_ptr)))
             row = lib.llama_get_logits_ith(ctx_ptr, output_index)
-            logits = np.ctypeslib.as_array(row, shape=(n,))
+            logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
         cells = np.empty(len(logits), dtype=_TOKEN_DATA)
         cells["id"] = np.arange(len(logits), dtype=np.int32)
         cells["logit"] = logits
