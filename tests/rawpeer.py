@@ -45,9 +45,10 @@ class RawPeer:
             return None
 
     def handshake(self, nxt: str | None = None, next_epoch: int | None = None,
-                  index: int = 0) -> dict:
+                  index: int = 0, next_tag: bytes | None = None,
+                  keeper: bytes | None = None) -> dict:
         self.send(fr.encode(fr.HANDSHAKE, origin=self.identity, next=nxt, next_epoch=next_epoch,
-                            model_sha256=None, index=index))
+                            next_tag=next_tag, model_sha256=None, index=index, keeper=keeper))
         return self.recv()
 
     def work(self, kind: str, session: int, pos: int, tokens=None, embd: bytes | None = None,
@@ -67,10 +68,17 @@ class RawPeer:
                          **extra)
 
     def stop(self, session: int, keep: int = 0, prefix_id: bytes | None = None,
-             origin: bytes | None = None) -> bytes:
+             origin: bytes | None = None, tokens=None, salt: bytes | None = None,
+             keeper: bytes | None = None) -> bytes:
         return fr.encode(fr.STOP, session=session, origin=origin or self.identity,
-                         epoch=self.epoch, keep=keep, prefix_id=prefix_id, tokens=None,
-                         salt=None)
+                         epoch=self.epoch, keep=keep, prefix_id=prefix_id,
+                         tokens=None if tokens is None else fr.pack_tokens(tokens), salt=salt,
+                         keeper=keeper)
+
+    def acquire(self, session: int, prefix_id: bytes, n: int,
+                origin: bytes | None = None) -> bytes:
+        return fr.encode(fr.ACQUIRE, session=session, origin=origin or self.identity,
+                         epoch=self.epoch, prefix_id=prefix_id, n=n)
 
     def send(self, *frames: bytes) -> None:
         self.sock.send_multipart(list(frames))

@@ -42,6 +42,8 @@ class Chain:
                  on_send_failure: Callable[[list[int], MeshError], None]):
         self.urls = list(urls)
         self.origin = origin
+        # Binds the prefix records our Stops keep to us (protocol.md, "Security").
+        self.keeper = keys.keeper if keys is not None else None
         self.model_sha256: str | None = None
         self.n_layer = 0
         self._zctx = zmq.asyncio.Context()
@@ -109,7 +111,8 @@ class Chain:
         nxt = self.links[link.index + 1] if link.index + 1 < len(self.links) else None
         return await link.handshake(self.origin, nxt.url if nxt else None,
                                     nxt.epoch if nxt else None, self.model_sha256, link.index,
-                                    timeout_s)
+                                    timeout_s, next_tag=nxt.link_tag if nxt else None,
+                                    keeper=self.keeper)
 
     def _check(self, infos: list[dict[str, Any]]) -> None:
         n_layer = infos[0]["n_layer"]

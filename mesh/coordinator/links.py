@@ -25,7 +25,7 @@ from mesh.errors import MeshError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
-from mesh.transport.security import MeshKeys
+from mesh.transport.security import ROLE_COORDINATOR, MeshKeys
 from mesh.transport.sockets import dealer
 
 log = get_logger("mesh.coordinator")
@@ -59,6 +59,8 @@ class StageLink:
         self.link_up = True  # its link to the next stage answers (Pong.downstream_ms)
         self._dispatch = dispatch
         self._on_send_failure = on_send_failure
+        if keys is not None:
+            keys.require(ROLE_COORDINATOR)  # a stage identity holds no coordinator key
         self._sock = dealer(zctx, url, identity=origin, immediate=True, keys=keys,
                             pair=keys.coordinator if keys is not None else None)
         self._posted: list[bytes] = []
@@ -173,12 +175,20 @@ class StageLink:
         """The stage process this link was handshaken with (frames to it carry it)."""
         return self.info["epoch"]
 
+    @property
+    def link_tag(self) -> bytes | None:
+        """What the stage's upstream must forward under (``StageInfo.link_tag``)."""
+        return self.info["link_tag"]
+
     async def handshake(self, origin: bytes, next_url: str | None, next_epoch: int | None,
                         model_sha256: str | None, index: int,
-                        timeout_s: float = HANDSHAKE_TIMEOUT_S) -> dict[str, Any]:
-        """Send Handshake until the stage answers (it may still be starting up)."""
+                        timeout_s: float = HANDSHAKE_TIMEOUT_S, next_tag: bytes | None = None,
+                        keeper: bytes | None = None) -> dict[str, Any]:
+        """Send Handshake until the stage answers (it may still be starting up). ``next_tag``
+        is the next stage's link tag; ``keeper`` asks for the records our Stops kept."""
         frame = fr.encode(wire.HANDSHAKE, origin=origin, next=next_url, next_epoch=next_epoch,
-                          model_sha256=model_sha256, index=index)
+                          next_tag=next_tag, model_sha256=model_sha256, index=index,
+                          keeper=keeper)
         deadline = time.monotonic() + timeout_s
         while True:
             self._handshake = asyncio.get_running_loop().create_future()

@@ -7,8 +7,10 @@ stage to keep its prompt; the prefix enters the index once the final stage's ``S
 confirms it, so a reuse never overtakes the keep. A new request waits for keeps posted less
 than ``PENDING_KEEP_WAIT_S`` ago, never longer: a ``Stopped`` that never comes (a stage went
 down) costs one request at most that second, not every later one.
-Restore: the first stage remembers the salt and token ids of each record it keeps, and every
-stage lists its records at handshake, so a restarted coordinator rebuilds its index.
+Restore: the first stage remembers the salt and token ids of each record it keeps, bound to the
+keeper tag our Stop carries (with mesh keys), and every stage lists its records at handshake (the
+first stage's token ids only to a handshake presenting the same keeper), so a restarted
+coordinator with the same identity rebuilds its index.
 """
 
 from __future__ import annotations
@@ -117,12 +119,13 @@ class PrefixProtocol:
                                            asyncio.get_running_loop().create_future())
         links = self._chain.links
         targets = links[:1] if links[0].alive else [link for link in links if link.alive]
+        keeper = getattr(self._chain, "keeper", None)
         for link in targets:
             first = keep and link.index == 0  # the first stage remembers what it keeps
             link.post(fr.encode(wire.STOP, session=session, origin=self._chain.origin,
                                 keep=keep, prefix_id=pid, epoch=link.epoch,
                                 tokens=fr.pack_tokens(keep_prompt) if first else None,
-                                salt=salt if first else None))
+                                salt=salt if first else None, keeper=keeper if first else None))
         return self._pending[session].done if keep else None
 
     def stopped(self, msg: dict[str, Any]) -> None:

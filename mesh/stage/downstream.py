@@ -12,7 +12,11 @@ retransmission timer. When the next stage answers again after a silence, the dat
 is replaced too, for the same reason; what it still held belongs to sessions the coordinator
 failed when the link went down (their Stops are covered by its session lists, see protocol.md).
 Both connections take a fresh routing id each time: the next stage's ROUTER ignores a new
-connection that reuses an id whose old connection it has not seen close.
+connection that reuses an id whose old connection it has not seen close. With mesh keys the id
+starts with the next stage's link tag (``StageInfo.link_tag``, passed on by the coordinator in
+``Handshake.next_tag``): the next stage accepts forwarded frames only from ids that carry it, so a
+stage-role member that is not its upstream cannot forge frames for others' sessions. The
+connection authenticates the next stage by the stages' CURVE server key.
 
 Owned by the stage's transport thread, like every socket of the stage.
 """
@@ -38,14 +42,20 @@ FORWARDER_PREFIX = b"fwd-"  # routing ids of a stage's connections to the next s
 PROBE_RESET_S = 1.0  # while silent, the probe reconnects this often
 
 
-def forwarder_id() -> bytes:
-    return FORWARDER_PREFIX + os.urandom(8).hex().encode()
+def forwarder_prefix(tag: bytes | None) -> bytes:
+    """What the routing ids of connections forwarding under ``tag`` start with."""
+    return FORWARDER_PREFIX + (tag.hex().encode() + b"-" if tag is not None else b"")
+
+
+def forwarder_id(tag: bytes | None = None) -> bytes:
+    return forwarder_prefix(tag) + os.urandom(8).hex().encode()
 
 
 class Downstream:
     def __init__(self, zctx: zmq.Context, url: str, keys: MeshKeys | None, poller: zmq.Poller,
-                 stage: str):
+                 stage: str, tag: bytes | None = None):
         self.url = url
+        self.tag = tag  # the next stage's link tag, carried in our routing ids
         self._zctx, self._keys, self._poller, self._stage = zctx, keys, poller, stage
         self._pings = itertools.count(1)
         now = time.monotonic()
@@ -57,7 +67,7 @@ class Downstream:
 
     def _connect(self) -> zmq.Socket:
         keys = self._keys
-        sock = dealer(self._zctx, self.url, identity=forwarder_id(), keys=keys,
+        sock = dealer(self._zctx, self.url, identity=forwarder_id(self.tag), keys=keys,
                       pair=keys.stage if keys is not None else None)
         self._poller.register(sock, zmq.POLLIN)
         return sock

@@ -9,17 +9,24 @@ engine, and sends what the engine mails back. The compute thread
 never depends on how long a frame computes.
 
 With mesh keys, the ROUTER is a CURVE server behind a ZAP handler: only members reach it, and
-each frame comes with its sender's role. Handshakes come only from coordinators; a session
-frame comes either from its owner (``origin`` is the sender, a coordinator) or from a stage
-forwarding it. Without keys (loopback, or ``--insecure``) every peer is trusted, and only the
-forwarder naming (``fwd-``) tells stages from coordinators.
+each frame comes with its sender's role. Handshakes (and the session lists of pings) count only
+from coordinators; a session frame comes either from its owner (``origin`` is the sender, a
+coordinator) or from this stage's upstream forwarding it: a stage-role connection whose routing
+id carries this process's link tag, which only coordinators learn (``StageInfo.link_tag``) and
+pass to the upstream stage alone (``Handshake.next_tag``). A stage-role member elsewhere can
+thus neither stop, trim nor feed another's session. ``next`` must be a ``tcp://`` URL, and a
+handshake is told the token ids and salts of only the prefix records its ``keeper`` kept.
+Without keys (loopback, or ``--insecure``) every peer is trusted, and only the forwarder naming
+(``fwd-``) tells stages from coordinators.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import zmq
@@ -27,7 +34,7 @@ import zmq
 from mesh.errors import MeshError
 from mesh.logs import get_logger
 from mesh.stage import exactness
-from mesh.stage.downstream import FORWARDER_PREFIX, Downstream
+from mesh.stage.downstream import FORWARDER_PREFIX, Downstream, forwarder_prefix
 from mesh.stage.engine import QUEUE_BYTES, QUEUE_FRAMES, StageEngine
 from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import StageRuntime
@@ -41,6 +48,7 @@ log = get_logger("mesh.stage")
 POLL_MS = 100
 READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
 LEASE_S = 10.0  # an owner not heard from for this long loses its sessions
+MAX_KEEPERS = 4096  # prefix ids whose keeper this stage remembers (the most recently kept)
 
 
 class StageServer:
@@ -61,7 +69,11 @@ class StageServer:
         self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name, batching,
                                   queue_frames=queue_frames, queue_bytes=queue_bytes)
         self._zctx = zmq_context or zmq.Context.instance()
-        self._keys = keys
+        self._keys = keys.require(ROLE_STAGE) if keys is not None else None
+        # With keys: the tag our upstream's routing ids must carry to forward frames to us.
+        self.link_tag = os.urandom(wire.LINK_TAG_BYTES) if keys is not None else None
+        self._upstream = forwarder_prefix(self.link_tag)
+        self._keepers: OrderedDict[bytes, bytes] = OrderedDict()  # prefix id -> Stop.keeper
         self._guard = ZapGuard(self._zctx, keys) if keys is not None else None
         # This process: frames name it, so none meant for a previous one acts on this one.
         self.epoch = int.from_bytes(os.urandom(8), "little") >> 1
@@ -159,6 +171,8 @@ class StageServer:
             except MeshError as exc:
                 self._refuse(msg, exc)
                 return
+            if kind == wire.STOP:
+                self._note_keeper(msg)
             work.append((msg, len(payload)))
         else:
             self._reply(sender, fr.error_frame(wire.E_UNKNOWN_KIND,
@@ -167,16 +181,41 @@ class StageServer:
 
     def _authorize(self, sender: bytes, role: str | None, msg: dict[str, Any]) -> None:
         """A session frame comes from its owner, or from a stage forwarding the owner's frame:
-        a peer naming another peer's session is refused."""
+        a peer naming another peer's session is refused. With keys, the forwarder must be our
+        upstream (its routing id carries our link tag), and an Acquire is never forwarded."""
         if msg["origin"] == sender:
             allowed = self._keys is None or role == ROLE_COORDINATOR
         elif self._keys is not None:
-            allowed = role == ROLE_STAGE
+            allowed = (role == ROLE_STAGE and msg["kind"] != wire.ACQUIRE
+                       and sender.startswith(self._upstream))
         else:
             allowed = sender.startswith(FORWARDER_PREFIX)
         if not allowed:
             raise fr.ProtocolError(wire.E_FORBIDDEN, "a frame for a session its sender does "
                                                      "not own")
+
+    def _note_keeper(self, msg: dict[str, Any]) -> None:
+        """A Stop that asks us to remember a prefix's token ids binds them to its keeper; the
+        keeper goes no further down the chain."""
+        keeper, msg["keeper"] = msg["keeper"], None
+        pid = msg["prefix_id"]
+        if self._keys is None or keeper is None or pid is None or msg["tokens"] is None:
+            return
+        self._keepers[pid] = keeper
+        self._keepers.move_to_end(pid)
+        while len(self._keepers) > MAX_KEEPERS:
+            self._keepers.popitem(last=False)
+
+    def _records(self, keeper: bytes | None) -> list[bytes]:
+        """``StageInfo.records`` for a handshake presenting ``keeper``: with keys, a record
+        kept under another keeper is listed by its prefix id alone."""
+        entries = self.engine.stats.record_entries
+        if self._keys is None:
+            return list(entries)
+        return [entry if len(entry) == wire.PREFIX_ID_BYTES or (
+                    keeper is not None and hmac.compare_digest(
+                        self._keepers.get(entry[:wire.PREFIX_ID_BYTES], b""), keeper))
+                else entry[:wire.PREFIX_ID_BYTES] for entry in entries]
 
     def _refuse(self, msg: dict[str, Any], exc: MeshError) -> None:
         """A session frame that will not be queued: its owner hears why."""
@@ -225,15 +264,25 @@ class StageServer:
                                           f"coordinator expects {expected[:12]}")
             return
         nxt = msg["next"]
+        tag = msg["next_tag"] if nxt is not None else None
         if nxt is not None and not valid_url(nxt):
             refuse(wire.E_BAD_FIELD, "next must be a tcp://HOST:PORT, ipc:// or inproc:// URL")
+            return
+        if self._keys is not None and nxt is not None and not nxt.startswith("tcp://"):
+            refuse(wire.E_BAD_FIELD, "with mesh keys, next must be a tcp://HOST:PORT URL")
+            return
+        if self._keys is not None and nxt is not None and tag is None:
+            refuse(wire.E_BAD_FIELD, "with mesh keys, next_tag must carry the next stage's "
+                                     "link_tag")
             return
         if not 0 <= msg["index"] < 256:
             refuse(wire.E_BAD_FIELD, "index must be in [0, 256)")
             return
-        if nxt != (self._downstream.url if self._downstream is not None else None):
+        current = ((self._downstream.url, self._downstream.tag) if self._downstream is not None
+                   else (None, None))
+        if (nxt, tag) != current:
             try:
-                self._connect_downstream(nxt)
+                self._connect_downstream(nxt, tag)
             except zmq.ZMQError as exc:
                 refuse(wire.E_BAD_FIELD, f"cannot connect to the next stage: {exc}")
                 return
@@ -246,16 +295,17 @@ class StageServer:
             start=rt.start, end=rt.end, n_layer=rt.files.model.n_layer, n_embd=rt.n_embd,
             session_ctx=rt.session_ctx, slots=rt.config.n_seq_max,
             max_tokens=rt.config.n_batch, max_frame_bytes=wire.MAX_FRAME_BYTES,
-            epoch=self.epoch, stage=self.name, records=list(self.engine.stats.record_entries),
+            epoch=self.epoch, stage=self.name, records=self._records(msg["keeper"]),
             exact_rows=self.engine.batching.max_rows,
-            exact_cells=self.engine.batching.max_cells))
+            exact_cells=self.engine.batching.max_cells, link_tag=self.link_tag))
 
-    def _connect_downstream(self, url: str | None) -> None:
+    def _connect_downstream(self, url: str | None, tag: bytes | None) -> None:
         if self._downstream is not None:
             self._downstream.close()
             self._downstream = None
         if url is not None:
-            self._downstream = Downstream(self._zctx, url, self._keys, self._poller, self.name)
+            self._downstream = Downstream(self._zctx, url, self._keys, self._poller, self.name,
+                                          tag)
 
     def _pong(self, nonce: int) -> bytes:
         stats = self.engine.stats

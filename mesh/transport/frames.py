@@ -28,6 +28,8 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     E_UNKNOWN_KIND,
     ERROR,
     HANDSHAKE,
+    KEEPER_BYTES,
+    LINK_TAG_BYTES,
     MAX_DRAFT_TOKENS,
     MAX_ERROR_MESSAGE_CHARS,
     MAX_FRAME_BYTES,
@@ -73,17 +75,19 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
             "top": _LIST},
     STOP: {"session": _INT, "origin": _BIN, "epoch": _INT, "keep": _INT,
-           "prefix_id": _OPT_BIN, "tokens": _OPT_BIN, "salt": _OPT_BIN},
+           "prefix_id": _OPT_BIN, "tokens": _OPT_BIN, "salt": _OPT_BIN, "keeper": _OPT_BIN},
     STOPPED: {"session": _INT, "freed": _INT, "kept": _INT},
     ACQUIRE: {"session": _INT, "origin": _BIN, "epoch": _INT, "prefix_id": _BIN, "n": _INT},
     ACQUIRED: {"session": _INT, "prefix_id": _BIN, "n": _INT, "stage": _STR},
     ERROR: {"code": _STR, "message": _STR, "session": (int, type(None)), "stage": _STR},
     HANDSHAKE: {"origin": _BIN, "next": _OPT_STR, "next_epoch": _OPT_INT,
-                "model_sha256": _OPT_STR, "index": _INT},
+                "next_tag": _OPT_BIN, "model_sha256": _OPT_STR, "index": _INT,
+                "keeper": _OPT_BIN},
     STAGE_INFO: {"model_sha256": _STR, "arch": _STR, "start": _INT, "end": _INT,
                  "n_layer": _INT, "n_embd": _INT, "session_ctx": _INT, "slots": _INT,
                  "max_tokens": _INT, "max_frame_bytes": _INT, "epoch": _INT, "stage": _STR,
-                 "records": _LIST, "exact_rows": _INT, "exact_cells": _OPT_INT},
+                 "records": _LIST, "exact_rows": _INT, "exact_cells": _OPT_INT,
+                 "link_tag": _OPT_BIN},
     PING: {"nonce": _INT, "sessions": _OPT_BIN},
     PONG: {"nonce": _INT, "epoch": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
@@ -190,6 +194,10 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
         _check_token(msg)
     elif kind == STAGE_INFO:
         _check_records(msg["records"])
+        _check_size(msg, "link_tag", LINK_TAG_BYTES)
+    elif kind == HANDSHAKE:
+        _check_size(msg, "next_tag", LINK_TAG_BYTES)
+        _check_size(msg, "keeper", KEEPER_BYTES)
     elif kind == PING and msg["sessions"] is not None and len(msg["sessions"]) % 8:
         raise ProtocolError(E_BAD_FIELD, "Ping: sessions must be uint64 session ids")
     return msg
@@ -210,6 +218,12 @@ def _check_prefix(msg: dict[str, Any]) -> None:
                                              f"expected 4 * keep = {4 * n}")
         if salt is not None and len(salt) > MAX_SALT_BYTES:
             raise ProtocolError(E_BAD_FIELD, f"Stop: salt longer than {MAX_SALT_BYTES} bytes")
+        _check_size(msg, "keeper", KEEPER_BYTES)
+
+
+def _check_size(msg: dict[str, Any], field: str, size: int) -> None:
+    if msg[field] is not None and len(msg[field]) != size:
+        raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: {field} must be {size} bytes")
 
 
 def _check_records(records: list[Any]) -> None:

@@ -4,7 +4,7 @@ Constants only, no imports: the codec (``frames``), the sockets, the stage, the 
 the error hierarchy (``mesh.errors``) all take their names from here.
 """
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # ---- limits --------------------------------------------------------------------------------
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # one frame, length prefix excluded
@@ -18,6 +18,8 @@ MAX_SALT_BYTES = 255  # a cache salt (tenant) in a prefix id
 MAX_GRAMMAR_BYTES = 256 * 1024  # a GBNF grammar constraining sampling (structured output)
 MAX_RECORDS_REPORTED = 32  # prefix records a StageInfo lists (the most recently used)
 MAX_DRAFT_TOKENS = 16  # drafted tokens a Decode verify window may carry (it has one row more)
+LINK_TAG_BYTES = 16  # StageInfo.link_tag / Handshake.next_tag: who may forward to a stage
+KEEPER_BYTES = 16  # Stop.keeper / Handshake.keeper: whose prefix records a coordinator sees
 
 # ---- liveness (protocol.md, "Liveness, leases and deadlines") -----------------------------------
 HEARTBEAT_S = 0.5  # coordinators ping every stage, and stages the next stage, this often
