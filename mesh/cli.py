@@ -38,13 +38,15 @@ def model(spec: str) -> None:
 def _secret_option(fn):
     return click.option("--secret", "secret_file", envvar="MESH_SECRET_FILE", default=None,
                         type=click.Path(dir_okay=False),
-                        help="Mesh secret the stages were started with (CURVE).")(fn)
+                        help="The mesh secret, or a coordinator identity (`mesh secret MASTER "
+                             "--member coordinator FILE`): CURVE to the stages.")(fn)
 
 
 def _mesh_keys(secret_file: str | None):
-    from mesh.transport.security import derive_keys, load_secret
+    """A coordinator's keys from a master secret or a coordinator identity (else one line)."""
+    from mesh.transport.security import ROLE_COORDINATOR, load_keys
 
-    return derive_keys(load_secret(Path(secret_file))) if secret_file else None
+    return load_keys(Path(secret_file), ROLE_COORDINATOR) if secret_file else None
 
 
 def _api_options(fn):
@@ -278,19 +280,33 @@ def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
 
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def secret(path: Path) -> None:
+@click.option("--member", nargs=2, default=None, metavar="ROLE OUT",
+              type=(click.Choice(["stage", "coordinator"]),
+                    click.Path(dir_okay=False, path_type=Path)),
+              help="Instead: from the mesh secret PATH, write the identity of one member "
+                   "(stage or coordinator) to OUT.")
+def secret(path: Path, member: tuple[str, Path] | None) -> None:
     """Write a new mesh secret to PATH (mode 0600; an existing file is never overwritten).
 
-    Give the same file to every stage (`mesh-stage --secret`) and coordinator (`mesh serve
-    --secret`, `mesh generate --secret`): only its holders can talk to the stages.
+    Whoever holds the secret can act as any member. On one host, give it to every stage
+    (`mesh-stage --secret`) and coordinator (`mesh serve --secret`, `mesh generate --secret`).
+    Across hosts, give each a member identity instead (`--member stage OUT`, `--member
+    coordinator OUT`): a stage's cannot act as a coordinator (handshake, stop or read others'
+    sessions).
     """
-    from mesh.transport.security import write_secret
+    from mesh.transport.security import write_member, write_secret
 
     try:
-        write_secret(path)
+        if member is None:
+            write_secret(path)
+        else:
+            write_member(path, member[0], member[1])
     except MeshError as exc:
         _fail(str(exc))
-    click.echo(f"wrote a new mesh secret to {path}", err=True)
+    if member is None:
+        click.echo(f"wrote a new mesh secret to {path}", err=True)
+    else:
+        click.echo(f"wrote a {member[0]} identity of the mesh {path} to {member[1]}", err=True)
 
 
 def _checked_keys(host: str, api_keys: tuple[str, ...], insecure: bool) -> tuple[str, ...]:

@@ -60,8 +60,9 @@ def normalize_listen(text: str) -> str:
                    "would get alone; all: batch every session (faster past 256 tokens at >1 "
                    "thread, but outputs then depend on load).")
 @click.option("--secret", "secret_file", envvar="MESH_SECRET_FILE", default=None,
-              type=click.Path(dir_okay=False), help="Mesh secret (`mesh secret FILE`): only "
-              "peers holding it can reach the stage (CURVE).")
+              type=click.Path(dir_okay=False), help="Mesh secret (`mesh secret FILE`) or a "
+              "stage identity (`mesh secret MASTER --member stage FILE`): only members can "
+              "reach the stage (CURVE).")
 @click.option("--insecure", is_flag=True,
               help="Listen beyond loopback without a secret: anyone reaching the port is "
                    "trusted.")
@@ -81,7 +82,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
     from mesh.stage.server import StageServer
     from mesh.stage.slicing import slice_model
-    from mesh.transport.security import derive_keys, load_secret
+    from mesh.transport.security import ROLE_STAGE, load_keys
 
     configure(log_level)
     log = get_logger("mesh.stage")
@@ -92,7 +93,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
                    "--secret FILE (`mesh secret FILE` makes one), or --insecure", err=True)
         sys.exit(2)
     try:
-        keys = derive_keys(load_secret(secret_file)) if secret_file else None
+        keys = load_keys(secret_file, ROLE_STAGE) if secret_file else None
         path = resolve_model(model_spec)
         files = slice_model(path, start, end)
         config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
