@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mesh.errors import InvalidInputError
+from mesh.grammar import check_grammar as _check_grammar
 from mesh.stage.native import llama
-from mesh.transport.wire import MAX_LOGPROBS
+from mesh.transport.wire import MAX_GRAMMAR_REPEAT, MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -54,40 +55,14 @@ class SamplingParams:
 
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
-MAX_REPEAT = 1000  # largest {m,n} bound a grammar may use (llama.cpp expands each copy)
+MAX_REPEAT = MAX_GRAMMAR_REPEAT  # largest {m,n} bound a grammar may use
 
 
 def check_grammar(grammar: bytes) -> None:
-    """Refuse what llama.cpp's GBNF parser cannot take safely: text that is not UTF-8, and
-    repetition bounds ``{m,n}`` with m > n (the parser never returns) or past ``MAX_REPEAT``
-    (it expands every copy). Everything else it refuses itself, quickly."""
-    try:
-        text = grammar.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInputError("the grammar is not UTF-8 text") from None
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c in "\"[":  # a literal or a character class: braces inside are characters
-            close = '"' if c == '"' else "]"
-            i += 1
-            while i < n and text[i] != close:
-                i += 2 if text[i] == "\\" else 1
-        elif c == "#":
-            while i < n and text[i] != "\n":
-                i += 1
-        elif c == "{":
-            end = text.find("}", i)
-            bounds = text[i + 1:end if end >= 0 else n].replace(" ", "").split(",")
-            if end < 0 or len(bounds) > 2 or not all(b.isdigit() or not b for b in bounds) or (
-                    not bounds[0] and len(bounds) == 1):
-                raise InvalidInputError("the grammar has a malformed {m,n} repetition")
-            low = int(bounds[0] or 0)
-            high = int(bounds[1]) if len(bounds) == 2 and bounds[1] else low
-            if low > high or high > MAX_REPEAT:
-                raise InvalidInputError(f"grammar repetitions need m <= n <= {MAX_REPEAT}")
-            i = end
-        i += 1
+    """Refuse what llama.cpp's grammar code cannot take safely (``mesh.grammar``): text that is
+    not UTF-8, deep nesting or rule chains (its recursion ends the process), left recursion,
+    repetitions and expansions past the wire limits. Everything else it refuses itself."""
+    _check_grammar(grammar)
 
 
 class SamplerChain:

@@ -16,6 +16,16 @@ MAX_HISTORY_TOKENS = 64
 MAX_LOGPROBS = 20  # top log-probabilities per token
 MAX_SALT_BYTES = 255  # a cache salt (tenant) in a prefix id
 MAX_GRAMMAR_BYTES = 256 * 1024  # a GBNF grammar constraining sampling (structured output)
+# What one grammar may cost llama.cpp's grammar code (mesh/grammar.py checks them at both ends).
+# Measured on this build in an 8 MiB-stack thread: ~18,500 nested parentheses or ~65,000 chained
+# leading rule references overflow the stack; the limits keep a margin of 60x or more.
+MAX_GRAMMAR_NESTING = 128  # parentheses inside parentheses (the parser recurses per level)
+MAX_GRAMMAR_CHAIN = 1024  # rules reached one from the next without consuming a character
+MAX_GRAMMAR_RULES = 32 * 1024  # named and generated rules ({m,n} makes n - m of them)
+MAX_GRAMMAR_ELEMENTS = 512 * 1024  # grammar elements once repetitions are expanded
+MAX_GRAMMAR_REPEAT = 1000  # largest m or n in {m,n} (llama.cpp widens n > 2000 to unbounded)
+MAX_GRAMMAR_LEFT_CALLS = 1_000_000  # steps of llama.cpp's left-recursion check (not memoized)
+MAX_GRAMMAR_WIDTH = 1024  # stacks one grammar position expands to (alternatives, optionals)
 MAX_RECORDS_REPORTED = 32  # prefix records a StageInfo lists (the most recently used)
 MAX_DRAFT_TOKENS = 16  # drafted tokens a Decode verify window may carry (it has one row more)
 LINK_TAG_BYTES = 16  # StageInfo.link_tag / Handshake.next_tag: who may forward to a stage
