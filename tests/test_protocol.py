@@ -169,3 +169,25 @@ def test_random_maps_are_accepted_or_rejected_cleanly(body):
 def test_a_verify_window_carries_its_tokens_and_a_draft_to_every_stage(draft):
     msg = fr.decode(_frame({**WINDOW, "draft": b"\1\0\0\0" * draft, "embd": b"\0" * 24}))
     assert msg["n"] == 3 and len(msg["draft"]) == 4 * draft and msg["embd"] is not None
+
+
+HANDSHAKE = {"v": fr.PROTOCOL_VERSION, "kind": "Handshake", "origin": b"c", "next": None,
+             "next_epoch": None, "next_tag": None, "model_sha256": None, "index": 0,
+             "keeper": None}
+STOP = {"v": fr.PROTOCOL_VERSION, "kind": "Stop", "session": 1, "origin": b"c", "epoch": 3,
+        "keep": 0, "prefix_id": None, "tokens": None, "salt": None, "keeper": None}
+
+
+@pytest.mark.parametrize("body", [
+    {**HANDSHAKE, "next_tag": b"\0" * 15}, {**HANDSHAKE, "keeper": b"\0" * 17},
+    {**HANDSHAKE, "keeper": "not bin"}, {**STOP, "keeper": b"\0" * 8},
+    {k: v for k, v in HANDSHAKE.items() if k != "keeper"},
+    {k: v for k, v in STOP.items() if k != "keeper"},
+])
+def test_link_tags_and_keepers_are_16_bytes_or_nil(body):
+    with pytest.raises(fr.ProtocolError) as info:
+        fr.decode(_frame(body))
+    assert info.value.code == "bad_field"
+    ok = {**body, **{k: b"\1" * 16 for k in ("next_tag", "keeper") if k in body}}
+    if set(ok) >= set(fr.SCHEMA[body["kind"]]):
+        assert fr.decode(_frame(ok))["kind"] == body["kind"]
