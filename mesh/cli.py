@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -50,12 +51,40 @@ def _mesh_keys(secret_file: str | None):
 
 
 def _api_options(fn):
-    fn = click.option("--insecure", is_flag=True,
-                      help="Serve without API keys on a non-loopback host.")(fn)
+    """API keys, and what one key may take (mesh.api.limits): the command gets ``limits``."""
+    from mesh.api.limits import ApiLimits
+
+    defaults = ApiLimits()
+    names = ("requests_per_key", "key_share", "request_contexts", "request_timeout_s",
+             "stream_stall_s")
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        kwargs["limits"] = ApiLimits(**{name: kwargs.pop(name) for name in names})
+        return fn(*args, **kwargs)
+
+    for flag, name, kind, text in reversed((
+            ("--max-requests-per-key", "requests_per_key", click.IntRange(1),
+             "Requests one API key (or client host, without keys) may have in flight, queued "
+             "ones included; more get 429."),
+            ("--key-share", "key_share", click.FloatRange(0.0, 1.0, min_open=True),
+             "Share of the mesh's session slots one key may hold at once; waiting keys take "
+             "turns."),
+            ("--max-request-contexts", "request_contexts", click.IntRange(1),
+             "Tokens one request may generate over all its choices (n x max_tokens), in "
+             "contexts."),
+            ("--request-timeout", "request_timeout_s", click.FloatRange(1.0),
+             "Seconds one request may run; then it ends with finish_reason \"length\"."),
+            ("--stream-stall", "stream_stall_s", click.FloatRange(1.0),
+             "Seconds in total a stream may wait for its reader before it is cut."))):
+        command = click.option(flag, name, default=getattr(defaults, name), show_default=True,
+                               type=kind, help=text)(command)
+    command = click.option("--insecure", is_flag=True,
+                           help="Serve without API keys on a non-loopback host.")(command)
     return click.option("--api-key", "api_keys", multiple=True,
                         help="Bearer key for /v1/* and /metrics (repeat; or MESH_API_KEYS, "
                              "comma-separated). Each key is a tenant: prefixes are reused "
-                             "only within a key.")(fn)
+                             "only within a key.")(command)
 
 
 def _speculation_options(fn):
@@ -180,7 +209,7 @@ DEFAULT_MODEL_NOTE = (
 @_speculation_options
 @_generation_options
 def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, insecure,
-       speculative, draft_max, draft_model, max_tokens, temperature, top_p, seed, stop,
+       limits, speculative, draft_max, draft_model, max_tokens, temperature, top_p, seed, stop,
        as_json) -> None:
     """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
     from mesh.coordinator.coordinator import GenerationParams
@@ -224,7 +253,7 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
                                       mesh_keys=mesh_keys, speculation=speculation))
             else:
                 _serve(path, local.urls, host, port, announce=True, api_keys=api_keys,
-                       mesh_keys=mesh_keys, speculation=speculation)
+                       mesh_keys=mesh_keys, speculation=speculation, limits=limits)
         except MeshError as exc:
             local.check_running()
             _fail(str(exc))
@@ -252,7 +281,7 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
 @_secret_option
 @_speculation_options
 def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys, insecure,
-          secret_file, speculative, draft_max, draft_model) -> None:
+          limits, secret_file, speculative, draft_max, draft_model) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
     from mesh.models import resolve_model
@@ -263,19 +292,19 @@ def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys,
         _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
                decode_groups=decode_groups, api_keys=api_keys,
                mesh_keys=_mesh_keys(secret_file), retry_wait_s=retry_wait_s,
-               speculation=_speculation(speculative, draft_max, draft_model))
+               speculation=_speculation(speculative, draft_max, draft_model), limits=limits)
     except MeshError as exc:
         _fail(str(exc))
 
 
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
            decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None,
-           retry_wait_s: float = 30.0, speculation=None) -> None:
+           retry_wait_s: float = 30.0, speculation=None, limits=None) -> None:
     from mesh.api.app import run_server
 
     run_server(path, stages, host, port, announce=announce, decode_groups=decode_groups,
                api_keys=api_keys, mesh_keys=mesh_keys, retry_wait_s=retry_wait_s,
-               speculation=speculation)
+               speculation=speculation, limits=limits)
 
 
 @main.command()

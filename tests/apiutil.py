@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 
 import httpx
@@ -23,3 +25,18 @@ def wait_gauge(base: str, name: str, predicate, timeout_s: float = 10.0) -> list
         time.sleep(0.1)
         values = stage_gauge(base, name)
     return values
+
+
+def held_stream(base: str, key: str | None, prompt: list[int], n: int = 1) -> socket.socket:
+    """A stream whose reader never reads: with 20 logprobs a token, each choice sends ~300 KB
+    that the socket buffers can only partly take, so its session stays live for a while."""
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": prompt, "max_tokens": 480, "stream": True, "logprobs": 20,
+                       "temperature": 0, "n": n}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 + (f"\r\nAuthorization: Bearer {key}".encode() if key else b"") + b"\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock

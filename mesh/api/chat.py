@@ -6,27 +6,30 @@ GGUF ships none), so chat always works; tools and tool-role messages go through 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from mesh.coordinator.tokenizer import Tokenizer
+from mesh.errors import ContextLengthError
 
 # Gemma's turn format; the system prompt and tool definitions open the first user turn, and tool
-# results come back as user turns, as Gemma has no system or tool role.
+# results come back as user turns, as Gemma has no system or tool role. System messages are
+# said at the next user turn (the latest first); the template runs in time linear in its input.
 GEMMA_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- set preamble = namespace(text='') -%}"
-    "{%- if tools -%}{%- set preamble.text = 'You can call these tools by answering with a JSON "
-    "object {\"name\": ..., \"arguments\": {...}}:\\n' -%}"
-    "{%- for t in tools -%}{%- set preamble.text = preamble.text ~ (t | tojson) ~ '\\n' -%}"
-    "{%- endfor -%}{%- endif -%}"
+    "{%- set ns = namespace(since=-1, tools=true) -%}"
     "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}{%- set preamble.text = m['content'] ~ '\\n\\n' ~ "
-    "preamble.text -%}"
-    "{%- else -%}"
+    "{%- if m['role'] != 'system' -%}"
     "{%- set role = 'model' if m['role'] == 'assistant' else 'user' -%}"
     "{{ '<start_of_turn>' ~ role ~ '\\n' }}"
-    "{%- if role == 'user' and preamble.text -%}{{ preamble.text }}"
-    "{%- set preamble.text = '' -%}{%- endif -%}"
+    "{%- if role == 'user' -%}"
+    "{%- for s in messages[ns.since + 1:loop.index0] | selectattr('role', 'equalto', 'system')"
+    " | list | reverse -%}{{ (s['content'] or '') ~ '\\n\\n' }}{%- endfor -%}"
+    "{%- if tools and ns.tools -%}{{ 'You can call these tools by answering with a JSON "
+    "object {\"name\": ..., \"arguments\": {...}}:\\n' }}"
+    "{%- for t in tools -%}{{ (t | tojson) ~ '\\n' }}{%- endfor -%}{%- endif -%}"
+    "{%- set ns.since = loop.index0 -%}{%- set ns.tools = false -%}"
+    "{%- endif -%}"
     "{%- if m['role'] == 'tool' -%}{{ 'Tool result: ' }}{%- endif -%}"
     "{%- if m.get('content') -%}{{ m['content'] | trim }}{%- endif -%}"
     "{%- if m.get('tool_calls') -%}{%- for c in m['tool_calls'] -%}"
@@ -67,19 +70,33 @@ class ChatRenderer:
             [result.stop] if result.stop else [])
         return result.prompt, not result.added_special, stops + self.extra_stops
 
-    def render_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-                   ) -> tuple[list[int], list[str]]:
+    def render_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                   max_tokens: int | None = None) -> tuple[list[int], list[str]]:
         """Token ids of the rendered chat and its stop strings.
 
         The template's own text may hold special tokens; what the messages say is text: a user
-        who writes "<end_of_turn>" gets those characters, not the control token.
+        who writes "<end_of_turn>" gets those characters, not the control token. With
+        ``max_tokens``, a chat that cannot fit is refused before it is rendered or tokenized.
         """
+        tok = self._tokenizer
+        if max_tokens is not None:
+            size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+            size += len(json.dumps(tools)) if tools else 0
+            if size > max_tokens * tok.max_piece_bytes:
+                raise ContextLengthError(
+                    f"the messages hold over {max_tokens * tok.max_piece_bytes} characters, "
+                    f"more than the {max_tokens} tokens of the context")
         text, add_special, stops = self.render(messages, tools)
         spans = _content_spans(text, messages)
+        if max_tokens is not None:
+            outside = text if spans is None else "".join(
+                text[a:b] for a, b in zip([0] + [e for _, e in spans],
+                                          [s for s, _ in spans] + [len(text)], strict=True))
+            tok.check_cost(outside, max_tokens, parse_special=True)
+            tok.check_cost(text, max_tokens, parse_special=False)
         if spans is None:  # the template rewrites content: defuse special tokens inside it
             text, add_special, stops = self.render(self._defused(messages), tools)
             spans = []
-        tok = self._tokenizer
         ids: list[int] = []
         at = 0
         for start, end in spans:

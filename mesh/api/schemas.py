@@ -61,6 +61,9 @@ class _Sampling(BaseModel):
             raise InvalidInputError(f"at most {MAX_STOP_STRINGS} stop strings")
         return stops
 
+    def explicit_max_tokens(self) -> bool:
+        return self.max_tokens is not None
+
     def _max_tokens(self, default: int) -> int:
         return self.max_tokens if self.max_tokens is not None else default
 

@@ -4,8 +4,13 @@ Each session owns one KV stream of ``session_ctx`` cells at every stage, so KV i
 whole: a request whose prompt fits can never run out of KV mid-stream (its completion is capped
 at ``session_ctx - prompt`` tokens), and the only shared resource is the slots. A request takes
 a slot before its first frame and gives it back when its session ends; beyond the slots it
-waits FIFO, and after ``wait_s`` gets an overload error (HTTP 429 with Retry-After).
-``SlotBudget`` is the pure decision; ``Admission`` adds the asyncio queue around it.
+waits, and after ``wait_s`` gets an overload error (HTTP 429 with Retry-After).
+
+Slots are shared fairly between tenants (API keys, or client hosts without keys): a tenant
+holds at most ``tenant_slots`` at once, and waiting tenants take turns (round robin, first come
+first served within a tenant). The tenant whose turn it is is never overtaken by a smaller
+request, so a request for several slots cannot starve. ``SlotBudget`` is the pure count;
+``Admission`` adds the queue around it.
 """
 
 from __future__ import annotations
@@ -58,18 +63,23 @@ class SlotBudget:
 
 class Admission:
     def __init__(self, slots: int, session_ctx: int, wait_s: float = DEFAULT_WAIT_S,
-                 on_wait=None):
+                 on_wait=None, tenant_slots: int | None = None):
         self.on_wait = on_wait  # called with seconds waited, for metrics
         self.budget = SlotBudget(slots)
         self.session_ctx = session_ctx
         self.wait_s = wait_s
-        # (granted, slots wanted), first come first served: a request for several slots is
-        # not overtaken by smaller ones behind it
-        self._waiters: collections.deque[tuple[asyncio.Future, int]] = collections.deque()
+        self.tenant_slots = slots if tenant_slots is None else max(1, min(tenant_slots, slots))
+        self._held: collections.Counter[bytes] = collections.Counter()
+        # Waiting requests per tenant (granted, slots wanted), and the tenants' turn order.
+        self._queues: dict[bytes, collections.deque[tuple[asyncio.Future, int]]] = {}
+        self._turns: collections.deque[bytes] = collections.deque()
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiters)
+        return sum(len(q) for q in self._queues.values())
+
+    def held(self, tenant: bytes = b"") -> int:
+        return self._held[tenant]
 
     def check(self, prompt_tokens: int) -> None:
         """Refuse a prompt that leaves no room for one generated token."""
@@ -81,56 +91,91 @@ class Admission:
     def max_new_tokens(self, prompt_tokens: int, requested: int) -> int:
         return max(0, min(requested, self.session_ctx - prompt_tokens))
 
-    async def reserve(self, prompt_tokens: int, count: int = 1) -> None:
-        """Take ``count`` slots (one per session: choices of one prompt take several), waiting
-        FIFO up to ``wait_s``; give them back with ``release``."""
+    async def reserve(self, prompt_tokens: int, count: int = 1, tenant: bytes = b"") -> None:
+        """Take ``count`` slots for ``tenant`` (one per session: choices of one prompt take
+        several), waiting for its turn up to ``wait_s``; give them back with ``release``."""
         self.check(prompt_tokens)
-        if count > self.budget.capacity:
-            raise InvalidInputError(f"{count} sessions at once, but the mesh holds "
-                                    f"{self.budget.capacity}")
-        if not self._waiters and self.budget.try_reserve(count):
+        limit = min(self.budget.capacity, self.tenant_slots)
+        if count > limit:
+            raise InvalidInputError(f"{count} sessions at once, but one client may hold "
+                                    f"{limit} of the mesh's {self.budget.capacity}")
+        waiter = asyncio.get_running_loop().create_future()
+        if tenant not in self._queues:
+            self._queues[tenant] = collections.deque()
+            self._turns.append(tenant)
+        self._queues[tenant].append((waiter, count))
+        self._wake()
+        if waiter.done():
             self._log("admitted", 0.0)
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((waiter, count))
         t0 = time.monotonic()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.wait_s)
         except TimeoutError:
-            self._abandon(waiter, count)
+            self._abandon(waiter, count, tenant)
             self._log("rejected", time.monotonic() - t0)
             raise AdmissionTimeoutError(
                 f"no session slot free within {self.wait_s:.0f} s "
-                f"({self.budget.capacity} slots, {len(self._waiters)} waiting)") from None
+                f"({self.budget.capacity} slots, {self.queue_depth} waiting)") from None
         except asyncio.CancelledError:
-            self._abandon(waiter, count)
+            self._abandon(waiter, count, tenant)
             raise
         self._log("admitted", time.monotonic() - t0)
 
-    def release(self, count: int = 1) -> None:
+    def release(self, count: int = 1, tenant: bytes = b"") -> None:
+        if self._held[tenant] < count:
+            raise ValueError("release without a reservation")
         self.budget.release(count)
+        self._held[tenant] -= count
+        if not self._held[tenant]:
+            del self._held[tenant]
         self._wake()
 
-    def _abandon(self, waiter: asyncio.Future, count: int) -> None:
+    def _abandon(self, waiter: asyncio.Future, count: int, tenant: bytes) -> None:
         if waiter.done() and not waiter.cancelled():
-            self.budget.release(count)  # granted just as we gave up: hand it back
-        try:
-            self._waiters.remove((waiter, count))
-        except ValueError:
-            pass
+            self.release(count, tenant)  # granted just as we gave up: hand it back
+            return
+        queue = self._queues.get(tenant)
+        if queue is not None and (waiter, count) in queue:
+            queue.remove((waiter, count))
+            if not queue:
+                self._drop_turn(tenant)
         self._wake()
+
+    def _drop_turn(self, tenant: bytes) -> None:
+        del self._queues[tenant]
+        self._turns.remove(tenant)
 
     def _wake(self) -> None:
-        while self._waiters and self.budget.try_reserve(self._waiters[0][1]):
-            waiter, count = self._waiters.popleft()
+        """Grant slots in turn: the first tenant in the turn order that is below its share
+        gets its oldest request if the slots are free; if not, nobody overtakes it."""
+        while self._turns:
+            for tenant in self._turns:
+                count = self._queues[tenant][0][1]
+                if self._held[tenant] + count <= self.tenant_slots:
+                    break
+            else:
+                return  # every waiting tenant holds its share: they wait for their own
+            if not self.budget.try_reserve(count):
+                return
+            waiter, _ = self._queues[tenant].popleft()
+            self._held[tenant] += count
+            self._turns.remove(tenant)
+            if self._queues[tenant]:
+                self._turns.append(tenant)  # its next request waits for everyone's turn
+            else:
+                del self._queues[tenant]
             if not waiter.done():
                 waiter.set_result(None)
-            else:
+            else:  # its request gave up at this very moment
                 self.budget.release(count)
+                self._held[tenant] -= count
+                if not self._held[tenant]:
+                    del self._held[tenant]
 
     def _log(self, status: str, waited_s: float) -> None:
         if self.on_wait is not None:
             self.on_wait(waited_s)
         log.info("admission", status=status, reserved_slots=self.budget.reserved,
-                 slots=self.budget.capacity, queue_depth=len(self._waiters),
+                 slots=self.budget.capacity, queue_depth=self.queue_depth,
                  waited_ms=round(waited_s * 1e3, 1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -51,7 +52,8 @@ class Coordinator:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
                  prefix_cache: bool = True, decode_groups: int = 1,
                  keys: MeshKeys | None = None, retry_wait_s: float = RETRY_WAIT_S,
-                 speculation: SpeculationConfig | None = None):
+                 speculation: SpeculationConfig | None = None,
+                 tenant_share: float = 1.0):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
         self.model_path = Path(model_path)
@@ -68,6 +70,7 @@ class Coordinator:
         self.prefixes: PrefixProtocol | None = None
         self.generator: Generator | None = None
         self._settings = (prefill_chunk, admission_wait_s, prefix_cache, retry_wait_s)
+        self.tenant_share = tenant_share  # of the slots, what one tenant may hold at once
         self.speculation = speculation or SpeculationConfig()
         self.draft_model = None
         self.wait_observer = None  # set by the API's metrics
@@ -87,7 +90,8 @@ class Coordinator:
         self.prefixes = PrefixProtocol(index, self.chain)
         restored = self.prefixes.restore(infos)
         self.admission = Admission(self.chain.slots, self.chain.session_ctx, admission_wait_s,
-                                   on_wait=self.wait_observer)
+                                   on_wait=self.wait_observer,
+                                   tenant_slots=math.ceil(self.tenant_share * self.chain.slots))
         self.generator = Generator(self.chain, self.sessions, self.prefixes, self.pacer,
                                    self.tokenizer, self.admission, prefill_chunk, retry_wait_s,
                                    self.speculation)
@@ -170,8 +174,10 @@ class Coordinator:
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special: bool = True) -> list[int]:
-        """Token ids of a raw prompt (special-token text is parsed: completions are raw)."""
+        """Token ids of a raw prompt (special-token text is parsed: completions are raw); a
+        text that cannot fit the context is refused before it is tokenized."""
         if isinstance(prompt, str):
+            self.tokenizer.check_cost(prompt, self.session_ctx)
             return self.tokenizer.encode(prompt, add_special=add_special)
         return [int(t) for t in prompt]
 
@@ -190,19 +196,19 @@ class Coordinator:
             yield item
 
     async def stream_choices(self, prompt: str | list[int], params: GenerationParams, n: int,
-                             hold: bool = False
+                             hold: bool = False, tenant: bytes = b""
                              ) -> AsyncIterator[tuple[int, Delta | Completion]]:
         """``n`` choices of one prompt, as (choice, item) in arrival order. Choice i samples
         with seed + i. With several, the prompt is prefilled once and kept as a resident
         prefix; every choice starts from a copy of its KV (``Generator.warm``), so n choices
-        cost one prefill, not n."""
+        cost one prefill, not n. ``tenant`` is who shares slots fairly with others."""
         if isinstance(prompt, str):  # a long prompt must not stall the event loop
             prompt_ids = await asyncio.get_running_loop().run_in_executor(
                 None, self.tokenize, prompt, params.add_special)
         else:
             prompt_ids = self.tokenize(prompt)
         self._check_request(prompt_ids, params)
-        await self.admission.reserve(len(prompt_ids), n)
+        await self.admission.reserve(len(prompt_ids), n, tenant)
         try:
             if n == 1:
                 async for item in self.generator.stream(prompt_ids, params, hold):
@@ -215,7 +221,7 @@ class Coordinator:
             async for item in _merged(runs):
                 yield item
         finally:
-            self.admission.release(n)
+            self.admission.release(n, tenant)
 
     def _check_request(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if not prompt_ids:

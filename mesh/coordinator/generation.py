@@ -60,6 +60,9 @@ class GenerationParams:
     add_special: bool = True  # BOS for raw completions; chat templates carry their own
     cache_salt: bytes = b""  # prefixes are reused only between requests with the same salt
     grammar: str | None = None  # GBNF the output must follow (structured output)
+    # Wall-clock bound from the first frame: past it the answer ends as if max_tokens were
+    # reached (finish_reason "length") and the session's slot goes back.
+    timeout_s: float | None = None
 
     def wire_sampling(self) -> dict[str, Any]:
         return {"temperature": float(self.temperature), "top_k": int(self.top_k),
@@ -91,6 +94,12 @@ class Completion:
         p, c = len(self.prompt_token_ids), len(self.token_ids)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline on the event loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
 
 
 def retryable(exc: BaseException) -> bool:
@@ -199,8 +208,15 @@ class Generator:
             cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt)
             self._send_prefill(session, prompt_ids, params, cached)
             budget = self.admission.max_new_tokens(len(prompt_ids), params.max_tokens)
+            deadline = None if params.timeout_s is None else time.monotonic() + params.timeout_s
             while len(token_ids) < budget:
-                msg = await Sessions.next(inbox)
+                try:
+                    async with asyncio.timeout_at(None if deadline is None else
+                                                  _loop_time(deadline)):
+                        msg = await Sessions.next(inbox)
+                except TimeoutError:
+                    log.warning("request_deadline", tokens=len(token_ids))
+                    break
                 if not spec.awaited(msg["pos"]):
                     log.warning("token_unexpected", session_pos=msg["pos"])
                     continue

@@ -29,6 +29,7 @@ class StageError(MeshError):
         super().__init__(f"{stage}: {message}")
         self.code = code
         self.stage = stage
+        self.reason = message  # the stage's words alone, without its name and address
 
 
 class Inbox:

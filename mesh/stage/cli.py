@@ -78,6 +78,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     # Set before llama.cpp (and libgomp) load.
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from mesh.logs import configure, get_logger
+    from mesh.shutdown import exit_after
     from mesh.models import resolve_model
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
     from mesh.stage.server import StageServer
@@ -111,7 +112,11 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     # The transport thread answers within a GIL switch interval of the compute thread's Python;
     # 5 ms (the default) would add up to that to every hand-off between them.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    def on_term(*_):
+        server.stop()
+        exit_after()  # a step in progress finishes first, but never holds the exit for long
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

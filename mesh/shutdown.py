@@ -1,0 +1,29 @@
+"""Bounded shutdown: SIGTERM ends a process within ``EXIT_GRACE_S`` whatever it is running.
+
+A graceful stop waits for work in progress (a stage's llama_decode, the API's requests, a
+tokenizer call in a worker thread that the interpreter joins at exit); past the grace period
+the process exits anyway, so a supervisor's SIGTERM is never ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+EXIT_GRACE_S = 8.0  # within the 10 s a supervisor usually allows before SIGKILL
+
+
+def exit_after(grace_s: float = EXIT_GRACE_S, status: int = 0) -> None:
+    """Make sure this process has exited ``grace_s`` from now (idempotent)."""
+    global _armed
+    with _lock:
+        if _armed:
+            return
+        _armed = True
+    timer = threading.Timer(grace_s, os._exit, (status,))
+    timer.daemon = True
+    timer.start()
+
+
+_lock = threading.Lock()
+_armed = False
