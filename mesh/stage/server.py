@@ -172,7 +172,7 @@ class StageServer:
                 self._refuse(msg, exc)
                 return
             if kind == wire.STOP:
-                self._note_keeper(msg)
+                self._note_keeper(msg, msg["origin"] == sender)
             work.append((msg, len(payload)))
         else:
             self._reply(sender, fr.error_frame(wire.E_UNKNOWN_KIND,
@@ -194,12 +194,13 @@ class StageServer:
             raise fr.ProtocolError(wire.E_FORBIDDEN, "a frame for a session its sender does "
                                                      "not own")
 
-    def _note_keeper(self, msg: dict[str, Any]) -> None:
-        """A Stop that asks us to remember a prefix's token ids binds them to its keeper; the
-        keeper goes no further down the chain."""
+    def _note_keeper(self, msg: dict[str, Any], from_owner: bool) -> None:
+        """A Stop from its owner that asks us to remember a prefix's token ids binds them to
+        its keeper; the keeper goes no further down the chain."""
         keeper, msg["keeper"] = msg["keeper"], None
         pid = msg["prefix_id"]
-        if self._keys is None or keeper is None or pid is None or msg["tokens"] is None:
+        if (self._keys is None or not from_owner or keeper is None or pid is None
+                or msg["tokens"] is None):
             return
         self._keepers[pid] = keeper
         self._keepers.move_to_end(pid)
