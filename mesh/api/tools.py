@@ -23,7 +23,7 @@ import os
 import re
 from typing import Any
 
-from mesh.api.structured import grammar_for
+from mesh.api.structured import call_grammar
 from mesh.errors import InvalidInputError
 
 _MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "```", "{")
@@ -104,14 +104,13 @@ def forced_grammar(tools: list[dict[str, Any]], choice: Any) -> str | None:
         return None
     if not chosen:
         raise InvalidInputError("tool_choice needs tools")
-    options = [{"type": "object", "additionalProperties": False,
-                "required": ["name", "arguments"],
-                "properties": {"name": {"const": t["function"]["name"]},
-                               "arguments": t["function"].get("parameters")
-                               or {"type": "object"}}}
-               for t in chosen]
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
-    return grammar_for("json_schema", schema)
+    calls = []
+    for tool in chosen:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidInputError("tool_choice needs every tool to name its function")
+        calls.append((function["name"], function.get("parameters") or {"type": "object"}))
+    return call_grammar(calls)
 
 
 class ToolStream:

@@ -1,0 +1,414 @@
+"""Structured output that nothing can crash or stall (issue 17, items 1, 2, 8), without processes.
+
+The schema budget and the converter (mesh/api/structured.py), the grammar check both ends share
+(mesh/grammar.py), and numeric bounds enforced exactly, judged by llama.cpp itself: a text is in
+a grammar when the grammar sampler lets the tiny model's byte tokens spell it and then end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import time
+
+import jsonschema_rs
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh.api.structured import (
+    MAX_LENGTH_BOUND,
+    MAX_OBJECT_PROPERTIES,
+    call_grammar,
+    grammar_for,
+)
+from mesh.api.tools import forced_grammar
+from mesh.errors import InvalidInputError
+from mesh.grammar import check_grammar
+from mesh.transport import wire
+
+# ---- the reviewer's hostile schemas ------------------------------------------------------------
+PUNCT = "!#$%&()*+,"
+# 6,000 properties whose names all become the same rule name "x-" (~200 KB)
+COLLIDING = {"type": "object", "properties": {
+    "xyz" + "".join(PUNCT[int(d)] for d in f"{i:08d}"): {"type": "string"} for i in range(6000)}}
+HOSTILE = {"maxLength 32000": {"type": "string", "maxLength": 32000},
+           "6000 colliding names": COLLIDING,
+           "minLength 50000000": {"type": "string", "minLength": 50_000_000}}
+
+
+def _tools(params):
+    return [{"type": "function", "function": {"name": "f", "parameters": params}}]
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_the_reviewers_hostile_schemas_are_refused_at_once(name):
+    schema = HOSTILE[name]
+    if name.startswith("6000"):
+        assert len(json.dumps(schema)) > 200_000
+    for attempt in (lambda: grammar_for("json_schema", schema),
+                    lambda: forced_grammar(_tools(schema), "required"),
+                    lambda: forced_grammar(_tools({"type": "object",
+                                                   "properties": {"a": schema}}),
+                                           {"type": "function", "function": {"name": "f"}})):
+        t0 = time.perf_counter()
+        with pytest.raises(InvalidInputError, match="schema"):
+            attempt()
+        assert time.perf_counter() - t0 < 0.5
+
+
+# ---- grammars that end or stall llama.cpp (measured: see mesh/grammar.py) ---------------------
+def _nest(n):
+    return "root ::= " + "(" * n + '"a"' + ")" * n
+
+
+def _chain(n):
+    return "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(n)) + f'r{n} ::= "a"\n'
+
+
+def _expo(n):
+    return "root ::= r0\n" + "".join(f'r{i} ::= r{i + 1} "a" | r{i + 1} "b"\n'
+                                     for i in range(n)) + f'r{n} ::= "a"\n'
+
+
+def _optionals(n):
+    return "root ::= " + "n " * n + '"a"\nn ::= "b"?\n'
+
+
+KILLERS = {
+    "32,000 nested groups (stack overflow)": _nest(32_000),
+    "the old converter's maxLength 32000": "root ::= " + '(c ' * 32_000 + ")?" * 32_000
+                                           + '\nc ::= "a"\n',
+    "100,000 chained rules (stack overflow)": _chain(100_000),
+    "16 doubling rules (left-recursion check 14 s)": _expo(16),
+    "left recursion through an indirectly empty rule (endless)":
+        'root ::= r "x"\nr ::= n r "x" | "y"\nn ::= m\nm ::= "z"?\n',
+    "100,000 optional items (11 s)": _optionals(100_000),
+    "a 200 KB literal repeated 1000 times (1.6 GB of elements)":
+        'root ::= "' + "a" * 200_000 + '"{1000}\n',
+    "a NUL byte": 'root ::= "a"\x00 junk',
+}
+
+
+@pytest.mark.parametrize("name", sorted(KILLERS))
+def test_grammars_llama_cpp_cannot_take_are_refused_quickly(name):
+    grammar = KILLERS[name].encode()
+    if len(grammar) > wire.MAX_GRAMMAR_BYTES:
+        grammar = grammar[:wire.MAX_GRAMMAR_BYTES]  # what fits a frame still must not pass
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInputError, match="grammar"):
+        check_grammar(grammar)
+    assert time.perf_counter() - t0 < 0.5
+
+
+@pytest.mark.parametrize("grammar,limit", [
+    (_nest(wire.MAX_GRAMMAR_NESTING), "nesting"),
+    (_chain(wire.MAX_GRAMMAR_CHAIN - 2), "chain"),
+    (_optionals(wire.MAX_GRAMMAR_WIDTH - 1), "width"),
+    ('root ::= "a"{1000} "b"{0,1000}\n', "repeat"),
+])
+def test_grammars_at_the_limits_pass_and_one_past_is_refused(grammar, limit):
+    stats = check_grammar(grammar.encode())
+    assert stats.rules <= wire.MAX_GRAMMAR_RULES
+    past = {"nesting": _nest(wire.MAX_GRAMMAR_NESTING + 1),
+            "chain": _chain(wire.MAX_GRAMMAR_CHAIN),
+            "width": _optionals(wire.MAX_GRAMMAR_WIDTH + 1),
+            "repeat": 'root ::= "a"{1001}\n'}[limit]
+    with pytest.raises(InvalidInputError):
+        check_grammar(past.encode())
+
+
+def test_the_stage_check_is_the_shared_check():
+    from mesh.stage.sampling import check_grammar as stage_check
+
+    for grammar in KILLERS.values():
+        with pytest.raises(InvalidInputError):
+            stage_check(grammar.encode()[:wire.MAX_GRAMMAR_BYTES])
+    stage_check(b'root ::= "x" "y"?')
+
+
+# ---- llama.cpp as the judge of what a grammar allows -------------------------------------------
+_CELL = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+_BYTE0, _EOS = 3, 2  # tiny model: <unk> <s> </s>, then the 256 byte tokens
+
+
+class Judge:
+    def __init__(self, model_path):
+        from mesh.stage.native import NativeModel, llama
+
+        self.lib = llama()
+        self.model = NativeModel(model_path, vocab_only=True)
+
+    def _allowed(self, sampler) -> np.ndarray:
+        cells = np.zeros(self.model.n_vocab, dtype=_CELL)
+        cells["id"] = np.arange(self.model.n_vocab)
+        array = self.lib.llama_token_data_array(
+            cells.ctypes.data_as(ctypes.POINTER(self.lib.llama_token_data)), len(cells), -1,
+            False)
+        self.lib.llama_sampler_apply(sampler, ctypes.byref(array))
+        return np.isfinite(cells["logit"])
+
+    def accepts(self, grammar: str, text: str) -> bool:
+        check_grammar(grammar)  # only checked grammars reach llama.cpp here
+        sampler = self.lib.llama_sampler_init_grammar(self.model.vocab, grammar.encode(),
+                                                      b"root")
+        assert sampler, grammar
+        try:
+            for byte in text.encode():
+                if not self._allowed(sampler)[_BYTE0 + byte]:
+                    return False
+                self.lib.llama_sampler_accept(sampler, _BYTE0 + byte)
+            return bool(self._allowed(sampler)[_EOS])
+        finally:
+            self.lib.llama_sampler_free(sampler)
+
+
+@pytest.fixture(scope="module")
+def judge(tiny_llama):
+    return Judge(tiny_llama)
+
+
+BOUND = st.integers(-10**17, 10**17) | st.integers(-300, 300)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(low=st.none() | BOUND, high=st.none() | BOUND, low_x=st.booleans(), high_x=st.booleans(),
+       values=st.lists(BOUND | st.integers(-10**16 + 1, 10**16 - 1), min_size=4, max_size=8))
+def test_integer_bounds_are_exact(judge, low, high, low_x, high_x, values):
+    schema = {"type": "integer"}
+    if low is not None:
+        schema["exclusiveMinimum" if low_x else "minimum"] = low
+    if high is not None:
+        schema["exclusiveMaximum" if high_x else "maximum"] = high
+    try:
+        grammar = grammar_for("json_schema", schema)
+    except InvalidInputError as exc:
+        assert "no integer" in str(exc)
+        return
+    validator = jsonschema_rs.validator_for(schema)
+    edges = [b + d for b in (low, high) if b is not None for d in (-1, 0, 1)]
+    for value in values + edges:
+        text = str(value)
+        expected = validator.is_valid(value) and len(text.lstrip("-")) <= 16
+        assert judge.accepts(grammar, text) == expected, (schema, text)
+    assert not judge.accepts(grammar, "1.5") and not judge.accepts(grammar, "01")
+
+
+DECIMAL = st.builds(lambda i, f: f"{i}.{f}" if f else str(i), st.integers(-2000, 2000),
+                    st.sampled_from(["", "0", "5", "000", "001", "999", "25"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(low=st.none() | st.integers(-1000, 1000), high=st.none() | st.integers(-1000, 1000),
+       low_x=st.booleans(), high_x=st.booleans(), texts=st.lists(DECIMAL, min_size=4, max_size=8))
+def test_number_bounds_are_exact_for_whole_bounds(judge, low, high, low_x, high_x, texts):
+    schema = {"type": "number"}
+    if low is not None:
+        schema["exclusiveMinimum" if low_x else "minimum"] = low
+    if high is not None:
+        schema["exclusiveMaximum" if high_x else "maximum"] = high
+    try:
+        grammar = grammar_for("json_schema", schema)
+    except InvalidInputError as exc:
+        assert "no number" in str(exc)
+        return
+    validator = jsonschema_rs.validator_for(schema)
+    edges = [f"{b + d}{f}" for b in (low, high) if b is not None for d in (-1, 0, 1)
+             for f in ("", ".0", ".5")]
+    for text in texts + edges:
+        if text.startswith("-0") and float(text) == 0:
+            continue  # "-0" forms of zero: the grammar writes zero without a sign
+        assert judge.accepts(grammar, text) == validator.is_valid(json.loads(text)), (schema,
+                                                                                      text)
+
+
+def test_fractional_number_bounds_and_ignored_keywords_are_refused_by_name():
+    refused = {
+        "maximum": {"type": "number", "maximum": 0.5},
+        "multipleOf": {"type": "integer", "multipleOf": 3},
+        "pattern": {"type": "string", "pattern": "^a+$"},
+        "email": {"type": "string", "format": "email"},
+        "uniqueItems": {"type": "array", "uniqueItems": True},
+        "minProperties": {"type": "object", "minProperties": 1},
+        "patternProperties": {"type": "object", "patternProperties": {"a": {}}},
+        "not": {"not": {"type": "string"}},
+        "if": {"if": {"type": "string"}, "then": {"maxLength": 3}},
+        "contains": {"type": "array", "contains": {"type": "integer"}},
+        "additionalProperties": {"type": "object", "properties": {"a": {}},
+                                 "additionalProperties": {"type": "integer"}},
+        "oneOf": {"oneOf": [{"type": "integer"}, {"type": "number"}]},
+        "nullable": {"type": "string", "nullable": True},
+        "allOf": {"allOf": [{"type": "string"}, {"maxLength": 3}]},
+        "'b', which is not among": {"type": "object", "properties": {"a": {}},
+                                    "required": ["b"]},
+        "local": {"items": {"$ref": "http://example.com/x.json"}},
+        "points nowhere": {"$ref": "#/$defs/missing"},
+        "unknown type": {"type": "no-such-type"},
+        "must be an object": {"type": "object", "properties": 5},
+    }
+    for word, schema in refused.items():
+        with pytest.raises(InvalidInputError, match=word):
+            grammar_for("json_schema", schema)
+
+
+def test_strings_count_code_points_and_keep_control_characters_out(judge):
+    grammar = grammar_for("json_schema", {"type": "string", "minLength": 2, "maxLength": 3})
+    assert "\\x00-\\x1F" in next(line for line in grammar.splitlines()
+                                 if line.startswith("char ::= "))
+    cases = {'"ab"': True, '"abc"': True, '"a"': False, '"abcd"': False, '"é😀"': True,
+             '"\\n\\u00e9"': True, '"\\ud83d\\ude00"': False, '"a\x01"': False,
+             '"\\"\\\\"': True, '"\\x"': False}
+    for text, expected in cases.items():
+        assert judge.accepts(grammar, text) == expected, text
+
+
+SCHEMAS_THAT_WORK = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                                      "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                               "minItems": 1, "maxItems": 3}},
+     "required": ["name"], "additionalProperties": False},
+    {"$defs": {"node": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+        "required": ["v", "kids"]}}, "$ref": "#/$defs/node"},
+    {"oneOf": [{"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "number"}},
+                "required": ["kind", "x"]},
+               {"type": "object", "properties": {"kind": {"const": "b"}, "y": {"type": "null"}},
+                "required": ["kind"]}]},
+    {"type": ["string", "null"], "maxLength": 2},
+    {"type": "array", "prefixItems": [{"type": "boolean"}, {"format": "date", "type": "string"}],
+     "items": False},
+    {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+    {"anyOf": [{"type": "integer", "exclusiveMinimum": 5}, {"const": [1, {"a": None}]}]},
+    {"type": "number", "minimum": -1, "maximum": 1},
+    {"enum": ["x", 1, None, True], "type": ["string", "boolean"]},
+    {"type": "string", "format": "date-time"},
+    {"type": "object", "properties": {f"p{i}": {"type": "boolean"} for i in range(40)}},
+]
+SAMPLES = {  # texts each schema's grammar must take (valid) and refuse (invalid)
+    0: (['{"name": "Ann", "age": 41, "tags": ["a"]}', '{"name": ""}'],
+        ['{"name": "Ann", "age": 131}', '{"age": 3}', '{"name": "a", "tags": []}']),
+    1: (['{"v": 1, "kids": [{"v": 2, "kids": []}]}'], ['{"v": 1}']),
+    2: (['{"kind": "a", "x": 1.5}', '{"kind": "b"}'], ['{"kind": "a"}', '{"kind": "c"}']),
+    3: (['"ab"', "null"], ['"abc"', "1"]),
+    4: (['[true, "2024-02-28"]'], ['[true, "2024-02-30"]', "[true]"]),
+    5: (['{"a": 1, "b": 0.5}', "{}"], ['{"a": -1}']),
+    6: (["6", "[1, {\"a\": null}]"], ["5", "[1]"]),
+    7: (["-1", "0.25", "1.0"], ["1.5", "-1.01"]),
+    8: (['"x"', "true"], ["1", "null"]),
+    9: (['"2024-01-31T23:59:59Z"'], ['"2024-01-31"']),
+    10: (['{"p0": true, "p39": false}', "{}"], ['{"p39": true, "p0": false}']),
+}
+
+
+@pytest.mark.parametrize("index", range(len(SCHEMAS_THAT_WORK)))
+def test_schemas_in_the_subset_convert_and_their_grammars_are_exact(judge, index):
+    schema = SCHEMAS_THAT_WORK[index]
+    grammar = grammar_for("json_schema", schema)
+    validator = jsonschema_rs.validator_for(schema)
+    good, bad = SAMPLES[index]
+    for text in good:
+        assert validator.is_valid(json.loads(text)) and judge.accepts(grammar, text), text
+    for text in bad:
+        assert not judge.accepts(grammar, text), text
+
+
+def test_forced_tool_calls_resolve_refs_in_their_own_parameters(judge):
+    params = {"$defs": {"unit": {"enum": ["C", "F"]}}, "type": "object",
+              "properties": {"unit": {"$ref": "#/$defs/unit"}}, "required": ["unit"]}
+    grammar = forced_grammar(_tools(params) + [{"type": "function", "function": {
+        "name": "g"}}], "required")
+    assert judge.accepts(grammar, '{"name": "f", "arguments": {"unit": "C"}}')
+    assert judge.accepts(grammar, '{"name": "g", "arguments": {"any": [1]}}')
+    assert not judge.accepts(grammar, '{"name": "f", "arguments": {"unit": "K"}}')
+    assert not judge.accepts(grammar, '{"name": "h", "arguments": {}}')
+    with pytest.raises(InvalidInputError, match="tool parameters schema"):
+        call_grammar([("f", {"type": "string", "pattern": "x"})])
+
+
+# ---- the budget: anything within it converts (or is refused) well under a second --------------
+NAMES = st.text(alphabet="a!#$%-_ ", min_size=1, max_size=6)  # names that collide as rules
+LEAF = st.one_of(
+    st.builds(lambda lo, hi: {"type": "string", "minLength": lo, "maxLength": hi},
+              st.integers(0, 1200), st.integers(0, 1200)),
+    st.builds(lambda lo, hi: {"type": "integer", "minimum": lo, "maximum": hi},
+              st.integers(-10**20, 10**20), st.integers(-10**20, 10**20)),
+    st.builds(lambda lo: {"type": "number", "exclusiveMinimum": lo}, st.integers(-10**18, 10**18)),
+    st.builds(lambda n: {"enum": [f"v{i}" * 3 for i in range(n)]}, st.integers(1, 300)),
+    st.just({"type": "boolean"}), st.just({"$ref": "#"}), st.just({"$ref": "#/$defs/d"}),
+    st.just({}),
+    st.just({"type": "string", "format": "uuid"}))
+
+
+def _extend(children):
+    return st.one_of(
+        st.builds(lambda props, req: {"type": "object", "properties": props,
+                                      "required": sorted(props)[:req]},
+                  st.dictionaries(NAMES, children, max_size=12), st.integers(0, 3)),
+        st.builds(lambda item, lo, hi: {"type": "array", "items": item, "minItems": lo,
+                                        "maxItems": hi},
+                  children, st.integers(0, 1100), st.integers(0, 1100)),
+        st.builds(lambda opts: {"anyOf": opts}, st.lists(children, min_size=1, max_size=6)))
+
+
+def _widen(schema, copies):
+    """Many variants side by side: property count, colliding names, grammar size near the
+    budget (each variant has an integer range of its own)."""
+    return {"type": "object", "properties": {
+        "x" + "".join(PUNCT[int(d)] for d in f"{i:03d}"): {"anyOf": [schema, {
+            "type": "integer", "minimum": -(7919 * i) ** 2, "maximum": (104729 * i) ** 2}]}
+        for i in range(copies)}}
+
+
+HOSTILE_SHAPES = st.recursive(LEAF, _extend, max_leaves=25)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(schema=HOSTILE_SHAPES, copies=st.sampled_from([1, 2, 40, MAX_OBJECT_PROPERTIES,
+                                                      MAX_OBJECT_PROPERTIES + 1]),
+       depth=st.integers(0, 40), via_tools=st.booleans(), defs=HOSTILE_SHAPES)
+def test_hostile_shapes_within_the_budget_convert_in_well_under_a_second(schema, copies, depth,
+                                                                          via_tools, defs):
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    schema = _widen(schema, copies) if copies > 1 else schema
+    schema = {"$defs": {"d": defs}, "anyOf": [schema]}
+    t0 = time.perf_counter()
+    try:
+        if via_tools:
+            grammar = forced_grammar(_tools(schema), "required")
+        else:
+            grammar = grammar_for("json_schema", schema)
+    except InvalidInputError:
+        grammar = None
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0, elapsed
+    if grammar is not None:
+        check_grammar(grammar)
+
+
+def test_a_schema_at_the_budgets_edge_converts_in_under_a_second(judge):
+    item = {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": -10**15, "maximum": 10**15},
+        "name": {"type": "string", "minLength": 1, "maxLength": MAX_LENGTH_BOUND},
+        "kind": {"enum": [f"kind-{i}" for i in range(20)]},
+        "score": {"type": "number", "minimum": 0, "maximum": 100},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 64},
+                 "maxItems": MAX_LENGTH_BOUND}},
+        "required": ["id", "name"]}
+    schema = {"$defs": {"item": item}, "type": "object", "properties": {
+        **{"x" + "".join(PUNCT[int(d)] for d in f"{i:03d}"): {"$ref": "#/$defs/item"}
+           for i in range(MAX_OBJECT_PROPERTIES - 1)},
+        "more": {"type": "object", "properties": {
+            f"m{i}": {"type": "integer", "minimum": i, "exclusiveMaximum": 10**i}
+            for i in range(1, 200)}}}}
+    t0 = time.perf_counter()
+    grammar = grammar_for("json_schema", schema)
+    elapsed = time.perf_counter() - t0
+    stats = check_grammar(grammar)
+    print(f"edge schema: {len(json.dumps(schema))} B -> {len(grammar)} B grammar, "
+          f"{elapsed * 1000:.0f} ms, {stats}")
+    assert elapsed < 1.0
+    assert judge.accepts(grammar, '{"x!!!": {"id": -3, "name": "a"}, "more": {"m5": 99999}}')
+    assert not judge.accepts(grammar, '{"more": {"m5": 100000}}')
