@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -40,3 +41,31 @@ def held_stream(base: str, key: str | None, prompt: list[int], n: int = 1) -> so
                  + (f"\r\nAuthorization: Bearer {key}".encode() if key else b"") + b"\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     return sock
+
+
+class HealthWatch:
+    """Polls /health on a thread of its own and keeps the slowest answer."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.worst_s = 0.0
+        self.answers = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                assert client.get(f"{self.base}/health").status_code == 200
+                self.worst_s = max(self.worst_s, time.perf_counter() - t0)
+                self.answers += 1
+                self._stop.wait(0.02)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

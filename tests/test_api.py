@@ -168,6 +168,22 @@ def test_bad_requests_are_400_in_openai_shape(client, kwargs, code):
 
 
 @pytest.mark.gemma
+@pytest.mark.parametrize("path,body", [
+    # llama.cpp searches the text once per special token: 6,321 of Gemma's start with "<"
+    ("/v1/completions", {"prompt": "<" * 95_000, "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "<" * 95_000}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "<" * 95_000},
+                                           {"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "<" * 9}}]}),
+])
+def test_prompts_costly_to_tokenize_are_refused_at_once(api, path, body):
+    t0 = time.monotonic()
+    response = httpx.post(f"{api}{path}", json=body, timeout=60)
+    assert response.status_code == 400, response.text[:300]
+    assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.gemma
 def test_four_parallel_streams_are_independent(api):
     prompts = ["The ocean is", "My favourite food is", "In 1969, humans", "Python lists are"]
     aclient = openai.AsyncOpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0)

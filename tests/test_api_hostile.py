@@ -15,7 +15,7 @@ import pytest
 
 from mesh.api.app import error_response
 from mesh.coordinator.sessions import StageError
-from tests.apiutil import held_stream, serving
+from tests.apiutil import HealthWatch, held_stream, serving
 from tests.meshutil import running_mesh
 
 KEYS = ("key-alpha", "key-beta")
@@ -40,34 +40,6 @@ def api(mesh, tiny_llama, tmp_path_factory):
 
 def _auth(key: str = KEYS[0]) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-class HealthWatch:
-    """Polls /health on a thread of its own and keeps the slowest answer."""
-
-    def __init__(self, base: str):
-        self.base = base
-        self.worst_s = 0.0
-        self.answers = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                assert client.get(f"{self.base}/health").status_code == 200
-                self.worst_s = max(self.worst_s, time.perf_counter() - t0)
-                self.answers += 1
-                self._stop.wait(0.02)
-
-    def __enter__(self) -> HealthWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @contextlib.contextmanager

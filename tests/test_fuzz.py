@@ -1,11 +1,14 @@
-"""Fuzzing with real tools: hypothesis frames at live stage sockets, schemathesis at the API.
+"""Fuzzing with real tools: hypothesis frames at live stage sockets, schemathesis at the API,
+and hypothesis requests built to be expensive (schemas, grammars, huge-but-allowed bodies).
 
 Short in CI; ``python scripts/fuzz.py`` runs the long version (MESH_FUZZ_FRAMES,
-MESH_FUZZ_API set the example counts). Both end with every process alive and serving.
+MESH_FUZZ_API, MESH_FUZZ_HOSTILE set the example counts). All end with every process alive
+and serving.
 """
 
 import os
 import struct
+import time
 
 import httpx
 import msgpack
@@ -19,12 +22,13 @@ from schemathesis.checks import not_a_server_error
 
 from mesh.coordinator.coordinator import GenerationParams
 from mesh.transport import frames as fr
-from tests.apiutil import serving
+from tests.apiutil import HealthWatch, serving
 from tests.meshutil import running_mesh, with_coordinator
 from tests.rawpeer import RawPeer
 
 FRAMES = int(os.environ.get("MESH_FUZZ_FRAMES", "2000"))
 API = int(os.environ.get("MESH_FUZZ_API", "30"))
+HOSTILE = int(os.environ.get("MESH_FUZZ_HOSTILE", "40"))
 KEY = "fuzz-key"
 ORIGIN = b"coord-fuzz"
 EPOCHS = [0]  # the fuzzed stage's epoch, so some session frames get past the epoch check
@@ -164,3 +168,110 @@ def test_api_serves_after_fuzzing(api):
     ok = httpx.post(f"{api}/v1/completions", json={"prompt": [1, 50, 60], "max_tokens": 2},
                     headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+# ---- requests built to be expensive ----------------------------------------------------------
+
+# Property names that a schema-to-grammar converter folds into one rule name.
+COLLIDING = st.integers(0, 50).map(lambda i: ["a-b", "a_b", "a b", "a.b", "A-B", "a--b"][i % 6]
+                                   + "-" * (i // 6))
+BOUNDS = st.one_of(st.integers(0, 64), st.integers(0, 10**12), st.just(50_000_000))
+
+
+def _schemas() -> st.SearchStrategy:
+    leaves = st.one_of(
+        st.builds(lambda n, k: {"type": "string", k: n}, BOUNDS,
+                  st.sampled_from(["minLength", "maxLength"])),
+        st.builds(lambda lo, hi: {"type": "integer", "minimum": lo, "maximum": hi},
+                  st.integers(-10**15, 10**15), st.integers(-10**15, 10**15)),
+        st.builds(lambda n: {"type": "number", "maximum": n}, st.integers(-10**6, 10**6)),
+        st.just({"type": "boolean"}), st.just({"type": "string", "pattern": "(a|b)*c{2,900}"}),
+        st.builds(lambda v: {"enum": v}, st.lists(st.text(max_size=20), max_size=40)),
+    )
+
+    def nest(children):
+        return st.one_of(
+            st.builds(lambda c, n: {"type": "array", "items": c, "minItems": n % 100,
+                                    "maxItems": n}, children, BOUNDS),
+            st.builds(lambda props: {"type": "object", "properties": props,
+                                     "required": list(props)},
+                      st.dictionaries(st.one_of(COLLIDING, st.text(max_size=12)), children,
+                                      max_size=8)),
+            st.builds(lambda cs: {"anyOf": cs}, st.lists(children, min_size=1, max_size=4)),
+        )
+
+    # (deeper cannot be encoded by json.dumps; test_api_hostile sends a deeper raw body)
+    deep = st.integers(1, 900).map(lambda d: _deep({"type": "string"}, d))
+    wide = st.integers(1, 8000).map(lambda n: {
+        "type": "object", "properties": {"a-" * (1 + i % 3) + "b" * (i // 3): {"type": "string"}
+                                         for i in range(n)}})
+    return st.one_of(st.recursive(leaves, nest, max_leaves=30), deep, wide)
+
+
+def _deep(leaf: dict, depth: int) -> dict:
+    for _ in range(depth):
+        leaf = {"type": "array", "items": leaf}
+    return leaf
+
+
+@st.composite
+def expensive_requests(draw) -> tuple[str, dict]:
+    schema = draw(_schemas())
+    size = draw(st.sampled_from([10, 10_000, 200_000, 1_500_000]))
+    text = draw(st.sampled_from(["word ", "<", "<start_of_turn>", "{", "\u00e9"])) * size
+    choice = draw(st.integers(0, 5))
+    if choice == 0:
+        return "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
+    if choice == 1:
+        return "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+            "tool_choice": draw(st.sampled_from(["required", "auto", {
+                "type": "function", "function": {"name": "f"}}]))}
+    if choice == 2:
+        return "/v1/completions", {"prompt": text[:7_500_000], "max_tokens": 2}
+    if choice == 3:
+        count = draw(st.integers(1, 200_000))
+        return "/v1/chat/completions", {
+            "messages": [{"role": draw(st.sampled_from(["system", "user"])),
+                          "content": text[:1 + size // count]}] * count, "max_tokens": 2}
+    if choice == 4:
+        return "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "tools": [{"type": "function", "function": {"name": f"f{i}",
+                                                        "description": text[:100]}}
+                      for i in range(draw(st.integers(1, 60_000)))]}
+    return "/v1/completions", {"prompt": [5] * draw(st.integers(1, 1_000_000)),
+                               "max_tokens": 2, "n": draw(st.integers(1, 16))}
+
+
+def test_expensive_requests_get_answers_in_time_while_health_answers(api, mesh):
+    """Schemas and bodies built to be expensive: never a 5xx, every answer within 2 s, and
+    /health within 100 ms throughout; every process alive afterwards."""
+    statuses: dict[int, int] = {}
+    slowest = [0.0]
+
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as client, \
+            HealthWatch(api) as health:
+        @settings(max_examples=HOSTILE, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(expensive_requests())
+        def call(request):
+            path, body = request
+            t0 = time.monotonic()
+            response = client.post(f"{api}{path}", json=body)
+            took = time.monotonic() - t0
+            slowest[0] = max(slowest[0], took)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, response.text[:300]
+            assert took < 2.0, f"{path} answered {response.status_code} after {took:.2f} s"
+
+        call()
+    print(f"statuses {sorted(statuses.items())}, slowest {slowest[0]:.2f} s, "
+          f"/health worst {health.worst_s * 1e3:.0f} ms over {health.answers} answers")
+    assert health.worst_s < 0.1
+    assert any(400 <= code < 500 for code in statuses)
+    for process in mesh.stages:
+        assert process.proc.poll() is None

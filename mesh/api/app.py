@@ -475,7 +475,7 @@ def run_server(path: Path, stages: list[str], host: str, port: int, announce: bo
     limits = limits or ApiLimits()
     coordinator = Coordinator(path, stages, decode_groups=decode_groups, keys=mesh_keys,
                               retry_wait_s=retry_wait_s, speculation=speculation,
-                              tenant_share=limits.key_share)
+                              tenant_share=limits.key_share if api_keys else 1.0)
     settings = ApiSettings(model_id=path.stem, api_keys=api_keys, limits=limits,
                            announce_url=f"http://{host}:{port}" if announce else None,
                            salt_key=salt_key_of(mesh_keys))

@@ -4,7 +4,7 @@ ASGI middleware in front of every route. A key maps to its tenant: ``scope["stat
 tenant's cache salt (prefixes are reused only between requests with the same salt) and its
 sharing name (who takes turns for session slots). Without keys there is no salt (every request
 may reuse every prefix, and ``cached_tokens`` is not reported, so that it cannot tell one client
-another's prompt) and clients share slots by host.
+another's prompt), and the requests-in-flight limit counts per client host.
 
 A body is read here whole, within ``body_timeout_s``, and refused (413) before it is parsed
 when it is over the size limit or holds more JSON objects or items than parsing may take on

@@ -29,7 +29,8 @@ class ApiLimits:
     # this a request gets 429 at once.
     requests_per_key: int = 32
     # Share of the mesh's session slots one key may hold at once; the rest stays for others,
-    # and waiting keys take turns (mesh.coordinator.admission).
+    # and waiting keys take turns (mesh.coordinator.admission). Without keys, clients cannot
+    # be told apart reliably (a proxy makes them one host): they share all the slots.
     key_share: float = 0.75
     # Tokens one request may ask for across its choices (n x max_tokens), in contexts: n = 16
     # choices of a whole context each would hold 16 slots for as long as 16 requests.
