@@ -16,6 +16,7 @@ import pytest
 from mesh.api.app import error_response
 from mesh.coordinator.sessions import StageError
 from tests.apiutil import HealthWatch, held_stream, serving
+from tests.linkdelay import DelayedLink
 from tests.meshutil import running_mesh
 
 KEYS = ("key-alpha", "key-beta")
@@ -66,17 +67,30 @@ def flowing_stream(base: str, key: str = KEYS[1]):
     thread.join(60)
 
 
-def _hostile(base: str, path: str, body: bytes | dict) -> tuple[httpx.Response, float]:
+def _hostile(base: str, path: str, content: bytes) -> tuple[httpx.Response, float]:
     t0 = time.monotonic()
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{base}{path}", content=content, timeout=30,
                           headers={**_auth(), "Content-Type": "application/json"})
     return response, time.monotonic() - t0
 
 
+def _punct(i: int) -> str:
+    """A distinct run of punctuation per i: names a converter folds into one rule name."""
+    marks = " .,;:!?/_~*+=@#$%^&|"
+    return marks[i % 20] + marks[i // 20 % 20] + marks[i // 400 % 20]
+
+
+def _schema_body(schema: dict) -> dict:
+    return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
+
+
 HOSTILE = {
     # 7.5 MB of prompt text, under the body limit: refused before it is tokenized
     "huge_prompt": ("/v1/completions", {"prompt": "word " * 1_500_000, "max_tokens": 4}),
+    # just under the body limit (a context's worth of the longest tokens, 4x, plus 1 MiB):
+    # refused before it is tokenized
+    "large_prompt": ("/v1/completions", {"prompt": "word " * 200_000, "max_tokens": 4}),
     # the same through chat, in one message and in many system messages
     "huge_message": ("/v1/chat/completions",
                      {"messages": [{"role": "user", "content": "word " * 1_500_000}]}),
@@ -94,14 +108,30 @@ HOSTILE = {
                   + b"[" * 200_000 + b"]" * 200_000 + b"}"),
     # a token-list prompt of a million ids
     "token_list": ("/v1/completions", {"prompt": [5] * 1_000_000, "max_tokens": 2}),
+    # schemas whose grammar used to kill the final stage, or whose conversion froze the API
+    "schema_max_length": ("/v1/chat/completions", _schema_body(
+        {"type": "string", "maxLength": 32000})),
+    "schema_min_length": ("/v1/chat/completions", _schema_body(
+        {"type": "string", "minLength": 50_000_000})),
+    "schema_colliding": ("/v1/chat/completions", _schema_body(
+        {"type": "object", "properties": {"a" + _punct(i): {"type": "string"}
+                                          for i in range(6000)}})),
+    "tool_schema": ("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+        "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {
+                "s": {"type": "string", "maxLength": 32000}}}}}]}),
 }
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_bodies_get_4xx_fast_while_health_and_streams_flow(api, name):
     path, body = HOSTILE[name]
+    # Encoded first: json.dumps of megabytes here would hold this process's GIL, and the
+    # watchdog's thread with it.
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
     with HealthWatch(api) as health, flowing_stream(api) as chunks:
-        response, took = _hostile(api, path, body)
+        response, took = _hostile(api, path, content)
         during = len(chunks)
         time.sleep(0.3)
         assert len(chunks) > during or len(chunks) >= 400, "the other stream stalled"
@@ -157,15 +187,24 @@ def test_choices_times_max_tokens_is_bounded(api):
     assert response.status_code == 400 and "n (5)" in response.json()["error"]["message"]
 
 
-def test_a_non_streamed_request_stops_when_its_client_goes(api):
-    with contextlib.suppress(httpx.TimeoutException):
-        httpx.post(f"{api}/v1/completions", headers=_auth(), timeout=0.3,
-                   json={"prompt": [1, 7], "max_tokens": 500,
-                         "n": 2})
-    cancelled = wait_metric(api, 'mesh_requests_total{endpoint="completions",status="cancelled"}',
-                            lambda v: v >= 1)
-    assert cancelled >= 1
-    assert idle(api)
+def test_a_non_streamed_request_stops_when_its_client_goes(mesh, tiny_llama, tmp_path):
+    """Over links slow enough that the answer would take ~20 s, a client that gives up after
+    1 s takes its sessions with it within a few seconds."""
+    with contextlib.ExitStack() as stack:
+        slow = [stack.enter_context(DelayedLink("127.0.0.1", int(u.rsplit(":", 1)[1]), 30))
+                for u in mesh.urls]
+        args = ("--api-key", KEYS[0], "--speculative", "none")
+        base = stack.enter_context(serving(tiny_llama, [link.url for link in slow],
+                                           tmp_path / "serve.log", args))
+        t0 = time.monotonic()
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(f"{base}/v1/completions", headers=_auth(), timeout=1.0,
+                       json={"prompt": [1, 7], "max_tokens": 200, "n": 2, "temperature": 0})
+        cancelled = wait_metric(
+            base, 'mesh_requests_total{endpoint="completions",status="cancelled"}',
+            lambda v: v >= 1)
+        assert cancelled >= 1
+        assert idle(base) and time.monotonic() - t0 < 10
 
 
 def idle(base: str, timeout_s: float = 10.0) -> bool:

@@ -162,8 +162,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         RequestGuard, limits=limits,
         salts={key.encode(): tenant_salt(settings.salt_key, key.encode())
                for key in settings.api_keys},
-        items_limit=lambda: limits.json_items_limit(
-            coordinator.session_ctx if coordinator.admission else 0))
+        served=lambda: ((coordinator.session_ctx, coordinator.tokenizer.max_piece_bytes)
+                        if coordinator.admission else (0, 0)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):

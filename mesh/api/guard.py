@@ -7,8 +7,8 @@ may reuse every prefix, and ``cached_tokens`` is not reported, so that it cannot
 another's prompt), and the requests-in-flight limit counts per client host.
 
 A body is read here whole, within ``body_timeout_s``, and refused (413) before it is parsed
-when it is over the size limit or holds more JSON objects or items than parsing may take on
-the event loop.
+when it is larger than a whole context could take, or holds more JSON objects or items than
+parsing may take on the event loop.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
 
 class RequestGuard:
     def __init__(self, app, limits: ApiLimits, salts: dict[bytes, bytes],
-                 items_limit: Callable[[], int]):
+                 served: Callable[[], tuple[int, int]]):
         self.app = app
         self.limits = limits
         self.salts = salts  # API key -> its tenant's cache salt
-        self.items_limit = items_limit
+        self.served = served  # (session context, longest token in bytes); 0s before start
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -50,9 +50,11 @@ class RequestGuard:
         else:
             client = scope.get("client") or ("", 0)
             state["tenant"] = b"host:" + str(client[0]).encode()
+        ctx, token_bytes = self.served()
+        limit = self.limits.body_limit(ctx, token_bytes)
         length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.limits.max_body_bytes:
-            return await reply(send, 413, self._too_large())
+        if not length.isdigit() or int(length) > limit:
+            return await reply(send, 413, self._too_large(limit))
         body = bytearray()
         try:
             async with asyncio.timeout(self.limits.body_timeout_s):
@@ -61,8 +63,8 @@ class RequestGuard:
                     if message["type"] == "http.disconnect":
                         return
                     body += message.get("body", b"")
-                    if len(body) > self.limits.max_body_bytes:
-                        return await reply(send, 413, self._too_large())
+                    if len(body) > limit:
+                        return await reply(send, 413, self._too_large(limit))
                     if not message.get("more_body"):
                         break
         except TimeoutError:
@@ -70,10 +72,11 @@ class RequestGuard:
                 f"the request body did not arrive within {self.limits.body_timeout_s:.0f} s",
                 "invalid_request_error", "request_timeout"))
         objects, items = body.count(b"{"), body.count(b",")
-        if objects > self.limits.max_json_objects or items > self.items_limit():
+        items_limit = self.limits.json_items_limit(ctx)
+        if objects > self.limits.max_json_objects or items > items_limit:
             return await reply(send, 413, error_body(
                 f"the request body holds {objects} JSON objects and {items} separators (at "
-                f"most {self.limits.max_json_objects} and {self.items_limit()})",
+                f"most {self.limits.max_json_objects} and {items_limit})",
                 "invalid_request_error", "request_too_large"))
         replayed = False
 
@@ -86,9 +89,10 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    def _too_large(self) -> dict:
-        return error_body(f"request body over {self.limits.max_body_bytes} bytes",
-                          "invalid_request_error", "request_too_large")
+    @staticmethod
+    def _too_large(limit: int) -> dict:
+        return error_body(f"request body over {limit} bytes (more than the context could "
+                          "take)", "invalid_request_error", "request_too_large")
 
     def _salt(self, header: bytes) -> bytes | None:
         scheme, _, key = header.partition(b" ")

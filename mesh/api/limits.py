@@ -47,6 +47,14 @@ class ApiLimits:
     # connection holds and lets the stall bound see a reader that does not keep up.
     send_buffer_bytes: int = 128 * 1024
 
+    def body_limit(self, session_ctx: int, max_token_bytes: int) -> int:
+        """Bytes a body may have: no more than a whole context of the longest tokens could
+        take, JSON-escaped (4x), plus 1 MiB for tools and schemas; so a body that could never
+        fit is refused before the event loop parses it (~3 ms a MiB)."""
+        if not session_ctx:
+            return self.max_body_bytes
+        return min(self.max_body_bytes, 4 * session_ctx * max_token_bytes + (1 << 20))
+
     def json_items_limit(self, session_ctx: int) -> int:
         return max(self.max_json_items, 2 * session_ctx)
 

@@ -78,8 +78,8 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     # Set before llama.cpp (and libgomp) load.
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from mesh.logs import configure, get_logger
-    from mesh.shutdown import exit_after
     from mesh.models import resolve_model
+    from mesh.shutdown import exit_after
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
     from mesh.stage.server import StageServer
     from mesh.stage.slicing import slice_model
