@@ -157,19 +157,11 @@ class _Parser:
         prev_rules = 1  # llama.cpp's n_prev_rules
         while pos < len(src):
             c = src[pos]
-            if c == '"':
-                m = _LITERAL.match(src, pos)
+            if c in '"[':
+                pattern, what = (_LITERAL, "literal") if c == '"' else (_CLASS, "character class")
+                m = pattern.match(src, pos)
                 if m is None:
-                    raise _refuse(f"has a malformed literal at offset {pos}")
-                last, prev_rules = len(items), 1
-                if m.group(1):
-                    items.append(-len(m.group(1)))
-                    self.add(len(m.group(1)))
-                pos = self.space(m.end(), nested)
-            elif c == "[":
-                m = _CLASS.match(src, pos)
-                if m is None:
-                    raise _refuse(f"has a malformed character class at offset {pos}")
+                    raise _refuse(f"has a malformed {what} at offset {pos}")
                 last, prev_rules = len(items), 1
                 if m.group(1):
                     items.append(-len(m.group(1)))

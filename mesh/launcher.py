@@ -156,6 +156,14 @@ class LocalMesh:
 def serving(model: Path, urls: list[str], log_path: Path, extra_args: tuple[str, ...] = ()):
     """Run ``mesh serve`` (with ``extra_args``: keys, ``--secret``) as a real process over
     ``urls``; yield its base URL once ready."""
+    with serve_process(model, urls, log_path, extra_args) as (_, base):
+        yield base
+
+
+@contextlib.contextmanager
+def serve_process(model: Path, urls: list[str], log_path: Path,
+                  extra_args: tuple[str, ...] = ()):
+    """``serving``, yielding the process too: (process, base URL)."""
     import httpx
 
     port = free_port()
@@ -179,10 +187,11 @@ def serving(model: Path, urls: list[str], log_path: Path, extra_args: tuple[str,
             time.sleep(0.2)
         else:
             raise RuntimeError("mesh serve did not become ready")
-        yield base
+        yield proc, base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
-from mesh.launcher import free_port
+from mesh.launcher import serve_process
 from tests.apiutil import held_stream
 from tests.linkdelay import DelayedLink
 from tests.meshutil import running_mesh
@@ -24,45 +22,27 @@ def test_sigterm_ends_serve_and_stages_within_10_s_whatever_runs(tiny_llama, tmp
                                                 ctx=512))
         slow = [stack.enter_context(DelayedLink("127.0.0.1", int(url.rsplit(":", 1)[1]), 30))
                 for url in mesh.urls]
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        with (tmp_path / "serve.log").open("ab") as log:
-            serve = subprocess.Popen(
-                [sys.executable, "-m", "mesh.cli", "serve", "--model", str(tiny_llama),
-                 "--port", str(port), "--speculative", "none",
-                 *[a for link in slow for a in ("--stage", link.url)]],
-                stdout=log, stderr=subprocess.STDOUT)
-        held = []
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                assert serve.poll() is None and time.monotonic() < deadline
-                try:
-                    if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-            long = threading.Thread(target=_long_request, args=(base,), daemon=True)
-            long.start()  # 480 tokens, 3 hops of 30 ms each: over 40 s
-            held = [held_stream(base, None, [1, 30 + i], n=3) for i in range(2)]
-            while not _live_sessions(base):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            t0 = time.monotonic()
-            serve.send_signal(signal.SIGTERM)
-            serve.wait(12)
-            assert time.monotonic() - t0 < 10
-            stage = mesh.stages[1].proc
-            t0 = time.monotonic()
-            stage.send_signal(signal.SIGTERM)
-            stage.wait(12)
-            assert time.monotonic() - t0 < 10
-        finally:
-            for sock in held:
-                sock.close()
-            if serve.poll() is None:
-                serve.kill()
+        serve, base = stack.enter_context(serve_process(
+            tiny_llama, [link.url for link in slow], tmp_path / "serve.log",
+            ("--speculative", "none")))
+        long = threading.Thread(target=_long_request, args=(base,), daemon=True)
+        long.start()  # 480 tokens, 3 hops of 30 ms each: over 40 s
+        held = [stack.enter_context(contextlib.closing(held_stream(base, None, [1, 30 + i], n=3)))
+                for i in range(2)]
+        assert held
+        deadline = time.monotonic() + 30
+        while not _live_sessions(base):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(12)
+        assert time.monotonic() - t0 < 10
+        stage = mesh.stages[1].proc
+        t0 = time.monotonic()
+        stage.send_signal(signal.SIGTERM)
+        stage.wait(12)
+        assert time.monotonic() - t0 < 10
 
 
 def _long_request(base: str) -> None:

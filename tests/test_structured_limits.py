@@ -172,15 +172,20 @@ def judge(tiny_llama):
 BOUND = st.integers(-10**17, 10**17) | st.integers(-300, 300)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(low=st.none() | BOUND, high=st.none() | BOUND, low_x=st.booleans(), high_x=st.booleans(),
-       values=st.lists(BOUND | st.integers(-10**16 + 1, 10**16 - 1), min_size=4, max_size=8))
-def test_integer_bounds_are_exact(judge, low, high, low_x, high_x, values):
-    schema = {"type": "integer"}
+def _bounded(kind: str, low, high, low_x: bool, high_x: bool) -> dict:
+    schema = {"type": kind}
     if low is not None:
         schema["exclusiveMinimum" if low_x else "minimum"] = low
     if high is not None:
         schema["exclusiveMaximum" if high_x else "maximum"] = high
+    return schema
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(low=st.none() | BOUND, high=st.none() | BOUND, low_x=st.booleans(), high_x=st.booleans(),
+       values=st.lists(BOUND | st.integers(-10**16 + 1, 10**16 - 1), min_size=4, max_size=8))
+def test_integer_bounds_are_exact(judge, low, high, low_x, high_x, values):
+    schema = _bounded("integer", low, high, low_x, high_x)
     try:
         grammar = grammar_for("json_schema", schema)
     except InvalidInputError as exc:
@@ -203,11 +208,7 @@ DECIMAL = st.builds(lambda i, f: f"{i}.{f}" if f else str(i), st.integers(-2000,
 @given(low=st.none() | st.integers(-1000, 1000), high=st.none() | st.integers(-1000, 1000),
        low_x=st.booleans(), high_x=st.booleans(), texts=st.lists(DECIMAL, min_size=4, max_size=8))
 def test_number_bounds_are_exact_for_whole_bounds(judge, low, high, low_x, high_x, texts):
-    schema = {"type": "number"}
-    if low is not None:
-        schema["exclusiveMinimum" if low_x else "minimum"] = low
-    if high is not None:
-        schema["exclusiveMaximum" if high_x else "maximum"] = high
+    schema = _bounded("number", low, high, low_x, high_x)
     try:
         grammar = grammar_for("json_schema", schema)
     except InvalidInputError as exc:
