@@ -26,22 +26,12 @@ import numpy as np
 
 from mesh.errors import LayerRangeError, ModelError, UnsupportedModelError
 from mesh.models import cache_dir, file_sha256
+from mesh.stage.families import FAMILIES, family
 
 # Bump whenever the bytes a slice contains change: it is part of the cache key.
 SLICER_VERSION = 1
 
-SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen2", "qwen3")
-# Architectures known to derive behaviour from state a slice cannot carry.
-_KNOWN_UNSAFE = {
-    "gemma3n": "per-layer token inputs (altup/laurel) span all layers",
-    "granite": "scales token embeddings inside the graph with a model-wide factor",
-    "granitemoe": "scales token embeddings inside the graph with a model-wide factor",
-}
-# Gemma 3 picks its attention scale from the model size inferred from the layer count; only the
-# 27B (62 layers) uses a different formula, which a slice would lose.
-_GEMMA3_SIZE_DEPENDENT_LAYER_COUNT = 62
-# llama.cpp's default Gemma 3 pattern: 5 sliding-window layers, then one dense layer.
-_GEMMA3_DEFAULT_SWA_PERIOD = 6
+SUPPORTED_ARCHITECTURES = tuple(sorted(FAMILIES))
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -63,7 +53,8 @@ class ModelInfo:
     @property
     def input_scale(self) -> float:
         """Factor the architecture's graph applies to token (not embedding) input."""
-        return float(np.sqrt(np.float32(self.n_embd))) if self.arch == "gemma3" else 1.0
+        scaled = FAMILIES[self.arch].scales_token_input
+        return float(np.sqrt(np.float32(self.n_embd))) if scaled else 1.0
 
 
 @dataclass(frozen=True)
@@ -119,15 +110,9 @@ def check_layer_range(info: ModelInfo, start: int, end: int) -> None:
             f"bad layer range {start}:{end} for a {info.n_layer}-layer model: "
             f"need 0 <= START < END <= {info.n_layer}"
         )
-    if (
-        info.arch == "gemma3"
-        and info.n_layer == _GEMMA3_SIZE_DEPENDENT_LAYER_COUNT
-        and (start, end) != (0, info.n_layer)
-    ):
-        raise UnsupportedModelError(
-            "gemma3 with 62 layers (27B) derives its attention scale from the layer count; "
-            "a slice would compute wrong attention, so it is refused"
-        )
+    reason = family(info.arch).size_dependent(info.n_layer)
+    if reason is not None and (start, end) != (0, info.n_layer):
+        raise UnsupportedModelError(f"{reason}, so a slice is refused")
 
 
 def slice_model(source: Path, start: int, end: int) -> StageFiles:
@@ -175,16 +160,7 @@ def _field(reader, key: str, default=None):
 
 def _read_model_info(reader, sha: str) -> ModelInfo:
     arch = _field(reader, "general.architecture")
-    if arch in _KNOWN_UNSAFE:
-        raise UnsupportedModelError(
-            f"architecture {arch!r} cannot be split by layers ({_KNOWN_UNSAFE[arch]}); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"architecture {arch!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    family(arch)  # refuses what cannot be split, with the reason
     n_layer = int(_field(reader, f"{arch}.block_count"))
     n_embd = int(_field(reader, f"{arch}.embedding_length"))
     tensors = {t.name: t for t in reader.tensors}
@@ -213,15 +189,18 @@ def _read_model_info(reader, sha: str) -> ModelInfo:
 
 def _swa_layers(reader, arch: str, n_layer: int) -> tuple[bool, ...] | None:
     """Per-layer sliding-window flags as llama.cpp would derive them, or None without SWA."""
-    if arch != "gemma3" or not _field(reader, f"{arch}.attention.sliding_window", 0):
+    rule = family(arch).swa_default
+    if rule is None or not _field(reader, f"{arch}.attention.sliding_window", 0):
         return None
     pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, list):
         if len(pattern) != n_layer:
             raise ModelError("sliding_window_pattern length does not match block_count")
         return tuple(bool(v) for v in pattern)
-    period = _GEMMA3_DEFAULT_SWA_PERIOD if pattern is None else int(pattern)
-    return tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
+    if pattern is not None:  # a period: n - 1 sliding-window layers, then a dense one
+        period = int(pattern)
+        return tuple(period == 0 or il % period < period - 1 for il in range(n_layer))
+    return tuple(rule(il, n_layer) for il in range(n_layer))
 
 
 def _write_stage_gguf(reader, info: ModelInfo, start: int, end: int, out: Path) -> None:
@@ -236,6 +215,7 @@ def _write_stage_gguf(reader, info: ModelInfo, start: int, end: int, out: Path) 
     swa_key = f"{arch}.attention.sliding_window"
     pattern_key = f"{arch}.attention.sliding_window_pattern"
     slice_swa = None if info.swa_layers is None else info.swa_layers[start:end]
+    index_keys = {f"{arch}.{key}" for key in family(arch).layer_index_keys}
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key == pattern_key:
             continue
@@ -249,6 +229,8 @@ def _write_stage_gguf(reader, info: ModelInfo, start: int, end: int, out: Path) 
         value = field.contents()
         if key == f"{arch}.block_count":
             value = n_local
+        elif key in index_keys:  # a layer index or count from layer 0, re-based to the slice
+            value = min(max(int(value) - start, 0), n_local)
         elif (
             key.startswith(f"{arch}.")
             and vtype == GGUFValueType.ARRAY

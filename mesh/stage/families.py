@@ -1,0 +1,78 @@
+"""Model families the slicer splits, and what each needs beyond the generic rules.
+
+The generic rules (``mesh.stage.slicing``): every key is copied; ``{arch}.block_count`` becomes
+the slice's layer count; every ``{arch}.*`` array with one entry per layer is sliced; blocks are
+renumbered from 0; tensors that are not per block (e.g. ``rope_freqs``) go to every stage; only
+the final stage keeps the vocabulary and the output head (and ``token_embd`` when the head is
+tied). A family adds what the pinned llama.cpp derives from state a slice would lose: the
+sliding-window layers it infers from a layer's index, layer-index keys to re-base, a factor its
+graph applies to token input, and layer counts that change its behaviour (then slices are
+refused with the reason).
+
+Each family here has a parity test (``tests/test_families.py`` and the tiny models of
+``tests/tiny``): a 2- and a 3-stage split equal one llama.cpp context bit for bit. A family
+that cannot be split exactly is listed in ``REFUSED`` with the reason; any other architecture
+is refused as not (yet) checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mesh.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str
+    # The graph multiplies token input (never embeddings input) by sqrt(n_embd) (Gemma).
+    scales_token_input: bool = False
+    # Whether layer ``il`` of ``n_layer`` uses sliding-window attention when the file has no
+    # explicit per-layer pattern; None: the family has no sliding window.
+    swa_default: Callable[[int, int], bool] | None = None
+    # A reason a slice of a model with this many layers would compute differently, or None.
+    size_dependent: Callable[[int], str | None] = lambda n_layer: None
+    # Keys holding a layer index or count from the first layer (re-based to the slice).
+    layer_index_keys: tuple[str, ...] = ()
+
+
+def _gemma3_swa(il: int, n_layer: int) -> bool:
+    return il % 6 < 5  # five sliding-window layers, then one dense layer
+
+
+def _gemma3_size(n_layer: int) -> str | None:
+    if n_layer == 62:
+        return ("gemma3 with 62 layers (27B) derives its attention scale from the layer count; "
+                "a slice would compute wrong attention")
+    return None
+
+
+FAMILIES: dict[str, Family] = {f.arch: f for f in (
+    Family("llama"),
+    Family("qwen2"),
+    Family("qwen3"),
+    Family("gemma3", scales_token_input=True, swa_default=_gemma3_swa,
+           size_dependent=_gemma3_size),
+)}
+
+# Architectures known to derive behaviour from state a slice cannot carry.
+REFUSED: dict[str, str] = {
+    "gemma3n": "per-layer token inputs (altup/laurel) span all layers",
+    "granite": "scales token embeddings inside the graph with a model-wide factor",
+    "granitemoe": "scales token embeddings inside the graph with a model-wide factor",
+}
+
+
+def family(arch: str) -> Family:
+    """The family of ``arch``, or a one-line refusal saying why it cannot be split."""
+    supported = ", ".join(sorted(FAMILIES))
+    if arch in REFUSED:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} cannot be split by layers ({REFUSED[arch]}); "
+            f"supported: {supported}")
+    if arch not in FAMILIES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported (its split is not proven exact); "
+            f"supported: {supported}")
+    return FAMILIES[arch]
