@@ -52,6 +52,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("llama"),
     Family("qwen2"),
     Family("qwen3"),
+    Family("qwen3moe"),
     Family("gemma3", scales_token_input=True, swa_default=_gemma3_swa,
            size_dependent=_gemma3_size),
 )}
