@@ -26,4 +26,5 @@ def test_family_splits_match_single_context(module, tmp_path):
                             n_decode=24)
         assert result.chain_tokens == result.single_tokens, cuts
         assert result.max_abs_diff == 0.0, cuts
-    assert len(set(result.single_tokens)) > 3  # a model that says something
+    if getattr(module, "VARIED", True):  # a model that says something
+        assert len(set(result.single_tokens)) > 3
