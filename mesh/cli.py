@@ -25,6 +25,7 @@ def main() -> None:
 def model(spec: str) -> None:
     """Resolve SPEC (a .gguf path or 'default') and print the file path and its facts."""
     from mesh.models import resolve_model
+    from mesh.stage.families import family
     from mesh.stage.slicing import model_info
 
     try:
@@ -34,6 +35,21 @@ def model(spec: str) -> None:
         _fail(str(exc))
     click.echo(f"{path}\narch={info.arch} layers={info.n_layer} n_embd={info.n_embd} "
                f"n_vocab={info.n_vocab} sha256={info.sha256[:16]}")
+    reason = family(info.arch).size_dependent(info.n_layer)
+    if reason is None:
+        click.echo(f"split: exact (parity-tested family); cut after any of layers 1-"
+                   f"{info.n_layer - 1}")
+    else:
+        click.echo(f"split: refused ({reason}); it runs whole on one stage")
+    mib = 1 << 20
+    click.echo(f"weights: {sum(info.layer_bytes) / mib:.1f} MiB in layers, "
+               f"head {info.head_bytes / mib:.1f} MiB (final stage)")
+    click.echo("bytes per layer (MiB): " + " ".join(
+        f"{i}:{b / mib:.1f}" for i, b in enumerate(info.layer_bytes)))
+    if any(info.kv_cell_bytes):
+        click.echo(f"KV per cell: {sum(info.kv_cell_bytes) / 1024:.1f} KiB (f16 K and V over "
+                   f"all layers; a session of C cells at a stage holding layers a:b takes C x "
+                   f"their share)")
 
 
 def _secret_option(fn):

@@ -49,6 +49,13 @@ class ModelInfo:
     swa_layers: tuple[bool, ...] | None
     layer_bytes: tuple[int, ...] = ()  # weight bytes per block: a decode step reads them all
     head_bytes: int = 0  # output head (or tied embeddings) bytes, read by the final stage
+    # (key without the arch prefix, value) for the family's info_keys, read by its cut_refusal
+    hparams: tuple[tuple[str, object], ...] = ()
+    # f16 K and V bytes one KV cell takes per layer, from the head counts and sizes (0 where
+    # the metadata does not say: MLA or recurrent layers keep other state)
+    kv_cell_bytes: tuple[int, ...] = ()
+    # Multi-token-prediction blocks after the n_layer trunk blocks (in block_count, never sliced)
+    n_nextn: int = 0
 
     @property
     def input_scale(self) -> float:
@@ -92,8 +99,11 @@ def model_info(path: Path) -> ModelInfo:
         raw = json.loads(cached.read_text())
         swa = raw.pop("swa_layers")
         layer_bytes = tuple(raw.pop("layer_bytes"))
+        raw["hparams"] = tuple((k, tuple(v) if isinstance(v, list) else v)
+                               for k, v in raw.pop("hparams", ()))
+        kv_cell_bytes = tuple(raw.pop("kv_cell_bytes"))
         return ModelInfo(swa_layers=None if swa is None else tuple(swa),
-                         layer_bytes=layer_bytes, **raw)
+                         layer_bytes=layer_bytes, kv_cell_bytes=kv_cell_bytes, **raw)
     except (OSError, ValueError, TypeError, KeyError):
         pass
     info = _read_model_info(_reader(str(path)), sha)
@@ -113,6 +123,13 @@ def check_layer_range(info: ModelInfo, start: int, end: int) -> None:
     reason = family(info.arch).size_dependent(info.n_layer)
     if reason is not None and (start, end) != (0, info.n_layer):
         raise UnsupportedModelError(f"{reason}, so a slice is refused")
+    reason = family(info.arch).slice_refusal(info, start, end)
+    if reason is not None:
+        raise UnsupportedModelError(f"slice {start}:{end} refused: {reason}")
+    reason = family(info.arch).cut_refusal(info, start, end)
+    if reason is not None and (start, end) != (0, info.n_layer):
+        raise LayerRangeError(f"layers {start}:{end} of this {info.arch} model cannot be a "
+                              f"stage: {reason}")
 
 
 def slice_model(source: Path, start: int, end: int) -> StageFiles:
@@ -162,6 +179,12 @@ def _read_model_info(reader, sha: str) -> ModelInfo:
     arch = _field(reader, "general.architecture")
     family(arch)  # refuses what cannot be split, with the reason
     n_layer = int(_field(reader, f"{arch}.block_count"))
+    n_nextn = int(_field(reader, f"{arch}.nextn_predict_layers", 0) or 0)
+    if n_nextn and not family(arch).drops_nextn:
+        raise UnsupportedModelError(
+            f"{arch} with nextn_predict_layers = {n_nextn}: splitting its trailing "
+            "multi-token-prediction blocks is not proven exact")
+    n_layer -= n_nextn  # llama.cpp's n_layer(): the trunk; the nextn blocks follow it
     n_embd = int(_field(reader, f"{arch}.embedding_length"))
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
@@ -182,15 +205,41 @@ def _read_model_info(reader, sha: str) -> ModelInfo:
         n_vocab=n_vocab,
         token_embd_type=int(token_embd.tensor_type),
         swa_layers=_swa_layers(reader, arch, n_layer),
+        hparams=tuple((key, tuple(v) if isinstance(v, list) else v)
+                      for key in family(arch).info_keys
+                      if (v := _field(reader, f"{arch}.{key}")) is not None),
         layer_bytes=tuple(layer_bytes),
         head_bytes=int(head.n_bytes),
+        kv_cell_bytes=_kv_cell_bytes(reader, arch, n_layer, n_embd),
+        n_nextn=n_nextn,
     )
+
+
+def _per_layer(value, n_layer: int) -> list[int]:
+    if isinstance(value, list):
+        return [int(v) for v in value] if len(value) == n_layer else [0] * n_layer
+    return [int(value or 0)] * n_layer
+
+
+def _kv_cell_bytes(reader, arch: str, n_layer: int, n_embd: int) -> tuple[int, ...]:
+    """f16 K and V bytes per cell and layer, as the metadata gives head counts and sizes."""
+    heads = _per_layer(_field(reader, f"{arch}.attention.head_count"), n_layer)
+    kv_heads = _per_layer(_field(reader, f"{arch}.attention.head_count_kv", heads), n_layer)
+    key = _field(reader, f"{arch}.attention.key_length")
+    value = _field(reader, f"{arch}.attention.value_length")
+    out = []
+    for il in range(n_layer):
+        head_dim = n_embd // heads[il] if heads[il] else 0
+        k, v = int(key or head_dim), int(value or head_dim)
+        out.append(2 * kv_heads[il] * (k + v))
+    return tuple(out)
 
 
 def _swa_layers(reader, arch: str, n_layer: int) -> tuple[bool, ...] | None:
     """Per-layer sliding-window flags as llama.cpp would derive them, or None without SWA."""
     rule = family(arch).swa_default
-    if rule is None or not _field(reader, f"{arch}.attention.sliding_window", 0):
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    if rule is None or window == 0 or (window is None and not family(arch).swa_without_key):
         return None
     pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, list):
@@ -216,10 +265,16 @@ def _write_stage_gguf(reader, info: ModelInfo, start: int, end: int, out: Path) 
     pattern_key = f"{arch}.attention.sliding_window_pattern"
     slice_swa = None if info.swa_layers is None else info.swa_layers[start:end]
     index_keys = {f"{arch}.{key}" for key in family(arch).layer_index_keys}
+    overrides = {f"{arch}.{key}": value for key, value in family(arch).slice_keys(
+        lambda key: _field(reader, f"{arch}.{key}"), info, start, end).items()}
+    nextn_key = f"{arch}.nextn_predict_layers"  # multi-token-prediction blocks are left out
+    first_stage_keys = {f"{arch}.{key}" for key in family(arch).first_stage_keys}
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key == pattern_key:
+        if key.startswith("GGUF.") or key in ("general.architecture", pattern_key, nextn_key):
             continue
         if not is_last and key.startswith("tokenizer."):
+            continue
+        if start > 0 and key in first_stage_keys:
             continue
         if key == swa_key and not (slice_swa and any(slice_swa)):
             # An all-dense slice that declares SWA aborts context creation.
@@ -227,19 +282,25 @@ def _write_stage_gguf(reader, info: ModelInfo, start: int, end: int, out: Path) 
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         value = field.contents()
-        if key == f"{arch}.block_count":
+        if key in overrides:
+            value = overrides.pop(key)
+        elif key == f"{arch}.block_count":
             value = n_local
         elif key in index_keys:  # a layer index or count from layer 0, re-based to the slice
             value = min(max(int(value) - start, 0), n_local)
         elif (
             key.startswith(f"{arch}.")
             and vtype == GGUFValueType.ARRAY
-            and len(value) == info.n_layer
+            and len(value) == info.n_layer + info.n_nextn
         ):
             value = value[start:end]
         elif key == f"{arch}.vocab_size" and not is_last:
             continue
         writer.add_key_value(key, value, vtype, sub_type)
+    for key, value in overrides.items():  # keys the source leaves to a default
+        vtype = {bool: GGUFValueType.BOOL, int: GGUFValueType.UINT32,
+                 float: GGUFValueType.FLOAT32, str: GGUFValueType.STRING}[type(value)]
+        writer.add_key_value(key, value, vtype)
     if slice_swa and any(slice_swa):
         writer.add_key_value(pattern_key, list(slice_swa), GGUFValueType.ARRAY, GGUFValueType.BOOL)
     if not is_last:
