@@ -18,11 +18,15 @@ def test_bad_layer_ranges_are_refused_with_the_valid_bounds(tiny_llama, start, e
         slice_model(tiny_llama, start, end)
 
 
-@pytest.mark.parametrize("arch", ["gemma3n", "granite", "bert"])
+@pytest.mark.parametrize("arch", ["gemma3n", "bert"])
 def test_unsupported_architectures_name_what_is_supported(tmp_path, arch):
+    from mesh.stage.families import FAMILIES
+
     path = write_unsupported_model(tmp_path / f"{arch}.gguf", arch)
-    with pytest.raises(UnsupportedModelError, match="supported: gemma3, llama, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match=f"'{arch}'.*supported: ") as info:
         slice_model(path, 0, 1)
+    assert str(info.value).endswith(", ".join(sorted(FAMILIES)))
+    assert "\n" not in str(info.value)  # one line
 
 
 def test_gemma3_27b_slices_are_refused_but_whole_model_is_allowed():
