@@ -16,7 +16,7 @@ PROMPT = [1] + [(i * 37) % 290 + 3 for i in range(29)]
 MODULES = family_modules()
 
 
-@pytest.mark.parametrize("module", MODULES, ids=[m.ARCH for m in MODULES])
+@pytest.mark.parametrize("module", MODULES, ids=[m.__name__.rsplit(".", 1)[1] for m in MODULES])
 def test_family_splits_match_single_context(module, tmp_path):
     path = module.write(tmp_path / f"tiny-{module.ARCH}.gguf")
     assert model_info(path).arch == module.ARCH in FAMILIES
