@@ -28,3 +28,29 @@ def test_family_splits_match_single_context(module, tmp_path):
         assert result.max_abs_diff == 0.0, cuts
     if getattr(module, "VARIED", True):  # a model that says something
         assert len(set(result.single_tokens)) > 3
+
+
+def test_gpt_oss_refuses_a_slice_without_sliding_window_layers(tmp_path):
+    """gpt-oss's graph always builds a sliding-window cache; llama.cpp aborts on a slice of one
+    full-attention layer, so slicing refuses it before llama.cpp sees it."""
+    from mesh.errors import LayerRangeError
+    from mesh.stage.slicing import check_layer_range
+    from tests.tiny import gpt_oss
+
+    info = model_info(gpt_oss.write(tmp_path / "tiny-gpt-oss.gguf"))
+    assert info.swa_layers == (True, False) * 3
+    for start in (1, 3, 5):
+        with pytest.raises(LayerRangeError, match="no sliding-window layer"):
+            check_layer_range(info, start, start + 1)
+    check_layer_range(info, 0, 1)
+    check_layer_range(info, 1, 3)
+
+
+def test_gemma2_is_refused_when_its_facts_are_read(tmp_path):
+    """gemma2 scales embeddings input as well as tokens by sqrt(n_embd) (src/models/gemma2.cpp),
+    so a later stage would scale the hidden state it is handed: refused at model_info."""
+    from mesh.errors import UnsupportedModelError
+    from tests.tiny_gguf import write_unsupported_model
+
+    with pytest.raises(UnsupportedModelError, match="sqrt"):
+        model_info(write_unsupported_model(tmp_path / "gemma2.gguf", "gemma2"))

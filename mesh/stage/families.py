@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mesh.errors import UnsupportedModelError
 
@@ -35,6 +36,12 @@ class Family:
     size_dependent: Callable[[int], str | None] = lambda n_layer: None
     # Keys holding a layer index or count from the first layer (re-based to the slice).
     layer_index_keys: tuple[str, ...] = ()
+    # The loader requires ``output.weight`` (gpt-oss): non-final stages get a one-row zero head.
+    output_required: bool = False
+    # A reason the slice [start, end) of the model ``info`` (a ModelInfo) would compute
+    # differently, or None: what llama.cpp derives from a layer's index or the slice's length
+    # with no key to say otherwise. The whole model is never refused.
+    cut_refusal: Callable[[Any, int, int], str | None] = lambda info, start, end: None
 
 
 def _gemma3_swa(il: int, n_layer: int) -> bool:
@@ -48,6 +55,18 @@ def _gemma3_size(n_layer: int) -> str | None:
     return None
 
 
+def _even_swa(il: int, n_layer: int) -> bool:
+    return il % 2 == 0  # sliding window on even layers, full attention on odd (gemma2, gpt-oss)
+
+
+def _needs_swa_layer(info, start: int, end: int) -> str | None:
+    """For graphs that always build a sliding-window cache (llama.cpp asserts is_swa_any())."""
+    if info.swa_layers is not None and not any(info.swa_layers[start:end]):
+        return ("it holds no sliding-window layer, and this architecture's graph always builds "
+                "a sliding-window cache (llama.cpp aborts on such a slice)")
+    return None
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("llama"),
     Family("qwen2"),
@@ -55,6 +74,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen3moe"),
     Family("gemma3", scales_token_input=True, swa_default=_gemma3_swa,
            size_dependent=_gemma3_size),
+    Family("gpt-oss", swa_default=_even_swa, cut_refusal=_needs_swa_layer,
+           output_required=True),
 )}
 
 # Architectures known to derive behaviour from state a slice cannot carry.
@@ -62,6 +83,9 @@ REFUSED: dict[str, str] = {
     "gemma3n": "per-layer token inputs (altup/laurel) span all layers",
     "granite": "scales token embeddings inside the graph with a model-wide factor",
     "granitemoe": "scales token embeddings inside the graph with a model-wide factor",
+    "gemma2": ("its graph multiplies every input, hidden states too, by sqrt(n_embd); no f32 "
+               "input gives back 4-14% of the values a stage hands on (and 46 layers, 27B, take "
+               "the attention scale from the layer count)"),
 }
 
 

@@ -321,6 +321,8 @@ def _write_stage_gguf(reader, info: ModelInfo, start: int, end: int, out: Path) 
         elif name == "output.weight":
             if is_last:
                 plan.append((name, tensor))
+            elif family(arch).output_required:  # a one-row head, like token_embd's
+                plan.append((name, np.zeros((1, info.n_embd), np.float32)))
         else:
             plan.append((name, tensor))
     for name, tensor in plan:
