@@ -54,3 +54,27 @@ def test_gemma2_is_refused_when_its_facts_are_read(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="sqrt"):
         model_info(write_unsupported_model(tmp_path / "gemma2.gguf", "gemma2"))
+
+
+def test_llama4_refuses_cuts_that_move_moe_or_no_rope_layers(tmp_path):
+    """llama.cpp takes llama4's MoE layers (every interleave_moe_layer_step-th) and no-RoPE
+    layers (every 4th) from the layer index, with no key to say otherwise, and aborts on a slice
+    without a chunked-attention layer; with sliding_window = 0 it drops RoPE on the last layer of
+    whatever it loads, so only the whole model runs."""
+    from mesh.errors import LayerRangeError
+    from mesh.stage.slicing import check_layer_range
+    from tests.tiny import llama4
+
+    info = model_info(llama4.write(tmp_path / "tiny-llama4.gguf"))
+    assert info.swa_layers == (True, True, True, False) * 3
+    for start, end, reason in ((1, 4, "MoE"), (2, 4, "RoPE"), (6, 12, "RoPE"),
+                               (3, 4, "no chunked")):
+        with pytest.raises(LayerRangeError, match=reason):
+            check_layer_range(info, start, end)
+    check_layer_range(info, 2, 3)
+    check_layer_range(info, 4, 12)
+    flat = model_info(llama4.write(tmp_path / "tiny-llama4-flat.gguf", sliding_window=0))
+    assert flat.swa_layers is None
+    with pytest.raises(LayerRangeError, match="sliding_window = 0"):
+        check_layer_range(flat, 8, 12)
+    check_layer_range(flat, 0, 12)

@@ -38,10 +38,25 @@ class Family:
     layer_index_keys: tuple[str, ...] = ()
     # The loader requires ``output.weight`` (gpt-oss): non-final stages get a one-row zero head.
     output_required: bool = False
+    # The trailing ``nextn_predict_layers`` blocks are multi-token-prediction heads that only an
+    # MTP draft context runs: slices leave them out (False: such a model is refused).
+    drops_nextn: bool = False
+    # Keys (without the ``{arch}.`` prefix) a slice must state explicitly, from the source's
+    # keys (``get(key)``, None when absent): values llama.cpp derives from the layer count or
+    # the vocabulary size, which a slice changes. Called as (get, info, start, end).
+    slice_keys: Callable[..., dict[str, object]] = lambda get, info, start, end: {}
+    # Whether ``swa_default`` applies when the file has no ``attention.sliding_window`` key
+    # (llama4: chunked attention unless the key says 0).
+    swa_without_key: bool = False
+    # Keys (without the arch prefix) model_info keeps in ``ModelInfo.hparams`` for cut_refusal.
+    info_keys: tuple[str, ...] = ()
     # A reason the slice [start, end) of the model ``info`` (a ModelInfo) would compute
     # differently, or None: what llama.cpp derives from a layer's index or the slice's length
     # with no key to say otherwise. The whole model is never refused.
     cut_refusal: Callable[[Any, int, int], str | None] = lambda info, start, end: None
+    # Keys only the first stage keeps: factors the graph applies to its input, tokens or
+    # embeddings alike (granite's embedding_scale), which later stages must not apply again.
+    first_stage_keys: tuple[str, ...] = ()
 
 
 def _gemma3_swa(il: int, n_layer: int) -> bool:
@@ -67,7 +82,28 @@ def _needs_swa_layer(info, start: int, end: int) -> str | None:
     return None
 
 
+def _llama4_cut(info, start: int, end: int) -> str | None:
+    """llama4 takes from a layer's index, with no per-layer key: its MoE layers (every
+    ``interleave_moe_layer_step``-th; the tensor layout follows) and its no-RoPE layers (every
+    4th, a fixed step; with ``sliding_window = 0`` only the model's last layer). Its chunked
+    attention is written per layer, but a slice without any chunked layer would abort."""
+    if info.swa_layers is None:
+        return "with sliding_window = 0 llama.cpp drops RoPE on each slice's last layer"
+    if not any(info.swa_layers[start:end]):
+        return "it holds no chunked-attention layer, and llama4 cannot declare none"
+    step = int(dict(info.hparams).get("interleave_moe_layer_step", 0))
+    for j in range(end - start):
+        il = start + j
+        if step > 0 and ((il + 1) % step == 0) != ((j + 1) % step == 0):
+            return f"llama.cpp places MoE layers every {step} layers from the first"
+        if ((il + 1) % 4 == 0) != ((j + 1) % 4 == 0):
+            return "llama.cpp skips RoPE on every 4th layer from the first"
+    return None
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
+    Family("llama4", swa_default=lambda il, n_layer: il % 4 < 3, swa_without_key=True,
+           info_keys=("interleave_moe_layer_step",), cut_refusal=_llama4_cut),
     Family("llama"),
     Family("qwen2"),
     Family("qwen3"),

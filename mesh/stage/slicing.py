@@ -123,9 +123,6 @@ def check_layer_range(info: ModelInfo, start: int, end: int) -> None:
     reason = family(info.arch).size_dependent(info.n_layer)
     if reason is not None and (start, end) != (0, info.n_layer):
         raise UnsupportedModelError(f"{reason}, so a slice is refused")
-    reason = family(info.arch).slice_refusal(info, start, end)
-    if reason is not None:
-        raise UnsupportedModelError(f"slice {start}:{end} refused: {reason}")
     reason = family(info.arch).cut_refusal(info, start, end)
     if reason is not None and (start, end) != (0, info.n_layer):
         raise LayerRangeError(f"layers {start}:{end} of this {info.arch} model cannot be a "
