@@ -78,3 +78,22 @@ def test_llama4_refuses_cuts_that_move_moe_or_no_rope_layers(tmp_path):
     with pytest.raises(LayerRangeError, match="sliding_window = 0"):
         check_layer_range(flat, 8, 12)
     check_layer_range(flat, 0, 12)
+
+
+def test_exaone4_refuses_cuts_that_change_its_64_layer_switch(tmp_path):
+    """llama.cpp gives exaone4 a sliding window only at exactly 64 layers: a 64-layer model is
+    not split, and no 64-layer slice is cut from a larger one."""
+    from dataclasses import replace
+
+    from mesh.errors import LayerRangeError, UnsupportedModelError
+    from mesh.stage.slicing import check_layer_range
+    from tests.tiny import exaone4
+
+    info = model_info(exaone4.write(tmp_path / "tiny-exaone4.gguf"))
+    assert info.swa_layers is None
+    with pytest.raises(UnsupportedModelError, match="64 layers"):
+        check_layer_range(replace(info, n_layer=64), 0, 32)
+    check_layer_range(replace(info, n_layer=64), 0, 64)
+    with pytest.raises(LayerRangeError, match="64-layer"):
+        check_layer_range(replace(info, n_layer=80), 16, 80)
+    check_layer_range(replace(info, n_layer=80), 0, 63)

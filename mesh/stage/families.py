@@ -101,7 +101,21 @@ def _llama4_cut(info, start: int, end: int) -> str | None:
     return None
 
 
+def _exaone4_size(n_layer: int) -> str | None:
+    if n_layer == 64:
+        return ("exaone4 turns on its sliding window (and no RoPE on full-attention layers) only "
+                "for exactly 64 layers (32B); a slice would attend over the whole context")
+    return None
+
+
+def _exaone4_cut(info, start: int, end: int) -> str | None:
+    if end - start == 64 != info.n_layer:
+        return "llama.cpp would give a 64-layer exaone4 slice a sliding window this model lacks"
+    return None
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
+    Family("exaone4", size_dependent=_exaone4_size, cut_refusal=_exaone4_cut),
     Family("llama4", swa_default=lambda il, n_layer: il % 4 < 3, swa_without_key=True,
            info_keys=("interleave_moe_layer_step",), cut_refusal=_llama4_cut),
     Family("llama"),
