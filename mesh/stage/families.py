@@ -124,6 +124,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen3moe"),
     Family("mistral3"),
     Family("qwen2moe", output_required=True),
+    Family("olmoe", output_required=True),
     Family("gemma3", scales_token_input=True, swa_default=_gemma3_swa,
            size_dependent=_gemma3_size),
     Family("gpt-oss", swa_default=_even_swa, cut_refusal=_needs_swa_layer,
