@@ -135,6 +135,8 @@ def test_hostile_bodies_get_4xx_fast_while_health_and_streams_flow(api, name):
         during = len(chunks)
         time.sleep(0.3)
         assert len(chunks) > during or len(chunks) >= 400, "the other stream stalled"
+    print(f"{name}: {response.status_code} in {took * 1e3:.0f} ms, /health worst "
+          f"{health.worst_s * 1e3:.0f} ms over {health.answers} polls")
     assert 400 <= response.status_code < 500, response.text[:300]
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert took < 2.0, f"{name}: answered after {took:.2f} s"
