@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from tests.tiny._common import Weights, finish, start
 
 ARCH = "qwen3moe"
@@ -51,7 +53,5 @@ def write(path: Path) -> Path:
     return finish(w, path)
 
 
-def experts(r: Weights, rows: int, cols: int):
-    import numpy as np
-
+def experts(r: Weights, rows: int, cols: int) -> np.ndarray:
     return np.stack([r.mat(rows, cols) for _ in range(N_EXPERT)])
