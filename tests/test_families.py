@@ -97,3 +97,25 @@ def test_exaone4_refuses_cuts_that_change_its_64_layer_switch(tmp_path):
     with pytest.raises(LayerRangeError, match="64-layer"):
         check_layer_range(replace(info, n_layer=80), 16, 80)
     check_layer_range(replace(info, n_layer=80), 0, 63)
+
+
+def test_command_r_and_cohere2_refuse_cuts_llama_cpp_would_load_differently(tmp_path):
+    """command-r loads per-head q/k norms only at 64 layers or more (a slice must stay on its
+    model's side of 64); cohere2 always builds a sliding-window cache (a slice of one
+    full-attention layer would abort llama.cpp)."""
+    from dataclasses import replace
+
+    from mesh.errors import LayerRangeError
+    from mesh.stage.slicing import check_layer_range
+    from tests.tiny import cohere2, command_r
+
+    info = model_info(command_r.write(tmp_path / "tiny-command-r.gguf"))
+    with pytest.raises(LayerRangeError, match="q/k norms"):
+        check_layer_range(replace(info, n_layer=64), 0, 32)
+    check_layer_range(replace(info, n_layer=64), 0, 64)
+    check_layer_range(replace(info, n_layer=100), 0, 64)
+    info = model_info(cohere2.write(tmp_path / "tiny-cohere2.gguf"))
+    assert info.swa_layers == (True, True, True, False) * 2
+    with pytest.raises(LayerRangeError, match="no sliding-window layer"):
+        check_layer_range(info, 3, 4)
+    check_layer_range(info, 3, 5)

@@ -114,7 +114,20 @@ def _exaone4_cut(info, start: int, end: int) -> str | None:
     return None
 
 
+def _command_r_cut(info, start: int, end: int) -> str | None:
+    if (info.n_layer >= 64) != (end - start >= 64):
+        return ("llama.cpp loads command-r's q/k norms only for 64 layers or more, so a slice "
+                "must stay on the model's side of 64")
+    return None
+
+
+def _cohere2_swa(il: int, n_layer: int) -> bool:
+    return il % 4 < 3  # three sliding-window layers (with RoPE), then one full (without)
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
+    Family("command-r", cut_refusal=_command_r_cut),
+    Family("cohere2", swa_default=_cohere2_swa, cut_refusal=_needs_swa_layer),
     Family("exaone4", size_dependent=_exaone4_size, cut_refusal=_exaone4_cut),
     Family("llama4", swa_default=lambda il, n_layer: il % 4 < 3, swa_without_key=True,
            info_keys=("interleave_moe_layer_step",), cut_refusal=_llama4_cut),

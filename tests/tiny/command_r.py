@@ -1,0 +1,40 @@
+"""Command-R (llama.cpp src/models/command-r.cpp): parallel blocks (attention and FFN both read
+one LayerNorm of the input and are added to the residual together), a head tied to
+``token_embd`` and logits scaled by ``logit_scale`` on the final stage. llama.cpp loads
+per-head q/k LayerNorms only when the model has 64 layers or more (Command R+): a cut that puts
+a slice on the other side of 64 is refused (``mesh.stage.families._command_r_cut``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.tiny._common import Weights, finish, start
+
+ARCH = "command-r"
+N_LAYER = 5
+CUTS = [[2], [1, 3]]
+E, HEADS, KV_HEADS, HEAD_DIM, FF = 64, 4, 2, 16, 128
+
+
+def write(path: Path) -> Path:
+    w, n_vocab = start(path, ARCH, N_LAYER, E)
+    r = Weights(seed=35)
+    w.add_uint32(f"{ARCH}.feed_forward_length", FF)
+    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
+    w.add_uint32(f"{ARCH}.attention.head_count_kv", KV_HEADS)
+    w.add_float32(f"{ARCH}.attention.layer_norm_epsilon", 1e-5)
+    w.add_float32(f"{ARCH}.rope.freq_base", 8000000.0)
+    w.add_float32(f"{ARCH}.logit_scale", 0.25)
+    w.add_tensor("token_embd.weight", r.vec(n_vocab, E, scale=1.0))  # also the head
+    w.add_tensor("output_norm.weight", r.norm(E))
+    for il in range(N_LAYER):
+        p = f"blk.{il}"
+        w.add_tensor(f"{p}.attn_norm.weight", r.norm(E))
+        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
+        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
+        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
+        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
+        w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
+        w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
+        w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+    return finish(w, path)
