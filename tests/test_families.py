@@ -119,3 +119,38 @@ def test_command_r_and_cohere2_refuse_cuts_llama_cpp_would_load_differently(tmp_
     with pytest.raises(LayerRangeError, match="no sliding-window layer"):
         check_layer_range(info, 3, 4)
     check_layer_range(info, 3, 5)
+
+
+def test_deepseek2_refuses_a_slice_llama_cpp_would_take_for_the_lite_variant(tmp_path):
+    """llama.cpp takes a deepseek2 of 26 or 27 layers (or 48 with a 128,256-token vocabulary)
+    for the Lite variant and ignores its query LoRA: such slices of a full model are refused at
+    check time; a Lite model itself splits (its slices state q_lora_rank = 0)."""
+    from dataclasses import replace
+
+    from mesh.errors import LayerRangeError
+    from mesh.stage.slicing import check_layer_range
+    from tests.tiny import deepseek2
+
+    info = model_info(deepseek2.write(tmp_path / "tiny-deepseek2.gguf"))
+    assert (info.n_layer, info.n_nextn) == (deepseek2.N_LAYER, 1)  # the MTP block is no layer
+    full = replace(info, n_layer=61)
+    for start, end in ((0, 27), (34, 61), (5, 31)):
+        with pytest.raises(LayerRangeError, match="Lite"):
+            check_layer_range(full, start, end)
+    check_layer_range(full, 0, 28)
+    check_layer_range(full, 0, 48)  # a 48-layer stage with a 1-token vocabulary is not Lite
+    with pytest.raises(LayerRangeError, match="Lite"):
+        check_layer_range(replace(full, n_vocab=128256), 13, 61)
+    check_layer_range(replace(info, n_layer=27), 0, 27)
+    check_layer_range(replace(info, n_layer=27), 0, 13)
+
+
+def test_glm4moe_is_refused_when_its_facts_are_read(tmp_path):
+    """glm4moe's graph (src/models/glm4-moe.cpp) aborts the process on embeddings input unless
+    the model uses M-RoPE ("This GGUF does not support multimodal"), seen on a tiny model's
+    second stage: refused at model_info."""
+    from mesh.errors import UnsupportedModelError
+    from tests.tiny_gguf import write_unsupported_model
+
+    with pytest.raises(UnsupportedModelError, match="M-RoPE"):
+        model_info(write_unsupported_model(tmp_path / "glm4moe.gguf", "glm4moe"))

@@ -125,6 +125,29 @@ def _cohere2_swa(il: int, n_layer: int) -> bool:
     return il % 4 < 3  # three sliding-window layers (with RoPE), then one full (without)
 
 
+def _deepseek2_lite(n_layer: int, n_vocab: int) -> bool:
+    # llama.cpp's "Lite" variants ignore q_lora_rank and project queries with attn_q
+    return n_layer in (26, 27) or (n_layer == 48 and n_vocab == 128256)
+
+
+def _deepseek2_cut(info: Any, start: int, end: int) -> str | None:
+    n_vocab = info.n_vocab if end == info.n_layer else 1  # earlier stages get a 1-token vocab
+    if _deepseek2_lite(end - start, n_vocab) and not _deepseek2_lite(info.n_layer, info.n_vocab):
+        return (f"llama.cpp takes a deepseek2 of {end - start} layers for the Lite variant "
+                "(no query LoRA), which this model is not")
+    return None
+
+
+def _deepseek2_keys(get, info: Any, start: int, end: int) -> dict[str, object]:
+    keys: dict[str, object] = {}
+    if _deepseek2_lite(info.n_layer, info.n_vocab):
+        keys["attention.q_lora_rank"] = 0  # a slice that is not "Lite" requires the key
+    if not get("expert_gating_func"):  # llama.cpp's default depends on n_layer and n_vocab
+        glm47_lite = info.n_layer in (47, 48) and info.n_vocab == 154880
+        keys["expert_gating_func"] = 2 if glm47_lite else 1  # sigmoid, else softmax
+    return keys
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("command-r", cut_refusal=_command_r_cut),
     Family("cohere2", swa_default=_cohere2_swa, cut_refusal=_needs_swa_layer),
@@ -135,6 +158,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("qwen2"),
     Family("qwen3"),
     Family("qwen3moe"),
+    Family("deepseek2", layer_index_keys=("leading_dense_block_count",), drops_nextn=True,
+           cut_refusal=_deepseek2_cut, slice_keys=_deepseek2_keys),
     Family("mistral3"),
     Family("qwen2moe", output_required=True),
     Family("olmoe", output_required=True),
@@ -152,6 +177,8 @@ REFUSED: dict[str, str] = {
     "gemma2": ("its graph multiplies every input, hidden states too, by sqrt(n_embd); no f32 "
                "input gives back 4-14% of the values a stage hands on (and 46 layers, 27B, take "
                "the attention scale from the layer count)"),
+    "glm4moe": ("its graph aborts on embeddings input unless it uses M-RoPE (llama.cpp's "
+                "multimodal guard), and every stage after the first takes hidden states so"),
 }
 
 
