@@ -154,3 +154,56 @@ def test_glm4moe_is_refused_when_its_facts_are_read(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="M-RoPE"):
         model_info(write_unsupported_model(tmp_path / "glm4moe.gguf", "glm4moe"))
+
+
+def test_phi3_rope_factors_follow_each_context_so_a_chain_must_not_straddle(tmp_path):
+    """phi3 takes rope_factors_long iff a context holds more than the original context per
+    sequence (512 in the tiny model), rope_factors_short otherwise. Chains whose stages all
+    pick the same factors are exact on either side (the long side is the parametrized test);
+    stages on both sides compute neither, so the family refuses such contexts (the coordinator
+    asks at start)."""
+    import numpy as np
+
+    from mesh.stage.families import family
+    from mesh.stage.local_chain import SingleContext
+    from mesh.stage.runtime import RuntimeConfig, StageRuntime
+    from mesh.stage.slicing import slice_model
+    from tests.tiny import phi3
+
+    path = phi3.write(tmp_path / "tiny-phi3.gguf")
+    short, long = RuntimeConfig(n_ctx=256, n_seq_max=2), RuntimeConfig(n_ctx=1024, n_seq_max=2)
+    result = run_parity(path, split_bounds(phi3.N_LAYER, [1, 3]), PROMPT, chunk=16,
+                        n_decode=24, config=short)
+    assert result.chain_tokens == result.single_tokens and result.max_abs_diff == 0.0
+
+    prompt = np.array(PROMPT, np.int32)
+    single = {}
+    for name, config in (("short", short), ("long", long)):
+        ctx = SingleContext(path, config)
+        try:
+            single[name] = ctx.logits(0, 0, prompt)
+        finally:
+            ctx.close()
+    assert np.abs(single["short"] - single["long"]).max() > 1e-3  # the factors matter
+    stages = [StageRuntime(slice_model(path, 0, 2), short),
+              StageRuntime(slice_model(path, 2, phi3.N_LAYER), long)]
+    try:
+        stages[0].open_session("s")
+        hidden = stages[0].run("s", 0, tokens=prompt).hidden
+        stages[1].open_session("s")
+        mixed = stages[1].run("s", 0, hidden=hidden, want_logits=True).logits
+    finally:
+        for stage in stages:
+            stage.close()
+    assert not np.array_equal(mixed, single["short"])
+    assert not np.array_equal(mixed, single["long"])
+
+    info = model_info(path)
+    refusal = family("phi3").context_refusal
+    assert refusal(info, [256, 512]) is None and refusal(info, [768, 1024]) is None
+    assert "rope factors" in refusal(info, [256, 1024])
+    from mesh.coordinator.coordinator import context_refusal  # what the coordinator asks
+
+    assert context_refusal(path, [{"arch": "phi3", "session_ctx": 1024},
+                                  {"arch": "phi3", "session_ctx": 512}]) is not None
+    assert context_refusal(path, [{"arch": "phi3", "session_ctx": 1024}] * 2) is None

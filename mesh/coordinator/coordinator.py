@@ -31,7 +31,7 @@ from mesh.coordinator.generation import (  # noqa: F401  (re-exported: the API's
     GenerationParams,
     Generator,
 )
-from mesh.coordinator.links import StageLink, StageUnavailableError
+from mesh.coordinator.links import HandshakeError, StageLink, StageUnavailableError
 from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import PrefixIndex
 from mesh.coordinator.prefixes import PrefixProtocol
@@ -45,6 +45,20 @@ from mesh.transport import wire
 from mesh.transport.security import MeshKeys
 
 log = get_logger("mesh.coordinator")
+
+
+def context_refusal(model_path: Path, infos: list[dict[str, Any]]) -> str | None:
+    """Why these stages' contexts would compute differently from one llama.cpp context, for
+    families whose computation follows each context's size (phi3's rope factors), or None."""
+    from mesh.stage.families import FAMILIES
+
+    fam = FAMILIES.get(infos[0]["arch"]) if infos else None
+    if fam is None or fam.context_refusal is None:
+        return None
+    from mesh.stage.slicing import model_info
+
+    return fam.context_refusal(model_info(Path(model_path)),
+                               [int(info["session_ctx"]) for info in infos])
 
 
 class Coordinator:
@@ -83,6 +97,9 @@ class Coordinator:
         self.tokenizer = await loop.run_in_executor(None, Tokenizer, self.model_path)
         try:
             infos = await self.chain.start(self.model_sha256, handshake_timeout_s)
+            reason = await loop.run_in_executor(None, context_refusal, self.model_path, infos)
+            if reason is not None:
+                raise HandshakeError(reason)
         except BaseException:
             await self.close()
             raise

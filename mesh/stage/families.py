@@ -38,6 +38,10 @@ class Family:
     layer_index_keys: tuple[str, ...] = ()
     # The loader requires ``output.weight`` (gpt-oss): non-final stages get a one-row zero head.
     output_required: bool = False
+    # A reason a chain whose stages hold these per-session contexts (each stage's
+    # ``session_ctx``) would compute differently from one llama.cpp context, or None; the
+    # coordinator asks with the model's ModelInfo (phi3 picks rope factors per context).
+    context_refusal: Callable[[Any, list[int]], str | None] | None = None
     # The trailing ``nextn_predict_layers`` blocks are multi-token-prediction heads that only an
     # MTP draft context runs: slices leave them out (False: such a model is refused).
     drops_nextn: bool = False
@@ -148,6 +152,19 @@ def _deepseek2_keys(get, info: Any, start: int, end: int) -> dict[str, object]:
     return keys
 
 
+def _phi3_contexts(info: Any, session_ctxs: list[int]) -> str | None:
+    """llama.cpp takes phi3's ``rope_factors_long`` iff a context's per-sequence size exceeds
+    the original context (``rope.scaling.original_context_length``, else the training context),
+    ``rope_factors_short`` otherwise: a chain is exact only if every stage picks the same."""
+    keys = dict(info.hparams)
+    orig = int(keys.get("rope.scaling.original_context_length") or keys.get("context_length") or 0)
+    if len({ctx > orig for ctx in session_ctxs}) > 1:
+        return (f"llama.cpp picks phi3's long or short rope factors from each context's size "
+                f"(long above {orig} cells per session); stages with session contexts "
+                f"{session_ctxs} would mix them: give every stage a context on one side of {orig}")
+    return None
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("command-r", cut_refusal=_command_r_cut),
     Family("cohere2", swa_default=_cohere2_swa, cut_refusal=_needs_swa_layer),
@@ -167,6 +184,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            size_dependent=_gemma3_size),
     Family("gpt-oss", swa_default=_even_swa, cut_refusal=_needs_swa_layer,
            output_required=True),
+    Family("phi3", info_keys=("context_length", "rope.scaling.original_context_length"),
+           context_refusal=_phi3_contexts),
 )}
 
 # Architectures known to derive behaviour from state a slice cannot carry.
