@@ -165,6 +165,10 @@ def _phi3_contexts(info: Any, session_ctxs: list[int]) -> str | None:
     return None
 
 
+def _olmo2_swa(il: int, n_layer: int) -> bool:
+    return il % 4 < 3  # Olmo 3: three sliding-window layers, then one full
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("command-r", cut_refusal=_command_r_cut),
     Family("cohere2", swa_default=_cohere2_swa, cut_refusal=_needs_swa_layer),
@@ -186,6 +190,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            output_required=True),
     Family("phi3", info_keys=("context_length", "rope.scaling.original_context_length"),
            context_refusal=_phi3_contexts),
+    Family("olmo2", swa_default=_olmo2_swa, output_required=True),
 )}
 
 # Architectures known to derive behaviour from state a slice cannot carry.
