@@ -183,6 +183,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
            cut_refusal=_deepseek2_cut, slice_keys=_deepseek2_keys),
     Family("bailingmoe2", layer_index_keys=("leading_dense_block_count",), drops_nextn=True,
            output_required=True),
+    Family("hunyuan-moe"),
     Family("mistral3"),
     Family("qwen2moe", output_required=True),
     Family("olmoe", output_required=True),
