@@ -207,3 +207,27 @@ def test_phi3_rope_factors_follow_each_context_so_a_chain_must_not_straddle(tmp_
     assert context_refusal(path, [{"arch": "phi3", "session_ctx": 1024},
                                   {"arch": "phi3", "session_ctx": 512}]) is not None
     assert context_refusal(path, [{"arch": "phi3", "session_ctx": 1024}] * 2) is None
+
+
+def test_granite_keeps_embedding_scale_on_the_first_stage_only(tmp_path):
+    """llama.cpp scales granite's input by embedding_scale whether it is tokens or embeddings,
+    so later stages must not get the key; a model with deepstack layers (Granite Vision) is
+    refused, as its graph feeds its input to later layers."""
+    from dataclasses import replace
+
+    import gguf
+
+    from mesh.errors import LayerRangeError
+    from mesh.stage.slicing import check_layer_range, slice_model
+    from tests.tiny import granite
+
+    path = granite.write(tmp_path / "tiny-granite.gguf")
+    for start, end, kept in ((0, 2, True), (2, 4, False)):
+        fields = gguf.GGUFReader(slice_model(path, start, end).gguf).fields
+        assert ("granite.embedding_scale" in fields) is kept
+        assert "granite.residual_scale" in fields and "granite.logit_scale" in fields
+    info = model_info(path)
+    deep = replace(info, hparams=(("deepstack_mapping", (0, 1, -1, -1)),))
+    with pytest.raises(LayerRangeError, match="deepstack"):
+        check_layer_range(deep, 0, 2)
+    check_layer_range(deep, 0, 4)

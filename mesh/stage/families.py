@@ -169,7 +169,16 @@ def _olmo2_swa(il: int, n_layer: int) -> bool:
     return il % 4 < 3  # Olmo 3: three sliding-window layers, then one full
 
 
+def _granite_cut(info, start: int, end: int) -> str | None:
+    if dict(info.hparams).get("deepstack_mapping") is not None:
+        return ("granite's deepstack layers add the model's input to later layers and leave "
+                "embeddings input unscaled")
+    return None
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
+    Family("granite", first_stage_keys=("embedding_scale",), info_keys=("deepstack_mapping",),
+           cut_refusal=_granite_cut),
     Family("command-r", cut_refusal=_command_r_cut),
     Family("cohere2", swa_default=_cohere2_swa, cut_refusal=_needs_swa_layer),
     Family("exaone4", size_dependent=_exaone4_size, cut_refusal=_exaone4_cut),
@@ -199,7 +208,6 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
 # Architectures known to derive behaviour from state a slice cannot carry.
 REFUSED: dict[str, str] = {
     "gemma3n": "per-layer token inputs (altup/laurel) span all layers",
-    "granite": "scales token embeddings inside the graph with a model-wide factor",
     "granitemoe": "scales token embeddings inside the graph with a model-wide factor",
     "gemma2": ("its graph multiplies every input, hidden states too, by sqrt(n_embd); no f32 "
                "input gives back 4-14% of the values a stage hands on (and 46 layers, 27B, take "
