@@ -177,6 +177,7 @@ def _granite_cut(info, start: int, end: int) -> str | None:
 
 
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
+    Family("granitemoe", first_stage_keys=("embedding_scale",)),
     Family("granite", first_stage_keys=("embedding_scale",), info_keys=("deepstack_mapping",),
            cut_refusal=_granite_cut),
     Family("command-r", cut_refusal=_command_r_cut),
@@ -208,7 +209,6 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
 # Architectures known to derive behaviour from state a slice cannot carry.
 REFUSED: dict[str, str] = {
     "gemma3n": "per-layer token inputs (altup/laurel) span all layers",
-    "granitemoe": "scales token embeddings inside the graph with a model-wide factor",
     "gemma2": ("its graph multiplies every input, hidden states too, by sqrt(n_embd); no f32 "
                "input gives back 4-14% of the values a stage hands on (and 46 layers, 27B, take "
                "the attention scale from the layer count)"),
