@@ -231,3 +231,18 @@ def test_granite_keeps_embedding_scale_on_the_first_stage_only(tmp_path):
     with pytest.raises(LayerRangeError, match="deepstack"):
         check_layer_range(deep, 0, 2)
     check_layer_range(deep, 0, 4)
+
+
+def test_smollm3_refuses_slices_that_move_its_no_rope_layers(tmp_path):
+    """smollm3 skips RoPE on layers 3, 7, 11, ... of whatever file it loads: a slice holding
+    such a layer must start at a multiple of 4; short slices holding none may start anywhere."""
+    from mesh.errors import LayerRangeError
+    from mesh.stage.slicing import check_layer_range
+    from tests.tiny import smollm3
+
+    info = model_info(smollm3.write(tmp_path / "tiny-smollm3.gguf"))
+    for start, end in ((2, 4), (1, 8), (5, 8), (7, 8), (3, 12)):
+        with pytest.raises(LayerRangeError, match="RoPE"):
+            check_layer_range(info, start, end)
+    for start, end in ((1, 3), (5, 7), (4, 8), (8, 12), (0, 12), (4, 5)):
+        check_layer_range(info, start, end)

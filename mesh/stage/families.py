@@ -176,6 +176,15 @@ def _granite_cut(info, start: int, end: int) -> str | None:
     return None
 
 
+def _smollm3_cut(info, start: int, end: int) -> str | None:
+    """smollm3 drops RoPE on every 4th layer counted from the file's first, with no key."""
+    for il in range(start, end):
+        if ((il + 1) % 4 == 0) != ((il - start + 1) % 4 == 0):
+            return ("llama.cpp skips RoPE on every 4th layer from a file's first, so a slice "
+                    "holding one of those layers must start at a multiple of 4")
+    return None
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granitemoe", first_stage_keys=("embedding_scale",)),
     Family("granite", first_stage_keys=("embedding_scale",), info_keys=("deepstack_mapping",),
@@ -204,6 +213,7 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("phi3", info_keys=("context_length", "rope.scaling.original_context_length"),
            context_refusal=_phi3_contexts),
     Family("olmo2", swa_default=_olmo2_swa, output_required=True),
+    Family("smollm3", cut_refusal=_smollm3_cut),
 )}
 
 # Architectures known to derive behaviour from state a slice cannot carry.
