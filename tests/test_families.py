@@ -246,3 +246,22 @@ def test_smollm3_refuses_slices_that_move_its_no_rope_layers(tmp_path):
             check_layer_range(info, start, end)
     for start, end in ((1, 3), (5, 7), (4, 8), (8, 12), (0, 12), (4, 5)):
         check_layer_range(info, start, end)
+
+
+def test_ernie4_5_moe_refuses_cuts_that_move_interleaved_moe_blocks(tmp_path):
+    """ernie4_5-moe's graph takes a block for MoE iff it is past the leading dense blocks and
+    its 1-based index is a multiple of interleave_moe_layer_step (1 in released models, any cut
+    works): with a larger step only cuts at a multiple of it keep the MoE blocks in place."""
+    from dataclasses import replace
+
+    from mesh.errors import LayerRangeError
+    from mesh.stage.slicing import check_layer_range
+    from tests.tiny import ernie4_5_moe
+
+    info = model_info(ernie4_5_moe.write(tmp_path / "tiny-ernie.gguf"))
+    assert dict(info.hparams)["interleave_moe_layer_step"] == 1
+    check_layer_range(info, 1, 4)
+    stepped = replace(info, hparams=(("interleave_moe_layer_step", 2),))
+    with pytest.raises(LayerRangeError, match="every 2 blocks"):
+        check_layer_range(stepped, 1, 4)
+    check_layer_range(stepped, 2, 5)

@@ -185,6 +185,15 @@ def _smollm3_cut(info, start: int, end: int) -> str | None:
     return None
 
 
+def _ernie4_5_moe_cut(info: Any, start: int, end: int) -> str | None:
+    # MoE blocks are those past the leading dense ones whose 1-based index is a multiple of
+    # interleave_moe_layer_step, counted from the slice's first block
+    step = int(dict(info.hparams).get("interleave_moe_layer_step") or 1)
+    if step > 1 and start % step:
+        return f"llama.cpp places ernie4_5-moe's MoE blocks every {step} blocks from the first"
+    return None
+
+
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("granitemoe", first_stage_keys=("embedding_scale",)),
     Family("granite", first_stage_keys=("embedding_scale",), info_keys=("deepstack_mapping",),
@@ -203,6 +212,8 @@ FAMILIES: dict[str, Family] = {f.arch: f for f in (
     Family("bailingmoe2", layer_index_keys=("leading_dense_block_count",), drops_nextn=True,
            output_required=True),
     Family("hunyuan-moe"),
+    Family("ernie4_5-moe", layer_index_keys=("leading_dense_block_count",),
+           info_keys=("interleave_moe_layer_step",), cut_refusal=_ernie4_5_moe_cut),
     Family("mistral3"),
     Family("qwen2moe", output_required=True),
     Family("olmoe", output_required=True),
