@@ -24,10 +24,14 @@ Q_LORA, KV_LORA, QK_NOPE, QK_ROPE, V_HEAD = 32, 32, 16, 8, 16
 N_EXPERT, N_EXPERT_USED, FF_EXP = 4, 2, 32
 
 
-def write(path: Path, n_layer: int = N_LAYER, lite: bool = False, seed: int = 41) -> Path:
-    """``lite``: DeepSeek-V2-Lite's layout (no query LoRA, no gating key: softmax default),
-    which llama.cpp picks by the layer count (26 or 27), without the nextn block."""
-    n_nextn = 0 if lite else N_NEXTN
+def write(path: Path, n_layer: int = N_LAYER, lite: bool = False, legacy: bool = False,
+          seed: int = 41) -> Path:
+    """``lite``: DeepSeek-V2-Lite's layout (no query LoRA), which llama.cpp picks by the layer
+    count (26 or 27). ``legacy``: an early V2 GGUF (one kv_b projection, no MLA head sizes: the
+    graph decompresses K and V per head). Both without the nextn block and the gating key
+    (llama.cpp defaults to softmax) or its V3 extras (selection bias, expert groups)."""
+    v3 = not (lite or legacy)
+    n_nextn = N_NEXTN if v3 else 0
     w, n_vocab = start(path, ARCH, n_layer + n_nextn, E)
     r = Weights(seed=seed)
     w.add_uint32(f"{ARCH}.feed_forward_length", FF)
@@ -38,19 +42,25 @@ def write(path: Path, n_layer: int = N_LAYER, lite: bool = False, seed: int = 41
     w.add_float32(f"{ARCH}.expert_weights_scale", 2.5)
     w.add_bool(f"{ARCH}.expert_weights_norm", True)
     w.add_uint32(f"{ARCH}.leading_dense_block_count", 1 if lite else N_DENSE)
-    if not lite:
+    if v3:
         w.add_uint32(f"{ARCH}.expert_gating_func", 2)  # sigmoid
         w.add_uint32(f"{ARCH}.expert_group_count", 2)
         w.add_uint32(f"{ARCH}.expert_group_used_count", 1)
         w.add_uint32(f"{ARCH}.nextn_predict_layers", n_nextn)
+    if not lite:
         w.add_uint32(f"{ARCH}.attention.q_lora_rank", Q_LORA)
     w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", 1)
     w.add_uint32(f"{ARCH}.attention.kv_lora_rank", KV_LORA)
-    w.add_uint32(f"{ARCH}.attention.key_length", KV_LORA + QK_ROPE)
-    w.add_uint32(f"{ARCH}.attention.value_length", KV_LORA)
-    w.add_uint32(f"{ARCH}.attention.key_length_mla", QK_NOPE + QK_ROPE)
-    w.add_uint32(f"{ARCH}.attention.value_length_mla", V_HEAD)
+    if legacy:
+        w.add_uint32(f"{ARCH}.attention.head_count_kv", HEADS)
+        w.add_uint32(f"{ARCH}.attention.key_length", QK_NOPE + QK_ROPE)
+        w.add_uint32(f"{ARCH}.attention.value_length", V_HEAD)
+    else:
+        w.add_uint32(f"{ARCH}.attention.head_count_kv", 1)
+        w.add_uint32(f"{ARCH}.attention.key_length", KV_LORA + QK_ROPE)
+        w.add_uint32(f"{ARCH}.attention.value_length", KV_LORA)
+        w.add_uint32(f"{ARCH}.attention.key_length_mla", QK_NOPE + QK_ROPE)
+        w.add_uint32(f"{ARCH}.attention.value_length_mla", V_HEAD)
     w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_uint32(f"{ARCH}.rope.dimension_count", QK_ROPE)
     w.add_float32(f"{ARCH}.rope.freq_base", 10000.0)
@@ -72,11 +82,13 @@ def write(path: Path, n_layer: int = N_LAYER, lite: bool = False, seed: int = 41
             w.add_tensor(f"{p}.attn_q_b.weight", r.mat(HEADS * (QK_NOPE + QK_ROPE), Q_LORA))
         w.add_tensor(f"{p}.attn_kv_a_norm.weight", r.norm(KV_LORA))
         w.add_tensor(f"{p}.attn_kv_a_mqa.weight", r.mat(KV_LORA + QK_ROPE, E))
-        # GGUF shapes {QK_NOPE, KV_LORA, HEADS} and {KV_LORA, V_HEAD, HEADS}
-        w.add_tensor(f"{p}.attn_k_b.weight",
-                     np.stack([r.mat(KV_LORA, QK_NOPE) for _ in range(HEADS)]))
-        w.add_tensor(f"{p}.attn_v_b.weight",
-                     np.stack([r.mat(V_HEAD, KV_LORA) for _ in range(HEADS)]))
+        if legacy:
+            w.add_tensor(f"{p}.attn_kv_b.weight", r.mat(HEADS * (QK_NOPE + V_HEAD), KV_LORA))
+        else:  # GGUF shapes {QK_NOPE, KV_LORA, HEADS} and {KV_LORA, V_HEAD, HEADS}
+            w.add_tensor(f"{p}.attn_k_b.weight",
+                         np.stack([r.mat(KV_LORA, QK_NOPE) for _ in range(HEADS)]))
+            w.add_tensor(f"{p}.attn_v_b.weight",
+                         np.stack([r.mat(V_HEAD, KV_LORA) for _ in range(HEADS)]))
         w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * V_HEAD))
         w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
         if il < (1 if lite else N_DENSE):
@@ -85,7 +97,7 @@ def write(path: Path, n_layer: int = N_LAYER, lite: bool = False, seed: int = 41
             w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
         else:
             w.add_tensor(f"{p}.ffn_gate_inp.weight", r.mat(N_EXPERT, E, scale=3.0))
-            if not lite:
+            if v3:
                 w.add_tensor(f"{p}.exp_probs_b.bias", r.vec(N_EXPERT, scale=0.5))
             w.add_tensor(f"{p}.ffn_gate_exps.weight", _experts(r, FF_EXP, E))
             w.add_tensor(f"{p}.ffn_up_exps.weight", _experts(r, FF_EXP, E))
