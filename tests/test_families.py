@@ -265,3 +265,25 @@ def test_ernie4_5_moe_refuses_cuts_that_move_interleaved_moe_blocks(tmp_path):
     with pytest.raises(LayerRangeError, match="every 2 blocks"):
         check_layer_range(stepped, 1, 4)
     check_layer_range(stepped, 2, 5)
+
+
+def test_nextn_blocks_are_refused_unless_the_family_drops_them(tmp_path):
+    """Trailing multi-token-prediction blocks (nextn_predict_layers, counted in block_count)
+    are left out of slices only for families whose trunk graph is proven never to read them."""
+    import gguf
+    import numpy as np
+
+    from mesh.errors import UnsupportedModelError
+
+    path = tmp_path / "qwen3-nextn.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_uint32("qwen3.block_count", 3)
+    w.add_uint32("qwen3.nextn_predict_layers", 1)
+    w.add_uint32("qwen3.embedding_length", 32)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="nextn_predict_layers"):
+        model_info(path)
