@@ -26,7 +26,7 @@ def model(spec: str) -> None:
     """Resolve SPEC (a .gguf path or 'default') and print the file path and its facts."""
     from mesh.models import resolve_model
     from mesh.stage.families import family
-    from mesh.stage.slicing import model_info
+    from mesh.stage.slicing import model_info, range_allowed
 
     try:
         path = resolve_model(spec)
@@ -37,8 +37,11 @@ def model(spec: str) -> None:
                f"n_vocab={info.n_vocab} sha256={info.sha256[:16]}")
     reason = family(info.arch).size_dependent(info.n_layer)
     if reason is None:
-        click.echo(f"split: exact (parity-tested family); cut after any of layers 1-"
-                   f"{info.n_layer - 1}")
+        cuts = [c for c in range(1, info.n_layer)
+                if range_allowed(info, 0, c) and range_allowed(info, c, info.n_layer)]
+        click.echo(f"split: exact (parity-tested family); may be cut in two after layers "
+                   f"{_spans(cuts)}" + ("" if len(cuts) == info.n_layer - 1 else
+                                        " (its family fixes some layers by index)"))
     else:
         click.echo(f"split: refused ({reason}); it runs whole on one stage")
     mib = 1 << 20
@@ -50,6 +53,21 @@ def model(spec: str) -> None:
         click.echo(f"KV per cell: {sum(info.kv_cell_bytes) / 1024:.1f} KiB (f16 K and V over "
                    f"all layers; a session of C cells at a stage holding layers a:b takes C x "
                    f"their share)")
+
+
+def _spans(values: list[int]) -> str:
+    """1, 2, 3, 5 -> "1-3, 5"."""
+    if not values:
+        return "none"
+    spans, first, last = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == last + 1:
+            last = v
+            continue
+        spans.append(f"{first}-{last}" if last > first else str(first))
+        if v is not None:
+            first = last = v
+    return ", ".join(spans)
 
 
 def _secret_option(fn):
@@ -232,7 +250,7 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
     from mesh.launcher import LocalMesh, balanced_split, even_split
     from mesh.logs import configure
     from mesh.models import resolve_model
-    from mesh.stage.slicing import model_info, slice_model
+    from mesh.stage.slicing import model_info, range_allowed, slice_model
     from mesh.transport.security import write_secret
 
     configure("warning")
@@ -240,7 +258,8 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
     try:
         path = resolve_model(model_spec)
         info = model_info(path)
-        ranges = (balanced_split(list(info.layer_bytes), info.head_bytes, n_stages)
+        ranges = (balanced_split(list(info.layer_bytes), info.head_bytes, n_stages,
+                                 functools.partial(range_allowed, info))
                   if info.layer_bytes else even_split(info.n_layer, n_stages))
         if model_spec == "default":
             click.echo(DEFAULT_MODEL_NOTE, err=True)

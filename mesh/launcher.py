@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.errors import LayerRangeError
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -29,13 +31,15 @@ def even_split(n_layer: int, n_stages: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int
-                   ) -> list[tuple[int, int]]:
+def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int,
+                   allowed=lambda start, end: True) -> list[tuple[int, int]]:
     """Contiguous ranges minimising the largest stage's weight bytes (the final stage also
     reads the head): decode is memory-bound, so the slowest stage sets the pipeline's pace.
-    On Gemma 3 270M the 170 MiB head puts most layers on the first stage."""
+    On Gemma 3 270M the 170 MiB head puts most layers on the first stage. Only ranges that
+    ``allowed(start, end)`` admits are used (some families may not be cut anywhere)."""
     n = len(layer_bytes)
     prefix = [0, *itertools.accumulate(layer_bytes)]
+    impossible = [float("inf")]
 
     def cost(a: int, b: int) -> int:
         return prefix[b] - prefix[a] + (head_bytes if b == n else 0)
@@ -46,18 +50,22 @@ def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int
         """(stage costs, largest first; cut points): compared largest first, so ties on the
         bottleneck are broken by evening out the other stages."""
         if stages == 1:
-            return [cost(start, n)], [n]
+            return ([cost(start, n)] if allowed(start, n) else impossible), [n]
         key = (start, stages)
         if key not in best:
-            options = []
+            options = [(impossible, [])]
             for end in range(start + 1, n - stages + 2):
+                if not allowed(start, end):
+                    continue
                 rest, cuts = solve(end, stages - 1)
                 costs = sorted([cost(start, end), *rest], reverse=True)
                 options.append((costs, [end, *cuts]))
             best[key] = min(options)
         return best[key]
 
-    cuts = solve(0, n_stages)[1]
+    costs, cuts = solve(0, n_stages)
+    if costs == impossible:
+        raise LayerRangeError(f"this model cannot be cut into {n_stages} stages")
     return list(itertools.pairwise([0, *cuts]))
 
 

@@ -287,3 +287,20 @@ def test_nextn_blocks_are_refused_unless_the_family_drops_them(tmp_path):
     w.close()
     with pytest.raises(UnsupportedModelError, match="nextn_predict_layers"):
         model_info(path)
+
+
+def test_mesh_up_splits_only_where_a_family_may_be_cut(tmp_path):
+    """smollm3 skips RoPE on every 4th layer counted from a file's first: the balanced split
+    uses only cuts its family allows."""
+    import functools
+
+    from mesh.launcher import balanced_split
+    from mesh.stage.slicing import range_allowed
+    from tests.tiny import smollm3
+
+    info = model_info(smollm3.write(tmp_path / "tiny-smollm3.gguf"))
+    allowed = functools.partial(range_allowed, info)
+    for stages in (2, 3):
+        ranges = balanced_split(list(info.layer_bytes), info.head_bytes, stages, allowed)
+        assert len(ranges) == stages and all(allowed(a, b) for a, b in ranges)
+    assert not allowed(2, 12)  # holds no-RoPE layer 3 but does not start at a multiple of 4
