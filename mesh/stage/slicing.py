@@ -13,6 +13,7 @@ input embeddings from a sidecar copy of the source's ``token_embd`` rows (see
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import re
@@ -112,6 +113,15 @@ def model_info(path: Path) -> ModelInfo:
     return info
 
 
+def range_allowed(info: ModelInfo, start: int, end: int) -> bool:
+    """Whether ``[start, end)`` may be a stage of this model (see ``check_layer_range``)."""
+    try:
+        check_layer_range(info, start, end)
+    except (LayerRangeError, UnsupportedModelError):
+        return False
+    return True
+
+
 def check_layer_range(info: ModelInfo, start: int, end: int) -> None:
     if not (isinstance(start, int) and isinstance(end, int)):
         raise LayerRangeError(f"layer range must be integers, got {start!r}:{end!r}")
@@ -165,6 +175,13 @@ def _reader(path: str):
         return GGUFReader(path)
     except (ValueError, OSError) as exc:
         raise ModelError(f"cannot read GGUF {path}: {exc}") from exc
+
+
+def release_readers() -> None:
+    """Forget the open GGUFs: a parsed Gemma vocabulary holds ~640 MiB of Python objects, which
+    a long-lived process (a stage, once its files are sliced) must not keep for its lifetime."""
+    _reader.cache_clear()
+    gc.collect()
 
 
 def _field(reader, key: str, default=None):
