@@ -235,6 +235,8 @@ REFUSED: dict[str, str] = {
                "the attention scale from the layer count)"),
     "glm4moe": ("its graph aborts on embeddings input unless it uses M-RoPE (llama.cpp's "
                 "multimodal guard), and every stage after the first takes hidden states so"),
+    "glm4": ("its graph aborts on embeddings input unless it uses M-RoPE (llama.cpp's "
+             "multimodal guard), and every stage after the first takes hidden states so"),
 }
 
 
