@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGUFReader
@@ -18,7 +21,7 @@ def test_bad_layer_ranges_are_refused_with_the_valid_bounds(tiny_llama, start, e
         slice_model(tiny_llama, start, end)
 
 
-@pytest.mark.parametrize("arch", ["gemma3n", "bert"])
+@pytest.mark.parametrize("arch", ["gemma3n", "glm4", "bert"])
 def test_unsupported_architectures_name_what_is_supported(tmp_path, arch):
     from mesh.stage.families import FAMILIES
 
@@ -115,8 +118,22 @@ def test_fast_embedding_lookup_equals_gguf_dequantize(model, request):
     files = slice_model(request.getfixturevalue(model), 0, 1)
     embedder = TokenEmbedder(files.embeddings, files.model.n_embd, files.model.input_scale)
     ids = np.arange(embedder.n_vocab)
-    raw = np.asarray(embedder._rows[ids])
+    raw = np.load(files.embeddings)[ids]
+    assert np.array_equal(embedder.raw_rows(ids), raw)
     expected = dequantize(raw, embedder._qtype).astype(np.float32).reshape(len(ids), -1)
     expected = expected * np.float32(files.model.input_scale)
     assert embedder._qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.F32)
     assert np.array_equal(embedder(ids), expected)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_embedding_lookup_maps_none_of_the_table(tiny_gemma3):
+    """Stage 0 reads token rows, it does not map the table: each mapped page a token touched
+    stayed in its RSS, which then grew with every request bringing new tokens."""
+    from mesh.stage.embeddings import TokenEmbedder
+
+    files = slice_model(tiny_gemma3, 0, 1)
+    embedder = TokenEmbedder(files.embeddings, files.model.n_embd, files.model.input_scale)
+    embedder(np.arange(embedder.n_vocab))
+    assert os.path.realpath(files.embeddings) not in Path("/proc/self/maps").read_text()
+    embedder.close()

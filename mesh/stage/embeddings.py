@@ -3,11 +3,17 @@
 The first stage feeds llama.cpp input embeddings instead of token ids, so it needs no vocabulary
 and no logits buffer. Rows are dequantized exactly as ggml's ``get_rows`` would, then scaled by the
 architecture's input factor in f32, which reproduces the single-context graph bit for bit.
+
+Rows are read with ``pread``, not through a memory map: every page of a mapped table that a
+token touches (with the kernel's fault-around, ~64 KiB per new token) stays in the process's
+RSS, so a mapped table (170 MiB on Gemma 3 270M) made stage 0's RSS grow with every request
+that brought new tokens, up to the table's size. Read rows use the page cache only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +25,43 @@ class TokenEmbedder:
     def __init__(self, rows_path: Path, n_embd: int, input_scale: float):
         from gguf import GGMLQuantizationType
 
-        self._rows = np.load(rows_path, mmap_mode="r")
+        self._fd = -1
         meta = json.loads((rows_path.parent / "token_embd.json").read_text())
         self._qtype = GGMLQuantizationType(meta["ggml_type"])
-        self.n_vocab = int(self._rows.shape[0])
+        with rows_path.open("rb") as fh:
+            read_header = (np.lib.format.read_array_header_1_0
+                           if np.lib.format.read_magic(fh) == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            self._offset = fh.tell()
+        if fortran or len(shape) != 2:
+            raise InvalidInputError(f"{rows_path} is not a C-ordered 2-D table of rows")
+        self._dtype = np.dtype(dtype)
+        self._row_shape = tuple(shape[1:])
+        self._row_bytes = int(np.prod(self._row_shape)) * self._dtype.itemsize
+        self.n_vocab = int(shape[0])
         self.n_embd = n_embd
         self._scale = np.float32(input_scale)
+        self._fd = os.open(rows_path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # lookups are random: no readahead around each row
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def raw_rows(self, ids: np.ndarray) -> np.ndarray:
+        """The stored rows of ``ids`` (already validated), ``[len(ids), ...]`` in the file's
+        dtype: one ``pread`` a row (~1 us; 0.5 ms for a 512-token chunk)."""
+        size, offset, fd = self._row_bytes, self._offset, self._fd
+        data = b"".join([os.pread(fd, size, offset + token * size) for token in ids.tolist()])
+        if len(data) != size * len(ids):
+            raise InvalidInputError("short read of the embedding table")
+        return np.frombuffer(data, dtype=self._dtype).reshape(len(ids), *self._row_shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     def __call__(self, token_ids: np.ndarray) -> np.ndarray:
         """``[n]`` int token ids → ``[n, n_embd]`` f32 (C-contiguous, a fresh array)."""
@@ -35,7 +72,7 @@ class TokenEmbedder:
             raise InvalidInputError("token ids must be a non-empty 1-D integer array")
         if int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab:
             raise InvalidInputError(f"token id out of range [0, {self.n_vocab})")
-        raw = np.asarray(self._rows[ids])
+        raw = self.raw_rows(ids)
         fast = _FAST_DEQUANT.get(self._qtype.name)
         if fast is not None:
             rows = fast(raw, self.n_embd)
@@ -44,7 +81,7 @@ class TokenEmbedder:
         rows = rows.reshape(len(ids), self.n_embd)
         if self._scale != np.float32(1.0):
             rows = rows * self._scale
-        return np.ascontiguousarray(rows, dtype=np.float32)
+        return np.require(rows, dtype=np.float32, requirements=["C", "W"])  # raw is read-only
 
 
 def _q8_0(raw: np.ndarray, n_embd: int) -> np.ndarray:

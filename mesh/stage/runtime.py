@@ -475,6 +475,8 @@ class StageRuntime:
         self.batch.close()
         self.ctx.close()
         self.model.close()
+        if self.embedder is not None:
+            self.embedder.close()
 
     def __enter__(self) -> StageRuntime:
         return self
