@@ -82,7 +82,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     from mesh.shutdown import exit_after
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
     from mesh.stage.server import StageServer
-    from mesh.stage.slicing import slice_model
+    from mesh.stage.slicing import release_readers, slice_model
     from mesh.transport.security import ROLE_STAGE, load_keys
 
     configure(log_level)
@@ -97,6 +97,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
         keys = load_keys(secret_file, ROLE_STAGE) if secret_file else None
         path = resolve_model(model_spec)
         files = slice_model(path, start, end)
+        release_readers()  # a cold cache parsed the source GGUF: do not keep it resident
         config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
                                n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                                n_ubatch=min(n_batch, 512))
