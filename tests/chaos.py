@@ -15,6 +15,8 @@ fixed number of requests, watching the stages' memory (``scripts/soak.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
 import random
 import signal
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,12 @@ SHARED = ("You are a careful assistant. Answer in one short sentence, and never 
           "question. Here is the task: ")
 TOPICS = ["name a colour", "count to five", "name a planet", "say hello in French",
           "name a fruit", "spell the word cat", "name an ocean", "give a prime number"]
+CORPUS_MODULES = ["argparse", "asyncio", "calendar", "codecs", "collections", "csv",
+                  "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools",
+                  "gettext", "http.client", "inspect", "itertools", "json", "locale", "logging",
+                  "mailbox", "os", "pathlib", "pickle", "random", "re", "shutil", "smtplib",
+                  "socket", "sqlite3", "ssl", "statistics", "string", "subprocess", "tarfile",
+                  "textwrap", "threading", "unittest", "urllib.request", "zipfile"]
 
 
 @dataclass
@@ -112,14 +121,36 @@ class Server:
                 self.proc.kill()
 
 
+@functools.lru_cache(maxsize=1)
+def _corpus() -> str:
+    """Varied English text with no download: docstrings of standard-library modules."""
+    parts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in CORPUS_MODULES:
+            module = importlib.import_module(name)
+            for attr in sorted(dir(module)):
+                doc = getattr(getattr(module, attr, None), "__doc__", None)
+                if isinstance(doc, str) and len(doc) > 200:
+                    parts.append(doc)
+    return "\n".join(parts)
+
+
+def excerpt(rng: random.Random, chars: int) -> str:
+    text = _corpus()
+    start = rng.randrange(max(1, len(text) - chars))
+    return text[start:start + chars]
+
+
 class Client(threading.Thread):
     """Sends mixed requests until told to stop, and counts how each one ended."""
 
     def __init__(self, base: str, seed: int, outcomes: Counter, lock: threading.Lock,
-                 stop: threading.Event):
+                 stop: threading.Event, novel: float = 0.0):
         super().__init__(daemon=True)
         self.base, self.rng = base, random.Random(seed)
         self.outcomes, self.lock, self.halt = outcomes, lock, stop
+        self.novel = novel  # share of tasks that are new text (tokens stage 0 has not seen)
 
     def count(self, outcome: str) -> None:
         with self.lock:
@@ -145,6 +176,8 @@ class Client(threading.Thread):
         drop = stream and rng.random() < 0.25
         body: dict = {"max_tokens": rng.randint(6, 32), "temperature": 0, "stream": stream}
         task = SHARED + rng.choice(TOPICS) + "."
+        if self.novel and rng.random() < self.novel:
+            task = SHARED + excerpt(rng, rng.randint(200, 1200))
         if rng.random() < 0.3:
             body["stop"] = [rng.choice([",", ".", "\n"])]
         if chat:
@@ -291,35 +324,78 @@ class Chaos:
 class SoakReport:
     outcomes: Counter = field(default_factory=Counter)
     rss_mib: list[list[float]] = field(default_factory=list)  # per stage, one per sample
+    anon_mib: list[list[float]] = field(default_factory=list)  # RssAnon (heap), same samples
     samples_at: list[int] = field(default_factory=list)  # requests done at each sample
     stages: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
+    def second_half_mib(self) -> list[float]:
+        """Per stage: RSS growth from the sample nearest the run's middle to the last one."""
+        if not self.samples_at:
+            return [0.0 for _ in self.rss_mib]
+        half = self.samples_at[-1] / 2
+        mid = min(range(len(self.samples_at)), key=lambda i: abs(self.samples_at[i] - half))
+        return [rss[-1] - rss[mid] for rss in self.rss_mib]
+
     def lines(self) -> list[str]:
         out = [f"soak: {sum(self.outcomes.values())} requests in {self.seconds:.0f} s",
                "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))]
-        for i, rss in enumerate(self.rss_mib):
-            out.append(f"stage {i} RSS (MiB) at " + ", ".join(
-                f"{n}: {mib:.1f}" for n, mib in zip(self.samples_at, rss, strict=True)))
+        for i, (rss, anon) in enumerate(zip(self.rss_mib, self.anon_mib, strict=True)):
+            out.append(f"stage {i} RSS (MiB; anon) at " + ", ".join(
+                f"{n}: {mib:.1f}; {a:.1f}"
+                for n, mib, a in zip(self.samples_at, rss, anon, strict=True)))
+        for i, growth in enumerate(self.second_half_mib()):
+            out.append(f"stage {i} second-half RSS growth: {growth:+.1f} MiB")
         for i, stage in enumerate(self.stages):
             out.append(f"stage {i} after: sessions {stage['sessions']}, kv_used "
                        f"{stage['kv_used']} cells, prefix records {stage['records']}")
         return out
 
 
-def _rss_mib(pid: int) -> float:
+def _rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, RssAnon) of a process in MiB."""
+    fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields.get("VmRSS", 0.0), fields.get("RssAnon", 0.0)
+
+
+def _fill(base: str, n: int, ctx: int) -> None:
+    """``n`` concurrent requests, each with new text as long as the context takes: every KV
+    stream and the stages' largest buffers are written before the first sample."""
+
+    def one(i: int) -> None:
+        rng, chars = random.Random(1000 + i), 3 * ctx
+        for _ in range(40):
+            body = {"prompt": excerpt(rng, chars), "max_tokens": 32, "temperature": 0}
+            with contextlib.suppress(httpx.HTTPError):
+                status = httpx.post(f"{base}/v1/completions", json=body, timeout=300).status_code
+                if status == 400:  # longer than the context: a little shorter
+                    chars = chars * 7 // 8
+                elif status != 429:  # 429: every slot is busy with the others
+                    return
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
 
 
 def soak(model: Path, ranges: list[tuple[int, int]], workdir: Path, requests: int = 300,
-         clients: int = 4, samples: int = 6, ctx: int = 2048, slots: int = 8) -> SoakReport:
+         clients: int = 4, samples: int = 6, ctx: int = 2048, slots: int = 8,
+         fill: bool = False, novel: float = 0.0, env: dict[str, str] | None = None,
+         progress=None) -> SoakReport:
     """``requests`` mixed requests (the chaos clients' mix) with nothing killed; stage RSS is
-    sampled after each ``requests / samples``, the first sample being the warm-up."""
+    sampled after each ``requests / samples``, the first sample being the warm-up. With
+    ``fill``, ``slots`` concurrent requests with the longest prompt run first. A ``novel``
+    share of the tasks is new text. ``env`` is added to the stages' environment; ``progress``
+    (a callable) gets each sample's line."""
     report = SoakReport()
-    mesh = LocalMesh(str(model), ranges, workdir / "logs", ctx=ctx, slots=slots, threads=1)
+    mesh = LocalMesh(str(model), ranges, workdir / "logs", ctx=ctx, slots=slots, threads=1,
+                     env=dict(env or {}))
     server = Server(model, mesh.urls, workdir / "logs" / "serve.log", [])
     lock, halt = threading.Lock(), threading.Event()
     done = threading.Semaphore(0)
@@ -338,18 +414,27 @@ def soak(model: Path, ranges: list[tuple[int, int]], workdir: Path, requests: in
                 if time.monotonic() > deadline:
                     raise TimeoutError("mesh serve did not serve within 180 s")
                 time.sleep(0.2)
+            if fill:
+                _fill(server.base, slots, ctx)
             t0 = time.monotonic()
-            workers = [Client(server.base, seed, report.outcomes, lock, halt)
+            workers = [Client(server.base, seed, report.outcomes, lock, halt, novel)
                        for seed in range(clients)]
             for worker in workers:
                 worker.start()
             report.rss_mib = [[] for _ in mesh.stages]
+            report.anon_mib = [[] for _ in mesh.stages]
             for n in range(1, requests + 1):
                 done.acquire()
                 if n % max(1, requests // samples) == 0 or n == requests:
                     report.samples_at.append(n)
                     for i, stage in enumerate(mesh.stages):
-                        report.rss_mib[i].append(_rss_mib(stage.proc.pid))
+                        rss, anon = _rss_mib(stage.proc.pid)
+                        report.rss_mib[i].append(rss)
+                        report.anon_mib[i].append(anon)
+                    if progress is not None:
+                        progress(f"{n} requests, {time.monotonic() - t0:.0f} s: RSS (MiB; anon) "
+                                 + " | ".join(f"{r[-1]:.1f}; {a[-1]:.1f}" for r, a in
+                                              zip(report.rss_mib, report.anon_mib, strict=True)))
             halt.set()
             for worker in workers:
                 worker.join(90)
