@@ -158,6 +158,11 @@ def scan_logs(log_dir: Path, offsets: dict[Path, int]) -> dict[str, int]:
     return counts
 
 
+# The harness's tenant: without API keys the mesh reports no cached_tokens (a keyless client
+# must not learn how much of another's prompt it shares), and the exact-prefix checks read it.
+QA_KEY = "qa-harness-key"
+
+
 @contextlib.contextmanager
 def spawned_api(ctx: int, log_dir: Path, slots: int = 16):
     from mesh.launcher import LocalMesh, serving
@@ -166,12 +171,12 @@ def spawned_api(ctx: int, log_dir: Path, slots: int = 16):
     path = resolve_model("default", progress=False)
     with LocalMesh(str(path), [(0, 9), (9, 18)], log_dir, ctx=ctx, slots=slots,
                    threads=1) as mesh:
-        with serving(path, mesh.urls, log_dir / "serve.log") as base:
+        with serving(path, mesh.urls, log_dir / "serve.log", ("--api-key", QA_KEY)) as base:
             yield base
 
 
 def run(base_url: str, log_dir: Path, out: Path, conversations: int, ctx: int | None,
-        roomy: bool) -> dict:
+        roomy: bool, api_key: str = QA_KEY) -> dict:
     offsets = {p: p.stat().st_size for p in log_dir.glob("*.log")}
     tally = Tally()
     # Tight runs get short conversations (they must fit one session's context).
@@ -180,7 +185,8 @@ def run(base_url: str, log_dir: Path, out: Path, conversations: int, ctx: int | 
     barrier = threading.Barrier(conversations)
     results: list[bool] = [False] * conversations
     t0 = time.perf_counter()
-    with httpx.Client(base_url=base_url, timeout=300) as client:
+    with httpx.Client(base_url=base_url, timeout=300,
+                      headers={"Authorization": f"Bearer {api_key}"}) as client:
         def worker(i):
             results[i] = conversation(client, tally, barrier, i, filler, max_tokens)
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(conversations)]
@@ -220,7 +226,10 @@ def run(base_url: str, log_dir: Path, out: Path, conversations: int, ctx: int | 
 @click.option("--conversations", default=3, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("qa-out"),
               show_default=True)
-def main(base_url, log_dir, spawn, ctx, slots, conversations, out) -> None:
+@click.option("--api-key", default=QA_KEY, show_default=True,
+              help="Bearer key for --base-url (the checks read cached_tokens, which a keyless "
+                   "mesh does not report).")
+def main(base_url, log_dir, spawn, ctx, slots, conversations, out, api_key) -> None:
     roomy = ctx >= 8192
     if spawn:
         log_dir = Path(tempfile.mkdtemp(prefix="mesh-qa-"))
@@ -229,7 +238,7 @@ def main(base_url, log_dir, spawn, ctx, slots, conversations, out) -> None:
     else:
         if base_url is None or log_dir is None:
             raise click.UsageError("give --spawn, or --base-url and --log-dir")
-        summary = run(base_url, log_dir, out, conversations, None, roomy)
+        summary = run(base_url, log_dir, out, conversations, None, roomy, api_key)
     click.echo(json.dumps(summary, indent=2))
     sys.exit(0 if summary["passed"] else 1)
 

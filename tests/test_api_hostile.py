@@ -189,10 +189,13 @@ def test_choices_times_max_tokens_is_bounded(api):
     assert response.status_code == 400 and "n (5)" in response.json()["error"]["message"]
 
 
-def test_a_non_streamed_request_stops_when_its_client_goes(mesh, tiny_llama, tmp_path):
+def test_a_non_streamed_request_stops_when_its_client_goes(tiny_llama, tmp_path):
     """Over links slow enough that the answer would take ~20 s, a client that gives up after
-    1 s takes its sessions with it within a few seconds."""
+    1 s takes its sessions with it within a few seconds. (A mesh of its own: a coordinator
+    reaching the stages through delaying links re-points their next stage at those links.)"""
     with contextlib.ExitStack() as stack:
+        mesh = stack.enter_context(running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path / "m",
+                                                ctx=512))
         slow = [stack.enter_context(DelayedLink("127.0.0.1", int(u.rsplit(":", 1)[1]), 30))
                 for u in mesh.urls]
         args = ("--api-key", KEYS[0], "--speculative", "none")
