@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, add_ffn, experts, finish, start
 
 ARCH = "bailingmoe2"
 N_LAYER = 5  # trunk blocks; block_count also counts the nextn block
@@ -58,15 +56,13 @@ def write(path: Path) -> Path:
         w.add_tensor(f"{p}.attn_k_norm.weight", r.norm(HEAD_DIM))
         w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
         if il < N_DENSE:
-            w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-            w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-            w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+            add_ffn(w, r, p, E, FF, norm=False)
         else:
             w.add_tensor(f"{p}.ffn_gate_inp.weight", r.mat(N_EXPERT, E, scale=3.0))
             w.add_tensor(f"{p}.exp_probs_b.bias", r.vec(N_EXPERT, scale=0.5))
-            w.add_tensor(f"{p}.ffn_gate_exps.weight", _experts(r, FF_EXP, E))
-            w.add_tensor(f"{p}.ffn_up_exps.weight", _experts(r, FF_EXP, E))
-            w.add_tensor(f"{p}.ffn_down_exps.weight", _experts(r, E, FF_EXP))
+            w.add_tensor(f"{p}.ffn_gate_exps.weight", experts(r, N_EXPERT, FF_EXP, E))
+            w.add_tensor(f"{p}.ffn_up_exps.weight", experts(r, N_EXPERT, FF_EXP, E))
+            w.add_tensor(f"{p}.ffn_down_exps.weight", experts(r, N_EXPERT, E, FF_EXP))
             w.add_tensor(f"{p}.ffn_gate_shexp.weight", r.mat(FF_SHEXP, E))
             w.add_tensor(f"{p}.ffn_up_shexp.weight", r.mat(FF_SHEXP, E))
             w.add_tensor(f"{p}.ffn_down_shexp.weight", r.mat(E, FF_SHEXP))
@@ -77,7 +73,3 @@ def write(path: Path) -> Path:
             w.add_tensor(f"{p}.nextn.shared_head_norm.weight", r.norm(E))
             w.add_tensor(f"{p}.layer_output_norm.weight", r.norm(E))
     return finish(w, path)
-
-
-def _experts(r: Weights, rows: int, cols: int) -> np.ndarray:
-    return np.stack([r.mat(rows, cols) for _ in range(N_EXPERT)])

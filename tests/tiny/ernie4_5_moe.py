@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import (
+    Weights,
+    add_attention,
+    add_attention_keys,
+    add_ffn,
+    experts,
+    finish,
+    start,
+)
 
 ARCH = "ernie4_5-moe"
 N_LAYER = 5
@@ -31,35 +37,22 @@ def write(path: Path, moe_step: int = 1) -> Path:
     w.add_uint32(f"{ARCH}.expert_used_count", N_EXPERT_USED)
     w.add_uint32(f"{ARCH}.interleave_moe_layer_step", moe_step)
     w.add_uint32(f"{ARCH}.leading_dense_block_count", N_DENSE)
-    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", KV_HEADS)
-    w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32(f"{ARCH}.rope.freq_base", 500000.0)
+    add_attention_keys(w, ARCH, HEADS, KV_HEADS, 1e-5, 500000.0)
     w.add_tensor("token_embd.weight", r.vec(n_vocab, E, scale=0.5))
     w.add_tensor("output_norm.weight", r.norm(E))
     for il in range(N_LAYER):
         p = f"blk.{il}"
-        w.add_tensor(f"{p}.attn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
+        add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM)
         w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
         if il < N_DENSE:
-            w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-            w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-            w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+            add_ffn(w, r, p, E, FF, norm=False)
         else:
             w.add_tensor(f"{p}.ffn_gate_inp.weight", r.mat(N_EXPERT, E, scale=3.0))
             w.add_tensor(f"{p}.exp_probs_b.bias", r.vec(N_EXPERT, scale=0.5))
-            w.add_tensor(f"{p}.ffn_gate_exps.weight", _experts(r, FF_EXP, E))
-            w.add_tensor(f"{p}.ffn_up_exps.weight", _experts(r, FF_EXP, E))
-            w.add_tensor(f"{p}.ffn_down_exps.weight", _experts(r, E, FF_EXP))
+            w.add_tensor(f"{p}.ffn_gate_exps.weight", experts(r, N_EXPERT, FF_EXP, E))
+            w.add_tensor(f"{p}.ffn_up_exps.weight", experts(r, N_EXPERT, FF_EXP, E))
+            w.add_tensor(f"{p}.ffn_down_exps.weight", experts(r, N_EXPERT, E, FF_EXP))
             w.add_tensor(f"{p}.ffn_gate_shexp.weight", r.mat(FF_SHEXP, E))
             w.add_tensor(f"{p}.ffn_up_shexp.weight", r.mat(FF_SHEXP, E))
             w.add_tensor(f"{p}.ffn_down_shexp.weight", r.mat(E, FF_SHEXP))
     return finish(w, path)
-
-
-def _experts(r: Weights, rows: int, cols: int) -> np.ndarray:
-    return np.stack([r.mat(rows, cols) for _ in range(N_EXPERT)])

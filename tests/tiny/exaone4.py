@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, add_attention, add_attention_keys, add_ffn, finish, start
 
 ARCH = "exaone4"
 N_LAYER = 6
@@ -21,12 +21,7 @@ def write(path: Path) -> Path:
     w, n_vocab = start(path, ARCH, N_LAYER, E)
     r = Weights(seed=4)
     w.add_uint32(f"{ARCH}.feed_forward_length", FF)
-    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", KV_HEADS)
-    w.add_uint32(f"{ARCH}.attention.key_length", HEAD_DIM)
-    w.add_uint32(f"{ARCH}.attention.value_length", HEAD_DIM)
-    w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32(f"{ARCH}.rope.freq_base", 1000000.0)
+    add_attention_keys(w, ARCH, HEADS, KV_HEADS, 1e-5, 1000000.0, head_dim=HEAD_DIM)
     # What EXAONE 4 files carry; llama.cpp ignores both below 64 layers.
     w.add_uint32(f"{ARCH}.attention.sliding_window", 16)
     w.add_uint32(f"{ARCH}.attention.sliding_window_pattern", 4)
@@ -35,15 +30,8 @@ def write(path: Path) -> Path:
     w.add_tensor("output_norm.weight", r.norm(E))
     for il in range(N_LAYER):
         p = f"blk.{il}"
-        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
-        w.add_tensor(f"{p}.attn_q_norm.weight", r.norm(HEAD_DIM))
-        w.add_tensor(f"{p}.attn_k_norm.weight", r.norm(HEAD_DIM))
+        add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM, norm=False, qk_norm="head")
         w.add_tensor(f"{p}.post_attention_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+        add_ffn(w, r, p, E, FF, norm=False)
         w.add_tensor(f"{p}.post_ffw_norm.weight", r.norm(E))
     return finish(w, path)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, experts, finish, start
 
 ARCH = "gpt-oss"
 N_LAYER = 6
@@ -62,14 +60,10 @@ def write(path: Path) -> Path:
         w.add_tensor(f"{p}.ffn_gate_inp.bias", r.vec(N_EXPERT))
         # Experts stacked on the slowest axis: GGUF shapes {E, FF_EXP, N_EXPERT} and
         # {FF_EXP, E, N_EXPERT}; their biases {FF_EXP, N_EXPERT} and {E, N_EXPERT}.
-        w.add_tensor(f"{p}.ffn_gate_exps.weight", _experts(r, FF_EXP, E))
-        w.add_tensor(f"{p}.ffn_up_exps.weight", _experts(r, FF_EXP, E))
-        w.add_tensor(f"{p}.ffn_down_exps.weight", _experts(r, E, FF_EXP))
+        w.add_tensor(f"{p}.ffn_gate_exps.weight", experts(r, N_EXPERT, FF_EXP, E))
+        w.add_tensor(f"{p}.ffn_up_exps.weight", experts(r, N_EXPERT, FF_EXP, E))
+        w.add_tensor(f"{p}.ffn_down_exps.weight", experts(r, N_EXPERT, E, FF_EXP))
         w.add_tensor(f"{p}.ffn_gate_exps.bias", r.vec(N_EXPERT, FF_EXP))
         w.add_tensor(f"{p}.ffn_up_exps.bias", r.vec(N_EXPERT, FF_EXP))
         w.add_tensor(f"{p}.ffn_down_exps.bias", r.vec(N_EXPERT, E))
     return finish(w, path)
-
-
-def _experts(r: Weights, rows: int, cols: int) -> np.ndarray:
-    return np.stack([r.mat(rows, cols) for _ in range(N_EXPERT)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, add_attention, add_attention_keys, add_ffn, finish, start
 
 ARCH = "granite"
 N_LAYER = 4
@@ -22,10 +22,7 @@ def write(path: Path) -> Path:
     w, n_vocab = start(path, ARCH, N_LAYER, E)
     r = Weights(seed=12)
     w.add_uint32(f"{ARCH}.feed_forward_length", FF)
-    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", KV_HEADS)
-    w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32(f"{ARCH}.rope.freq_base", 10000.0)
+    add_attention_keys(w, ARCH, HEADS, KV_HEADS, 1e-6, 10000.0)
     w.add_float32(f"{ARCH}.embedding_scale", 4.0)
     w.add_float32(f"{ARCH}.residual_scale", 0.7)
     w.add_float32(f"{ARCH}.attention.scale", 0.2)
@@ -34,14 +31,7 @@ def write(path: Path) -> Path:
     w.add_tensor("output_norm.weight", r.norm(E))
     for il in range(N_LAYER):
         p = f"blk.{il}"
-        w.add_tensor(f"{p}.attn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
+        add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM)
         w.add_tensor(f"{p}.attn_output.bias", r.vec(E))
-        w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+        add_ffn(w, r, p, E, FF)
     return finish(w, path)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, add_attention, add_experts, finish, start
 
 ARCH = "hunyuan-moe"
 N_LAYER = 4
@@ -37,23 +35,6 @@ def write(path: Path) -> Path:
     w.add_tensor("output_norm.weight", r.norm(E))
     for il in range(N_LAYER):
         p = f"blk.{il}"
-        w.add_tensor(f"{p}.attn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
-        w.add_tensor(f"{p}.attn_q_norm.weight", r.norm(HEAD_DIM))
-        w.add_tensor(f"{p}.attn_k_norm.weight", r.norm(HEAD_DIM))
-        w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.ffn_gate_inp.weight", r.mat(N_EXPERT, E, scale=3.0))
-        w.add_tensor(f"{p}.ffn_gate_exps.weight", _experts(r, FF_EXP, E))
-        w.add_tensor(f"{p}.ffn_up_exps.weight", _experts(r, FF_EXP, E))
-        w.add_tensor(f"{p}.ffn_down_exps.weight", _experts(r, E, FF_EXP))
-        w.add_tensor(f"{p}.ffn_gate_shexp.weight", r.mat(FF_SHEXP, E))
-        w.add_tensor(f"{p}.ffn_up_shexp.weight", r.mat(FF_SHEXP, E))
-        w.add_tensor(f"{p}.ffn_down_shexp.weight", r.mat(E, FF_SHEXP))
+        add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM, qk_norm="head")
+        add_experts(w, r, p, E, N_EXPERT, FF_EXP, n_ff_shexp=FF_SHEXP)
     return finish(w, path)
-
-
-def _experts(r: Weights, rows: int, cols: int) -> np.ndarray:
-    return np.stack([r.mat(rows, cols) for _ in range(N_EXPERT)])

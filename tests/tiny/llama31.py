@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, add_attention, add_ffn, finish, start
 
 ARCH = "llama"
 N_LAYER = 5
@@ -35,13 +35,6 @@ def write(path: Path) -> Path:
     w.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, HEAD_DIM // 2, dtype=np.float32))
     for il in range(N_LAYER):
         p = f"blk.{il}"
-        w.add_tensor(f"{p}.attn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
-        w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+        add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM)
+        add_ffn(w, r, p, E, FF)
     return finish(w, path)

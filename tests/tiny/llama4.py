@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import (
+    Weights,
+    add_attention,
+    add_attention_keys,
+    add_experts,
+    add_ffn,
+    finish,
+    start,
+)
 
 ARCH = "llama4"
 N_LAYER = 12
@@ -34,13 +42,8 @@ def write(path: Path, sliding_window: int | None = None) -> Path:
     w.add_uint32(f"{ARCH}.expert_count", N_EXPERT)
     w.add_uint32(f"{ARCH}.expert_used_count", N_EXPERT_USED)
     w.add_uint32(f"{ARCH}.interleave_moe_layer_step", MOE_STEP)
-    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", KV_HEADS)
-    w.add_uint32(f"{ARCH}.attention.key_length", HEAD_DIM)
-    w.add_uint32(f"{ARCH}.attention.value_length", HEAD_DIM)
-    w.add_uint32(f"{ARCH}.rope.dimension_count", HEAD_DIM)
-    w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32(f"{ARCH}.rope.freq_base", 500000.0)
+    add_attention_keys(w, ARCH, HEADS, KV_HEADS, 1e-5, 500000.0,
+                       head_dim=HEAD_DIM, rope_dim=HEAD_DIM)
     if sliding_window is not None:
         w.add_uint32(f"{ARCH}.attention.sliding_window", sliding_window)
     w.add_tensor("token_embd.weight", r.vec(n_vocab, E, scale=0.5))
@@ -50,27 +53,10 @@ def write(path: Path, sliding_window: int | None = None) -> Path:
     w.add_tensor("rope_freqs.weight", np.linspace(1.0, 4.0, HEAD_DIM // 2, dtype=np.float32))
     for il in range(N_LAYER):
         p = f"blk.{il}"
-        w.add_tensor(f"{p}.attn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
+        add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM)
         w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
         if (il + 1) % MOE_STEP == 0:
-            w.add_tensor(f"{p}.ffn_gate_inp.weight", r.mat(N_EXPERT, E, scale=3.0))
-            w.add_tensor(f"{p}.ffn_gate_exps.weight", _experts(r, FF_EXP, E))
-            w.add_tensor(f"{p}.ffn_up_exps.weight", _experts(r, FF_EXP, E))
-            w.add_tensor(f"{p}.ffn_down_exps.weight", _experts(r, E, FF_EXP))
-            w.add_tensor(f"{p}.ffn_gate_shexp.weight", r.mat(FF_EXP, E))
-            w.add_tensor(f"{p}.ffn_up_shexp.weight", r.mat(FF_EXP, E))
-            w.add_tensor(f"{p}.ffn_down_shexp.weight", r.mat(E, FF_EXP))
+            add_experts(w, r, p, E, N_EXPERT, FF_EXP, norm=False, n_ff_shexp=FF_EXP)
         else:
-            w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-            w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-            w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+            add_ffn(w, r, p, E, FF, norm=False)
     return finish(w, path)
-
-
-def _experts(r: Weights, rows: int, cols: int) -> np.ndarray:
-    """Experts stacked on the slowest axis: GGUF shape {cols, rows, N_EXPERT}."""
-    return np.stack([r.mat(rows, cols) for _ in range(N_EXPERT)])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, add_attention_keys, add_ffn, finish, start
 
 ARCH = "qwen2"
 N_LAYER = 4
@@ -22,10 +22,7 @@ def write(path: Path) -> Path:
     w, n_vocab = start(path, ARCH, N_LAYER, E, n_ctx_train=32768)
     r = Weights(seed=2)
     w.add_uint32(f"{ARCH}.feed_forward_length", FF)
-    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", KV_HEADS)
-    w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32(f"{ARCH}.rope.freq_base", 1000000.0)
+    add_attention_keys(w, ARCH, HEADS, KV_HEADS, 1e-6, 1000000.0)
     embd = r.mat(n_vocab, E)
     # Rows of equal norm, so the tied head's argmax follows the state's direction.
     embd *= 0.5 / np.linalg.norm(embd, axis=1, keepdims=True)
@@ -41,8 +38,5 @@ def write(path: Path) -> Path:
         w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
         w.add_tensor(f"{p}.attn_v.bias", r.vec(KV_HEADS * HEAD_DIM, scale=0.5))
         w.add_tensor(f"{p}.attn_output.weight", r.mat(E, E))
-        w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+        add_ffn(w, r, p, E, FF)
     return finish(w, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, add_attention, add_attention_keys, add_ffn, finish, start
 
 ARCH = "qwen3"
 N_LAYER = 4
@@ -17,26 +17,13 @@ def write(path: Path) -> Path:
     w, n_vocab = start(path, ARCH, N_LAYER, E)
     r = Weights(seed=3)
     w.add_uint32(f"{ARCH}.feed_forward_length", FF)
-    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_array(f"{ARCH}.attention.head_count_kv", [KV_HEADS] * N_LAYER)
-    w.add_uint32(f"{ARCH}.attention.key_length", HEAD_DIM)
-    w.add_uint32(f"{ARCH}.attention.value_length", HEAD_DIM)
-    w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32(f"{ARCH}.rope.freq_base", 10000.0)
+    add_attention_keys(w, ARCH, HEADS, KV_HEADS, 1e-6, 10000.0,
+                       head_dim=HEAD_DIM, kv_per_layer=N_LAYER)
     w.add_tensor("token_embd.weight", r.vec(n_vocab, E, scale=0.5))
     w.add_tensor("output.weight", r.mat(n_vocab, E))
     w.add_tensor("output_norm.weight", r.norm(E))
     for il in range(N_LAYER):
         p = f"blk.{il}"
-        w.add_tensor(f"{p}.attn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
-        w.add_tensor(f"{p}.attn_q_norm.weight", r.norm(HEAD_DIM))
-        w.add_tensor(f"{p}.attn_k_norm.weight", r.norm(HEAD_DIM))
-        w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+        add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM, qk_norm="head")
+        add_ffn(w, r, p, E, FF)
     return finish(w, path)

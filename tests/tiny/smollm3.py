@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.tiny._common import Weights, finish, start
+from tests.tiny._common import Weights, add_attention, add_attention_keys, add_ffn, finish, start
 
 ARCH = "smollm3"
 N_LAYER = 12
@@ -24,11 +24,7 @@ def write(path: Path) -> Path:
     w, n_vocab = start(path, ARCH, N_LAYER, E, n_ctx_train=65536)
     r = Weights(seed=74)
     w.add_uint32(f"{ARCH}.feed_forward_length", FF)
-    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", KV_HEADS)
-    w.add_uint32(f"{ARCH}.rope.dimension_count", HEAD_DIM)
-    w.add_float32(f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32(f"{ARCH}.rope.freq_base", 5000000.0)
+    add_attention_keys(w, ARCH, HEADS, KV_HEADS, 1e-6, 5000000.0, rope_dim=HEAD_DIM)
     embd = r.mat(n_vocab, E)
     # Rows of equal norm, so the tied head's argmax follows the state's direction.
     embd *= 0.5 / np.linalg.norm(embd, axis=1, keepdims=True)
@@ -36,13 +32,6 @@ def write(path: Path) -> Path:
     w.add_tensor("output_norm.weight", r.norm(E))
     for il in range(N_LAYER):
         p = f"blk.{il}"
-        w.add_tensor(f"{p}.attn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.attn_q.weight", r.mat(HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_k.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_v.weight", r.mat(KV_HEADS * HEAD_DIM, E))
-        w.add_tensor(f"{p}.attn_output.weight", r.mat(E, HEADS * HEAD_DIM))
-        w.add_tensor(f"{p}.ffn_norm.weight", r.norm(E))
-        w.add_tensor(f"{p}.ffn_gate.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_up.weight", r.mat(FF, E))
-        w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
+        add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM)
+        add_ffn(w, r, p, E, FF)
     return finish(w, path)
