@@ -27,11 +27,16 @@ class Weights:
         return (self.rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def start(path: Path, arch: str, n_layer: int, n_embd: int, n_ctx_train: int = 2048):
-    """A writer with the vocabulary and the keys every family has; returns (writer, n_vocab)."""
+def start(path: Path, arch: str, n_layer: int, n_embd: int, n_ctx_train: int = 2048,
+          control_tokens: tuple[str, ...] = ()):
+    """A writer with the vocabulary (plus ``control_tokens``) and the keys every family has;
+    returns (writer, n_vocab)."""
     import gguf
 
     tokens, scores, types = _vocab()
+    tokens += list(control_tokens)
+    scores += [0.0] * len(control_tokens)
+    types += [3] * len(control_tokens)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
     w.add_uint32(f"{arch}.context_length", n_ctx_train)

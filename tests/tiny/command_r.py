@@ -17,17 +17,26 @@ E, HEADS, KV_HEADS, HEAD_DIM, FF = 64, 4, 2, 16, 128
 
 
 def write(path: Path) -> Path:
-    w, n_vocab = start(path, ARCH, N_LAYER, E)
-    r = Weights(seed=35)
-    w.add_uint32(f"{ARCH}.feed_forward_length", FF)
-    w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
-    w.add_uint32(f"{ARCH}.attention.head_count_kv", KV_HEADS)
-    w.add_float32(f"{ARCH}.attention.layer_norm_epsilon", 1e-5)
-    w.add_float32(f"{ARCH}.rope.freq_base", 8000000.0)
-    w.add_float32(f"{ARCH}.logit_scale", 0.25)
+    return write_cohere(path, ARCH, N_LAYER, seed=35, freq_base=8000000.0)
+
+
+def write_cohere(path: Path, arch: str, n_layer: int, seed: int, freq_base: float,
+                 window: tuple[int, int] | None = None) -> Path:
+    """A Cohere model (command-r, or cohere2 with ``window`` = (size, pattern period))."""
+    w, n_vocab = start(path, arch, n_layer, E)
+    r = Weights(seed=seed)
+    w.add_uint32(f"{arch}.feed_forward_length", FF)
+    w.add_uint32(f"{arch}.attention.head_count", HEADS)
+    w.add_uint32(f"{arch}.attention.head_count_kv", KV_HEADS)
+    w.add_float32(f"{arch}.attention.layer_norm_epsilon", 1e-5)
+    w.add_float32(f"{arch}.rope.freq_base", freq_base)
+    w.add_float32(f"{arch}.logit_scale", 0.25)
+    if window is not None:
+        w.add_uint32(f"{arch}.attention.sliding_window", window[0])
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", window[1])
     w.add_tensor("token_embd.weight", r.vec(n_vocab, E, scale=1.0))  # also the head
     w.add_tensor("output_norm.weight", r.norm(E))
-    for il in range(N_LAYER):
+    for il in range(n_layer):
         p = f"blk.{il}"
         add_attention(w, r, p, E, HEADS, KV_HEADS, HEAD_DIM)
         add_ffn(w, r, p, E, FF, norm=False)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.tiny._common import Weights, finish
-from tests.tiny_gguf import _vocab
+from tests.tiny._common import Weights, finish, start
 
 ARCH = "phi3"
 N_LAYER = 4
@@ -27,7 +26,9 @@ N_CTX_ORIG = 512
 
 
 def write(path: Path) -> Path:
-    w, n_vocab = _start(path)
+    # llama.cpp sets token attributes by name for a model whose general.name says phi3, and
+    # fails to load a vocabulary without <|endoftext|>
+    w, n_vocab = start(path, ARCH, N_LAYER, E, 8192, control_tokens=("<|endoftext|>",))
     r = Weights(seed=53)
     w.add_uint32(f"{ARCH}.feed_forward_length", FF)
     w.add_uint32(f"{ARCH}.attention.head_count", HEADS)
@@ -52,27 +53,3 @@ def write(path: Path) -> Path:
         w.add_tensor(f"{p}.ffn_up.weight", r.mat(2 * FF, E))  # gate and up, fused
         w.add_tensor(f"{p}.ffn_down.weight", r.mat(E, FF))
     return finish(w, path)
-
-
-def _start(path: Path):
-    """``_common.start`` plus ``<|endoftext|>``: llama.cpp sets token attributes by name for a
-    model whose general.name says phi3, and fails to load a vocabulary without that token."""
-    import gguf
-
-    tokens, scores, types = _vocab()
-    tokens, scores, types = tokens + ["<|endoftext|>"], scores + [0.0], types + [3]
-    w = gguf.GGUFWriter(str(path), ARCH)
-    w.add_name(f"tiny-{ARCH}")
-    w.add_uint32(f"{ARCH}.context_length", 8192)
-    w.add_uint32(f"{ARCH}.embedding_length", E)
-    w.add_uint32(f"{ARCH}.block_count", N_LAYER)
-    w.add_string("tokenizer.ggml.model", "llama")
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.scores", scores)
-    w.add_array("tokenizer.ggml.token_type", types)
-    w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
-    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
-    w.add_bool("tokenizer.ggml.add_bos_token", True)
-    w.add_bool("tokenizer.ggml.add_eos_token", False)
-    return w, len(tokens)
