@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from mesh.coordinator.prefix_index import DEFAULT_PREFILL_CHUNK
 from mesh.errors import MeshError
 
 
@@ -168,7 +169,8 @@ def _generation_options(fn):
 @click.option("--stage", "stages", multiple=True, required=True,
               help="Stage URL, in chain order (repeat).")
 @click.option("--prompt", required=True)
-@click.option("--prefill-chunk", default=256, show_default=True)
+@click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True,
+              help="Prompt tokens per frame (prefix reuse snaps to multiples of it).")
 @click.option("--connect-timeout", default=10.0, show_default=True,
               help="Seconds to wait for every stage's handshake.")
 @_secret_option

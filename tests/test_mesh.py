@@ -18,6 +18,7 @@ from tests.rawpeer import RawPeer
 
 pytestmark = pytest.mark.gemma
 
+EXACT = ["--batching", "exact"]  # outputs equal a single-process llama.cpp run
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a village",
            "The three primary colors are"]
 
@@ -35,7 +36,7 @@ def _greedy(n):
 
 @pytest.mark.parametrize("ranges", [[(0, 9), (9, 18)], [(0, 6), (6, 12), (12, 18)]], ids=str)
 def test_mesh_greedy_tokens_equal_single_context(gemma_path, tmp_path, ranges):
-    with running_mesh(gemma_path, ranges, tmp_path, ctx=1024, threads=1) as mesh:
+    with running_mesh(gemma_path, ranges, tmp_path, ctx=1024, threads=1, extra_args=EXACT) as mesh:
         async def body(coord):
             return await coord.complete(PROMPTS[0], _greedy(32))
         result = with_coordinator(gemma_path, mesh.urls, body)
@@ -44,12 +45,14 @@ def test_mesh_greedy_tokens_equal_single_context(gemma_path, tmp_path, ranges):
 
 
 LONG = " ".join(f"item {i} of the ledger is settled;" for i in range(25))  # 241 tokens
-LOAD = [(LONG, 40), (PROMPTS[0], 24), (PROMPTS[1], 12), (PROMPTS[2], 30), (PROMPTS[3], 8),
-        ("Six times seven is", 16)]
+CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n" * 12
+LOAD = [(LONG, 40), (CODE, 48), (PROMPTS[0], 24), (PROMPTS[1], 12), (PROMPTS[2], 30),
+        (PROMPTS[3], 8), ("Six times seven is", 16)]
 
 
 async def _run(coord, prompt, max_tokens, started=None, after=0):
-    """(tokens, logprob floats) of one greedy request; sets ``started`` after ``after`` tokens."""
+    """(tokens, logprob floats, cached tokens) of one greedy request; sets ``started`` after
+    ``after`` tokens."""
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, logprobs=3)
     lp, out = [], None
     async for item in coord.stream(prompt, params):
@@ -61,15 +64,17 @@ async def _run(coord, prompt, max_tokens, started=None, after=0):
             out = item
     if started is not None:
         started.set()
-    return out.token_ids, lp
+    return out.token_ids, lp, out.cached_tokens
 
 
-def test_outputs_under_load_are_bit_identical_to_solo(gemma_path, tmp_path):
-    # 2 threads per stage: the long session passes 256 tokens mid-run and must leave the batch.
+def test_outputs_never_depend_on_load_cache_or_speculation(gemma_path, tmp_path):
+    """The default mode at 2 threads, sessions past 256 cells: each session's tokens and
+    logprob floats equal its solo run when it runs again from the prefix cache, beside six
+    others, with speculation, and while sessions come and go."""
     with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=1024, threads=2) as mesh:
-        async def body(coord):
+        async def plain(coord):
             solo = [await _run(coord, p, n) for p, n in LOAD]
-            together = await asyncio.gather(*(_run(coord, p, n) for p, n in LOAD))
+            again = [await _run(coord, p, n) for p, n in LOAD]
             # Come and go: each request starts once the previous one has streamed 3 tokens,
             # so sessions end and new ones take their streams while others are mid-run.
             tasks, gate = [], None
@@ -79,13 +84,23 @@ def test_outputs_under_load_are_bit_identical_to_solo(gemma_path, tmp_path):
                 gate = asyncio.Event()
                 tasks.append(asyncio.create_task(_run(coord, prompt, n, gate, after=3)))
             staggered = await asyncio.gather(*tasks)
-            return solo, together, staggered, await coord.stage_stats()
-        solo, together, staggered, stats = with_coordinator(gemma_path, mesh.urls, body,
-                                                            prefix_cache=False)
+            return solo, again, staggered
+
+        async def concurrent(coord):
+            together = await asyncio.gather(*(_run(coord, p, n) for p, n in LOAD))
+            return together, await coord.stage_stats()
+
+        solo, again, staggered = with_coordinator(gemma_path, mesh.urls, plain,
+                                                  speculation=SpeculationConfig(mode="none"))
+        together, stats = with_coordinator(
+            gemma_path, mesh.urls, concurrent,
+            speculation=SpeculationConfig(mode="ngram", draft_max=8, max_sessions=16))
     assert all(s["decode_rows"] > s["decode_steps"] for s in stats)  # batching happened
-    assert len({tuple(tokens) for tokens, _ in solo}) == len(LOAD)
-    assert list(together) == solo
-    assert list(staggered) == solo
+    assert len({tuple(tokens) for tokens, _, _ in solo}) == len(LOAD)
+    assert again[0][2] >= 192 and again[1][2] >= 320  # from the cache, snapped to chunks
+    key = [(tokens, lp) for tokens, lp, _ in solo]
+    for run in (again, staggered, together):
+        assert [(tokens, lp) for tokens, lp, _ in run] == key
 
 
 def test_handshake_refuses_wrong_order_and_gaps(gemma_path, mesh2):

@@ -21,12 +21,13 @@ CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n
 NOVEL = "Photosynthesis is the process by which"
 OFF = SpeculationConfig(mode="none")
 ON = SpeculationConfig(mode="ngram", draft_max=8)
+EXACT = ["--batching", "exact"]  # outputs equal a single-process llama.cpp run
 
 
 @pytest.fixture(scope="module")
 def mesh2(gemma_path, tmp_path_factory):
     with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path_factory.mktemp("spec2"),
-                      ctx=1024, slots=8, threads=1) as mesh:
+                      ctx=1024, slots=8, threads=1, extra_args=EXACT) as mesh:
         yield mesh
 
 
@@ -118,13 +119,14 @@ def test_seeded_sampling_draws_the_same_tokens_and_logprobs_with_windows(gemma_p
     assert logprobs["on"] == logprobs["off"] and len(logprobs["on"]) == len(off.token_ids)
 
 
-def test_with_two_threads_windows_end_where_rows_would_leave_the_exact_path(gemma_path,
-                                                                             tmp_path):
-    """Past 256 cells a lone row takes another attention path at >1 thread: windows stop
-    there, and the output still equals a single-process run across the boundary."""
+def test_with_two_threads_exact_windows_end_where_rows_would_leave_the_exact_path(
+        gemma_path, tmp_path):
+    """``--batching exact``: past 256 cells a lone row takes another attention path at >1
+    thread: windows stop there, and the output still equals a single-process run across the
+    boundary."""
     prompt = CODE * 4
     with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=1024, slots=4,
-                      threads=2) as mesh:
+                      threads=2, extra_args=EXACT) as mesh:
         async def body(coord):
             limits = coord.generator._window_limits()
             return limits, await coord.complete(prompt, GenerationParams(max_tokens=64))
@@ -134,6 +136,26 @@ def test_with_two_threads_windows_end_where_rows_would_leave_the_exact_path(gemm
     assert n < 256 < n + 64  # the run crosses the boundary
     assert result.token_ids == single_greedy(gemma_path, result.prompt_token_ids, 64)
     assert result.speculation["accepted"] > 0
+
+
+def test_with_two_threads_default_windows_run_at_any_length(gemma_path, tmp_path):
+    """The default mode has no 256-cell limit: windows verify past it at 2 threads, and the
+    tokens and logprob floats are those of plain decode steps."""
+    prompt = CODE * 6
+    params = GenerationParams(max_tokens=64, logprobs=2)
+    with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=1024, slots=4,
+                      threads=2) as mesh:
+        async def body(coord):
+            return (coord.generator._window_limits(),
+                    [d async for d in coord.stream(prompt, params)])
+        (rows, cells), on = with_coordinator(gemma_path, mesh.urls, body, speculation=ON)
+        _, off = with_coordinator(gemma_path, mesh.urls, body, speculation=OFF)
+    assert cells is None and 2 <= rows <= 9
+    assert len(on[-1].prompt_token_ids) > 300  # every window is past 256 cells
+    assert on[-1].speculation["accepted"] > 20
+    assert on[-1].token_ids == off[-1].token_ids
+    assert ([lp for d in on[:-1] for lp in d.logprobs]
+            == [lp for d in off[:-1] for lp in d.logprobs])
 
 
 def test_a_draft_model_drafts_novel_text_without_changing_it(gemma_path, mesh2):

@@ -24,7 +24,7 @@ from mesh.coordinator.chain import Chain
 from mesh.coordinator.drafting import NgramDrafter
 from mesh.coordinator.links import StageUnavailableError
 from mesh.coordinator.pacer import DecodePacer
-from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS
+from mesh.coordinator.prefix_index import DEFAULT_PREFILL_CHUNK, MIN_REUSE_TOKENS
 from mesh.coordinator.prefixes import PrefixProtocol
 from mesh.coordinator.sessions import Sessions, StageError
 from mesh.coordinator.speculation import SpeculationConfig, SpeculationStats, Speculator, Window
@@ -37,7 +37,6 @@ from mesh.transport import wire
 
 log = get_logger("mesh.coordinator")
 
-DEFAULT_PREFILL_CHUNK = 256
 RETRY_WAIT_S = 30.0  # how long a request that streamed nothing waits for the chain to return
 RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0)  # between attempts (the last one repeats)
 # Stage errors that mean "the chain lost or cannot yet hold this session", not "this request
@@ -205,7 +204,8 @@ class Generator:
         spec = Speculator(self.speculation, prompt_ids, *self._window_limits(),
                           self.drafter_factory)
         try:
-            cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt)
+            cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt,
+                                               align=self._chunk_size())
             self._send_prefill(session, prompt_ids, params, cached)
             budget = self.admission.max_new_tokens(len(prompt_ids), params.max_tokens)
             deadline = None if params.timeout_s is None else time.monotonic() + params.timeout_s

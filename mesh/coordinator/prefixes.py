@@ -66,8 +66,13 @@ class PrefixProtocol:
         return restored
 
     async def reuse(self, session: int, inbox: Inbox, prompt_ids: list[int],
-                    salt: bytes) -> int:
-        """The length of the resident prefix the new ``session`` starts from (0: none)."""
+                    salt: bytes, align: int = 1) -> int:
+        """The length of the resident prefix the new ``session`` starts from (0: none).
+
+        The length is a multiple of ``align``, the prompt chunk: a prompt is always cut into
+        chunks at the same positions, so a session's KV holds the same bits whether its prompt
+        came from the cache or not (a prefix ending inside a chunk was computed in a shorter
+        chunk, which rounds differently: ``mesh.stage.exactness``)."""
         if self.index is None:
             return 0
         now = time.monotonic()
@@ -77,8 +82,12 @@ class PrefixProtocol:
             await asyncio.wait([k.done for k in recent], timeout=until - now)
         links = self._chain.links
         for pid, n in self.index.matches(prompt_ids, salt):
+            n -= n % align
+            if n < MIN_REUSE_TOKENS:
+                continue
             placed = await self._acquire_round(session, inbox, pid, n, links)
             agreed = min(placed.values())
+            agreed -= agreed % align
             longer = [link for link in links if placed[link.index] > agreed]
             if longer:
                 await self._acquire_round(session, inbox, pid, agreed, longer)

@@ -9,6 +9,7 @@ import sys
 import click
 
 from mesh.errors import MeshError
+from mesh.stage.exactness import DEFAULT_MODE, KV_TYPE, MODES
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -54,11 +55,12 @@ def normalize_listen(text: str) -> str:
               help="Most tokens in one frame.")
 @click.option("--prefix-records", default=None, type=int,
               help="Most resident prompt prefixes kept [default: slots/2].")
-@click.option("--batching", type=click.Choice(["exact", "all"]), default="exact",
+@click.option("--batching", type=click.Choice(MODES), default=DEFAULT_MODE,
               show_default=True,
-              help="exact: decode sessions together only while that gives each the bits it "
-                   "would get alone; all: batch every session (faster past 256 tokens at >1 "
-                   "thread, but outputs then depend on load).")
+              help="invariant: a session's tokens never depend on what else runs (bf16 KV "
+                   "cells); exact: they also equal one llama.cpp process (f16 cells; past 256 "
+                   "tokens at >1 thread rows run one at a time); all: batch every session "
+                   "(outputs depend on load).")
 @click.option("--secret", "secret_file", envvar="MESH_SECRET_FILE", default=None,
               type=click.Path(dir_okay=False), help="Mesh secret (`mesh secret FILE`) or a "
               "stage identity (`mesh secret MASTER --member stage FILE`): only members can "
@@ -100,10 +102,10 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
         release_readers()  # a cold cache parsed the source GGUF: do not keep it resident
         config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
                                n_gpu_layers=n_gpu_layers, n_batch=n_batch,
-                               n_ubatch=min(n_batch, 512))
+                               n_ubatch=min(n_batch, 512), kv_type=KV_TYPE[batching])
         runtime = StageRuntime(files, config)
         server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
-                             exact=batching == "exact", keys=keys, lease_s=lease_s)
+                             batching=batching, keys=keys, lease_s=lease_s)
     except MeshError as exc:
         click.echo(f"mesh-stage: {exc}", err=True)
         sys.exit(2)

@@ -1,18 +1,31 @@
 """Which decode batches compute, for every session in them, the bits it would get alone.
 
-Two things in llama.cpp's CPU backend (the pinned version) make a session's row depend on what
-it is batched with, and the stage batches only where neither applies:
+Three modes (``mesh-stage --batching``), each a promise about a session's tokens and logprobs:
 
-- Attention (static rule): a lone query row against >= 512 KV cells is split across threads and
-  merged; a row in a batch is computed cell by cell. The two agree when the session's stream
-  spans at most 256 cells (n_kv is padded to 256) or when one thread runs the graph (a one-part
-  split is the sequential path). Past that a row runs in a llama_decode of its own.
+- ``invariant`` (default): they never depend on what else the stage runs (concurrency, which
+  stream, chunking, the prefix cache, speculation), at any length and thread count. KV cells
+  are bf16.
+- ``exact``: they also equal a single-process llama.cpp run (f16 cells, llama.cpp's defaults);
+  past 256 cells at more than one thread, rows then run one llama_decode each.
+- ``all``: every row batches (f16 cells); outputs depend on load.
+
+Two things in llama.cpp's CPU backend (the pinned version) can make a row depend on its batch:
+
+- Attention: with f16 (or f32) K/V a lone query row against >= 512 KV cells is split across
+  threads and merged, rows in a batch are computed cell by cell, and a chunk of >= 64 rows goes
+  through a tiled kernel: three roundings of the same sum. They agree only while the session
+  spans at most 256 cells (n_kv is padded to 256) or one thread runs the graph. Any other cell
+  type (bf16 here) has one kernel, cell by cell, for every shape: a row's attention is then the
+  same whatever runs beside it (measured on Gemma 3: batches of 2..7 rows at 300-600 cells, and
+  one prompt in chunks of 256/256/88, 300/300 and 64s, all bit-equal; with f16 none are).
 - Matrix products (measured): several rows go through tiled kernels (llamafile's tinyBLAS for
   f32, f16, Q8_0, Q4_0, Q5_0 weights; its tile shapes depend on the row count), one row through
   ggml's vec_dot. Whether they agree depends on the weight types and the CPU: on Gemma 3 270M
   Q4_K_M with AVX-512 every batch of 2..7 rows is exact and 8 rows are not; an f32 model is not
   exact at 2. So each stage measures it at start-up (``probe``): the largest batch whose rows all
-  equal the same rows decoded alone, and every smaller one too.
+  equal the same rows decoded alone, and every smaller one too. Prompt chunks see the same
+  effect (a chunk of < 8 rows rounds differently from one of more), which is why the
+  coordinator cuts every prompt at the same positions (``mesh.coordinator.prefixes``).
 
 A verify window (one session's drafted rows) is a batch too: it runs in pieces of at most
 ``max_rows`` rows, and row by row where a row would pass ``max_cells`` (``window_pieces``). The
@@ -22,16 +35,24 @@ probe measures windows alongside batches of sessions and keeps the smaller limit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mesh.logs import get_logger
-from mesh.stage.runtime import StageRuntime
+
+if TYPE_CHECKING:  # the CLI reads the modes before llama.cpp may load
+    from mesh.stage.runtime import StageRuntime
 
 log = get_logger("mesh.stage")
 
 KV_PAD_CELLS = 256
 PROBE_PROMPT = 3  # tokens each probe session holds before its probed row
+LONG_PROBE = KV_PAD_CELLS + 44  # the invariant mode also probes past the f16 limit
+
+MODES = ("invariant", "exact", "all")
+DEFAULT_MODE = "invariant"
+KV_TYPE = {"invariant": "bf16", "exact": "f16", "all": "f16"}  # the cells each mode needs
 
 
 @dataclass(frozen=True)
@@ -55,70 +76,92 @@ def window_pieces(pos: int, n: int, batching: ExactBatching) -> list[int]:
 
 
 def attention_limit(runtime: StageRuntime) -> int | None:
-    return None if runtime.config.n_threads == 1 else KV_PAD_CELLS
+    """Cells a row may span and still batch, by the static rule above."""
+    if runtime.config.n_threads == 1 or runtime.config.kv_type not in ("f16", "f32"):
+        return None
+    return KV_PAD_CELLS
 
 
-def probe(runtime: StageRuntime, limit: int) -> ExactBatching:
-    """Measure the exact batch size on this stage, up to ``limit`` rows (needs free slots)."""
+def batching_for(runtime: StageRuntime, mode: str) -> ExactBatching:
+    """The batching a stage in ``mode`` uses (probed, except ``all``)."""
+    if mode == "all":
+        return ExactBatching(runtime.max_batch_rows, None)
+    batching = probe(runtime, runtime.max_batch_rows)
+    if batching.max_cells is None and runtime.config.n_threads > 1 and (
+            runtime.session_ctx >= LONG_PROBE + runtime.max_batch_rows):
+        # Check the rule above on this machine: past 256 cells, where f16 would split.
+        long = probe(runtime, batching.max_rows, first=LONG_PROBE)
+        if long.max_rows < batching.max_rows:
+            batching = ExactBatching(long.max_rows, None)
+    return batching
+
+
+def probe(runtime: StageRuntime, limit: int, first: int = PROBE_PROMPT) -> ExactBatching:
+    """Measure the exact batch size on this stage, up to ``limit`` rows (needs free slots);
+    the first probe session holds ``first`` tokens, the others ``PROBE_PROMPT``."""
     limit = min(limit, runtime.free_slots)
     if limit < 2:
         return ExactBatching(1, attention_limit(runtime))
     keys = [("exactness-probe", i) for i in range(limit)]
+    held = {key: first if key[1] == 0 else PROBE_PROMPT for key in keys}
     try:
         for key in keys:
             runtime.open_session(key)
-            runtime.run(key, 0, **_inputs(runtime, key[1], PROBE_PROMPT, salt=0))
-        alone = [_step(runtime, [key])[0] for key in keys]
+            inputs = _inputs(runtime, key[1], held[key], salt=0)
+            for start in range(0, held[key], runtime.config.n_batch):
+                runtime.run(key, start, **{name: value[start:start + runtime.config.n_batch]
+                                           for name, value in inputs.items()})
+        alone = [_step(runtime, [key], held)[0] for key in keys]
         window = _inputs(runtime, keys[0][1], limit, salt=2)
-        stepped = _one_at_a_time(runtime, keys[0], window)
+        stepped = _one_at_a_time(runtime, keys[0], held[keys[0]], window)
         exact = 1
         for rows in range(2, limit + 1):
-            together = _step(runtime, keys[:rows])
+            together = _step(runtime, keys[:rows], held)
             if not all(np.array_equal(a, b) for a, b in zip(alone[:rows], together, strict=True)):
                 break
-            if not _window_exact(runtime, keys[0], window, stepped, rows):
+            if not _window_exact(runtime, keys[0], held[keys[0]], window, stepped, rows):
                 break
             exact = rows
     finally:
         for key in keys:
             runtime.drop_session(key)
     log.info("exact_batching", stage=f"{runtime.start}:{runtime.end}", max_rows=exact,
-             probed_up_to=limit)
+             probed_up_to=limit, cells=first + 1)
     return ExactBatching(exact, attention_limit(runtime))
 
 
-def _step(runtime: StageRuntime, keys: list) -> list[np.ndarray]:
+def _step(runtime: StageRuntime, keys: list, held: dict) -> list[np.ndarray]:
     """Decode one row for each session together; return its outputs and undo the step."""
-    chunks = [runtime.prepare(key, PROBE_PROMPT, want_logits=runtime.is_last,
+    chunks = [runtime.prepare(key, held[key], want_logits=runtime.is_last,
                               **_inputs(runtime, key[1], 1, salt=1))
               for key in keys]
     results = runtime.decode(chunks)
     for key in keys:
-        runtime.trim_session(key, PROBE_PROMPT)
+        runtime.trim_session(key, held[key])
     return [r.logits if runtime.is_last else r.hidden for r in results]
 
 
-def _one_at_a_time(runtime: StageRuntime, key, inputs: dict[str, np.ndarray]
+def _one_at_a_time(runtime: StageRuntime, key, pos: int, inputs: dict[str, np.ndarray]
                    ) -> list[np.ndarray]:
     """The outputs of one session's rows decoded one step at a time (then undone)."""
     outputs = []
     for i in range(len(next(iter(inputs.values())))):
         row = {name: value[i:i + 1] for name, value in inputs.items()}
-        result = runtime.decode([runtime.prepare(key, PROBE_PROMPT + i,
+        result = runtime.decode([runtime.prepare(key, pos + i,
                                                  want_logits=runtime.is_last, **row)])[0]
         outputs.append(result.logits if runtime.is_last else result.hidden)
-    runtime.trim_session(key, PROBE_PROMPT)
+    runtime.trim_session(key, pos)
     return outputs
 
 
-def _window_exact(runtime: StageRuntime, key, inputs: dict[str, np.ndarray],
+def _window_exact(runtime: StageRuntime, key, pos: int, inputs: dict[str, np.ndarray],
                   stepped: list[np.ndarray], rows: int) -> bool:
     """The first ``rows`` rows of ``inputs`` in one llama_decode against ``stepped`` (all
     rows' hidden states; the final stage, the last row's logits)."""
     window = runtime.decode([runtime.prepare(
-        key, PROBE_PROMPT, want_logits=runtime.is_last,
+        key, pos, want_logits=runtime.is_last,
         **{name: value[:rows] for name, value in inputs.items()})])[0]
-    runtime.trim_session(key, PROBE_PROMPT)
+    runtime.trim_session(key, pos)
     if runtime.is_last:
         return np.array_equal(window.logits, stepped[rows - 1])
     return np.array_equal(window.hidden, np.concatenate(stepped[:rows]))

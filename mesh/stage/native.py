@@ -142,6 +142,10 @@ class HiddenCapture:
         return self._buf[:n_rows].copy()
 
 
+# ggml type ids of the KV cell types a stage may use.
+KV_TYPES = {"f16": 1, "bf16": 30}
+
+
 @dataclass(frozen=True)
 class ContextParams:
     n_ctx: int
@@ -155,6 +159,7 @@ class ContextParams:
     # One KV stream per sequence: a session's cells are always 0..n-1 of its own stream, so no
     # other session can change where (or in which order) its attention reads them.
     kv_unified: bool = False
+    kv_type: str = "f16"  # K and V cells: "f16" (llama.cpp's default) or "bf16"
 
 
 class NativeModel:
@@ -205,6 +210,7 @@ class NativeContext:
         params.n_threads_batch = p.n_threads_batch
         params.kv_unified = p.kv_unified
         params.swa_full = p.swa_full
+        params.type_k = params.type_v = KV_TYPES[p.kv_type]
         params.no_perf = True
         self._capture = capture
         if capture is not None:

@@ -33,7 +33,14 @@ from mesh.errors import (
     UnknownSessionError,
 )
 from mesh.stage.embeddings import TokenEmbedder
-from mesh.stage.native import Batch, ContextParams, HiddenCapture, NativeContext, NativeModel
+from mesh.stage.native import (
+    KV_TYPES,
+    Batch,
+    ContextParams,
+    HiddenCapture,
+    NativeContext,
+    NativeModel,
+)
 from mesh.stage.sampling import SamplerChain, SamplingParams, top_logprobs
 from mesh.stage.slicing import StageFiles
 
@@ -48,12 +55,17 @@ class RuntimeConfig:
     n_threads: int = 2
     n_threads_batch: int | None = None
     n_gpu_layers: int = 0
+    # "bf16" cells keep llama.cpp's attention on one kernel whatever the batch, chunk or
+    # length (mesh.stage.exactness); "f16" is what a single-process llama.cpp run uses.
+    kv_type: str = "f16"
 
     def validate(self) -> None:
         if self.n_ctx < 16 or self.n_seq_max < 1 or self.n_batch < 1 or self.n_threads < 1:
             raise InvalidInputError("ctx >= 16, slots >= 1, batch >= 1 and threads >= 1 required")
         if self.n_ubatch > self.n_batch:
             raise InvalidInputError("n_ubatch must not exceed n_batch")
+        if self.kv_type not in KV_TYPES:
+            raise InvalidInputError(f"KV type must be one of {sorted(KV_TYPES)}")
         if self.n_seq_max > 256:
             raise InvalidInputError("at most 256 slots (llama.cpp's sequence limit)")
 
@@ -150,6 +162,7 @@ class StageRuntime:
             ),
             n_threads=config.n_threads,
             n_threads_batch=config.n_threads_batch or config.n_threads,
+            kv_type=config.kv_type,
         )
         try:
             self.ctx = NativeContext(self.model, params, capture)

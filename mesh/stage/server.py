@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from mesh.errors import MeshError
+from mesh.errors import InvalidInputError, MeshError
 from mesh.logs import get_logger
 from mesh.stage import exactness
 from mesh.stage.downstream import FORWARDER_PREFIX, Downstream, forwarder_prefix
@@ -54,7 +54,8 @@ MAX_KEEPERS = 4096  # prefix ids whose keeper this stage remembers (the most rec
 class StageServer:
     def __init__(self, runtime: StageRuntime, listen: str, model_sha256: str,
                  zmq_context: zmq.Context | None = None, prefix_records: int | None = None,
-                 exact: bool = True, keys: MeshKeys | None = None, lease_s: float = LEASE_S,
+                 batching: str = exactness.DEFAULT_MODE, keys: MeshKeys | None = None,
+                 lease_s: float = LEASE_S,
                  queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
         self.listen = listen
@@ -64,9 +65,13 @@ class StageServer:
         self.cache = PrefixCache(runtime, slots // 2 if prefix_records is None
                                  else prefix_records)
         self.mailbox = Mailbox()
-        batching = (exactness.probe(runtime, runtime.max_batch_rows) if exact
-                    else exactness.ExactBatching(runtime.max_batch_rows, None))
-        self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name, batching,
+        if exactness.KV_TYPE.get(batching) != runtime.config.kv_type:
+            raise InvalidInputError(f"batching {batching!r} needs "
+                                    f"{exactness.KV_TYPE.get(batching)} KV cells, not "
+                                    f"{runtime.config.kv_type}")
+        self.mode = batching
+        self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name,
+                                  exactness.batching_for(runtime, batching),
                                   queue_frames=queue_frames, queue_bytes=queue_bytes)
         self._zctx = zmq_context or zmq.Context.instance()
         self._keys = keys.require(ROLE_STAGE) if keys is not None else None
