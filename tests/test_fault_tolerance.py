@@ -175,7 +175,7 @@ def test_a_cut_link_between_stages_fails_in_time_naming_it_and_serves_when_back(
 
 
 def test_a_restarted_coordinator_rebuilds_its_prefix_index_from_the_stages(tiny_llama, tmp_path):
-    long_prompt = [1, *range(200, 260)]
+    long_prompt = [1, *range(100, 227)]  # two whole prompt chunks: reuse snaps to them
     with running_mesh(tiny_llama, [(0, 2), (2, 4)], tmp_path, ctx=512) as mesh:
         async def first(coord: Coordinator):
             done = await coord.complete(long_prompt, GenerationParams(max_tokens=4))

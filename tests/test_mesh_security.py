@@ -335,7 +335,7 @@ def test_records_are_told_only_to_their_keeper_and_a_restarted_coordinator_resto
     mesh, _ = secure
     stage_keys = load_keys(identities[1], ROLE_STAGE)
     coord_keys = load_keys(identities[2], ROLE_COORDINATOR)
-    long_prompt = [1, *range(200, 240)]
+    long_prompt = [1, *range(100, 227)]  # two whole prompt chunks: reuse snaps to them
 
     async def first(coord: Coordinator):
         await coord.complete(long_prompt, GenerationParams(max_tokens=2))

@@ -44,7 +44,7 @@ def test_greedy_with_windows_equals_a_single_process_run_at_two_and_three_stages
     greedy = GenerationParams(max_tokens=48)
     two = _complete(gemma_path, mesh2.urls, [CODE, NOVEL], greedy, ON)
     with running_mesh(gemma_path, [(0, 6), (6, 12), (12, 18)], tmp_path, ctx=1024, slots=8,
-                      threads=1) as mesh3:
+                      threads=1, extra_args=EXACT) as mesh3:
         three = _complete(gemma_path, mesh3.urls, [CODE, NOVEL], greedy, ON)
     for a, b in zip(two, three, strict=True):
         reference = single_greedy(gemma_path, a.prompt_token_ids, 48)
