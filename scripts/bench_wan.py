@@ -2,14 +2,16 @@
 
     python scripts/bench_wan.py [--delays 0,5,10,20] [--tokens 64] [--draft-max 8]
                                 [--max-windows 3] [--draft-model PATH|default]
+                                [--context-tokens 520]
 
-Two stages (0:9 | 9:18, 1 thread each) on this host, with a link-delay shim
+Two stages (0:9 | 9:18, ``--threads`` each, default 1) on this host, with a link-delay shim
 (``tests/linkdelay.py``, a TCP forwarder holding each direction's bytes for the delay) in front
 of each stage, so coordinator → stage 0, stage 0 → stage 1 and stage 1 → coordinator each pay
 it once per round trip. One greedy session per run, on a repetitive continuation and on novel
 text, with ``--speculative none`` and ``ngram``; prints tok/s side by side with their ratio,
 the acceptance rate (accepted / drafted tokens), the tokens per verify window, and whether the
-two runs produced the same tokens.
+two runs produced the same tokens. ``--context-tokens N`` puts N tokens of prose (this
+repository's README) before each text, as a chat history would: past 256 cells.
 """
 
 from __future__ import annotations
@@ -63,17 +65,29 @@ async def _run(model: Path, urls: list[str], prompt: str, tokens: int,
 @click.option("--draft-model", default=None,
               help="Also run with this draft model ('default': the target itself).")
 @click.option("--model", default="default", show_default=True)
+@click.option("--threads", default=1, show_default=True, help="Threads per stage.")
+@click.option("--context-tokens", default=0, show_default=True,
+              help="Tokens of prose before each text (a long context).")
 def main(delays: str, tokens: int, draft_max: int, max_windows: int, draft_model: str | None,
-         model: str) -> None:
+         model: str, threads: int, context_tokens: int) -> None:
     path = resolve_model(model, progress=False)
+    texts = dict(TEXTS)
+    if context_tokens:
+        from mesh.coordinator.tokenizer import Tokenizer
+        tok = Tokenizer(path)
+        readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+        ids = tok.encode(readme, add_special=False, parse_special=False)[:context_tokens]
+        prose = b"".join(tok.piece(t) for t in ids).decode("utf-8", "replace")
+        texts = {f"long {name}": prose + "\n\n" + text for name, text in TEXTS.items()}
+        texts["novel"] = TEXTS["novel"]
     ngram = SpeculationConfig(mode="ngram", draft_max=draft_max, max_windows=max_windows)
     modes = {"none": SpeculationConfig(mode="none"), "ngram": ngram}
     if draft_model:
         modes["model"] = dataclasses.replace(
             ngram, draft_model=str(resolve_model(draft_model, progress=False)))
     with tempfile.TemporaryDirectory(prefix="mesh-wan-") as tmp, \
-            LocalMesh(str(path), [(0, 9), (9, 18)], Path(tmp), ctx=1024, slots=8,
-                      threads=1) as mesh:
+            LocalMesh(str(path), [(0, 9), (9, 18)], Path(tmp), ctx=2048, slots=8,
+                      threads=threads) as mesh:
         rows = []
         for delay in [float(d) for d in delays.split(",")]:
             with contextlib.ExitStack() as stack:
@@ -81,12 +95,12 @@ def main(delays: str, tokens: int, draft_max: int, max_windows: int, draft_model
                 if delay > 0:
                     urls = [stack.enter_context(DelayedLink(
                         "127.0.0.1", int(url.rsplit(":", 1)[1]), delay)).url for url in urls]
-                for name, text in TEXTS.items():
+                for name, text in texts.items():
                     runs = {mode: asyncio.run(_run(path, urls, text, tokens, config))
                             for mode, config in modes.items()}
                     rows.append((delay, name, runs))
     spec_modes = [m for m in modes if m != "none"]
-    print(f"{'delay':>6} {'text':>10} {'none tok/s':>11} " + " ".join(
+    print(f"{'delay':>6} {'text':>15} {'none tok/s':>11} " + " ".join(
         f"{m + ' tok/s':>12} {'ratio':>6} {'accepted':>9} {'tok/window':>11} {'same':>5}"
         for m in spec_modes))
     for delay, name, runs in rows:
@@ -100,7 +114,7 @@ def main(delays: str, tokens: int, draft_max: int, max_windows: int, draft_model
                           if spec["windows"] else 0.0)
             cells.append(f"{on:>12.1f} {on / off:>5.2f}x {accepted:>8.0%} {per_window:>11.2f} "
                          f"{str(off_ids == on_ids):>5}")
-        print(f"{delay:>3.0f} ms {name:>10} {off:>11.1f} " + " ".join(cells))
+        print(f"{delay:>3.0f} ms {name:>15} {off:>11.1f} " + " ".join(cells))
 
 
 if __name__ == "__main__":
