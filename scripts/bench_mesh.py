@@ -22,13 +22,22 @@ Sections:
    hosts give: while stage 1 computes one group, stage 0 computes the next.
 5. What CURVE costs: single-session decode of a mesh with a secret (every connection
    encrypted and authenticated) against the same mesh without, runs alternating.
+6. Timeline of one token: one session, speculation off; where a decode step's time goes at
+   each stage (queued at the stage until its step starts; the step) and, as the rest, the
+   hops, transport threads and the coordinator, next to one process's time per token.
 
     python scripts/bench_mesh.py --only curve      # just section 5
+    python scripts/bench_mesh.py --only timeline --context 400 --no-speculation
+    python scripts/bench_mesh.py --context 400 --no-speculation   # sections 1-6, long context
+
+``--context N`` makes every prompt N tokens long (default: 8, decode dominates);
+``--no-speculation`` turns the mesh's n-gram drafts off (the one process never drafts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import statistics
@@ -41,6 +50,7 @@ import numpy as np
 import zmq
 
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.speculation import SpeculationConfig
 from mesh.launcher import LocalMesh, balanced_split, free_port
 from mesh.models import resolve_model
 from mesh.stage.local_chain import SingleContext
@@ -49,15 +59,22 @@ from mesh.stage.slicing import model_info
 from mesh.transport import frames as fr
 
 PROMPT = [2, 818, 5279, 529, 7001, 563]  # a short fixed prompt: decode dominates
+SPECULATION = SpeculationConfig()  # the mesh's (``--no-speculation``: off)
 
 
 def prompts(n: int) -> list[list[int]]:
     return [PROMPT[:1] + [100 + i] + PROMPT[1:] for i in range(n)]
 
 
+def long_prompt(n: int) -> list[int]:
+    """``n`` tokens: the short prompt after varied token ids (no n-gram repeats)."""
+    filler = np.random.default_rng(7).integers(1000, 20000, max(0, n - len(PROMPT) - 1))
+    return PROMPT[:1] + [int(t) for t in filler] + PROMPT[1:]
+
+
 def one_process_tok_s(path: Path, batch: int, tokens: int, threads: int = 2) -> float:
     """Greedy decode of ``batch`` sequences, one llama_decode per step."""
-    ctx = SingleContext(path, RuntimeConfig(n_ctx=1024, n_threads=threads, n_outputs_max=16),
+    ctx = SingleContext(path, RuntimeConfig(n_ctx=2048, n_threads=threads, n_outputs_max=16),
                         n_seq=batch)
     try:
         nxt = [int(np.argmax(ctx.logits(s, 0, np.array(p, np.int32))))
@@ -86,7 +103,8 @@ async def mesh_tok_s(path: Path, urls: list[str], batches: list[int], tokens: in
                      repeats: int, groups: int = 1, baseline: bool = False
                      ) -> tuple[dict[int, float], dict[int, float]]:
     """Median mesh rates per batch, and (``baseline``) one-process rates measured between."""
-    coord = Coordinator(path, urls, prefix_cache=False, decode_groups=groups)
+    coord = Coordinator(path, urls, prefix_cache=False, decode_groups=groups,
+                        speculation=SPECULATION)
     await coord.start(handshake_timeout_s=120)
     mesh: dict[int, list[float]] = {b: [] for b in batches}
     single: dict[int, list[float]] = {b: [] for b in batches}
@@ -155,6 +173,34 @@ async def long_frame(path: Path, urls: list[str], n: int) -> tuple[float, int, b
         await coord.close()
 
 
+def timeline(path: Path, ranges, tokens: int) -> tuple[float, list[tuple[float, float]], float]:
+    """One session's decode: (ms per token, per stage the median ms (queued, step), one
+    process's ms per token)."""
+    os.environ["PYTHONUNBUFFERED"] = "1"  # the stages' step events reach their logs at once
+    with tempfile.TemporaryDirectory() as tmp:
+        with _mesh(path, ranges, tmp, 2, extra_args=["--log-level", "debug"]) as mesh:
+            async def run():
+                coord = Coordinator(path, mesh.urls, prefix_cache=False,
+                                    speculation=SpeculationConfig(mode="none"))
+                await coord.start(handshake_timeout_s=120)
+                try:
+                    await coord.complete(PROMPT, GenerationParams(max_tokens=4))
+                    return await _mesh_run(coord, 1, tokens)
+                finally:
+                    await coord.close()
+            rate = asyncio.run(run())
+            stages = []
+            for stage in mesh.stages:
+                events = [json.loads(line) for line in stage.log_path.read_text().splitlines()
+                          if '"step"' in line]
+                steps = [(e["wait_us"], e["compute_us"]) for e in events
+                         if e["event"] == "step" and e["rows"] == 1 and not e["prompt"]]
+                steps = steps[-(tokens - 1):]
+                stages.append((statistics.median(w for w, _ in steps) / 1e3,
+                               statistics.median(c for _, c in steps) / 1e3))
+    return 1e3 / rate, stages, 1e3 / one_process_tok_s(path, 1, tokens)
+
+
 def _mesh(path: Path, ranges, tmp: str, threads: int, ctx: int = 1024, **kwargs) -> LocalMesh:
     return LocalMesh(str(path), ranges, Path(tmp), ctx=ctx, threads=threads, **kwargs)
 
@@ -190,16 +236,27 @@ def curve_cost(path: Path, ranges, tokens: int, repeats: int) -> tuple[float, fl
 @click.option("--tokens", default=64, show_default=True, help="Tokens per session.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--hops", default=2000, show_default=True)
-@click.option("--only", type=click.Choice(["curve"]), default=None,
+@click.option("--only", type=click.Choice(["curve", "timeline"]), default=None,
               help="Run one section only.")
-def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None) -> None:
+@click.option("--context", default=len(PROMPT) + 1, show_default=True,
+              help="Prompt tokens of every session.")
+@click.option("--no-speculation", is_flag=True, help="The mesh does not draft either.")
+def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None,
+         context: int, no_speculation: bool) -> None:
+    global PROMPT, SPECULATION
     path = resolve_model(model_spec)
     info = model_info(path)
     ranges = balanced_split(list(info.layer_bytes), info.head_bytes, 2)
+    PROMPT = long_prompt(context - 1)  # prompts() adds one token per session
+    if no_speculation:
+        SPECULATION = SpeculationConfig(mode="none")
     if only == "curve":
         plain, secure = curve_cost(path, ranges, tokens, repeats)
         print(f"5. single-session decode: plain {plain:.1f} tok/s, CURVE {secure:.1f} tok/s "
               f"({secure / plain:.3f}x)")
+        return
+    if only == "timeline":
+        _print_timeline(path, ranges, tokens, context)
         return
     batches = [1, 2, 4, 8]
     with tempfile.TemporaryDirectory() as tmp, _mesh(path, ranges, tmp, 2) as mesh:
@@ -241,6 +298,21 @@ def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None
     plain, secure = curve_cost(path, ranges, tokens, repeats)
     print(f"\n5. single-session decode: plain {plain:.1f} tok/s, CURVE {secure:.1f} tok/s "
           f"({secure / plain:.3f}x)")
+    _print_timeline(path, ranges, tokens, context)
+
+
+def _print_timeline(path: Path, ranges, tokens: int, context: int) -> None:
+    per_token, stages, one = timeline(path, ranges, tokens)
+    split = " | ".join(f"{a}:{b}" for a, b in ranges)
+    print(f"\n6. one token's time, one session, {context}-token context, speculation off, "
+          f"{split}, 2 threads per stage (medians, ms)")
+    rest = per_token
+    for i, (queued, step) in enumerate(stages):
+        print(f"   stage {i}: queued {queued:6.2f}   step {step:6.2f}")
+        rest -= queued + step
+    print(f"   hops, transport threads, coordinator: {rest:6.2f}")
+    print(f"   mesh {per_token:6.2f} ms/token ({1e3 / per_token:.1f} tok/s); one process "
+          f"{one:6.2f} ({1e3 / one:.1f} tok/s); mesh/one {one / per_token:.3f}x")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class ApiMetrics:
                              ["stage"], registry=r)
         self.decode_rows = Gauge("mesh_stage_decode_rows", "Decode rows run, since the stage "
                                  "started (rows / steps: the mean batch)", ["stage"], registry=r)
+        self.decode_ubatches = Gauge("mesh_stage_decode_ubatches", "ubatches llama.cpp ran the "
+                                     "decode rows in, since the stage started (above the steps: "
+                                     "split batches)", ["stage"], registry=r)
         self.speculation = {
             name: Gauge(f"mesh_speculative_{name}", help_text, registry=r)
             for name, help_text in (
@@ -99,4 +102,5 @@ class ApiMetrics:
                 self.busy.labels(label).set(pong["busy_ms"] / 1e3)
                 self.decode_steps.labels(label).set(pong["decode_steps"])
                 self.decode_rows.labels(label).set(pong["decode_rows"])
+                self.decode_ubatches.labels(label).set(pong["decode_ubatches"])
         return generate_latest(self.registry)

@@ -49,6 +49,8 @@ class StageStats:
     evicted_records: int = 0
     decode_steps: int = 0  # llama_decode calls that ran one-token rows
     decode_rows: int = 0  # the rows they ran (rows / steps: the mean batch)
+    # the ubatches llama.cpp ran them in: rows of streams that are not adjacent run apart
+    decode_ubatches: int = 0
     owners: frozenset[bytes] = frozenset()  # origins that hold live sessions
     record_entries: tuple[bytes, ...] = ()  # the prefix records, for StageInfo
 
@@ -59,15 +61,21 @@ def sampling_from_wire(raw: dict[str, Any], grammar: bytes | None = None) -> Sam
 
 
 def item_from_frame(arrival: int, msg: dict[str, Any], nbytes: int,
-                    record: bytes | None) -> Item:
+                    record: bytes | None, received: float = 0.0) -> Item:
     kind, key = msg["kind"], (msg["origin"], msg["session"])
     if kind in wire.WORK_KINDS:
         first = (int(fr.unpack_tokens(msg["tokens"][:4])[0])
                  if kind == wire.DECODE else None)
         return Item(arrival, kind, key, pos=msg["pos"], n=msg["n"], nbytes=nbytes, frame=msg,
-                    first=first)
+                    first=first, received=received)
     n = msg["keep"] if kind == wire.STOP else msg["n"]
     return Item(arrival, kind, key, n=n, record=record, nbytes=nbytes, frame=msg)
+
+
+def ubatches(streams: list[int]) -> int:
+    """How many ubatches llama.cpp splits one-token rows of these (sorted) streams into: a
+    ubatch takes consecutive streams only."""
+    return bool(streams) + sum(b != a + 1 for a, b in zip(streams, streams[1:], strict=False))
 
 
 class _Outbox:
@@ -115,7 +123,7 @@ class StageEngine:
         self._cond = threading.Condition()
         self._queued = [0, 0]  # frames, bytes accepted and not yet run
         self._arrivals = itertools.count()
-        self._decoded = [0, 0]  # decode steps, rows
+        self._decoded = [0, 0, 0]  # decode steps, rows, ubatches
         self._expired: list[bytes] = []  # owners whose lease ran out, to drop at the next step
         self._listed: list[tuple[bytes, frozenset[int]]] = []  # owners' live-session lists
         self._suspects: dict[bytes, set[tuple[bytes, int]]] = {}  # held, missing from a list
@@ -129,6 +137,7 @@ class StageEngine:
         refused: list[MeshError | None] = []
         records = [self.cache.record_id(msg["prefix_id"])
                    if msg.get("prefix_id") is not None else None for msg, _ in frames]
+        now = time.monotonic()
         with self._cond:
             for (msg, nbytes), record in zip(frames, records, strict=True):
                 count, size = self._queued
@@ -138,7 +147,8 @@ class StageEngine:
                     continue
                 self._queued[0] += 1
                 self._queued[1] += nbytes
-                self._inbox.append(item_from_frame(next(self._arrivals), msg, nbytes, record))
+                self._inbox.append(item_from_frame(next(self._arrivals), msg, nbytes, record,
+                                                   now))
                 refused.append(None)
             self._cond.notify()
         return refused
@@ -216,14 +226,22 @@ class StageEngine:
     def step(self) -> StepPlan:
         """Plan and perform one step (also usable directly, without the thread)."""
         plan = self.scheduler.schedule(self._view())
+        start = time.monotonic()
         if plan.computes:
-            self.busy_since = time.monotonic()
+            self.busy_since = start
         try:
             self._perform(plan)
         except Exception as exc:  # a bug, not a frame's fault: keep serving, say so once
             log.error("step_failed", stage=self.name, error_type=type(exc).__name__)
         finally:
             self.busy_since = None
+            if plan.computes:  # the per-token timeline of scripts/bench_mesh.py
+                work = [it for group in plan.rows for it in group] + list(plan.windows)
+                work += [plan.prefill] if plan.prefill is not None else []
+                log.debug("step", stage=self.name, rows=sum(map(len, plan.rows)),
+                          windows=len(plan.windows), prompt=plan.prefill is not None,
+                          wait_us=int(1e6 * (start - min(it.received for it in work))),
+                          compute_us=int(1e6 * (time.monotonic() - start)))
             done = plan.items
             with self._cond:
                 self._queued[0] -= len(done)
@@ -259,7 +277,7 @@ class StageEngine:
             owners=frozenset(key[0] for key in live),
             records=len(self.cache), evicted_records=self.cache.evicted_records,
             record_entries=self.cache.report(), decode_steps=self._decoded[0],
-            decode_rows=self._decoded[1])
+            decode_rows=self._decoded[1], decode_ubatches=self._decoded[2])
 
     # ---- performing a plan ------------------------------------------------------------------
     def _perform(self, plan: StepPlan) -> None:
@@ -277,9 +295,13 @@ class StageEngine:
             self._guarded(out, item, self._take_over)
         out.flush()
         for group in plan.rows:
-            ran = self._compute(out, [it for it in group if it.arrival not in failed])
+            items = [it for it in group if it.arrival not in failed]
+            streams = sorted(self.runtime.session_seq(it.key) for it in items
+                             if self.runtime.has_session(it.key))
+            ran = self._compute(out, items)
             self._decoded[0] += ran > 0
             self._decoded[1] += ran
+            self._decoded[2] += ubatches(streams) if ran else 0
         # One message for all of the step's rows: the next stage batches them the same way,
         # and on a shared host it does not start computing while this one still does.
         out.flush()

@@ -53,6 +53,7 @@ class Item:
     nbytes: int = 0
     frame: Any = None
     first: int | None = None  # a Decode's first token id
+    received: float = 0.0  # time.monotonic() when the transport thread queued it (telemetry)
 
     @property
     def is_work(self) -> bool:

@@ -321,6 +321,7 @@ class StageServer:
                          records=stats.records, evicted_records=stats.evicted_records,
                          queue=self.engine.queued, busy_ms=self.engine.busy_ms(),
                          decode_steps=stats.decode_steps, decode_rows=stats.decode_rows,
+                         decode_ubatches=stats.decode_ubatches,
                          downstream_ms=downstream_ms, stage=self.name)
 
     # ---- sending ----------------------------------------------------------------------------

@@ -91,7 +91,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     PING: {"nonce": _INT, "sessions": _OPT_BIN},
     PONG: {"nonce": _INT, "epoch": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
-           "decode_steps": _INT, "decode_rows": _INT, "downstream_ms": _OPT_INT, "stage": _STR},
+           "decode_steps": _INT, "decode_rows": _INT, "decode_ubatches": _INT,
+           "downstream_ms": _OPT_INT, "stage": _STR},
 }
 
 # sampling field -> (types, lowest, highest). The final stage also checks top_k against its
