@@ -36,6 +36,7 @@ import functools
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -580,8 +581,10 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
                 n_req = sum(len(conv.turns) for conv in work)
                 print(f"concurrency {c}: {len(work)} conversations, {n_req} requests ...",
                       flush=True)
+                before = _stage_counters(base)
                 mesh_records, mesh_wall = asyncio.run(run_mesh(base, work, c))
                 mesh.check_running()
+                batches = _batches(before, _stage_counters(base))
                 base_records, base_wall = baseline.run(work, c)
                 mismatched = _prompt_mismatches(mesh_records, work)
                 if mismatched:
@@ -597,7 +600,11 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
                               "request_s": m["request_s"] / b["request_s"]},
                     "prompt_token_mismatches": mismatched,
                     "same_output_lengths": same,
+                    "stage_batches": batches,
                 })
+                print("  mesh decode steps per stage: " + "; ".join(
+                    f"{b['rows_per_step']:.2f} rows, {b['ubatches_per_step']:.2f} ubatches"
+                    for b in batches), flush=True)
                 all_records += mesh_records + base_records
     except Exception:
         print(f"logs kept in {log_dir}", file=sys.stderr)
@@ -637,6 +644,30 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
     for note in notes:
         print(f"- {note}")
     print(f"written: {out}")
+
+
+def _stage_counters(base: str) -> dict[str, dict[str, float]]:
+    """Each stage's decode counters from the API's /metrics."""
+    text = httpx.get(f"{base}/metrics", timeout=30, trust_env=False).text
+    found: dict[str, dict[str, float]] = {}
+    for name in ("decode_steps", "decode_rows", "decode_ubatches"):
+        for label, value in re.findall(rf'^mesh_stage_{name}{{stage="([^"]+)"}} (\S+)$', text,
+                                       re.MULTILINE):
+            found.setdefault(label, {})[name] = float(value)
+    return found
+
+
+def _batches(before: dict, after: dict) -> list[dict[str, float]]:
+    """Per stage over one level: decode rows and ubatches per llama_decode of rows (one
+    ubatch per step: the rows' streams were adjacent)."""
+    out = []
+    for label in sorted(after):
+        delta = {k: after[label][k] - before.get(label, {}).get(k, 0.0) for k in after[label]}
+        steps = delta.get("decode_steps", 0.0) or 1.0
+        out.append({"stage": label, "steps": delta.get("decode_steps", 0.0),
+                    "rows_per_step": delta.get("decode_rows", 0.0) / steps,
+                    "ubatches_per_step": delta.get("decode_ubatches", 0.0) / steps})
+    return out
 
 
 def _stage_flag(args: tuple[str, ...], flag: str) -> str | None:

@@ -13,6 +13,7 @@ from mesh.coordinator.prefix_index import PrefixIndex, prefix_id
 from mesh.coordinator.prefixes import PENDING_KEEP_WAIT_S, PrefixProtocol
 from mesh.coordinator.sessions import Sessions
 from mesh.transport import frames as fr
+from mesh.transport import wire
 from mesh.transport.wire import DEAD_AFTER_S
 
 MODEL = "ab" * 32
@@ -169,3 +170,29 @@ def test_structured_output_grammars_keep_control_characters_out_of_strings():
     assert grammar_for("text", None) is None
     with pytest.raises(InvalidInputError, match="local"):
         grammar_for("json_schema", {"items": {"$ref": "http://example.com/x.json"}})
+
+
+def test_reuse_snaps_a_resident_prefix_down_to_whole_prompt_chunks():
+    """A prefix ending inside a prompt chunk was computed in a shorter chunk than a solo run
+    computes there: only whole chunks are reused, the rest is prefilled as a solo run would."""
+    async def main():
+        chain = _FakeChain()
+        chain.links[0].info = {"stage": "stage 0:4"}
+        index = PrefixIndex(MODEL)
+        kept = list(range(100, 300))  # 200 tokens: three whole 64-token chunks and 8 more
+        index.add(kept, b"")
+        protocol = PrefixProtocol(index, chain)
+        session, inbox = Sessions().open()
+        reuse = asyncio.create_task(protocol.reuse(session, inbox, kept + [1, 2], b"",
+                                                   align=64))
+        while not chain.links[0].posted:
+            await asyncio.sleep(0)
+        assert chain.links[0].posted[-1]["n"] == 192
+        inbox.queue.put_nowait({"kind": wire.ACQUIRED, "stage": "stage 0:4", "n": 192})
+        assert await reuse == 192
+        short = list(range(100, 150))  # under one chunk: nothing to reuse, nothing asked
+        index.add(short, b"x")
+        assert await protocol.reuse(session, inbox, short + [1], b"x", align=64) == 0
+        assert len(chain.links[0].posted) == 1
+
+    asyncio.run(main())
