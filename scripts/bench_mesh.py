@@ -26,6 +26,7 @@ Sections:
    each stage (queued at the stage until its step starts; the step) and, as the rest, the
    hops, transport threads and the coordinator, next to one process's time per token.
 
+    python scripts/bench_mesh.py --only decode --context 400 --no-speculation  # section 1
     python scripts/bench_mesh.py --only curve      # just section 5
     python scripts/bench_mesh.py --only timeline --context 400 --no-speculation
     python scripts/bench_mesh.py --context 400 --no-speculation   # sections 1-6, long context
@@ -236,7 +237,7 @@ def curve_cost(path: Path, ranges, tokens: int, repeats: int) -> tuple[float, fl
 @click.option("--tokens", default=64, show_default=True, help="Tokens per session.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--hops", default=2000, show_default=True)
-@click.option("--only", type=click.Choice(["curve", "timeline"]), default=None,
+@click.option("--only", type=click.Choice(["decode", "curve", "timeline"]), default=None,
               help="Run one section only.")
 @click.option("--context", default=len(PROMPT) + 1, show_default=True,
               help="Prompt tokens of every session.")
@@ -259,9 +260,12 @@ def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None
         _print_timeline(path, ranges, tokens, context)
         return
     batches = [1, 2, 4, 8]
-    with tempfile.TemporaryDirectory() as tmp, _mesh(path, ranges, tmp, 2) as mesh:
+    with tempfile.TemporaryDirectory() as tmp, _mesh(path, ranges, tmp, 2, ctx=2048) as mesh:
         shared, single = asyncio.run(mesh_tok_s(path, mesh.urls, batches, tokens, repeats,
                                                 baseline=True))
+    if only == "decode":
+        _print_decode(path, ranges, tokens, repeats, context, batches, single, shared)
+        return
     p50, p99 = hop_latency_us(hops)
     with tempfile.TemporaryDirectory() as tmp:
         even = [(0, info.n_layer // 2), (info.n_layer // 2, info.n_layer)]
@@ -279,14 +283,7 @@ def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None
                 grouping[(label, groups)] = asyncio.run(
                     mesh_tok_s(path, mesh.urls, [4, 8], tokens, repeats, groups))[0]
 
-    split = " | ".join(f"{a}:{b}" for a, b in ranges)
-    print(f"model={path.name} split={split} tokens/session={tokens} repeats={repeats} "
-          f"host cpus={os.cpu_count()}")
-    print("\n1. decode tok/s (one process: 2 threads; mesh: 2 stages x 2 threads, same cores)")
-    print(f"{'sessions':>8} {'one process':>12} {'mesh':>8} {'mesh/one':>9} {'mesh/mesh@1':>12}")
-    for b in batches:
-        print(f"{b:>8} {single[b]:12.1f} {shared[b]:8.1f} {shared[b] / single[b]:9.3f} "
-              f"{shared[b] / shared[1]:12.2f}")
+    _print_decode(path, ranges, tokens, repeats, context, batches, single, shared)
     print(f"\n2. decode-frame hop (n_embd=640): p50 {p50:.1f} us, p99 {p99:.1f} us")
     print(f"\n3. one 2048-token frame, 1 thread/stage: {seconds:.1f} s end to end, longest "
           f"step {busiest / 1e3:.1f} s, chain {'up' if up else 'DOWN'} (stage-down after 2 s "
@@ -299,6 +296,18 @@ def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None
     print(f"\n5. single-session decode: plain {plain:.1f} tok/s, CURVE {secure:.1f} tok/s "
           f"({secure / plain:.3f}x)")
     _print_timeline(path, ranges, tokens, context)
+
+
+def _print_decode(path: Path, ranges, tokens: int, repeats: int, context: int, batches,
+                  single: dict, shared: dict) -> None:
+    split = " | ".join(f"{a}:{b}" for a, b in ranges)
+    print(f"model={path.name} split={split} tokens/session={tokens} repeats={repeats} "
+          f"context={context} speculation={SPECULATION.mode} host cpus={os.cpu_count()}")
+    print("\n1. decode tok/s (one process: 2 threads; mesh: 2 stages x 2 threads, same cores)")
+    print(f"{'sessions':>8} {'one process':>12} {'mesh':>8} {'mesh/one':>9} {'mesh/mesh@1':>12}")
+    for b in batches:
+        print(f"{b:>8} {single[b]:12.1f} {shared[b]:8.1f} {shared[b] / single[b]:9.3f} "
+              f"{shared[b] / shared[1]:12.2f}")
 
 
 def _print_timeline(path: Path, ranges, tokens: int, context: int) -> None:

@@ -71,6 +71,7 @@ class SingleContext:
             n_ctx=config.n_ctx * n_seq, n_seq_max=n_seq, n_batch=config.n_batch,
             n_ubatch=config.n_ubatch, n_outputs_max=max(config.n_outputs_max, n_seq),
             n_threads=config.n_threads, n_threads_batch=config.n_threads_batch or config.n_threads,
+            kv_type=config.kv_type,
         )
         self.ctx = NativeContext(self.model, params, None)
         self.batch = Batch(config.n_batch, 0)
