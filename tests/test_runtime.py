@@ -365,3 +365,33 @@ def test_window_pieces_stay_within_the_exact_rows_and_go_row_by_row_past_the_cel
     assert exactness.window_pieces(250, 9, batching) == [4, 2, 1, 1, 1]
     assert exactness.window_pieces(300, 3, batching) == [1, 1, 1]
     assert exactness.window_pieces(0, 9, exactness.ExactBatching(7, None)) == [7, 2]
+
+
+def test_a_kept_prompt_moves_above_the_live_sessions_and_keeps_its_bits(tiny_llama):
+    """Records between live sessions split their decode rows into several ubatches: a kept
+    prompt moves to the top free stream, new sessions take the lowest, and a session started
+    from the moved record computes what a session that prefilled the prompt computes."""
+    from mesh.stage.prefix_cache import PrefixCache, RecordKey
+
+    rt = StageRuntime(slice_model(tiny_llama, 0, 4),
+                      RuntimeConfig(n_ctx=256, n_seq_max=5, kv_type="bf16"))
+    try:
+        cache = PrefixCache(rt, 2)
+        prompt = np.array([1, 5, 9, 13, 17, 21, 25, 29])
+        for key in "abc":
+            rt.open_session(key)
+            rt.run(key, 0, tokens=prompt)
+        assert cache.keep("a", b"r" * 16, len(prompt), b"entry") == len(prompt)
+        assert rt.session_seq(RecordKey(b"r" * 16)) == 4 and rt.free_streams == [0, 3]
+        rt.open_session("d")
+        assert [rt.session_seq(k) for k in "bcd"] == [1, 2, 0]  # side by side again
+        assert cache.acquire("d", b"r" * 16, len(prompt)) == len(prompt)
+        nxt = np.array([7])
+        copied = rt.run("d", len(prompt), tokens=nxt, want_logits=True).logits
+        prefilled = rt.run("c", len(prompt), tokens=nxt, want_logits=True).logits
+        assert np.array_equal(copied, prefilled)
+        rt.drop_session("b")  # the top live session leaves: a record kept now stays put
+        assert cache.keep("c", b"s" * 16, len(prompt), b"entry") == len(prompt)
+        assert rt.session_seq(RecordKey(b"s" * 16)) == 2
+    finally:
+        rt.close()

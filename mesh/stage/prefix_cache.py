@@ -98,7 +98,21 @@ class PrefixCache:
         rt.rename_session(session, record.key)
         self._records[record_id] = record
         self._enforce_bounds(protect=record_id)
+        self._set_apart(record.key)
         return n_tokens
+
+    def _set_apart(self, key: RecordKey) -> None:
+        """Move a new record above the live sessions when it would sit between them: live
+        sessions then keep taking the lowest streams side by side, and llama.cpp runs their
+        decode rows as one ubatch instead of one per run of adjacent streams (a stream copy:
+        ctx cells of every layer, once per kept prompt)."""
+        rt = self.runtime
+        seq = rt.session_seq(key)
+        free = rt.free_streams
+        live_above = any(rt.session_seq(k) > seq for k in rt.lengths()
+                         if not isinstance(k, RecordKey))
+        if live_above and free and free[-1] > seq:
+            rt.move_session(key, free[-1])
 
     def acquire(self, session: Hashable, record_id: bytes, n_tokens: int) -> int:
         """Copy the first ``n_tokens`` of a record into the (new, empty) ``session``."""

@@ -280,6 +280,24 @@ class StageRuntime:
         state.sampler, state.sampling = None, None
         self._sessions[new] = state
 
+    @property
+    def free_streams(self) -> list[int]:
+        return sorted(self._free_seqs)
+
+    def move_session(self, session: Hashable, seq: int) -> None:
+        """Move ``session`` to the free stream ``seq``. llama.cpp copies the whole stream at
+        the next decode, before that decode writes anything."""
+        state = self._get(session)
+        if seq not in self._free_seqs:
+            raise InvalidInputError(f"stream {seq} is not free")
+        self._free_seqs.remove(seq)
+        if state.length:
+            self.ctx.seq_cp_all(state.seq, seq)
+            self.ctx.seq_rm(state.seq, -1, -1)
+        self._free_seqs.append(state.seq)
+        heapq.heapify(self._free_seqs)
+        state.seq = seq
+
     def copy_prefix(self, src: Hashable, dst: Hashable, n_tokens: int) -> None:
         """Make the empty session ``dst`` start with the first ``n_tokens`` of ``src``."""
         src_state, dst_state = self._get(src), self._get(dst)
