@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 import click
 
@@ -79,6 +80,10 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     # barriers inside a graph fast (measured: 0.52x -> 0.85x of one process, scripts/bench_mesh).
     # Set before llama.cpp (and libgomp) load.
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    # SIGTERM is taken by a thread of its own (below): the main thread computes, and a signal
+    # handler there would wait for the step in progress. Blocked before any thread starts
+    # (llama.cpp's, ZeroMQ's), so that every thread inherits the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     from mesh.logs import configure, get_logger
     from mesh.models import resolve_model
     from mesh.shutdown import exit_after
@@ -115,11 +120,12 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     # The transport thread answers within a GIL switch interval of the compute thread's Python;
     # 5 ms (the default) would add up to that to every hand-off between them.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    def on_term(*_):
+    def on_term() -> None:
+        signal.sigwait({signal.SIGTERM})
         server.stop()
         exit_after()  # a step in progress finishes first, but never holds the exit for long
 
-    signal.signal(signal.SIGTERM, on_term)
+    threading.Thread(target=on_term, name="stage-sigterm", daemon=True).start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
