@@ -395,3 +395,26 @@ def test_a_kept_prompt_moves_above_the_live_sessions_and_keeps_its_bits(tiny_lla
         assert rt.session_seq(RecordKey(b"s" * 16)) == 2
     finally:
         rt.close()
+
+
+def test_compaction_moves_the_highest_live_session_into_a_free_stream_below_it(tiny_llama):
+    from mesh.stage.prefix_cache import PrefixCache
+
+    rt = StageRuntime(slice_model(tiny_llama, 0, 4),
+                      RuntimeConfig(n_ctx=256, n_seq_max=4, kv_type="bf16"))
+    try:
+        cache = PrefixCache(rt, 2)
+        prompt = np.array([1, 5, 9, 13, 17, 21, 25, 29])
+        for key in "abc":
+            rt.open_session(key)
+            rt.run(key, 0, tokens=prompt)
+        assert not cache.compact()  # 0, 1, 2: nothing below the top one is free
+        rt.drop_session("b")
+        assert cache.compact() and [rt.session_seq(k) for k in "ac"] == [0, 1]
+        assert not cache.compact()
+        nxt = np.array([7])
+        moved = rt.run("c", len(prompt), tokens=nxt, want_logits=True).logits
+        stayed = rt.run("a", len(prompt), tokens=nxt, want_logits=True).logits
+        assert np.array_equal(moved, stayed)
+    finally:
+        rt.close()

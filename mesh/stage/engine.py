@@ -231,6 +231,7 @@ class StageEngine:
             self.busy_since = start
         try:
             self._perform(plan)
+            self.cache.compact()  # live sessions side by side: their rows run as one ubatch
         except Exception as exc:  # a bug, not a frame's fault: keep serving, say so once
             log.error("step_failed", stage=self.name, error_type=type(exc).__name__)
         finally:
