@@ -8,6 +8,7 @@ the process exits anyway, so a supervisor's SIGTERM is never ignored.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 EXIT_GRACE_S = 8.0  # within the 10 s a supervisor usually allows before SIGKILL
@@ -23,6 +24,23 @@ def exit_after(grace_s: float = EXIT_GRACE_S, status: int = 0) -> None:
     timer = threading.Timer(grace_s, os._exit, (status,))
     timer.daemon = True
     timer.start()
+
+
+def take_sigterm(stop: list) -> None:
+    """Answer SIGTERM on a thread of its own, whatever the main thread is doing: call the
+    functions in ``stop`` (a list the caller may fill later) and exit within the grace period;
+    with nothing to stop yet (still starting), exit at once. SIGTERM must be blocked before
+    any other thread starts (numpy's, llama.cpp's, ZeroMQ's: they inherit the mask), so that
+    only this thread receives it; blocking it here covers the threads started after."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        signal.sigwait({signal.SIGTERM})
+        for action in list(stop):
+            action()
+        exit_after(EXIT_GRACE_S if stop else 0.0)
+
+    threading.Thread(target=wait, name="sigterm", daemon=True).start()
 
 
 _lock = threading.Lock()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 
-import click
+# Before any import starts a thread (numpy's BLAS pool, llama.cpp's, ZeroMQ's): every thread
+# inherits this mask, so SIGTERM reaches only the thread that waits for it (mesh.shutdown).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-from mesh.errors import MeshError
-from mesh.stage.exactness import DEFAULT_MODE, KV_TYPE, MODES
+import click  # noqa: E402
+
+from mesh.errors import MeshError  # noqa: E402
+from mesh.stage.exactness import DEFAULT_MODE, KV_TYPE, MODES  # noqa: E402
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -80,13 +83,14 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     # barriers inside a graph fast (measured: 0.52x -> 0.85x of one process, scripts/bench_mesh).
     # Set before llama.cpp (and libgomp) load.
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-    # SIGTERM is taken by a thread of its own (below): the main thread computes, and a signal
-    # handler there would wait for the step in progress. Blocked before any thread starts
-    # (llama.cpp's, ZeroMQ's), so that every thread inherits the mask.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    # SIGTERM is taken by a thread of its own: the main thread computes, and a signal handler
+    # there would wait for the step in progress.
+    from mesh.shutdown import take_sigterm
+
+    stop: list = []
+    take_sigterm(stop)
     from mesh.logs import configure, get_logger
     from mesh.models import resolve_model
-    from mesh.shutdown import exit_after
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
     from mesh.stage.server import StageServer
     from mesh.stage.slicing import release_readers, slice_model
@@ -120,12 +124,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     # The transport thread answers within a GIL switch interval of the compute thread's Python;
     # 5 ms (the default) would add up to that to every hand-off between them.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    def on_term() -> None:
-        signal.sigwait({signal.SIGTERM})
-        server.stop()
-        exit_after()  # a step in progress finishes first, but never holds the exit for long
-
-    threading.Thread(target=on_term, name="stage-sigterm", daemon=True).start()
+    stop.append(server.stop)  # a step in progress finishes first, within the grace period
     try:
         server.serve_forever()
     except KeyboardInterrupt:
