@@ -180,16 +180,8 @@ def timeline(path: Path, ranges, tokens: int) -> tuple[float, list[tuple[float, 
     os.environ["PYTHONUNBUFFERED"] = "1"  # the stages' step events reach their logs at once
     with tempfile.TemporaryDirectory() as tmp:
         with _mesh(path, ranges, tmp, 2, extra_args=["--log-level", "debug"]) as mesh:
-            async def run():
-                coord = Coordinator(path, mesh.urls, prefix_cache=False,
-                                    speculation=SpeculationConfig(mode="none"))
-                await coord.start(handshake_timeout_s=120)
-                try:
-                    await coord.complete(PROMPT, GenerationParams(max_tokens=4))
-                    return await _mesh_run(coord, 1, tokens)
-                finally:
-                    await coord.close()
-            rate = asyncio.run(run())
+            rate = asyncio.run(_one_session(path, mesh.urls, tokens,
+                                            speculation=SpeculationConfig(mode="none")))
             stages = []
             for stage in mesh.stages:
                 events = [json.loads(line) for line in stage.log_path.read_text().splitlines()
@@ -200,6 +192,17 @@ def timeline(path: Path, ranges, tokens: int) -> tuple[float, list[tuple[float, 
                 stages.append((statistics.median(w for w, _ in steps) / 1e3,
                                statistics.median(c for _, c in steps) / 1e3))
     return 1e3 / rate, stages, 1e3 / one_process_tok_s(path, 1, tokens)
+
+
+async def _one_session(path: Path, urls: list[str], tokens: int, **coordinator) -> float:
+    """One session's decode rate through a fresh coordinator, after a warm-up request."""
+    coord = Coordinator(path, urls, prefix_cache=False, **coordinator)
+    await coord.start(handshake_timeout_s=120)
+    try:
+        await coord.complete(PROMPT, GenerationParams(max_tokens=4))
+        return await _mesh_run(coord, 1, tokens)
+    finally:
+        await coord.close()
 
 
 def _mesh(path: Path, ranges, tmp: str, threads: int, ctx: int = 1024, **kwargs) -> LocalMesh:
@@ -217,18 +220,11 @@ def curve_cost(path: Path, ranges, tokens: int, repeats: int) -> tuple[float, fl
         rates: dict[bool, list[float]] = {False: [], True: []}
         with _mesh(path, ranges, tmp + "/plain", 2) as plain, \
                 _mesh(path, ranges, tmp + "/curve", 2, secret=secret) as curve:
-            async def run(urls, mesh_keys):
-                coord = Coordinator(path, urls, prefix_cache=False, keys=mesh_keys)
-                await coord.start(handshake_timeout_s=120)
-                try:
-                    await coord.complete(PROMPT, GenerationParams(max_tokens=4))
-                    return await _mesh_run(coord, 1, tokens)
-                finally:
-                    await coord.close()
             for _ in range(repeats):
                 for secure in (False, True):
                     urls, mesh_keys = (curve.urls, keys) if secure else (plain.urls, None)
-                    rates[secure].append(asyncio.run(run(urls, mesh_keys)))
+                    rates[secure].append(asyncio.run(_one_session(path, urls, tokens,
+                                                                  keys=mesh_keys)))
     return statistics.median(rates[False]), statistics.median(rates[True])
 
 

@@ -367,20 +367,30 @@ def test_window_pieces_stay_within_the_exact_rows_and_go_row_by_row_past_the_cel
     assert exactness.window_pieces(0, 9, exactness.ExactBatching(7, None)) == [7, 2]
 
 
+PLACED = np.array([1, 5, 9, 13, 17, 21, 25, 29])  # the prompt of the placement tests
+
+
+def _three_sessions(model, slots: int):
+    """A whole tiny model with sessions a, b, c on streams 0, 1, 2, each holding ``PLACED``,
+    and a prefix cache of two records."""
+    from mesh.stage.prefix_cache import PrefixCache
+
+    rt = StageRuntime(slice_model(model, 0, 4),
+                      RuntimeConfig(n_ctx=256, n_seq_max=slots, kv_type="bf16"))
+    for key in "abc":
+        rt.open_session(key)
+        rt.run(key, 0, tokens=PLACED)
+    return rt, PrefixCache(rt, 2), PLACED
+
+
 def test_a_kept_prompt_moves_above_the_live_sessions_and_keeps_its_bits(tiny_llama):
     """Records between live sessions split their decode rows into several ubatches: a kept
     prompt moves to the top free stream, new sessions take the lowest, and a session started
     from the moved record computes what a session that prefilled the prompt computes."""
-    from mesh.stage.prefix_cache import PrefixCache, RecordKey
+    from mesh.stage.prefix_cache import RecordKey
 
-    rt = StageRuntime(slice_model(tiny_llama, 0, 4),
-                      RuntimeConfig(n_ctx=256, n_seq_max=5, kv_type="bf16"))
+    rt, cache, prompt = _three_sessions(tiny_llama, 5)
     try:
-        cache = PrefixCache(rt, 2)
-        prompt = np.array([1, 5, 9, 13, 17, 21, 25, 29])
-        for key in "abc":
-            rt.open_session(key)
-            rt.run(key, 0, tokens=prompt)
         assert cache.keep("a", b"r" * 16, len(prompt), b"entry") == len(prompt)
         assert rt.session_seq(RecordKey(b"r" * 16)) == 4 and rt.free_streams == [0, 3]
         rt.open_session("d")
@@ -398,16 +408,8 @@ def test_a_kept_prompt_moves_above_the_live_sessions_and_keeps_its_bits(tiny_lla
 
 
 def test_compaction_moves_the_highest_live_session_into_a_free_stream_below_it(tiny_llama):
-    from mesh.stage.prefix_cache import PrefixCache
-
-    rt = StageRuntime(slice_model(tiny_llama, 0, 4),
-                      RuntimeConfig(n_ctx=256, n_seq_max=4, kv_type="bf16"))
+    rt, cache, prompt = _three_sessions(tiny_llama, 4)
     try:
-        cache = PrefixCache(rt, 2)
-        prompt = np.array([1, 5, 9, 13, 17, 21, 25, 29])
-        for key in "abc":
-            rt.open_session(key)
-            rt.run(key, 0, tokens=prompt)
         assert not cache.compact()  # 0, 1, 2: nothing below the top one is free
         rt.drop_session("b")
         assert cache.compact() and [rt.session_seq(k) for k in "ac"] == [0, 1]

@@ -13,7 +13,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 import click  # noqa: E402
 
 from mesh.errors import MeshError  # noqa: E402
-from mesh.stage.exactness import DEFAULT_MODE, KV_TYPE, MODES  # noqa: E402
+from mesh.stage.exactness import DEFAULT_MODE, MODE_KV_TYPE, MODES  # noqa: E402
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -111,7 +111,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
         release_readers()  # a cold cache parsed the source GGUF: do not keep it resident
         config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
                                n_gpu_layers=n_gpu_layers, n_batch=n_batch,
-                               n_ubatch=min(n_batch, 512), kv_type=KV_TYPE[batching])
+                               n_ubatch=min(n_batch, 512), kv_type=MODE_KV_TYPE[batching])
         runtime = StageRuntime(files, config)
         server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
                              batching=batching, keys=keys, lease_s=lease_s)

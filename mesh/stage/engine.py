@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -236,7 +237,7 @@ class StageEngine:
             log.error("step_failed", stage=self.name, error_type=type(exc).__name__)
         finally:
             self.busy_since = None
-            if plan.computes:  # the per-token timeline of scripts/bench_mesh.py
+            if plan.computes and log.is_enabled_for(logging.DEBUG):  # bench_mesh's timeline
                 work = [it for group in plan.rows for it in group] + list(plan.windows)
                 work += [plan.prefill] if plan.prefill is not None else []
                 log.debug("step", stage=self.name, rows=sum(map(len, plan.rows)),

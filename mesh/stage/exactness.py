@@ -52,7 +52,7 @@ LONG_PROBE = KV_PAD_CELLS + 44  # the invariant mode also probes past the f16 li
 
 MODES = ("invariant", "exact", "all")
 DEFAULT_MODE = "invariant"
-KV_TYPE = {"invariant": "bf16", "exact": "f16", "all": "f16"}  # the cells each mode needs
+MODE_KV_TYPE = {"invariant": "bf16", "exact": "f16", "all": "f16"}  # the cells each mode needs
 
 
 @dataclass(frozen=True)
@@ -83,17 +83,15 @@ def attention_limit(runtime: StageRuntime) -> int | None:
 
 
 def batching_for(runtime: StageRuntime, mode: str) -> ExactBatching:
-    """The batching a stage in ``mode`` uses (probed, except ``all``)."""
+    """The batching a stage in ``mode`` uses (probed, except ``all``). Where rows batch at
+    any length, the probe's first session holds ``LONG_PROBE`` tokens: every batch it measures
+    then mixes a row past 256 cells (where f16 would split) with short ones."""
+    rows = runtime.max_batch_rows
     if mode == "all":
-        return ExactBatching(runtime.max_batch_rows, None)
-    batching = probe(runtime, runtime.max_batch_rows)
-    if batching.max_cells is None and runtime.config.n_threads > 1 and (
-            runtime.session_ctx >= LONG_PROBE + runtime.max_batch_rows):
-        # Check the rule above on this machine: past 256 cells, where f16 would split.
-        long = probe(runtime, batching.max_rows, first=LONG_PROBE)
-        if long.max_rows < batching.max_rows:
-            batching = ExactBatching(long.max_rows, None)
-    return batching
+        return ExactBatching(rows, None)
+    long = (attention_limit(runtime) is None and runtime.config.n_threads > 1
+            and runtime.session_ctx >= LONG_PROBE + rows)
+    return probe(runtime, rows, first=LONG_PROBE if long else PROBE_PROMPT)
 
 
 def probe(runtime: StageRuntime, limit: int, first: int = PROBE_PROMPT) -> ExactBatching:

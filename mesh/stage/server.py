@@ -65,9 +65,9 @@ class StageServer:
         self.cache = PrefixCache(runtime, slots // 2 if prefix_records is None
                                  else prefix_records)
         self.mailbox = Mailbox()
-        if exactness.KV_TYPE.get(batching) != runtime.config.kv_type:
+        if exactness.MODE_KV_TYPE.get(batching) != runtime.config.kv_type:
             raise InvalidInputError(f"batching {batching!r} needs "
-                                    f"{exactness.KV_TYPE.get(batching)} KV cells, not "
+                                    f"{exactness.MODE_KV_TYPE.get(batching)} KV cells, not "
                                     f"{runtime.config.kv_type}")
         self.mode = batching
         self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name,
