@@ -54,7 +54,7 @@ from click.core import ParameterSource
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.launcher import LocalMesh, balanced_split, even_split, serve_process
 from mesh.models import resolve_model
-from mesh.stage.exactness import DEFAULT_MODE, MODE_KV_TYPE
+from mesh.stage.exactness import DEFAULT_MODE, kv_type_for
 from mesh.stage.native import Batch, ContextParams, NativeContext, NativeModel
 from mesh.stage.slicing import model_info, range_allowed, slice_model
 
@@ -615,6 +615,7 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
     shutil.rmtree(log_dir, ignore_errors=True)
 
     mode = _stage_flag(stage_args, "--batching") or DEFAULT_MODE
+    cells = kv_type_for(mode, model_info(path).mixed_kv)
     notes = [
         "mesh's API has no ignore_eos or min_tokens (unknown fields are accepted and ignored): "
         "both systems stop at end-of-generation, so 'out' counts the tokens actually produced "
@@ -624,8 +625,8 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
         f"baseline: one context, {baseline_threads} thread(s), unified f16 KV, continuous "
         f"batching, prompts prefilled {baseline_chunk} tokens at a time between decode steps, "
         "each sequence reuses its KV's longest common prefix with the next prompt",
-        f"mesh: stage batching '{mode}' ({MODE_KV_TYPE[mode]} KV cells"
-        + ("" if MODE_KV_TYPE[mode] == "f16" else "; the baseline's are f16, so greedy outputs may "
+        f"mesh: stage batching '{mode}' ({cells} KV cells"
+        + ("" if cells == "f16" else "; the baseline's are f16, so greedy outputs may "
            "differ: see same_output_lengths") + "), other stage and serve flags default unless "
         "--stage-arg/--serve-arg (ngram speculation on, active at <= 2 sessions); prefixes "
         "reused through resident records",

@@ -1,12 +1,14 @@
 """Every family the slicer splits, proven exact: each tiny model of ``tests/tiny`` split at
 every cut list it names equals one llama.cpp context on the whole model (max |Δlogit| = 0 on
 every prompt chunk and decode step, the same greedy tokens), with f16 KV cells (``--batching
-exact``) and with bf16 (the default ``invariant``; the context then holds bf16 cells too)."""
+exact``) and with the default ``invariant``'s cells (bf16 K and f16 V; bf16 for MLA models, which
+take one type), the context then holding them too."""
 
 from __future__ import annotations
 
 import pytest
 
+from mesh.stage.exactness import kv_type_for
 from mesh.stage.families import FAMILIES
 from mesh.stage.local_chain import split_bounds
 from mesh.stage.runtime import RuntimeConfig
@@ -18,13 +20,16 @@ PROMPT = [1] + [(i * 37) % 290 + 3 for i in range(29)]
 MODULES = family_modules()
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "bf16"])  # --batching exact, invariant
+@pytest.mark.parametrize("mode", ["exact", "invariant"])  # --batching: their KV cells
 @pytest.mark.parametrize("module", MODULES, ids=[m.__name__.rsplit(".", 1)[1] for m in MODULES])
-def test_family_splits_match_single_context(module, kv_type, tmp_path):
+def test_family_splits_match_single_context(module, mode, tmp_path):
     path = module.write(tmp_path / f"tiny-{module.ARCH}.gguf")
-    assert model_info(path).arch == module.ARCH in FAMILIES
+    info = model_info(path)
+    assert info.arch == module.ARCH in FAMILIES
+    mla = module.__name__.rsplit(".", 1)[1] in ("deepseek2", "deepseek2_lite")  # MLA attention
+    assert info.mixed_kv != mla  # MLA takes one type for K and V
     assert {len(cuts) for cuts in module.CUTS} >= {1, 2}  # a 2- and a 3-stage split
-    config = RuntimeConfig(n_ctx=1024, n_seq_max=2, kv_type=kv_type)
+    config = RuntimeConfig(n_ctx=1024, n_seq_max=2, kv_type=kv_type_for(mode, info.mixed_kv))
     for cuts in module.CUTS:
         result = run_parity(path, split_bounds(module.N_LAYER, cuts), PROMPT, chunk=16,
                             n_decode=24, config=config)

@@ -376,7 +376,7 @@ def _three_sessions(model, slots: int):
     from mesh.stage.prefix_cache import PrefixCache
 
     rt = StageRuntime(slice_model(model, 0, 4),
-                      RuntimeConfig(n_ctx=256, n_seq_max=slots, kv_type="bf16"))
+                      RuntimeConfig(n_ctx=256, n_seq_max=slots, kv_type="bf16/f16"))
     for key in "abc":
         rt.open_session(key)
         rt.run(key, 0, tokens=PLACED)

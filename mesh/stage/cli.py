@@ -13,7 +13,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 import click  # noqa: E402
 
 from mesh.errors import MeshError  # noqa: E402
-from mesh.stage.exactness import DEFAULT_MODE, MODE_KV_TYPE, MODES  # noqa: E402
+from mesh.stage.exactness import DEFAULT_MODE, MODES, kv_type_for  # noqa: E402
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -61,10 +61,10 @@ def normalize_listen(text: str) -> str:
               help="Most resident prompt prefixes kept [default: slots/2].")
 @click.option("--batching", type=click.Choice(MODES), default=DEFAULT_MODE,
               show_default=True,
-              help="invariant: a session's tokens never depend on what else runs (bf16 KV "
-                   "cells); exact: they also equal one llama.cpp process (f16 cells; past 256 "
-                   "tokens at >1 thread rows run one at a time); all: batch every session "
-                   "(outputs depend on load).")
+              help="invariant: a session's tokens never depend on what else runs (bf16 K "
+                   "and f16 V cells); exact: they also equal one llama.cpp process (f16 "
+                   "cells; past 256 tokens at >1 thread rows run one at a time); all: batch "
+                   "every session (outputs depend on load).")
 @click.option("--secret", "secret_file", envvar="MESH_SECRET_FILE", default=None,
               type=click.Path(dir_okay=False), help="Mesh secret (`mesh secret FILE`) or a "
               "stage identity (`mesh secret MASTER --member stage FILE`): only members can "
@@ -111,7 +111,8 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
         release_readers()  # a cold cache parsed the source GGUF: do not keep it resident
         config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
                                n_gpu_layers=n_gpu_layers, n_batch=n_batch,
-                               n_ubatch=min(n_batch, 512), kv_type=MODE_KV_TYPE[batching])
+                               n_ubatch=min(n_batch, 512),
+                               kv_type=kv_type_for(batching, files.model.mixed_kv))
         runtime = StageRuntime(files, config)
         server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
                              batching=batching, keys=keys, lease_s=lease_s)

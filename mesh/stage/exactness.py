@@ -3,8 +3,8 @@
 Three modes (``mesh-stage --batching``), each a promise about a session's tokens and logprobs:
 
 - ``invariant`` (default): they never depend on what else the stage runs (concurrency, which
-  stream, chunking, the prefix cache, speculation), at any length and thread count. KV cells
-  are bf16.
+  stream, chunking, the prefix cache, speculation), at any length and thread count. K cells
+  are bf16, V cells f16.
 - ``exact``: they also equal a single-process llama.cpp run (f16 cells, llama.cpp's defaults);
   past 256 cells at more than one thread, rows then run one llama_decode each.
 - ``all``: every row batches (f16 cells); outputs depend on load.
@@ -14,10 +14,14 @@ Two things in llama.cpp's CPU backend (the pinned version) can make a row depend
 - Attention: with f16 (or f32) K/V a lone query row against >= 512 KV cells is split across
   threads and merged, rows in a batch are computed cell by cell, and a chunk of >= 64 rows goes
   through a tiled kernel: three roundings of the same sum. They agree only while the session
-  spans at most 256 cells (n_kv is padded to 256) or one thread runs the graph. Any other cell
-  type (bf16 here) has one kernel, cell by cell, for every shape: a row's attention is then the
-  same whatever runs beside it (measured on Gemma 3: batches of 2..7 rows at 300-600 cells, and
-  one prompt in chunks of 256/256/88, 300/300 and 64s, all bit-equal; with f16 none are).
+  spans at most 256 cells (n_kv is padded to 256) or one thread runs the graph. The split and
+  tiled kernels need K and V of one type, f16 or f32; any other cells take one kernel, cell by
+  cell, for every shape: a row's attention is then the same whatever runs beside it (measured
+  on Gemma 3: batches of 2..7 rows at 300-600 cells, and one prompt in chunks of 256/256/88,
+  300/300 and 64s, all bit-equal; with f16 none are). bf16 K with f16 V is the fastest such
+  pair measured (Gemma 3 270M, 17 layers, 2 threads: a 1536-token prompt 1.45 ms/token against
+  1.95 for bf16 K and V and 1.35 for f16 on the tiled kernel; a decode row at 1536 cells
+  5.7 ms against 6.2 and 7.2).
 - Matrix products (measured): several rows go through tiled kernels (llamafile's tinyBLAS for
   f32, f16, Q8_0, Q4_0, Q5_0 weights; its tile shapes depend on the row count), one row through
   ggml's vec_dot. Whether they agree depends on the weight types and the CPU: on Gemma 3 270M
@@ -52,7 +56,14 @@ LONG_PROBE = KV_PAD_CELLS + 44  # the invariant mode also probes past the f16 li
 
 MODES = ("invariant", "exact", "all")
 DEFAULT_MODE = "invariant"
-MODE_KV_TYPE = {"invariant": "bf16", "exact": "f16", "all": "f16"}  # the cells each mode needs
+# The cells each mode needs, the first a model takes (MLA attention takes one type for K and V).
+MODE_KV_TYPES = {"invariant": ("bf16/f16", "bf16"), "exact": ("f16",), "all": ("f16",)}
+
+
+def kv_type_for(mode: str, mixed_kv: bool = True) -> str:
+    """The KV cells a stage in ``mode`` uses (``mixed_kv``: the model takes K and V cells of
+    different types, ``ModelInfo.mixed_kv``)."""
+    return next(t for t in MODE_KV_TYPES[mode] if mixed_kv or "/" not in t)
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,9 @@ class HiddenCapture:
         return self._buf[:n_rows].copy()
 
 
-# ggml type ids of the KV cell types a stage may use.
-KV_TYPES = {"f16": 1, "bf16": 30}
+# The KV cell types a stage may use, as ggml type ids of (K, V): "f16" is llama.cpp's default;
+# a "K/V" name mixes two (mesh.stage.exactness says why the invariant mode does).
+KV_TYPES = {"f16": (1, 1), "bf16": (30, 30), "bf16/f16": (30, 1)}
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class ContextParams:
     # One KV stream per sequence: a session's cells are always 0..n-1 of its own stream, so no
     # other session can change where (or in which order) its attention reads them.
     kv_unified: bool = False
-    kv_type: str = "f16"  # K and V cells: "f16" (llama.cpp's default) or "bf16"
+    kv_type: str = "f16"  # K and V cells: a name in KV_TYPES
 
 
 class NativeModel:
@@ -210,7 +211,7 @@ class NativeContext:
         params.n_threads_batch = p.n_threads_batch
         params.kv_unified = p.kv_unified
         params.swa_full = p.swa_full
-        params.type_k = params.type_v = KV_TYPES[p.kv_type]
+        params.type_k, params.type_v = KV_TYPES[p.kv_type]
         params.no_perf = True
         self._capture = capture
         if capture is not None:

@@ -55,8 +55,9 @@ class RuntimeConfig:
     n_threads: int = 2
     n_threads_batch: int | None = None
     n_gpu_layers: int = 0
-    # "bf16" cells keep llama.cpp's attention on one kernel whatever the batch, chunk or
-    # length (mesh.stage.exactness); "f16" is what a single-process llama.cpp run uses.
+    # "bf16/f16" cells (K bf16, V f16) keep llama.cpp's attention on one kernel whatever the
+    # batch, chunk or length (mesh.stage.exactness); "f16" is what a single-process llama.cpp
+    # run uses.
     kv_type: str = "f16"
 
     def validate(self) -> None:

@@ -65,10 +65,10 @@ class StageServer:
         self.cache = PrefixCache(runtime, slots // 2 if prefix_records is None
                                  else prefix_records)
         self.mailbox = Mailbox()
-        if exactness.MODE_KV_TYPE.get(batching) != runtime.config.kv_type:
+        if runtime.config.kv_type not in exactness.MODE_KV_TYPES.get(batching, ()):
             raise InvalidInputError(f"batching {batching!r} needs "
-                                    f"{exactness.MODE_KV_TYPE.get(batching)} KV cells, not "
-                                    f"{runtime.config.kv_type}")
+                                    f"{' or '.join(exactness.MODE_KV_TYPES.get(batching, ()))}"
+                                    f" KV cells, not {runtime.config.kv_type}")
         self.mode = batching
         self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name,
                                   exactness.batching_for(runtime, batching),

@@ -57,6 +57,8 @@ class ModelInfo:
     kv_cell_bytes: tuple[int, ...] = ()
     # Multi-token-prediction blocks after the n_layer trunk blocks (in block_count, never sliced)
     n_nextn: int = 0
+    # llama.cpp takes K and V cells of different types (not for MLA attention)
+    mixed_kv: bool = True
 
     @property
     def input_scale(self) -> float:
@@ -103,8 +105,10 @@ def model_info(path: Path) -> ModelInfo:
         raw["hparams"] = tuple((k, tuple(v) if isinstance(v, list) else v)
                                for k, v in raw.pop("hparams", ()))
         kv_cell_bytes = tuple(raw.pop("kv_cell_bytes"))
+        mixed_kv = bool(raw.pop("mixed_kv"))  # an info cached before the field: read again
         return ModelInfo(swa_layers=None if swa is None else tuple(swa),
-                         layer_bytes=layer_bytes, kv_cell_bytes=kv_cell_bytes, **raw)
+                         layer_bytes=layer_bytes, kv_cell_bytes=kv_cell_bytes,
+                         mixed_kv=mixed_kv, **raw)
     except (OSError, ValueError, TypeError, KeyError):
         pass
     info = _read_model_info(_reader(str(path)), sha)
@@ -226,6 +230,8 @@ def _read_model_info(reader, sha: str) -> ModelInfo:
         head_bytes=int(head.n_bytes),
         kv_cell_bytes=_kv_cell_bytes(reader, arch, n_layer, n_embd),
         n_nextn=n_nextn,
+        mixed_kv=not (arch == "deepseek4"
+                      or _field(reader, f"{arch}.attention.key_length_mla", 0)),
     )
 
 
