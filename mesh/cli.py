@@ -25,9 +25,9 @@ def main() -> None:
 @click.argument("spec", default="default")
 def model(spec: str) -> None:
     """Resolve SPEC (a .gguf path or 'default') and print the file path and its facts."""
-    from mesh.models import resolve_model
-    from mesh.stage.families import family
-    from mesh.stage.slicing import model_info, range_allowed
+    from mesh.model.families import family
+    from mesh.model.slicing import model_info, range_allowed
+    from mesh.model.source import resolve_model
 
     try:
         path = resolve_model(spec)
@@ -142,7 +142,7 @@ def _speculation_options(fn):
 
 def _speculation(speculative: str, draft_max: int, draft_model: str | None):
     from mesh.coordinator.speculation import SpeculationConfig
-    from mesh.models import resolve_model
+    from mesh.model.source import resolve_model
 
     model = str(resolve_model(draft_model)) if draft_model else None
     return SpeculationConfig(mode=speculative, draft_max=draft_max, draft_model=model)
@@ -182,7 +182,7 @@ def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_
     """Raw-text completion through a running chain of stages."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.logs import configure
-    from mesh.models import resolve_model
+    from mesh.model.source import resolve_model
 
     configure("warning")
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -251,8 +251,8 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.launcher import LocalMesh, balanced_split, even_split
     from mesh.logs import configure
-    from mesh.models import resolve_model
-    from mesh.stage.slicing import model_info, range_allowed, slice_model
+    from mesh.model.slicing import model_info, range_allowed, slice_model
+    from mesh.model.source import resolve_model
     from mesh.transport.security import write_secret
 
     configure("warning")
@@ -321,7 +321,7 @@ def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys,
           limits, secret_file, speculative, draft_max, draft_model) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
-    from mesh.models import resolve_model
+    from mesh.model.source import resolve_model
 
     configure("info")
     api_keys = _checked_keys(host, api_keys, insecure)

@@ -53,10 +53,10 @@ import zmq
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.coordinator.speculation import SpeculationConfig
 from mesh.launcher import LocalMesh, balanced_split, free_port
-from mesh.models import resolve_model
-from mesh.stage.local_chain import SingleContext
+from mesh.llama.reference import SingleContext
+from mesh.model.slicing import model_info
+from mesh.model.source import resolve_model
 from mesh.stage.runtime import RuntimeConfig
-from mesh.stage.slicing import model_info
 from mesh.transport import frames as fr
 
 PROMPT = [2, 818, 5279, 529, 7001, 563]  # a short fixed prompt: decode dominates

@@ -19,7 +19,7 @@ import numpy as np
 
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.launcher import LocalMesh
-from mesh.models import resolve_model
+from mesh.model.source import resolve_model
 
 
 def _prompt(seed: int, n: int) -> list[int]:

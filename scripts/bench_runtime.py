@@ -19,11 +19,20 @@ from pathlib import Path
 import click
 import numpy as np
 
-from mesh.models import resolve_model
-from mesh.stage.local_chain import LocalChain, SingleContext
-from mesh.stage.native import Batch, ContextParams, HiddenCapture, NativeContext, NativeModel
-from mesh.stage.runtime import RuntimeConfig
-from mesh.stage.slicing import model_info, slice_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds LocalChain
+
+from mesh.llama.native import (  # noqa: E402
+    Batch,
+    ContextParams,
+    HiddenCapture,
+    NativeContext,
+    NativeModel,
+)
+from mesh.llama.reference import SingleContext  # noqa: E402
+from mesh.model.slicing import model_info, slice_model  # noqa: E402
+from mesh.model.source import resolve_model  # noqa: E402
+from mesh.stage.runtime import RuntimeConfig  # noqa: E402
+from tests.support.local_chain import LocalChain  # noqa: E402
 
 
 def _prompt(n: int) -> np.ndarray:
@@ -99,7 +108,7 @@ _RSS_SNIPPET = """
 import json, sys, numpy as np
 from pathlib import Path
 from mesh.stage.runtime import RuntimeConfig, StageRuntime
-from mesh.stage.slicing import slice_model
+from mesh.model.slicing import slice_model
 path, start, end, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rt = StageRuntime(slice_model(path, start, end), RuntimeConfig(n_ctx=4096, n_threads=threads))
 rt.open_session(0)

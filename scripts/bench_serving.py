@@ -53,10 +53,10 @@ from click.core import ParameterSource
 
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.launcher import LocalMesh, balanced_split, even_split, serve_process
-from mesh.models import resolve_model
+from mesh.llama.native import Batch, ContextParams, NativeContext, NativeModel
+from mesh.model.slicing import model_info, range_allowed, slice_model
+from mesh.model.source import resolve_model
 from mesh.stage.exactness import DEFAULT_MODE, kv_type_for
-from mesh.stage.native import Batch, ContextParams, NativeContext, NativeModel
-from mesh.stage.slicing import model_info, range_allowed, slice_model
 
 WORDS = (
     "time year people way day man thing woman life child world school state family student "

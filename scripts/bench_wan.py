@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the
 from mesh.coordinator.coordinator import Coordinator, GenerationParams  # noqa: E402
 from mesh.coordinator.speculation import DRAFT_MAX, MAX_WINDOWS, SpeculationConfig  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
-from mesh.models import resolve_model  # noqa: E402
+from mesh.model.source import resolve_model  # noqa: E402
 from tests.linkdelay import DelayedLink  # noqa: E402
 
 TEXTS = {

@@ -18,7 +18,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the harness
 
-from mesh.models import resolve_model  # noqa: E402
+from mesh.model.source import resolve_model  # noqa: E402
 from tests.chaos import Chaos  # noqa: E402
 
 

@@ -4,7 +4,7 @@
     python scripts/families_table.py --write    # and puts it in README.md between its markers
 
 A family is "split exact" only when its parity test passed in this run; refused families come
-from ``mesh.stage.families.REFUSED`` with their reasons.
+from ``mesh.model.families.REFUSED`` with their reasons.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _outcomes() -> dict[str, str]:
 
 def table() -> str:
     sys.path.insert(0, str(ROOT))
-    from mesh.stage.families import REFUSED
+    from mesh.model.families import REFUSED
     from tests.tiny import family_modules
 
     outcomes = _outcomes()

@@ -166,7 +166,7 @@ QA_KEY = "qa-harness-key"
 @contextlib.contextmanager
 def spawned_api(ctx: int, log_dir: Path, slots: int = 16):
     from mesh.launcher import LocalMesh, serving
-    from mesh.models import resolve_model
+    from mesh.model.source import resolve_model
 
     path = resolve_model("default", progress=False)
     with LocalMesh(str(path), [(0, 9), (9, 18)], log_dir, ctx=ctx, slots=slots,

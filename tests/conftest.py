@@ -40,6 +40,6 @@ def tiny_gemma3(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
-    from mesh.models import resolve_model
+    from mesh.model.source import resolve_model
 
     return resolve_model("default", progress=False)

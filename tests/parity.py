@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mesh.stage.local_chain import LocalChain, SingleContext
+from mesh.llama.reference import SingleContext
 from mesh.stage.runtime import RuntimeConfig
+from tests.support.local_chain import LocalChain
 
 
 def single_greedy(model, prompt_ids, n: int,

@@ -6,7 +6,7 @@ import pytest
 from mesh.coordinator.draft_model import DraftModel
 from mesh.coordinator.drafting import NgramDrafter
 from mesh.errors import InvalidInputError
-from mesh.stage.native import NativeModel
+from mesh.llama.native import NativeModel
 from mesh.stage.runtime import RuntimeConfig
 from tests.parity import single_greedy
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from mesh.model.families import FAMILIES
+from mesh.model.slicing import model_info
 from mesh.stage.exactness import kv_type_for
-from mesh.stage.families import FAMILIES
-from mesh.stage.local_chain import split_bounds
 from mesh.stage.runtime import RuntimeConfig
-from mesh.stage.slicing import model_info
 from tests.parity import run_parity
+from tests.support.local_chain import split_bounds
 from tests.tiny import family_modules
 
 PROMPT = [1] + [(i * 37) % 290 + 3 for i in range(29)]
@@ -43,7 +43,7 @@ def test_gpt_oss_refuses_a_slice_without_sliding_window_layers(tmp_path):
     """gpt-oss's graph always builds a sliding-window cache; llama.cpp aborts on a slice of one
     full-attention layer, so slicing refuses it before llama.cpp sees it."""
     from mesh.errors import LayerRangeError
-    from mesh.stage.slicing import check_layer_range
+    from mesh.model.slicing import check_layer_range
     from tests.tiny import gpt_oss
 
     info = model_info(gpt_oss.write(tmp_path / "tiny-gpt-oss.gguf"))
@@ -71,7 +71,7 @@ def test_llama4_refuses_cuts_that_move_moe_or_no_rope_layers(tmp_path):
     without a chunked-attention layer; with sliding_window = 0 it drops RoPE on the last layer of
     whatever it loads, so only the whole model runs."""
     from mesh.errors import LayerRangeError
-    from mesh.stage.slicing import check_layer_range
+    from mesh.model.slicing import check_layer_range
     from tests.tiny import llama4
 
     info = model_info(llama4.write(tmp_path / "tiny-llama4.gguf"))
@@ -95,7 +95,7 @@ def test_exaone4_refuses_cuts_that_change_its_64_layer_switch(tmp_path):
     from dataclasses import replace
 
     from mesh.errors import LayerRangeError, UnsupportedModelError
-    from mesh.stage.slicing import check_layer_range
+    from mesh.model.slicing import check_layer_range
     from tests.tiny import exaone4
 
     info = model_info(exaone4.write(tmp_path / "tiny-exaone4.gguf"))
@@ -115,7 +115,7 @@ def test_command_r_and_cohere2_refuse_cuts_llama_cpp_would_load_differently(tmp_
     from dataclasses import replace
 
     from mesh.errors import LayerRangeError
-    from mesh.stage.slicing import check_layer_range
+    from mesh.model.slicing import check_layer_range
     from tests.tiny import cohere2, command_r
 
     info = model_info(command_r.write(tmp_path / "tiny-command-r.gguf"))
@@ -137,7 +137,7 @@ def test_deepseek2_refuses_a_slice_llama_cpp_would_take_for_the_lite_variant(tmp
     from dataclasses import replace
 
     from mesh.errors import LayerRangeError
-    from mesh.stage.slicing import check_layer_range
+    from mesh.model.slicing import check_layer_range
     from tests.tiny import deepseek2
 
     info = model_info(deepseek2.write(tmp_path / "tiny-deepseek2.gguf"))
@@ -173,10 +173,10 @@ def test_phi3_rope_factors_follow_each_context_so_a_chain_must_not_straddle(tmp_
     asks at start)."""
     import numpy as np
 
-    from mesh.stage.families import family
-    from mesh.stage.local_chain import SingleContext
+    from mesh.llama.reference import SingleContext
+    from mesh.model.families import family
+    from mesh.model.slicing import slice_model
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
-    from mesh.stage.slicing import slice_model
     from tests.tiny import phi3
 
     path = phi3.write(tmp_path / "tiny-phi3.gguf")
@@ -227,7 +227,7 @@ def test_granite_keeps_embedding_scale_on_the_first_stage_only(tmp_path):
     import gguf
 
     from mesh.errors import LayerRangeError
-    from mesh.stage.slicing import check_layer_range, slice_model
+    from mesh.model.slicing import check_layer_range, slice_model
     from tests.tiny import granite
 
     path = granite.write(tmp_path / "tiny-granite.gguf")
@@ -246,7 +246,7 @@ def test_smollm3_refuses_slices_that_move_its_no_rope_layers(tmp_path):
     """smollm3 skips RoPE on layers 3, 7, 11, ... of whatever file it loads: a slice holding
     such a layer must start at a multiple of 4; short slices holding none may start anywhere."""
     from mesh.errors import LayerRangeError
-    from mesh.stage.slicing import check_layer_range
+    from mesh.model.slicing import check_layer_range
     from tests.tiny import smollm3
 
     info = model_info(smollm3.write(tmp_path / "tiny-smollm3.gguf"))
@@ -264,7 +264,7 @@ def test_ernie4_5_moe_refuses_cuts_that_move_interleaved_moe_blocks(tmp_path):
     from dataclasses import replace
 
     from mesh.errors import LayerRangeError
-    from mesh.stage.slicing import check_layer_range
+    from mesh.model.slicing import check_layer_range
     from tests.tiny import ernie4_5_moe
 
     info = model_info(ernie4_5_moe.write(tmp_path / "tiny-ernie.gguf"))
@@ -304,7 +304,7 @@ def test_mesh_up_splits_only_where_a_family_may_be_cut(tmp_path):
     import functools
 
     from mesh.launcher import balanced_split
-    from mesh.stage.slicing import range_allowed
+    from mesh.model.slicing import range_allowed
     from tests.tiny import smollm3
 
     info = model_info(smollm3.write(tmp_path / "tiny-smollm3.gguf"))

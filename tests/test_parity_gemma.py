@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mesh.stage.local_chain import split_bounds
 from tests.parity import run_parity
+from tests.support.local_chain import split_bounds
 
 pytestmark = pytest.mark.gemma
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mesh.stage.local_chain import split_bounds
 from tests.parity import run_parity
+from tests.support.local_chain import split_bounds
 
 PROMPT = [1] + [(i * 37) % 290 + 3 for i in range(29)]
 

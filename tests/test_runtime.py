@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from mesh.errors import InvalidInputError, KvSlotError, SessionLimitError, UnknownSessionError
+from mesh.model.slicing import slice_model
 from mesh.stage import exactness
-from mesh.stage.local_chain import LocalChain
 from mesh.stage.runtime import RuntimeConfig, StageRuntime
 from mesh.stage.sampling import SamplingParams
-from mesh.stage.slicing import slice_model
+from tests.support.local_chain import LocalChain
 
 CFG = RuntimeConfig(n_ctx=256, n_seq_max=4, n_batch=64, n_ubatch=64)
 

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGUFReader
 
 from mesh.errors import LayerRangeError, UnsupportedModelError
-from mesh.stage.slicing import ModelInfo, check_layer_range, model_info, slice_model
+from mesh.model.slicing import ModelInfo, check_layer_range, model_info, slice_model
 from tests.tiny_gguf import write_unsupported_model
 
 
@@ -23,7 +23,7 @@ def test_bad_layer_ranges_are_refused_with_the_valid_bounds(tiny_llama, start, e
 
 @pytest.mark.parametrize("arch", ["gemma3n", "glm4", "bert"])
 def test_unsupported_architectures_name_what_is_supported(tmp_path, arch):
-    from mesh.stage.families import FAMILIES
+    from mesh.model.families import FAMILIES
 
     path = write_unsupported_model(tmp_path / f"{arch}.gguf", arch)
     with pytest.raises(UnsupportedModelError, match=f"'{arch}'.*supported: ") as info:

@@ -7,11 +7,11 @@ import pytest
 
 from mesh.coordinator.coordinator import GenerationParams
 from mesh.errors import OverloadedError
+from mesh.model.slicing import slice_model
 from mesh.stage.engine import StageEngine
 from mesh.stage.exactness import ExactBatching
 from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import RuntimeConfig, StageRuntime
-from mesh.stage.slicing import slice_model
 from mesh.transport import frames as fr
 from mesh.transport.sockets import Mailbox
 from tests.meshutil import running_mesh, with_coordinator
@@ -148,7 +148,7 @@ def test_grammars_a_peer_sends_never_stop_the_final_stage(tiny_llama, tmp_path):
 
 def test_a_grammar_with_no_way_on_is_an_error_not_a_native_exception(tiny_llama):
     from mesh.errors import InvalidInputError
-    from mesh.stage.native import NativeModel
+    from mesh.llama.native import NativeModel
     from mesh.stage.sampling import SamplerChain, SamplingParams
 
     model = NativeModel(tiny_llama, vocab_only=True)

@@ -135,7 +135,7 @@ _BYTE0, _EOS = 3, 2  # tiny model: <unk> <s> </s>, then the 256 byte tokens
 
 class Judge:
     def __init__(self, model_path):
-        from mesh.stage.native import NativeModel, llama
+        from mesh.llama.native import NativeModel, llama
 
         self.lib = llama()
         self.model = NativeModel(model_path, vocab_only=True)

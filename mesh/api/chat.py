@@ -139,6 +139,6 @@ def _content_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int,
 
 
 def _eos(tokenizer: Tokenizer) -> int:
-    from mesh.stage.native import llama
+    from mesh.llama.native import llama
 
     return llama().llama_vocab_eos(tokenizer.vocab)

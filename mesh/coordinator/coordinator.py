@@ -40,7 +40,7 @@ from mesh.coordinator.speculation import SpeculationConfig
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import InvalidInputError, MeshError
 from mesh.logs import get_logger
-from mesh.models import file_sha256
+from mesh.model.source import file_sha256
 from mesh.transport import wire
 from mesh.transport.security import MeshKeys
 
@@ -50,12 +50,12 @@ log = get_logger("mesh.coordinator")
 def context_refusal(model_path: Path, infos: list[dict[str, Any]]) -> str | None:
     """Why these stages' contexts would compute differently from one llama.cpp context, for
     families whose computation follows each context's size (phi3's rope factors), or None."""
-    from mesh.stage.families import FAMILIES
+    from mesh.model.families import FAMILIES
 
     fam = FAMILIES.get(infos[0]["arch"]) if infos else None
     if fam is None or fam.context_refusal is None:
         return None
-    from mesh.stage.slicing import model_info
+    from mesh.model.slicing import model_info
 
     return fam.context_refusal(model_info(Path(model_path)),
                                [int(info["session_ctx"]) for info in infos])

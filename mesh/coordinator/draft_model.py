@@ -17,8 +17,8 @@ import numpy as np
 
 from mesh.coordinator.drafting import NgramDrafter
 from mesh.errors import InvalidInputError, MeshError
+from mesh.llama.native import Batch, ContextParams, NativeContext, NativeModel
 from mesh.logs import get_logger
-from mesh.stage.native import Batch, ContextParams, NativeContext, NativeModel
 
 log = get_logger("mesh.coordinator")
 

@@ -9,7 +9,7 @@ import functools
 from pathlib import Path
 
 from mesh.errors import ContextLengthError, InvalidInputError
-from mesh.stage.native import NativeModel, llama
+from mesh.llama.native import NativeModel, llama
 
 # llama.cpp finds special tokens in text by searching for each one in turn, so its cost grows
 # with (characters that start a special token) x (special tokens starting with that character):

@@ -90,10 +90,10 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     stop: list = []
     take_sigterm(stop)
     from mesh.logs import configure, get_logger
-    from mesh.models import resolve_model
+    from mesh.model.slicing import release_readers, slice_model
+    from mesh.model.source import resolve_model
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
     from mesh.stage.server import StageServer
-    from mesh.stage.slicing import release_readers, slice_model
     from mesh.transport.security import ROLE_STAGE, load_keys
 
     configure(log_level)

@@ -11,7 +11,7 @@ them in another order and its logits change (0.7-1.5 on Gemma 3). In its own str
 length n always sits in cells 0..n-1, exactly as in a single-sequence llama.cpp run. The price:
 each slot reserves ``session_ctx`` cells, and a prefix is reused by copying it, not by sharing.
 
-    from mesh.stage.slicing import slice_model
+    from mesh.model.slicing import slice_model
     rt = StageRuntime(slice_model(path, 0, 9), RuntimeConfig())
     rt.open_session("s1")
     out = rt.run("s1", 0, tokens=np.array([2, 651, 6037]))
@@ -32,8 +32,7 @@ from mesh.errors import (
     SessionLimitError,
     UnknownSessionError,
 )
-from mesh.stage.embeddings import TokenEmbedder
-from mesh.stage.native import (
+from mesh.llama.native import (
     KV_TYPES,
     Batch,
     ContextParams,
@@ -41,8 +40,9 @@ from mesh.stage.native import (
     NativeContext,
     NativeModel,
 )
+from mesh.model.slicing import StageFiles
+from mesh.stage.embeddings import TokenEmbedder
 from mesh.stage.sampling import SamplerChain, SamplingParams, top_logprobs
-from mesh.stage.slicing import StageFiles
 
 
 @dataclass(frozen=True)

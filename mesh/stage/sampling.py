@@ -9,7 +9,7 @@ import numpy as np
 
 from mesh.errors import InvalidInputError
 from mesh.grammar import check_grammar as _check_grammar
-from mesh.stage.native import llama
+from mesh.llama.native import llama
 from mesh.transport.wire import MAX_GRAMMAR_REPEAT, MAX_LOGPROBS
 
 

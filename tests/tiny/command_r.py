@@ -2,7 +2,7 @@
 one LayerNorm of the input and are added to the residual together), a head tied to
 ``token_embd`` and logits scaled by ``logit_scale`` on the final stage. llama.cpp loads
 per-head q/k LayerNorms only when the model has 64 layers or more (Command R+): a cut that puts
-a slice on the other side of 64 is refused (``mesh.stage.families._command_r_cut``)."""
+a slice on the other side of 64 is refused (``mesh.model.families._command_r_cut``)."""
 
 from __future__ import annotations
 

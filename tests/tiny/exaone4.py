@@ -3,7 +3,7 @@ and keys, and after attention and after the FFN (post-norms), with an untied hea
 turns on its sliding window (3 of every 4 layers, full-attention layers without RoPE) only when
 the model has exactly 64 layers (the 32B); other sizes use full attention with RoPE everywhere.
 A slice of a 64-layer model, or a 64-layer slice of a larger one, would change that, so such
-cuts are refused (``mesh.stage.families._exaone4_cut``); this 6-layer model splits anywhere."""
+cuts are refused (``mesh.model.families._exaone4_cut``); this 6-layer model splits anywhere."""
 
 from __future__ import annotations
 

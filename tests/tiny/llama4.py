@@ -4,7 +4,7 @@ layers (sigmoid top-1 routing plus a shared expert), dense SwiGLU layers between
 no RoPE (and a position-dependent query temperature instead) on every 4th, and L2 norms on the
 roped queries and keys. llama.cpp derives the MoE layers and the no-RoPE layers from the layer
 index, with no per-layer key; the slicer writes the chunked-attention pattern per layer and
-refuses slices that would move MoE or no-RoPE layers (``mesh.stage.families._llama4_cut``).
+refuses slices that would move MoE or no-RoPE layers (``mesh.model.families._llama4_cut``).
 
 12 layers, step 2: MoE at 1, 3, 5, ...; no RoPE at 3, 7, 11; full attention at 3, 7, 11. Cuts
 at 4 and 8 keep every kind of layer where it was and cross all of them."""

@@ -1,6 +1,6 @@
 """Model families the slicer splits, and what each needs beyond the generic rules.
 
-The generic rules (``mesh.stage.slicing``): every key is copied; ``{arch}.block_count`` becomes
+The generic rules (``mesh.model.slicing``): every key is copied; ``{arch}.block_count`` becomes
 the slice's layer count; every ``{arch}.*`` array with one entry per layer is sliced; blocks are
 renumbered from 0; tensors that are not per block (e.g. ``rope_freqs``) go to every stage; only
 the final stage keeps the vocabulary and the output head (and ``token_embd`` when the head is

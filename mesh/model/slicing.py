@@ -7,7 +7,7 @@ period. Only the final stage keeps the vocabulary and the output head; the first
 input embeddings from a sidecar copy of the source's ``token_embd`` rows (see
 :mod:`mesh.stage.embeddings`).
 
-    python -m mesh.stage.slicing model.gguf 0 9      # prints the cached stage directory
+    python -m mesh.model.slicing model.gguf 0 9      # prints the cached stage directory
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from mesh.errors import LayerRangeError, ModelError, UnsupportedModelError
-from mesh.models import cache_dir, file_sha256
-from mesh.stage.families import FAMILIES, family
+from mesh.model.families import FAMILIES, family
+from mesh.model.source import cache_dir, file_sha256
 
 # Bump whenever the bytes a slice contains change: it is part of the cache key.
 SLICER_VERSION = 1

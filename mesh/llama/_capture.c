@@ -3,7 +3,7 @@
  * llama.cpp asks the callback about every graph node (~40 per layer). A Python callback costs
  * ~1.5 us per node with the GIL held; this one costs nanoseconds and never touches Python.
  * The ggml accessors are passed in as function pointers, so nothing here links against ggml.
- * The struct layout is mirrored by mesh.stage.native.CaptureState.
+ * The struct layout is mirrored by mesh.llama.native.CaptureState.
  */
 #include <Python.h>
 #include <stdbool.h>

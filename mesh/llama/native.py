@@ -96,8 +96,8 @@ class CaptureState(ctypes.Structure):
 
 @functools.lru_cache(maxsize=1)
 def _native_eval_callback():
-    """The C eval callback from ``mesh.stage._capture``, typed for llama_context_params."""
-    from mesh.stage import _capture
+    """The C eval callback from ``mesh.llama._capture``, typed for llama_context_params."""
+    from mesh.llama import _capture
 
     lib = ctypes.CDLL(_capture.__file__)
     address = ctypes.cast(lib.mesh_capture_eval, ctypes.c_void_p).value
