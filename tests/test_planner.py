@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.kv_eviction import PlanBounds, PlanStatus, PrefixRecord, plan_eviction
+from mesh.stage.eviction import PlanBounds, PlanStatus, PrefixRecord, plan_eviction
 
 records_st = st.lists(
     st.builds(PrefixRecord, id=st.integers(0, 10_000), tokens=st.integers(1, 500),

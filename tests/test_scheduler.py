@@ -5,7 +5,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.kv_eviction import PrefixRecord
+from mesh.stage.eviction import PrefixRecord
 from mesh.stage.scheduler import Item, KvView, Scheduler, SchedulerConfig
 from mesh.transport import wire
 

@@ -10,7 +10,7 @@ Records outlive the coordinator that kept them: each remembers its prefix id (an
 stage, the salt and token ids it was kept for), and ``report`` lists them for the handshake, so
 a restarted coordinator rebuilds its index instead of starting cold.
 Records hold slots, so they are bounded by count and evicted least recently used when a new
-session needs a slot (``mesh.kv_eviction``).
+session needs a slot (``mesh.stage.eviction``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from mesh.kv_eviction import PrefixRecord
+from mesh.stage.eviction import PrefixRecord
 from mesh.stage.runtime import StageRuntime
 from mesh.transport import wire
 

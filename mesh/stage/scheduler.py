@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mesh.kv_eviction import EvictionPlan, PlanBounds, PlanStatus, PrefixRecord, plan_eviction
+from mesh.stage.eviction import EvictionPlan, PlanBounds, PlanStatus, PrefixRecord, plan_eviction
 from mesh.transport import wire
 
 SessionKey = tuple[bytes, int]  # (origin, session id)

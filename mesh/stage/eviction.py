@@ -18,6 +18,8 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+__all__ = ["EvictionPlan", "PlanBounds", "PlanStatus", "PrefixRecord", "plan_eviction"]
+
 
 class PlanStatus(str, Enum):
     NOOP = "noop"
