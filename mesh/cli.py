@@ -337,11 +337,21 @@ def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys,
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
            decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None,
            retry_wait_s: float = 30.0, speculation=None, limits=None) -> None:
-    from mesh.api.app import run_server
+    """Build the coordinator over ``stages`` and serve the API over it until a signal."""
+    from mesh.api.app import ApiSettings, run_server
+    from mesh.api.limits import ApiLimits
+    from mesh.coordinator.coordinator import Coordinator
+    from mesh.transport.security import salt_key_of
 
-    run_server(path, stages, host, port, announce=announce, decode_groups=decode_groups,
-               api_keys=api_keys, mesh_keys=mesh_keys, retry_wait_s=retry_wait_s,
-               speculation=speculation, limits=limits)
+    limits = limits or ApiLimits()
+    # With keys, one key may hold only its share of the slots; without, clients share them.
+    coordinator = Coordinator(path, stages, decode_groups=decode_groups, keys=mesh_keys,
+                              retry_wait_s=retry_wait_s, speculation=speculation,
+                              tenant_share=limits.key_share if api_keys else 1.0)
+    settings = ApiSettings(model_id=path.stem, api_keys=api_keys, limits=limits,
+                           announce_url=f"http://{host}:{port}" if announce else None,
+                           salt_key=salt_key_of(mesh_keys))
+    run_server(coordinator, settings, host, port)
 
 
 @main.command()

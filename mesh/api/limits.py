@@ -9,7 +9,10 @@ are told apart by their host for sharing (never for prefix reuse: see ``mesh.api
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
+
+from mesh.errors import TooManyRequestsError
 
 
 @dataclass(frozen=True)
@@ -60,3 +63,23 @@ class ApiLimits:
 
     def token_budget(self, session_ctx: int) -> int:
         return self.request_contexts * session_ctx
+
+
+class Tenancy:
+    """Requests in flight per tenant (queued ones included), bounded per tenant."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.active: collections.Counter[bytes] = collections.Counter()
+
+    def enter(self, tenant: bytes) -> None:
+        if self.active[tenant] >= self.limit:
+            raise TooManyRequestsError(
+                f"{self.limit} requests of this client are already in flight; wait for one "
+                "to finish")
+        self.active[tenant] += 1
+
+    def leave(self, tenant: bytes) -> None:
+        self.active[tenant] -= 1
+        if self.active[tenant] <= 0:
+            del self.active[tenant]
