@@ -53,6 +53,13 @@ class OverloadedError(MeshError):
     code = wire.E_OVERLOADED
 
 
+class TooManyRequestsError(MeshError):
+    """A client (API key, or host without keys) already has as many requests in flight as
+    it may (HTTP 429)."""
+
+    code = "too_many_requests"
+
+
 class NativeError(MeshError):
     """A llama.cpp call failed; the runtime is still usable."""
 
@@ -76,3 +83,63 @@ class DecodeAbortedError(NativeError):
 
 class InvalidBatchError(NativeError):
     code = wire.E_INVALID_BATCH
+
+
+class ProtocolError(MeshError):
+    """A frame that cannot be accepted; ``code`` goes into the Error frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class SecretError(MeshError):
+    code = "bad_secret"
+
+
+class StageError(MeshError):
+    """An Error frame about one of our sessions, raised with the stage's code."""
+
+    def __init__(self, code: str, message: str, stage: str):
+        super().__init__(f"{stage}: {message}")
+        self.code = code
+        self.stage = stage
+        self.reason = message  # the stage's words alone, without its name and address
+
+
+class StageUnavailableError(MeshError):
+    code = "stage_unavailable"
+
+
+class HandshakeError(MeshError):
+    code = "handshake_failed"
+
+
+RETRY_AFTER_S = 1  # the Retry-After (seconds) an admission timeout suggests
+
+
+class AdmissionTimeoutError(MeshError):
+    """No session slot came free within the admission wait (HTTP 429 with Retry-After)."""
+
+    code = wire.E_OVERLOADED
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# The class that carries each wire error code, where one exists. The other codes (malformed
+# frames, forbidden or stale senders, a missing next stage) travel only as ProtocolError's or
+# StageError's ``code``, which may be any of them.
+ERROR_CLASSES: dict[str, type[MeshError]] = {
+    wire.E_INTERNAL: MeshError,
+    wire.E_INVALID_INPUT: InvalidInputError,
+    wire.E_CONTEXT_LENGTH: ContextLengthError,
+    wire.E_UNKNOWN_SESSION: UnknownSessionError,
+    wire.E_NO_SESSION_SLOT: SessionLimitError,
+    wire.E_OVERLOADED: OverloadedError,
+    wire.E_NATIVE_FAILURE: NativeError,
+    wire.E_KV_EXHAUSTED: KvSlotError,
+    wire.E_DECODE_ABORTED: DecodeAbortedError,
+    wire.E_INVALID_BATCH: InvalidBatchError,
+}

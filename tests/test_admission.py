@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.coordinator.admission import Admission, AdmissionTimeoutError, SlotBudget
-from mesh.errors import ContextLengthError, InvalidInputError
+from mesh.coordinator.admission import Admission, SlotBudget
+from mesh.errors import AdmissionTimeoutError, ContextLengthError, InvalidInputError
 
 
 @given(st.lists(st.booleans(), max_size=60), st.integers(1, 8))

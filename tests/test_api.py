@@ -12,9 +12,8 @@ import openai
 import pytest
 
 from mesh.api.app import error_response
-from mesh.coordinator.admission import AdmissionTimeoutError
-from mesh.coordinator.links import StageUnavailableError
 from mesh.coordinator.prefix_index import DEFAULT_PREFILL_CHUNK
+from mesh.errors import AdmissionTimeoutError, StageUnavailableError
 from tests.apiutil import serving, wait_gauge
 from tests.meshutil import running_mesh
 

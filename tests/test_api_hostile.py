@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from mesh.api.app import error_response
-from mesh.coordinator.sessions import StageError
+from mesh.errors import StageError
 from tests.apiutil import HealthWatch, held_stream, serving
 from tests.linkdelay import DelayedLink
 from tests.meshutil import running_mesh

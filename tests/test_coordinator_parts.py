@@ -8,10 +8,10 @@ import pytest
 
 from mesh.coordinator import progress
 from mesh.coordinator.chain import Chain
-from mesh.coordinator.links import StageUnavailableError
 from mesh.coordinator.prefix_index import PrefixIndex, prefix_id
 from mesh.coordinator.prefixes import PENDING_KEEP_WAIT_S, PrefixProtocol
 from mesh.coordinator.sessions import Sessions
+from mesh.errors import StageUnavailableError
 from mesh.transport import frames as fr
 from mesh.transport import wire
 from mesh.transport.wire import DEAD_AFTER_S

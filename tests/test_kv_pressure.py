@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from mesh.coordinator.coordinator import GenerationParams, StageError
+from mesh.coordinator.coordinator import GenerationParams
+from mesh.errors import StageError
 from mesh.transport import frames as fr
 from tests.meshutil import running_mesh, with_coordinator
 from tests.rawpeer import RawPeer

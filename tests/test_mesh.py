@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
-from mesh.coordinator.links import HandshakeError, StageUnavailableError
 from mesh.coordinator.speculation import SpeculationConfig
+from mesh.errors import HandshakeError, StageUnavailableError
 from mesh.launcher import LocalMesh
 from mesh.transport import frames as fr
 from tests.meshutil import running_mesh, with_coordinator

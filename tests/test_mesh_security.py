@@ -19,12 +19,12 @@ from mesh.cli import main as mesh_cli
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.coordinator.links import StageLink
 from mesh.coordinator.prefix_index import prefix_id
+from mesh.errors import SecretError
 from mesh.launcher import free_port
 from mesh.transport import frames as fr
 from mesh.transport.security import (
     ROLE_COORDINATOR,
     ROLE_STAGE,
-    SecretError,
     derive_keys,
     load_keys,
     load_secret,

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.errors import ProtocolError
 from mesh.transport import frames as fr
 
 PROTOCOL_MD = Path(__file__).resolve().parents[1] / "protocol.md"
@@ -99,7 +100,7 @@ WINDOW = {**DECODE, "n": 3, "tokens": b"\1\0\0\0" * 3, "draft": b"\1\0\0\0" * 2}
     ],
 )
 def test_malformed_frames_get_their_error_code(raw, code):
-    with pytest.raises(fr.ProtocolError) as info:
+    with pytest.raises(ProtocolError) as info:
         fr.decode(raw)
     assert info.value.code == code
 
@@ -108,7 +109,7 @@ def test_malformed_frames_get_their_error_code(raw, code):
 def test_a_huge_field_gets_a_short_error(field):
     # A 17 MiB string where a small value belongs: the error must not echo it back.
     raw = _frame({**WORK, field: "x" * (17 << 20)})
-    with pytest.raises(fr.ProtocolError) as info:
+    with pytest.raises(ProtocolError) as info:
         fr.decode(raw)
     assert len(str(info.value)) < 200
 
@@ -118,11 +119,11 @@ def test_a_body_of_nested_arrays_is_refused_while_unpacking():
     body = b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x90" * (1 << 20)
     raw = struct.pack(">I", len(body)) + body
     t0 = time.perf_counter()
-    with pytest.raises(fr.ProtocolError) as info:
+    with pytest.raises(ProtocolError) as info:
         fr.decode(raw)
     assert info.value.code == "bad_frame" and time.perf_counter() - t0 < 1.0
     deep = b"\x91" * 10_000 + b"\xc0"
-    with pytest.raises(fr.ProtocolError):
+    with pytest.raises(ProtocolError):
         fr.decode(struct.pack(">I", len(deep)) + deep)
 
 
@@ -135,7 +136,7 @@ def test_error_frames_truncate_their_message_to_fit():
 def test_embd_shape_is_checked_against_n_and_n_embd():
     data = np.zeros((3, 4), np.float32).tobytes()
     assert fr.unpack_embd(data, 3, 4).shape == (3, 4)
-    with pytest.raises(fr.ProtocolError) as info:
+    with pytest.raises(ProtocolError) as info:
         fr.unpack_embd(data, 2, 4)
     assert info.value.code == "bad_shape"
 
@@ -145,7 +146,7 @@ def test_embd_shape_is_checked_against_n_and_n_embd():
 def test_random_bytes_never_escape_as_anything_but_protocol_errors(data):
     try:
         fr.decode(data)
-    except fr.ProtocolError:
+    except ProtocolError:
         pass
 
 
@@ -160,7 +161,7 @@ def test_random_maps_are_accepted_or_rejected_cleanly(body):
         return
     try:
         msg = fr.decode(raw)
-    except fr.ProtocolError:
+    except ProtocolError:
         return
     assert msg["kind"] in fr.SCHEMA
 
@@ -185,9 +186,18 @@ STOP = {"v": fr.PROTOCOL_VERSION, "kind": "Stop", "session": 1, "origin": b"c", 
     {k: v for k, v in STOP.items() if k != "keeper"},
 ])
 def test_link_tags_and_keepers_are_16_bytes_or_nil(body):
-    with pytest.raises(fr.ProtocolError) as info:
+    with pytest.raises(ProtocolError) as info:
         fr.decode(_frame(body))
     assert info.value.code == "bad_field"
     ok = {**body, **{k: b"\1" * 16 for k in ("next_tag", "keeper") if k in body}}
     if set(ok) >= set(fr.SCHEMA[body["kind"]]):
         assert fr.decode(_frame(ok))["kind"] == body["kind"]
+
+
+def test_each_wire_code_in_the_error_table_is_the_code_its_class_carries():
+    from mesh.errors import ERROR_CLASSES
+    from mesh.transport import wire
+
+    codes = {v for k, v in vars(wire).items() if k.startswith("E_")}
+    assert set(ERROR_CLASSES) <= codes
+    assert all(cls.code == code for code, cls in ERROR_CLASSES.items())

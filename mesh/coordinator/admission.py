@@ -19,23 +19,12 @@ import asyncio
 import collections
 import time
 
-from mesh.errors import ContextLengthError, InvalidInputError, MeshError
+from mesh.errors import AdmissionTimeoutError, ContextLengthError, InvalidInputError
 from mesh.logs import get_logger
 
 log = get_logger("mesh.admission")
 
 DEFAULT_WAIT_S = 10.0
-RETRY_AFTER_S = 1
-
-
-class AdmissionTimeoutError(MeshError):
-    code = "overloaded"
-
-    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
 class SlotBudget:
     """Reserved slots never exceed ``capacity``."""
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import zmq.asyncio
 
-from mesh.coordinator.links import HandshakeError, StageLink, StageUnavailableError
-from mesh.errors import MeshError
+from mesh.coordinator.links import StageLink
+from mesh.errors import HandshakeError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport.security import MeshKeys
 from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S

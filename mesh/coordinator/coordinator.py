@@ -31,14 +31,14 @@ from mesh.coordinator.generation import (  # noqa: F401  (re-exported: the API's
     GenerationParams,
     Generator,
 )
-from mesh.coordinator.links import HandshakeError, StageLink, StageUnavailableError
+from mesh.coordinator.links import StageLink
 from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import PrefixIndex
 from mesh.coordinator.prefixes import PrefixProtocol
-from mesh.coordinator.sessions import Sessions, StageError  # noqa: F401  (re-exported)
+from mesh.coordinator.sessions import Sessions
 from mesh.coordinator.speculation import SpeculationConfig
 from mesh.coordinator.tokenizer import Tokenizer
-from mesh.errors import InvalidInputError, MeshError
+from mesh.errors import HandshakeError, InvalidInputError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.model.source import file_sha256
 from mesh.transport import wire

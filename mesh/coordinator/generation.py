@@ -22,15 +22,14 @@ from typing import Any
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.drafting import NgramDrafter
-from mesh.coordinator.links import StageUnavailableError
 from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import DEFAULT_PREFILL_CHUNK, MIN_REUSE_TOKENS
 from mesh.coordinator.prefixes import PrefixProtocol
-from mesh.coordinator.sessions import Sessions, StageError
+from mesh.coordinator.sessions import Sessions
 from mesh.coordinator.speculation import SpeculationConfig, SpeculationStats, Speculator, Window
 from mesh.coordinator.text import TextAssembler
 from mesh.coordinator.tokenizer import Tokenizer
-from mesh.errors import MeshError
+from mesh.errors import MeshError, StageError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire

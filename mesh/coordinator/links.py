@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from mesh.errors import MeshError
+from mesh.errors import HandshakeError, MeshError, ProtocolError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
@@ -31,14 +31,6 @@ from mesh.transport.sockets import dealer
 log = get_logger("mesh.coordinator")
 
 HANDSHAKE_TIMEOUT_S = 10.0
-
-
-class StageUnavailableError(MeshError):
-    code = "stage_unavailable"
-
-
-class HandshakeError(MeshError):
-    code = "handshake_failed"
 
 
 class StageLink:
@@ -82,7 +74,7 @@ class StageLink:
             for part in parts:
                 try:
                     msg = fr.decode(part.buffer)
-                except fr.ProtocolError as exc:
+                except ProtocolError as exc:
                     log.warning("bad_frame_from_stage", stage_index=self.index, code=exc.code)
                     continue
                 self.last_seen = time.monotonic()

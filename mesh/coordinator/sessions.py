@@ -12,24 +12,13 @@ import os
 import time
 from typing import Any
 
-from mesh.coordinator.links import StageUnavailableError
-from mesh.errors import MeshError
+from mesh.errors import MeshError, StageError, StageUnavailableError
 from mesh.transport import wire
 
 # The last resort: liveness catches dead stages and links, progress deadlines lost frames on an
 # idle chain; this bounds a wait for a frame lost while other sessions keep the chain busy.
 TOKEN_TIMEOUT_S = 120.0
 _FAIL = "_fail"
-
-
-class StageError(MeshError):
-    """An Error frame about one of our sessions, raised with the stage's code."""
-
-    def __init__(self, code: str, message: str, stage: str):
-        super().__init__(f"{stage}: {message}")
-        self.code = code
-        self.stage = stage
-        self.reason = message  # the stage's words alone, without its name and address
 
 
 class Inbox:

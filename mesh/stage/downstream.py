@@ -29,6 +29,7 @@ import time
 
 import zmq
 
+from mesh.errors import ProtocolError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
@@ -129,7 +130,7 @@ class Downstream:
             for part in parts:
                 try:
                     msg = fr.decode(part)
-                except fr.ProtocolError as exc:
+                except ProtocolError as exc:
                     msg = {"kind": wire.ERROR, "code": exc.code}
                 if msg["kind"] != wire.PONG:
                     log.warning("downstream_error", stage=self._stage,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh.errors import MeshError, OverloadedError
+from mesh.errors import MeshError, OverloadedError, ProtocolError
 from mesh.logs import get_logger
 from mesh.stage.exactness import ExactBatching, window_pieces
 from mesh.stage.prefix_cache import PrefixCache, RecordKey
@@ -386,10 +386,10 @@ class StageEngine:
             rt.rewind(item.key, pos)
         if rt.is_first:
             if msg["embd"] is not None:
-                raise fr.ProtocolError(wire.E_BAD_FIELD, "the first stage takes token ids")
+                raise ProtocolError(wire.E_BAD_FIELD, "the first stage takes token ids")
             inputs = {"tokens": fr.unpack_tokens(msg["tokens"])[part]}
         elif msg["embd"] is None:
-            raise fr.ProtocolError(wire.E_BAD_FIELD, "a later stage takes an activation")
+            raise ProtocolError(wire.E_BAD_FIELD, "a later stage takes an activation")
         else:
             inputs = {"hidden": fr.unpack_embd(msg["embd"], item.n, rt.n_embd)[part]}
         sample = history = draft = None
@@ -400,7 +400,7 @@ class StageEngine:
         elif rt.is_last and item.kind == wire.DECODE:
             sample = rt.session_sampling(item.key)
             if sample is None:
-                raise fr.ProtocolError(wire.E_INVALID_INPUT,
+                raise ProtocolError(wire.E_INVALID_INPUT,
                                        "Decode before the prompt's PrefillFinalEmbd")
             if msg["draft"] is not None:
                 draft = fr.unpack_tokens(msg["draft"])[part]
@@ -452,7 +452,7 @@ class StageEngine:
 
     def _next_epoch(self) -> int:
         if self.next_epoch is None:
-            raise fr.ProtocolError(wire.E_NO_DOWNSTREAM, "stage has no next stage configured")
+            raise ProtocolError(wire.E_NO_DOWNSTREAM, "stage has no next stage configured")
         return self.next_epoch
 
     def _trim(self, out: _Outbox, item: Item) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from mesh.errors import InvalidInputError, MeshError
+from mesh.errors import InvalidInputError, MeshError, ProtocolError
 from mesh.logs import get_logger
 from mesh.stage import exactness
 from mesh.stage.downstream import FORWARDER_PREFIX, Downstream, forwarder_prefix
@@ -167,14 +167,14 @@ class StageServer:
             msg = fr.decode(payload)
             kind = msg["kind"]
             if kind == wire.HANDSHAKE and self._keys is not None and role != ROLE_COORDINATOR:
-                raise fr.ProtocolError(wire.E_FORBIDDEN, "only a coordinator may handshake")
+                raise ProtocolError(wire.E_FORBIDDEN, "only a coordinator may handshake")
             if kind in wire.WORK_KINDS or kind in (wire.STOP, wire.ACQUIRE):
                 self._authorize(sender, role, msg)
                 if msg["epoch"] != self.epoch:
-                    self._refuse(msg, fr.ProtocolError(
+                    self._refuse(msg, ProtocolError(
                         wire.E_STALE_EPOCH, "frame meant for an earlier process of this stage"))
                     return
-        except fr.ProtocolError as exc:
+        except ProtocolError as exc:
             log.warning("frame_rejected", stage=self.name, code=exc.code)
             self._reply(sender, fr.error_frame(exc.code, str(exc), None, self.name))
             return
@@ -212,7 +212,7 @@ class StageServer:
         else:
             allowed = sender.startswith(FORWARDER_PREFIX)
         if not allowed:
-            raise fr.ProtocolError(wire.E_FORBIDDEN, "a frame for a session its sender does "
+            raise ProtocolError(wire.E_FORBIDDEN, "a frame for a session its sender does "
                                                      "not own")
 
     def _note_keeper(self, msg: dict[str, Any], from_owner: bool) -> None:
@@ -265,13 +265,13 @@ class StageServer:
         """This stage's input kind and size, checked before the frame is queued."""
         if self.runtime.is_first:
             if msg["tokens"] is None:
-                raise fr.ProtocolError(wire.E_BAD_FIELD, "the first stage takes tokens, not embd")
+                raise ProtocolError(wire.E_BAD_FIELD, "the first stage takes tokens, not embd")
             return
         if msg["embd"] is None:
-            raise fr.ProtocolError(wire.E_BAD_FIELD, "this stage takes embd, not tokens")
+            raise ProtocolError(wire.E_BAD_FIELD, "this stage takes embd, not tokens")
         expected = 4 * msg["n"] * self.runtime.n_embd
         if len(msg["embd"]) != expected:
-            raise fr.ProtocolError(
+            raise ProtocolError(
                 wire.E_BAD_SHAPE, f"activation carries {len(msg['embd'])} bytes, expected "
                 f"n={msg['n']} x n_embd={self.runtime.n_embd} x 4 = {expected}")
 

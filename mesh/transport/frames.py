@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mesh.errors import MeshError
+from mesh.errors import ProtocolError
 from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the codec's namespace)
     ACQUIRE,
     ACQUIRED,
@@ -108,14 +108,6 @@ SAMPLING_FIELDS = {"temperature": (_FLOAT, -100.0, 100.0), "top_k": (_INT, 0, 2*
 _MAX_MAPS = 4
 _MAX_ARRAYS = 2 * MAX_LOGPROBS + 2
 _MAX_STR = 4096
-
-
-class ProtocolError(MeshError):
-    """A frame that cannot be accepted; ``code`` goes into the Error frame."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def encode(kind: str, **fields: Any) -> bytes:

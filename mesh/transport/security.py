@@ -31,7 +31,7 @@ import zmq
 import zmq.auth.thread
 from zmq.utils import z85
 
-from mesh.errors import MeshError
+from mesh.errors import SecretError
 from mesh.transport.wire import KEEPER_BYTES
 
 SECRET_BYTES = 32
@@ -50,10 +50,6 @@ _MEMBER_FIELDS = {
     ROLE_STAGE: ("server-secret", "stage-secret", "coordinator-public"),
     ROLE_COORDINATOR: ("coordinator-secret", "server-public", "stage-public", "salt-key"),
 }
-
-
-class SecretError(MeshError):
-    code = "bad_secret"
 
 
 @dataclass(frozen=True)
