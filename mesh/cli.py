@@ -123,7 +123,7 @@ def _api_options(fn):
 
 
 def _speculation_options(fn):
-    from mesh.coordinator.speculation import DRAFT_MAX, SPECULATIVE_MODES
+    from mesh.coordinator.speculation import DRAFT_MAX, POLICIES, SPECULATIVE_MODES
     from mesh.transport.wire import MAX_DRAFT_TOKENS
 
     fn = click.option("--draft-model", default=None, type=click.Path(dir_okay=False),
@@ -133,6 +133,12 @@ def _speculation_options(fn):
     fn = click.option("--draft-max", default=DRAFT_MAX, show_default=True,
                       type=click.IntRange(1, MAX_DRAFT_TOKENS),
                       help="Most drafted tokens in one verify window.")(fn)
+    fn = click.option("--speculate-when", "speculate_when", default=POLICIES[0],
+                      show_default=True, type=click.Choice(POLICIES),
+                      help="cost: send verify windows while they are expected to pay, from "
+                           "the stages' probed compute, the measured round trips and how "
+                           "often each session's drafts come true; always: whenever a draft "
+                           "is found.")(fn)
     return click.option("--speculative", default=SPECULATIVE_MODES[0], show_default=True,
                         type=click.Choice(SPECULATIVE_MODES),
                         help="Speculative decoding: draft tokens from the text so far (ngram) "
@@ -140,12 +146,14 @@ def _speculation_options(fn):
                              "the output.")(fn)
 
 
-def _speculation(speculative: str, draft_max: int, draft_model: str | None):
+def _speculation(speculative: str, draft_max: int, draft_model: str | None,
+                 speculate_when: str):
     from mesh.coordinator.speculation import SpeculationConfig
     from mesh.model.source import resolve_model
 
     model = str(resolve_model(draft_model)) if draft_model else None
-    return SpeculationConfig(mode=speculative, draft_max=draft_max, draft_model=model)
+    return SpeculationConfig(mode=speculative, draft_max=draft_max, draft_model=model,
+                             policy=speculate_when)
 
 
 def _generation_options(fn):
@@ -177,7 +185,7 @@ def _generation_options(fn):
 @_speculation_options
 @_generation_options
 def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_file, speculative,
-             draft_max, draft_model, max_tokens, temperature, top_p, seed, stop,
+             speculate_when, draft_max, draft_model, max_tokens, temperature, top_p, seed, stop,
              as_json) -> None:
     """Raw-text completion through a running chain of stages."""
     from mesh.coordinator.coordinator import GenerationParams
@@ -191,7 +199,7 @@ def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_
         path = resolve_model(model_spec)
         asyncio.run(_generate(path, list(stages), prompt, params, prefill_chunk, as_json,
                               connect_timeout, _mesh_keys(secret_file),
-                              _speculation(speculative, draft_max, draft_model)))
+                              _speculation(speculative, draft_max, draft_model, speculate_when)))
     except MeshError as exc:
         _fail(str(exc))
 
@@ -245,8 +253,8 @@ DEFAULT_MODEL_NOTE = (
 @_speculation_options
 @_generation_options
 def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, insecure,
-       limits, speculative, draft_max, draft_model, max_tokens, temperature, top_p, seed, stop,
-       as_json) -> None:
+       limits, speculative, speculate_when, draft_max, draft_model, max_tokens, temperature,
+       top_p, seed, stop, as_json) -> None:
     """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
     from mesh.coordinator.coordinator import GenerationParams
     from mesh.launcher import LocalMesh, balanced_split, even_split
@@ -276,7 +284,7 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
     write_secret(secret)
     mesh_keys = _mesh_keys(str(secret))
     try:
-        speculation = _speculation(speculative, draft_max, draft_model)
+        speculation = _speculation(speculative, draft_max, draft_model, speculate_when)
     except MeshError as exc:
         _fail(str(exc))
     with LocalMesh(str(path), ranges, log_dir, ctx=ctx, slots=slots, threads=threads,
@@ -318,7 +326,7 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
 @_secret_option
 @_speculation_options
 def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys, insecure,
-          limits, secret_file, speculative, draft_max, draft_model) -> None:
+          limits, secret_file, speculative, speculate_when, draft_max, draft_model) -> None:
     """Serve the OpenAI-compatible API over a running chain of stages."""
     from mesh.logs import configure
     from mesh.model.source import resolve_model
@@ -329,7 +337,8 @@ def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys,
         _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
                decode_groups=decode_groups, api_keys=api_keys,
                mesh_keys=_mesh_keys(secret_file), retry_wait_s=retry_wait_s,
-               speculation=_speculation(speculative, draft_max, draft_model), limits=limits)
+               speculation=_speculation(speculative, draft_max, draft_model, speculate_when),
+               limits=limits)
     except MeshError as exc:
         _fail(str(exc))
 

@@ -2,13 +2,15 @@
 
     python scripts/bench_wan.py [--delays 0,5,10,20] [--tokens 64] [--draft-max 8]
                                 [--max-windows 3] [--draft-model PATH|default]
-                                [--context-tokens 520]
+                                [--context-tokens 520] [--sessions 4] [--always]
 
 Two stages (0:9 | 9:18, ``--threads`` each, default 1) on this host, with a link-delay shim
 (``tests/linkdelay.py``, a TCP forwarder holding each direction's bytes for the delay) in front
 of each stage, so coordinator → stage 0, stage 0 → stage 1 and stage 1 → coordinator each pay
-it once per round trip. One greedy session per run, on a repetitive continuation and on novel
-text, with ``--speculative none`` and ``ngram``; prints tok/s side by side with their ratio,
+it once per round trip. ``--sessions`` greedy sessions at once per run (default one), on a
+repetitive continuation and on novel text, with ``--speculative none`` and ``ngram`` (the
+default policy: windows where they pay; ``--always`` adds windows whenever drafted), and
+prints tok/s side by side with their ratio,
 the acceptance rate (accepted / drafted tokens), the tokens per verify window, and whether the
 two runs produced the same tokens. ``--context-tokens N`` puts N tokens of prose (this
 repository's README) before each text, as a chat history would: past 256 cells.
@@ -41,17 +43,22 @@ TEXTS = {
 
 
 async def _run(model: Path, urls: list[str], prompt: str, tokens: int,
-               speculation: SpeculationConfig) -> tuple[float, list[int], dict[str, int]]:
+               speculation: SpeculationConfig, sessions: int
+               ) -> tuple[float, list[list[int]], dict[str, int]]:
+    """``sessions`` concurrent greedy completions (session i's prompt starts with i + 1
+    newlines); their tokens per second together, their tokens, their windows summed."""
     coord = Coordinator(model, urls, speculation=speculation)
     await coord.start(handshake_timeout_s=120)
     try:
         params = GenerationParams(max_tokens=tokens, temperature=0.0)
         await coord.complete(prompt, GenerationParams(max_tokens=4))  # warm
         t0 = time.perf_counter()
-        result = await coord.complete(prompt + " ", params)
-        n = len(result.token_ids)
+        results = await asyncio.gather(*(coord.complete("\n" * (i + 1) + prompt + " ", params)
+                                         for i in range(sessions)))
+        n = sum(len(r.token_ids) for r in results)
         rate = n / (time.perf_counter() - t0) if n else 0.0
-        return rate, result.token_ids, result.speculation
+        spec = {k: sum(r.speculation[k] for r in results) for k in results[0].speculation}
+        return rate, [r.token_ids for r in results], spec
     finally:
         await coord.close()
 
@@ -68,8 +75,11 @@ async def _run(model: Path, urls: list[str], prompt: str, tokens: int,
 @click.option("--threads", default=1, show_default=True, help="Threads per stage.")
 @click.option("--context-tokens", default=0, show_default=True,
               help="Tokens of prose before each text (a long context).")
+@click.option("--sessions", default=1, show_default=True, help="Concurrent sessions a run.")
+@click.option("--always", is_flag=True,
+              help="Also run ngram with --speculate-when always (windows whenever drafted).")
 def main(delays: str, tokens: int, draft_max: int, max_windows: int, draft_model: str | None,
-         model: str, threads: int, context_tokens: int) -> None:
+         model: str, threads: int, context_tokens: int, sessions: int, always: bool) -> None:
     path = resolve_model(model, progress=False)
     texts = dict(TEXTS)
     if context_tokens:
@@ -82,6 +92,8 @@ def main(delays: str, tokens: int, draft_max: int, max_windows: int, draft_model
         texts["novel"] = TEXTS["novel"]
     ngram = SpeculationConfig(mode="ngram", draft_max=draft_max, max_windows=max_windows)
     modes = {"none": SpeculationConfig(mode="none"), "ngram": ngram}
+    if always:
+        modes["always"] = dataclasses.replace(ngram, policy="always")
     if draft_model:
         modes["model"] = dataclasses.replace(
             ngram, draft_model=str(resolve_model(draft_model, progress=False)))
@@ -96,7 +108,8 @@ def main(delays: str, tokens: int, draft_max: int, max_windows: int, draft_model
                     urls = [stack.enter_context(DelayedLink(
                         "127.0.0.1", int(url.rsplit(":", 1)[1]), delay)).url for url in urls]
                 for name, text in texts.items():
-                    runs = {mode: asyncio.run(_run(path, urls, text, tokens, config))
+                    runs = {mode: asyncio.run(_run(path, urls, text, tokens, config,
+                                                   sessions))
                             for mode, config in modes.items()}
                     rows.append((delay, name, runs))
     spec_modes = [m for m in modes if m != "none"]

@@ -22,7 +22,8 @@ from tests.meshutil import running_mesh
 def api(gemma_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api")
     with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp, ctx=2048, threads=1) as mesh:
-        with serving(gemma_path, mesh.urls, tmp / "serve.log") as base:
+        with serving(gemma_path, mesh.urls, tmp / "serve.log",
+                     ("--speculate-when", "always")) as base:  # windows on every draft
             yield base
 
 

@@ -94,7 +94,7 @@ def test_outputs_never_depend_on_load_cache_or_speculation(gemma_path, tmp_path)
                                                   speculation=SpeculationConfig(mode="none"))
         together, stats = with_coordinator(
             gemma_path, mesh.urls, concurrent,
-            speculation=SpeculationConfig(mode="ngram", draft_max=8, max_sessions=16))
+            speculation=SpeculationConfig(mode="ngram", draft_max=8, policy="always"))
     assert all(s["decode_rows"] > s["decode_steps"] for s in stats)  # batching happened
     assert len({tuple(tokens) for tokens, _, _ in solo}) == len(LOAD)
     assert again[0][2] >= 192 and again[1][2] >= 320  # from the cache, snapped to chunks

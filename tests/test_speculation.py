@@ -117,3 +117,51 @@ def test_any_model_output_comes_back_unchanged_whatever_is_drafted(model, draft_
     out, sent = run(spec, model, budget)
     assert out == model[:budget]
     assert all(w.n <= rows and len(w.draft) in (w.n - 1, w.n) for w in sent)
+
+
+def test_windows_pay_where_hops_cost_more_than_the_rows_a_window_adds():
+    """Costs as probed on Gemma 3 270M (2 threads, 0:17 | 17:18, microseconds): the head makes
+    every row cost about as much as a step, so on one host windows pay only for text that
+    repeats, over 10 ms links for most text, and not for novel text once eight sessions
+    share each step."""
+    from mesh.coordinator.speculation import StageCosts, windows_pay
+
+    first = StageCosts((6300, 11400, 12100, 12900, 16000, 19000, 22300),
+                       (6300, 7900, 9000, 10100, 11500, 12600, 13800))
+    final = StageCosts((8000, 19400, 25000, 30000, 41000, 55000, 67000),
+                       (8000, 8400, 8800, 9200, 9600, 10000, 10400))
+    stages = [first, final]
+    assert final.window(3) == 25000  # a verify window samples every row: a batch's cost
+    assert first.batch(9) == 22300 + 2 * 3300  # past the table: its last step per row
+    assert not windows_pay(stages, 2000, 1, 0.4, 7)  # one host, novel text
+    assert windows_pay(stages, 2000, 1, 0.97, 7)  # one host, repeating text
+    assert windows_pay(stages, 30000, 1, 0.6, 7)  # three 10 ms hops
+    assert windows_pay(stages, 30000, 4, 0.9, 7)  # ... and with four sessions
+    assert not windows_pay(stages, 30000, 8, 0.5, 7)  # eight sessions of novel text
+
+
+def test_plain_steps_score_the_drafter_so_repeating_text_turns_windows_on():
+    model = [1, 2, 3, 4] * 8
+    spec = speculator(draft_max=4)
+    assert spec.scores and spec.acceptance == 0.5  # the prior
+    spec.take(model[0])
+    out = [model[0]]
+    while len(out) < 24:
+        (window,) = spec.next_windows(64, False)  # plain steps: the policy said no
+        assert window.n == 1 and not window.draft
+        spec.take(model[len(out)])
+        out.append(model[len(out)])
+    assert spec.acceptance > 0.8  # its guesses came true once the text repeated
+    assert spec.stats.windows == 0  # and nothing was verified
+    windows = spec.next_windows(64, True)
+    assert windows and windows[0].draft  # the policy may now send windows
+
+
+def test_a_drafter_that_computes_is_not_scored_on_plain_steps():
+    class Costly(NgramDrafter):
+        free = False
+
+    spec = Speculator(SpeculationConfig(), PROMPT, 9, None, Costly)
+    spec.take(5)
+    (window,) = spec.next_windows(8, False)
+    assert window.guess is None and not spec.scores

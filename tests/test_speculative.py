@@ -6,6 +6,7 @@ stale windows in flight, stop strings and max_tokens inside a window all leave t
 plain decode steps give it.
 """
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.gemma
 CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n" * 2 + "def add"
 NOVEL = "Photosynthesis is the process by which"
 OFF = SpeculationConfig(mode="none")
-ON = SpeculationConfig(mode="ngram", draft_max=8)
+ON = SpeculationConfig(mode="ngram", draft_max=8, policy="always")  # every drafted window
 EXACT = ["--batching", "exact"]  # outputs equal a single-process llama.cpp run
 
 
@@ -169,3 +170,28 @@ def test_a_draft_model_drafts_novel_text_without_changing_it(gemma_path, mesh2):
     assert on.token_ids == off.token_ids
     assert on.speculation["drafted"] > 20
     assert on.speculation["accepted"] >= 0.6 * on.speculation["drafted"]
+
+
+def test_the_cost_policy_turns_windows_on_where_they_pay(gemma_path, mesh2):
+    """The default policy weighs windows with the stages' probed costs (StageInfo) and the
+    measured round trips: over 10 ms links a repeating text is verified in windows once plain
+    steps have scored its drafter, and its tokens are the tokens without them."""
+    from tests.linkdelay import DelayedLink
+
+    params = GenerationParams(max_tokens=40)
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(DelayedLink("127.0.0.1", int(url.rsplit(":", 1)[1]), 10))
+                .url for url in mesh2.urls]
+
+        async def body(coord):
+            infos = [link.info for link in coord.chain.links]
+            return infos, await coord.complete(CODE, params), coord.generator.hop_us
+        infos, on, hop_us = with_coordinator(gemma_path, urls, body,
+                                             speculation=SpeculationConfig())
+    (off,) = _complete(gemma_path, mesh2.urls, [CODE], params, OFF)
+    for info in infos:
+        assert len(info["batch_us"]) == len(info["window_us"]) == info["exact_rows"] > 1
+        assert all(us > 0 for us in info["batch_us"])
+    assert hop_us > 20_000  # three 10 ms hops a step, measured
+    assert on.token_ids == off.token_ids
+    assert on.speculation["windows"] > 0 and on.speculation["accepted"] > 0

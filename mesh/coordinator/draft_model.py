@@ -73,6 +73,8 @@ class DraftModel:
 
 
 class ModelDrafter:
+    free = False  # a guess is a draft-model decode: plain steps do not score it
+
     def __init__(self, owner: DraftModel, seq: int, prompt: list[int]):
         self._owner, self._seq = owner, seq
         self._tokens = list(prompt)

@@ -13,6 +13,8 @@ MIN_NGRAM = 2  # a single token recurs in any text: its continuations are mostly
 
 
 class NgramDrafter:
+    free = True  # a lookup: plain steps may score its guesses
+
     def __init__(self, tokens: list[int], max_ngram: int = MAX_NGRAM,
                  min_ngram: int = MIN_NGRAM):
         self._tokens: list[int] = []

@@ -26,7 +26,15 @@ from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import DEFAULT_PREFILL_CHUNK, MIN_REUSE_TOKENS
 from mesh.coordinator.prefixes import PrefixProtocol
 from mesh.coordinator.sessions import Sessions
-from mesh.coordinator.speculation import SpeculationConfig, SpeculationStats, Speculator, Window
+from mesh.coordinator.speculation import (
+    MAX_SESSIONS,
+    SpeculationConfig,
+    SpeculationStats,
+    Speculator,
+    StageCosts,
+    Window,
+    windows_pay,
+)
 from mesh.coordinator.text import TextAssembler
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import MeshError, StageError, StageUnavailableError
@@ -38,6 +46,7 @@ log = get_logger("mesh.coordinator")
 
 RETRY_WAIT_S = 30.0  # how long a request that streamed nothing waits for the chain to return
 RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0)  # between attempts (the last one repeats)
+HOP_WEIGHT = 0.1  # of each plain step's timing in the moving average of the hops' cost
 # Stage errors that mean "the chain lost or cannot yet hold this session", not "this request
 # is wrong".
 RETRYABLE_CODES = {wire.E_STALE_EPOCH, wire.E_UNKNOWN_SESSION, wire.E_NO_DOWNSTREAM,
@@ -123,6 +132,9 @@ class Generator:
         self.speculated = SpeculationStats()  # every request's windows, for metrics
         self.drafter_factory = NgramDrafter  # a request's drafter, from its prompt
         self.drafts_compute = False  # drafting computes (a draft model): off the event loop
+        # What a plain step costs beyond the stages' compute (links, queues, hand-offs), in
+        # microseconds: a moving average of measured round trips less the probed compute.
+        self.hop_us: float | None = None
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams, hold: bool = False
                      ) -> AsyncIterator[Delta | Completion]:
@@ -220,6 +232,7 @@ class Generator:
                     log.warning("token_unexpected", session_pos=msg["pos"])
                     continue
                 token = msg["token"]
+                self._time_step(spec.in_flight[0])
                 spec.take(token)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -234,7 +247,7 @@ class Generator:
                     # (more windows of a session already in flight leave at once).
                     first = not spec.in_flight
                     plan = functools.partial(spec.next_windows, budget - len(token_ids),
-                                             self._speculate())
+                                             self._speculate(spec))
                     windows = (await asyncio.get_running_loop().run_in_executor(None, plan)
                                if self.drafts_compute else plan())
                     if windows and first:
@@ -272,8 +285,35 @@ class Generator:
             spec.close()
             self.speculated.add(spec.stats)
 
-    def _speculate(self) -> bool:
-        return self.speculation.enabled and len(self.sessions) <= self.speculation.max_sessions
+    def _speculate(self, spec: Speculator) -> bool:
+        """Whether the session's next windows may carry drafts (``windows_pay``)."""
+        if not self.speculation.enabled:
+            return False
+        if self.speculation.policy == "always":
+            return True
+        costs = self._stage_costs()
+        if costs is None or not spec.scores:
+            return len(self.sessions) <= MAX_SESSIONS
+        return windows_pay(costs, self.hop_us or 0.0, len(self.sessions), spec.acceptance,
+                           spec.rows_limit)
+
+    def _stage_costs(self) -> list[StageCosts] | None:
+        costs = [StageCosts(tuple(link.info["batch_us"]), tuple(link.info["window_us"]))
+                 for link in self.chain.links]
+        return costs if all(c.batch_us for c in costs) else None
+
+    def _time_step(self, window: Window) -> None:
+        """A plain step's Token is back: fold its round trip, less the stages' compute for a
+        batch of as many rows as sessions, into ``hop_us``."""
+        if window.n != 1 or window.sent is None or window.received:
+            return
+        costs = self._stage_costs()
+        if costs is None:
+            return
+        compute = sum(c.batch(max(1, len(self.sessions))) for c in costs)
+        hop = max(0.0, 1e6 * (time.perf_counter() - window.sent) - compute)
+        self.hop_us = hop if self.hop_us is None else self.hop_us + HOP_WEIGHT * (
+            hop - self.hop_us)
 
     def _window_limits(self) -> tuple[int, int | None]:
         """Rows a window may hold and the position it must end by: what every stage computes
@@ -288,6 +328,7 @@ class Generator:
         """Post the windows: they leave with the pacer's group (one message, so the stage
         batches the group's rows), or at the end of this turn of the event loop."""
         for window in windows:
+            window.sent = time.perf_counter()
             self._send_work(wire.DECODE, session, window.pos, window.tokens,
                             draft=fr.pack_tokens(window.draft) if window.draft else None)
 

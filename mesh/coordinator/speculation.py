@@ -16,6 +16,14 @@ samples are the ones plain decode steps would draw, so the output never changes.
   windows unanswered, and this side forgets them.
 - Windows stay within what every stage computes exactly in one llama_decode (``exact_rows``,
   ``exact_cells`` of StageInfo): a row-by-row window would cost its rows' compute in full.
+- Whether windows pay is measured, not a rule (``policy="cost"``, ``windows_pay``): the stages'
+  start-up probe timed their llama_decode calls (``batch_us``, ``window_us`` of StageInfo), the
+  coordinator times its plain steps' round trips (the hops: links, queues, hand-offs), and each
+  session's drafter is scored on every plain step too (a free drafter guesses the next token
+  and the answer grades it), so a session whose text turns repetitive starts speculating. A
+  window pays when the tokens it is expected to yield cost less time than plain steps, with as
+  many sessions decoding as now: on one host with a compute-bound head rarely; over slow links
+  even with several sessions.
 """
 
 from __future__ import annotations
@@ -26,15 +34,20 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 SPECULATIVE_MODES = ("ngram", "none")
+POLICIES = ("cost", "always")  # windows where they pay (measured), or whenever drafted
 DRAFT_MAX = 8
 MAX_WINDOWS = 3
-# Speculate while at most this many sessions decode: more share each stage step as a batch,
-# and their rows already fill it (a window's rows would run in a llama_decode of their own).
+# Without measured costs (a stage that did not probe, or a drafter that computes and so is
+# not scored on plain steps): speculate while at most this many sessions decode.
 MAX_SESSIONS = 2
+PRIOR_ACCEPTANCE = (1, 2)  # (accepted, drafted) pseudo-counts before a session is scored
 
 
 class Drafter(Protocol):
-    """Guesses what follows the text: n-gram lookup here; a draft model would fit the same."""
+    """Guesses what follows the text: n-gram lookup here; a draft model would fit the same.
+    ``free``: a guess costs no compute, so plain steps may score it."""
+
+    free: bool
 
     def extend(self, tokens: list[int]) -> None: ...
 
@@ -48,12 +61,56 @@ class SpeculationConfig:
     mode: str = "ngram"
     draft_max: int = DRAFT_MAX
     max_windows: int = MAX_WINDOWS
-    max_sessions: int = MAX_SESSIONS
+    policy: str = "cost"
     draft_model: str | None = None  # a GGUF sharing the target's vocabulary (else n-grams)
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none" and self.draft_max > 0
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """A stage's measured llama_decode durations (StageInfo ``batch_us``, ``window_us``)."""
+
+    batch_us: tuple[int, ...]
+    window_us: tuple[int, ...]
+
+    def batch(self, rows: int) -> float:
+        """One row each of ``rows`` sessions."""
+        return _extend(self.batch_us, rows)
+
+    def window(self, rows: int) -> float:
+        """A window of ``rows`` rows. The probe's windows sample only their last row, a verify
+        window every row, as a batch of sessions does: the larger of the two."""
+        return max(_extend(self.window_us or self.batch_us, rows), self.batch(rows))
+
+
+def _extend(costs: tuple[int, ...], rows: int) -> float:
+    """Entry ``rows - 1``; past the table, its last step repeated per row."""
+    if rows <= len(costs):
+        return float(costs[rows - 1])
+    step = costs[-1] - costs[-2] if len(costs) > 1 else costs[-1]
+    return float(costs[-1] + max(step, 0) * (rows - len(costs)))
+
+
+def windows_pay(stages: list[StageCosts], hop_us: float, sessions: int, acceptance: float,
+                rows_limit: int) -> bool:
+    """Whether a session's verify windows raise the chain's tokens per second while
+    ``sessions`` decode: a plain step yields one token per session for the hops and one batch
+    at every stage; a window of r rows runs in llama_decode calls of its own at every stage
+    and yields 1 + a + ... + a^(r-1) tokens when each drafted token is accepted with
+    probability a (``acceptance``). Weighed as if every session sent windows of r rows, for
+    the best r up to ``rows_limit``."""
+    sessions = max(1, sessions)
+    plain = (hop_us + sum(s.batch(sessions) for s in stages)) / sessions
+    for rows in range(2, rows_limit + 1):
+        expected = sum(acceptance ** i for i in range(rows))
+        window = (hop_us + sessions * sum(s.window(rows) for s in stages)) / (sessions
+                                                                               * expected)
+        if window < plain:
+            return True
+    return False
 
 
 @dataclass
@@ -62,6 +119,8 @@ class Window:
     tokens: list[int]  # the rows' token ids: the last sampled token, then drafted ones
     draft: list[int]  # the token expected after each row (the last row's may be missing)
     received: int = 0  # Tokens back so far
+    guess: int | None = None  # a plain step: the drafter's guess of its token, to score it
+    sent: float | None = None  # when it left (the caller's clock), to time plain steps
 
     @property
     def n(self) -> int:
@@ -96,6 +155,7 @@ class Speculator:
 
     def __post_init__(self) -> None:
         self.drafter = self.drafter_factory(self.prompt) if self.config.enabled else None
+        self.scored = list(PRIOR_ACCEPTANCE)  # [accepted, drafted]: windows and plain guesses
         self.k = self.config.draft_max
         self.streak = 0  # wholly accepted windows in a row
         self.in_flight: collections.deque[Window] = collections.deque(
@@ -122,11 +182,16 @@ class Speculator:
         if matched and window.received < window.n:
             return
         self.in_flight.popleft()
+        if window.guess is not None:
+            self.scored[0] += token == window.guess
+            self.scored[1] += 1
         if window.draft:
             accepted = j + matched
             self.stats.windows += 1
             self.stats.drafted += len(window.draft)
             self.stats.accepted += accepted
+            self.scored[0] += accepted
+            self.scored[1] += len(window.draft)
             if matched or j == len(window.draft):
                 self.streak += 1
                 self.k = min(self.config.draft_max, 2 * self.k)
@@ -163,7 +228,7 @@ class Speculator:
             n = min(self.k + 1, self.rows_limit, budget, room, len(proposal) + 1)
             if n < 2:
                 if not windows and not self.in_flight:
-                    windows.append(Window(pos, [first], []))
+                    windows.append(Window(pos, [first], [], guess=self._guess(speculate)))
                 break
             draft = proposal[:n]
             windows.append(Window(pos, [first, *proposal[:n - 1]], draft))
@@ -173,9 +238,27 @@ class Speculator:
         self.in_flight.extend(windows)
         return windows
 
+    @property
+    def acceptance(self) -> float:
+        """How often this session's drafted tokens (and plain steps' guesses) came true."""
+        return self.scored[0] / self.scored[1]
+
+    @property
+    def scores(self) -> bool:
+        """Whether plain steps score the drafter (it guesses for free)."""
+        return self.drafter is not None and getattr(self.drafter, "free", False)
+
     def close(self) -> None:
         if self.drafter is not None:
             self.drafter.close()
+
+    def _guess(self, speculate: bool) -> int | None:
+        """The drafter's guess for a plain step, when it is free (a step that could have
+        speculated and did not still scores it; a window's rows are scored anyway)."""
+        if speculate or not self.scores:
+            return None
+        guess = self.drafter.propose(1)
+        return guess[0] if guess else None
 
     def _target(self) -> int:
         return 1 + min(self.streak, self.config.max_windows - 1)

@@ -38,6 +38,7 @@ probe measures windows alongside batches of sessions and keeps the smaller limit
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,11 @@ class ExactBatching:
     max_rows: int  # rows one llama_decode may hold (1: no batching)
     max_cells: int | None  # a row batches only while its session holds at most this many
     # tokens after the step; None: any length
+    # What the probe's llama_decode calls took (microseconds), index r-1 for r rows: one row
+    # of each of r sessions, and a window of r rows of one session (empty where not probed).
+    # The coordinator weighs verify windows with them (mesh.coordinator.speculation).
+    batch_us: tuple[int, ...] = ()
+    window_us: tuple[int, ...] = ()
 
 
 def window_pieces(pos: int, n: int, batching: ExactBatching) -> list[int]:
@@ -113,6 +119,7 @@ def probe(runtime: StageRuntime, limit: int, first: int = PROBE_PROMPT) -> Exact
         return ExactBatching(1, attention_limit(runtime))
     keys = [("exactness-probe", i) for i in range(limit)]
     held = {key: first if key[1] == 0 else PROBE_PROMPT for key in keys}
+    clock = _Clock()
     try:
         for key in keys:
             runtime.open_session(key)
@@ -120,31 +127,54 @@ def probe(runtime: StageRuntime, limit: int, first: int = PROBE_PROMPT) -> Exact
             for start in range(0, held[key], runtime.config.n_batch):
                 runtime.run(key, start, **{name: value[start:start + runtime.config.n_batch]
                                            for name, value in inputs.items()})
-        alone = [_step(runtime, [key], held)[0] for key in keys]
+        alone = [_step(runtime, [key], held, clock)[0] for key in keys]
         window = _inputs(runtime, keys[0][1], limit, salt=2)
         stepped = _one_at_a_time(runtime, keys[0], held[keys[0]], window)
         exact = 1
+        batch_us = [int(np.median(clock.take()))]
+        window_us = batch_us[:]
         for rows in range(2, limit + 1):
-            together = _step(runtime, keys[:rows], held)
+            together = _step(runtime, keys[:rows], held, clock)
+            batch_us += clock.take()
             if not all(np.array_equal(a, b) for a, b in zip(alone[:rows], together, strict=True)):
                 break
-            if not _window_exact(runtime, keys[0], held[keys[0]], window, stepped, rows):
+            if not _window_exact(runtime, keys[0], held[keys[0]], window, stepped, rows, clock):
                 break
+            window_us += clock.take()
             exact = rows
     finally:
         for key in keys:
             runtime.drop_session(key)
     log.info("exact_batching", stage=f"{runtime.start}:{runtime.end}", max_rows=exact,
-             probed_up_to=limit, cells=first + 1)
-    return ExactBatching(exact, attention_limit(runtime))
+             probed_up_to=limit, cells=first + 1, batch_us=batch_us[:exact],
+             window_us=window_us[:exact])
+    return ExactBatching(exact, attention_limit(runtime), tuple(batch_us[:exact]),
+                         tuple(window_us[:exact]))
 
 
-def _step(runtime: StageRuntime, keys: list, held: dict) -> list[np.ndarray]:
+class _Clock:
+    """Durations of the probe's llama_decode calls, in microseconds."""
+
+    def __init__(self) -> None:
+        self._taken: list[int] = []
+
+    def decode(self, runtime: StageRuntime, chunks: list):
+        start = time.perf_counter()
+        results = runtime.decode(chunks)
+        self._taken.append(int(1e6 * (time.perf_counter() - start)))
+        return results
+
+    def take(self) -> list[int]:
+        taken, self._taken = self._taken, []
+        return taken
+
+
+def _step(runtime: StageRuntime, keys: list, held: dict, clock: _Clock) -> list[np.ndarray]:
     """Decode one row for each session together; return its outputs and undo the step."""
     chunks = [runtime.prepare(key, held[key], want_logits=runtime.is_last,
                               **_inputs(runtime, key[1], 1, salt=1))
               for key in keys]
-    results = runtime.decode(chunks)
+    results = clock.decode(runtime, chunks)
     for key in keys:
         runtime.trim_session(key, held[key])
     return [r.logits if runtime.is_last else r.hidden for r in results]
@@ -164,10 +194,10 @@ def _one_at_a_time(runtime: StageRuntime, key, pos: int, inputs: dict[str, np.nd
 
 
 def _window_exact(runtime: StageRuntime, key, pos: int, inputs: dict[str, np.ndarray],
-                  stepped: list[np.ndarray], rows: int) -> bool:
+                  stepped: list[np.ndarray], rows: int, clock: _Clock) -> bool:
     """The first ``rows`` rows of ``inputs`` in one llama_decode against ``stepped`` (all
     rows' hidden states; the final stage, the last row's logits)."""
-    window = runtime.decode([runtime.prepare(
+    window = clock.decode(runtime, [runtime.prepare(
         key, pos, want_logits=runtime.is_last,
         **{name: value[:rows] for name, value in inputs.items()})])[0]
     runtime.trim_session(key, pos)

@@ -319,7 +319,10 @@ class StageServer:
             max_tokens=rt.config.n_batch, max_frame_bytes=wire.MAX_FRAME_BYTES,
             epoch=self.epoch, stage=self.name, records=self._records(msg["keeper"]),
             exact_rows=self.engine.batching.max_rows,
-            exact_cells=self.engine.batching.max_cells, link_tag=self.link_tag))
+            exact_cells=self.engine.batching.max_cells,
+            batch_us=list(self.engine.batching.batch_us[:wire.MAX_DRAFT_TOKENS + 1]),
+            window_us=list(self.engine.batching.window_us[:wire.MAX_DRAFT_TOKENS + 1]),
+            link_tag=self.link_tag))
 
     def _connect_downstream(self, url: str | None, tag: bytes | None) -> None:
         if self._downstream is not None:

@@ -87,7 +87,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                  "n_layer": _INT, "n_embd": _INT, "session_ctx": _INT, "slots": _INT,
                  "max_tokens": _INT, "max_frame_bytes": _INT, "epoch": _INT, "stage": _STR,
                  "records": _LIST, "exact_rows": _INT, "exact_cells": _OPT_INT,
-                 "link_tag": _OPT_BIN},
+                 "batch_us": _LIST, "window_us": _LIST, "link_tag": _OPT_BIN},
     PING: {"nonce": _INT, "sessions": _OPT_BIN},
     PONG: {"nonce": _INT, "epoch": _INT, "kv_used": _INT, "kv_capacity": _INT, "sessions": _INT,
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
@@ -188,6 +188,8 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
     elif kind == STAGE_INFO:
         _check_records(msg["records"])
         _check_size(msg, "link_tag", LINK_TAG_BYTES)
+        _check_costs(msg["batch_us"], "batch_us")
+        _check_costs(msg["window_us"], "window_us")
     elif kind == HANDSHAKE:
         _check_size(msg, "next_tag", LINK_TAG_BYTES)
         _check_size(msg, "keeper", KEEPER_BYTES)
@@ -224,6 +226,13 @@ def _check_records(records: list[Any]) -> None:
             isinstance(r, bytes) and len(r) >= PREFIX_ID_BYTES for r in records):
         raise ProtocolError(E_BAD_FIELD, f"StageInfo: records must be at most "
                                          f"{MAX_RECORDS_REPORTED} record entries")
+
+
+def _check_costs(costs: list[Any], field: str) -> None:
+    if len(costs) > MAX_DRAFT_TOKENS + 1 or not all(
+            type(c) is int and 0 <= c < 2**31 for c in costs):
+        raise ProtocolError(E_BAD_FIELD, f"StageInfo: {field} must be at most "
+                                         f"{MAX_DRAFT_TOKENS + 1} durations in microseconds")
 
 
 def _check_work(msg: dict[str, Any]) -> None:
