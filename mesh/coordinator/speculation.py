@@ -95,19 +95,21 @@ def _extend(costs: tuple[int, ...], rows: int) -> float:
 
 
 def windows_pay(stages: list[StageCosts], hop_us: float, sessions: int, acceptance: float,
-                rows_limit: int) -> bool:
+                rows_limit: int, max_windows: int = MAX_WINDOWS) -> bool:
     """Whether a session's verify windows raise the chain's tokens per second while
     ``sessions`` decode: a plain step yields one token per session for the hops and one batch
     at every stage; a window of r rows runs in llama_decode calls of its own at every stage
     and yields 1 + a + ... + a^(r-1) tokens when each drafted token is accepted with
-    probability a (``acceptance``). Weighed as if every session sent windows of r rows, for
-    the best r up to ``rows_limit``."""
+    probability a (``acceptance``). A wholly accepted window (probability a^(r-1)) lets the
+    next ones leave before it is back, so up to ``max_windows`` share the hops. Weighed as if
+    every session sent windows of r rows, for the best r up to ``rows_limit``."""
     sessions = max(1, sessions)
     plain = (hop_us + sum(s.batch(sessions) for s in stages)) / sessions
     for rows in range(2, rows_limit + 1):
         expected = sum(acceptance ** i for i in range(rows))
-        window = (hop_us + sessions * sum(s.window(rows) for s in stages)) / (sessions
-                                                                               * expected)
+        sharing = 1 + (max_windows - 1) * acceptance ** (rows - 1)
+        window = (hop_us / sharing + sessions * sum(s.window(rows) for s in stages)) / (
+            sessions * expected)
         if window < plain:
             return True
     return False
