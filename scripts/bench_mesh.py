@@ -44,6 +44,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -58,6 +59,7 @@ from mesh.model.slicing import model_info
 from mesh.model.source import resolve_model
 from mesh.stage.runtime import RuntimeConfig
 from mesh.transport import frames as fr
+from mesh.transport.messages import Decode
 
 PROMPT = [2, 818, 5279, 529, 7001, 563]  # a short fixed prompt: decode dominates
 SPECULATION = SpeculationConfig()  # the mesh's (``--no-speculation``: off)
@@ -131,10 +133,8 @@ def _echo(url: str, n: int) -> None:
     for _ in range(n):
         ident, raw = sock.recv_multipart(copy=False)
         msg = fr.decode(raw.buffer)
-        embd = fr.unpack_embd(msg["embd"], msg["n"], 640)
-        body = fr.known_fields(msg)
-        body["embd"] = fr.pack_embd(embd)
-        sock.send_multipart([ident.bytes, fr.encode(msg["kind"], **body)])
+        embd = fr.unpack_embd(msg.embd, msg.n, 640)
+        sock.send_multipart([ident.bytes, fr.encode(replace(msg, embd=fr.pack_embd(embd)))])
     sock.close(linger=0)
 
 
@@ -148,10 +148,11 @@ def hop_latency_us(n: int) -> tuple[float, float]:
     samples = []
     for i in range(n + 200):
         t0 = time.perf_counter()
-        sock.send(fr.encode(fr.DECODE, session=1, origin=b"bench", epoch=0, pos=i, n=1,
-                            tokens=fr.pack_tokens([0]), embd=fr.pack_embd(hidden), draft=None))
+        sock.send(fr.encode(Decode(session=1, origin=b"bench", epoch=0, pos=i, n=1,
+                                   tokens=fr.pack_tokens([0]), embd=fr.pack_embd(hidden),
+                                   draft=None)))
         msg = fr.decode(sock.recv())
-        fr.unpack_embd(msg["embd"], 1, 640)
+        fr.unpack_embd(msg.embd, 1, 640)
         if i >= 200:
             samples.append((time.perf_counter() - t0) / 2 * 1e6)
     sock.close(linger=0)

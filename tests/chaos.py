@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from mesh.launcher import LocalMesh, free_port
+from mesh.transport.messages import Pong
 from mesh.transport.security import derive_keys, load_secret, write_secret
 from tests import netns
 from tests.rawpeer import RawPeer
@@ -56,7 +57,7 @@ class Report:
     outcomes: Counter = field(default_factory=Counter)  # see Client._classify
     retried: int = 0  # requests the coordinators re-ran (mesh_requests_retried, summed)
     recovery_s: dict[str, list[float]] = field(default_factory=dict)
-    stages: list[dict] = field(default_factory=list)  # each stage's Pong after the run
+    stages: list[Pong] = field(default_factory=list)  # each stage's Pong after the run
     drained_s: float = 0.0  # after the load stopped, until every stage held 0 sessions
 
     @property
@@ -65,7 +66,7 @@ class Report:
 
     @property
     def leaked_sessions(self) -> int:
-        return sum(stage["sessions"] for stage in self.stages)
+        return sum(stage.sessions for stage in self.stages)
 
     def lines(self) -> list[str]:
         out = [f"chaos run: {self.seconds:.0f} s, {self.requests} requests, events "
@@ -76,8 +77,8 @@ class Report:
             out.append(f"recovery after {kind}: median {statistics.median(times):.2f} s, "
                        f"max {max(times):.2f} s (n={len(times)})")
         for i, stage in enumerate(self.stages):
-            out.append(f"stage {i} after: sessions {stage['sessions']}, kv_used "
-                       f"{stage['kv_used']} cells, prefix records {stage['records']}")
+            out.append(f"stage {i} after: sessions {stage.sessions}, kv_used "
+                       f"{stage.kv_used} cells, prefix records {stage.records}")
         out.append(f"stages held 0 sessions {self.drained_s:.1f} s after the load stopped")
         return out
 
@@ -242,7 +243,7 @@ class Chaos:
         self.server = Server(model, self.mesh.urls, workdir / "logs" / "serve.log",
                              ["--secret", str(self.secret)])
 
-    def _pong(self, url: str) -> dict | None:
+    def _pong(self, url: str) -> Pong | None:
         with RawPeer(url, keys=self.keys, pair=self.keys.coordinator, timeout_ms=2000,
                      learn_epoch=False) as peer:
             return peer.ping()
@@ -281,7 +282,7 @@ class Chaos:
                 report.retried += self.server.retried()
                 self.server.stop()
             report.drained_s = self._until(
-                lambda: all(p is not None and p["sessions"] == 0
+                lambda: all(p is not None and p.sessions == 0
                             for p in map(self._pong, self.mesh.urls)), self.lease_s + 30)
             report.stages = [self._pong(url) for url in self.mesh.urls]
         return report
@@ -326,7 +327,7 @@ class SoakReport:
     rss_mib: list[list[float]] = field(default_factory=list)  # per stage, one per sample
     anon_mib: list[list[float]] = field(default_factory=list)  # RssAnon (heap), same samples
     samples_at: list[int] = field(default_factory=list)  # requests done at each sample
-    stages: list[dict] = field(default_factory=list)
+    stages: list[Pong | None] = field(default_factory=list)
     seconds: float = 0.0
 
     def second_half_mib(self) -> list[float]:
@@ -347,8 +348,8 @@ class SoakReport:
         for i, growth in enumerate(self.second_half_mib()):
             out.append(f"stage {i} second-half RSS growth: {growth:+.1f} MiB")
         for i, stage in enumerate(self.stages):
-            out.append(f"stage {i} after: sessions {stage['sessions']}, kv_used "
-                       f"{stage['kv_used']} cells, prefix records {stage['records']}")
+            out.append(f"stage {i} after: sessions {stage.sessions}, kv_used "
+                       f"{stage.kv_used} cells, prefix records {stage.records}")
         return out
 
 

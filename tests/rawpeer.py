@@ -6,14 +6,24 @@ rewire the stage's downstream), and stamps it on the session frames it builds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
+import msgpack
 import zmq
 
 from mesh.transport import frames as fr
+from mesh.transport.messages import CLASSES, Acquire, Handshake, Message, Ping, Pong, Stop
 from mesh.transport.sockets import dealer
 
 _SERIAL = itertools.count()
+
+
+def with_fields(frame: bytes, **fields) -> bytes:
+    """``frame`` carrying fields no kind defines as well (the typed codec writes none)."""
+    body = msgpack.unpackb(frame[fr.HEADER.size:])
+    data = msgpack.packb({**body, **fields}, use_bin_type=True)
+    return fr.HEADER.pack(len(data)) + data
 
 
 class RawPeer:
@@ -29,26 +39,27 @@ class RawPeer:
         self.epoch = 0
         if learn_epoch:
             pong = self.ping()
-            self.epoch = pong["epoch"] if pong else 0
+            self.epoch = pong.epoch if pong else 0
 
-    def ping(self, nonce: int = 4242, sessions: list[int] | None = None) -> dict | None:
+    def ping(self, nonce: int = 4242, sessions: list[int] | None = None) -> Pong | None:
         """The stage's Pong, or None if it never answers (skipping other replies). With
         ``sessions``, the Ping lists this peer's live sessions."""
         try:
-            self.sock.send(fr.encode(fr.PING, nonce=nonce, sessions=None if sessions is None
-                                     else fr.pack_sessions(sessions)))
+            self.sock.send(fr.encode(Ping(nonce=nonce, sessions=None if sessions is None
+                                          else fr.pack_sessions(sessions))))
             while True:
                 msg = fr.decode(self.sock.recv())
-                if msg["kind"] == fr.PONG and msg["nonce"] == nonce:
+                if isinstance(msg, Pong) and msg.nonce == nonce:
                     return msg
         except zmq.Again:
             return None
 
     def handshake(self, nxt: str | None = None, next_epoch: int | None = None,
                   index: int = 0, next_tag: bytes | None = None,
-                  keeper: bytes | None = None) -> dict:
-        self.send(fr.encode(fr.HANDSHAKE, origin=self.identity, next=nxt, next_epoch=next_epoch,
-                            next_tag=next_tag, model_sha256=None, index=index, keeper=keeper))
+                  keeper: bytes | None = None) -> Message:
+        self.send(fr.encode(Handshake(origin=self.identity, next=nxt, next_epoch=next_epoch,
+                                      next_tag=next_tag, model_sha256=None, index=index,
+                                      keeper=keeper)))
         return self.recv()
 
     def work(self, kind: str, session: int, pos: int, tokens=None, embd: bytes | None = None,
@@ -56,10 +67,14 @@ class RawPeer:
         n = n if n is not None else len(tokens)
         if kind == fr.DECODE:
             extra.setdefault("draft", None)
-        return fr.encode(kind, session=session, origin=origin or self.identity,
-                         epoch=extra.pop("epoch", self.epoch), pos=pos, n=n,
-                         tokens=None if tokens is None else fr.pack_tokens(tokens), embd=embd,
-                         **extra)
+        cls = CLASSES[kind]
+        defined = {f.name for f in dataclasses.fields(cls)}
+        unknown = {name: extra.pop(name) for name in list(extra) if name not in defined}
+        frame = fr.encode(cls(
+            session=session, origin=origin or self.identity, epoch=extra.pop("epoch", self.epoch),
+            pos=pos, n=n, tokens=None if tokens is None else fr.pack_tokens(tokens), embd=embd,
+            **extra))
+        return with_fields(frame, **unknown) if unknown else frame
 
     def prompt(self, session: int, tokens, pos: int = 0, **extra) -> bytes:
         """A whole prompt as one final chunk (greedy sampling)."""
@@ -70,20 +85,20 @@ class RawPeer:
     def stop(self, session: int, keep: int = 0, prefix_id: bytes | None = None,
              origin: bytes | None = None, tokens=None, salt: bytes | None = None,
              keeper: bytes | None = None) -> bytes:
-        return fr.encode(fr.STOP, session=session, origin=origin or self.identity,
-                         epoch=self.epoch, keep=keep, prefix_id=prefix_id,
-                         tokens=None if tokens is None else fr.pack_tokens(tokens), salt=salt,
-                         keeper=keeper)
+        return fr.encode(Stop(session=session, origin=origin or self.identity,
+                              epoch=self.epoch, keep=keep, prefix_id=prefix_id,
+                              tokens=None if tokens is None else fr.pack_tokens(tokens),
+                              salt=salt, keeper=keeper))
 
     def acquire(self, session: int, prefix_id: bytes, n: int,
                 origin: bytes | None = None) -> bytes:
-        return fr.encode(fr.ACQUIRE, session=session, origin=origin or self.identity,
-                         epoch=self.epoch, prefix_id=prefix_id, n=n)
+        return fr.encode(Acquire(session=session, origin=origin or self.identity,
+                                 epoch=self.epoch, prefix_id=prefix_id, n=n))
 
     def send(self, *frames: bytes) -> None:
         self.sock.send_multipart(list(frames))
 
-    def recv(self) -> dict:
+    def recv(self) -> Message:
         return fr.decode(self.sock.recv())
 
     def drain(self) -> int:
@@ -96,7 +111,7 @@ class RawPeer:
             except zmq.Again:
                 return n
 
-    def ask(self, frame: bytes) -> dict:
+    def ask(self, frame: bytes) -> Message:
         self.send(frame)
         return self.recv()
 

@@ -3,6 +3,7 @@ link liveness, sessions, and the prefix protocol's keeps and restore."""
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,7 +14,7 @@ from mesh.coordinator.prefixes import PENDING_KEEP_WAIT_S, PrefixProtocol
 from mesh.coordinator.sessions import Sessions
 from mesh.errors import StageUnavailableError
 from mesh.transport import frames as fr
-from mesh.transport import wire
+from mesh.transport.messages import Acquired, Pong, StageInfo, Token
 from mesh.transport.wire import DEAD_AFTER_S
 
 MODEL = "ab" * 32
@@ -36,8 +37,8 @@ def test_sessions_report_waiting_only_while_their_request_waits_on_an_empty_inbo
         waiter = asyncio.create_task(Sessions.next(inbox))
         await asyncio.sleep(0)
         assert list(sessions.waiting()) == [session]
-        sessions.deliver({"kind": "Token", "session": session, "token": 7})
-        assert (await waiter)["token"] == 7
+        sessions.deliver(Token(session=session, pos=1, token=7, logprob=None, top=[]))
+        assert (await waiter).token == 7
         assert sessions.waiting() == {}
         sessions.fail([session], StageUnavailableError("gone"))
         with pytest.raises(StageUnavailableError, match="gone"):
@@ -54,8 +55,9 @@ def _chain(n: int, lost: list) -> Chain:
 
 
 def _pong(downstream_ms):
-    return {"kind": "Pong", "queue": 0, "busy_ms": 0, "decode_steps": 0,
-            "downstream_ms": downstream_ms}
+    return Pong(nonce=1, epoch=1, kv_used=0, kv_capacity=0, sessions=0, records=0,
+                evicted_records=0, queue=0, busy_ms=0, decode_steps=0, decode_rows=0,
+                decode_ubatches=0, downstream_ms=downstream_ms, stage="stage")
 
 
 def test_a_silent_link_between_live_stages_is_down_and_named_then_up_again():
@@ -104,6 +106,13 @@ class _FakeChain:
         self.links = [_Link()]
 
 
+def _info(records):
+    return StageInfo(model_sha256=MODEL, arch="llama", start=0, end=4, n_layer=4, n_embd=8,
+                     session_ctx=256, slots=4, max_tokens=64, max_frame_bytes=1 << 20, epoch=1,
+                     stage="stage", records=records, exact_rows=1, exact_cells=None,
+                     batch_us=[], window_us=[], link_tag=None)
+
+
 def _entry(tokens, salt=b""):
     pid = prefix_id(MODEL, tokens, salt)
     return pid + bytes([len(salt)]) + salt + fr.pack_tokens(tokens), pid
@@ -114,10 +123,7 @@ def test_restore_indexes_records_every_stage_holds_and_that_hash_right():
     everywhere, pid_a = _entry(PROMPT, b"tenant")
     only_first, pid_b = _entry(PROMPT[:35])
     forged = pid_a + bytes([0]) + fr.pack_tokens(PROMPT[:36])  # tokens that do not hash to it
-    restored = protocol.restore([
-        {"records": [everywhere, only_first, forged]},
-        {"records": [pid_a]},
-    ])
+    restored = protocol.restore([_info([everywhere, only_first, forged]), _info([pid_a])])
     assert restored == 1 and len(protocol.index) == 1
     assert protocol.index.matches(PROMPT + [1], b"tenant") == [(pid_a, len(PROMPT))]
     assert protocol.index.matches(PROMPT + [1], b"") == []
@@ -129,8 +135,8 @@ def test_a_lost_stopped_delays_one_request_at_most_and_loss_resolves_the_rest():
         protocol = PrefixProtocol(PrefixIndex(MODEL), chain)
         protocol.stop(1, PROMPT, b"salt")  # its Stopped never comes
         stop = chain.links[0].posted[0]  # the first stage is told what it keeps
-        assert fr.unpack_tokens(stop["tokens"]).tolist() == PROMPT and stop["salt"] == b"salt"
-        assert stop["keep"] == len(PROMPT)
+        assert fr.unpack_tokens(stop.tokens).tolist() == PROMPT and stop.salt == b"salt"
+        assert stop.keep == len(PROMPT)
         inbox = Sessions().open()[1]
         t0 = time.monotonic()
         assert await protocol.reuse(2, inbox, PROMPT + [1], b"") == 0
@@ -177,7 +183,7 @@ def test_reuse_snaps_a_resident_prefix_down_to_whole_prompt_chunks():
     computes there: only whole chunks are reused, the rest is prefilled as a solo run would."""
     async def main():
         chain = _FakeChain()
-        chain.links[0].info = {"stage": "stage 0:4"}
+        chain.links[0].info = SimpleNamespace(stage="stage 0:4")  # all a StageInfo is read for
         index = PrefixIndex(MODEL)
         kept = list(range(100, 300))  # 200 tokens: three whole 64-token chunks and 8 more
         index.add(kept, b"")
@@ -187,8 +193,9 @@ def test_reuse_snaps_a_resident_prefix_down_to_whole_prompt_chunks():
                                                    align=64))
         while not chain.links[0].posted:
             await asyncio.sleep(0)
-        assert chain.links[0].posted[-1]["n"] == 192
-        inbox.queue.put_nowait({"kind": wire.ACQUIRED, "stage": "stage 0:4", "n": 192})
+        assert chain.links[0].posted[-1].n == 192
+        inbox.queue.put_nowait(Acquired(session=session, prefix_id=b"\0" * 32, n=192,
+                                        stage="stage 0:4"))
         assert await reuse == 192
         short = list(range(100, 150))  # under one chunk: nothing to reuse, nothing asked
         index.add(short, b"x")

@@ -31,7 +31,7 @@ def _live_sessions(urls) -> list[int]:
         with RawPeer(url, learn_epoch=False) as peer:
             pong = peer.ping()
             assert pong is not None, f"{url} answers a Ping"
-            out.append(pong["sessions"])
+            out.append(pong.sessions)
     return out
 
 
@@ -220,16 +220,16 @@ def test_a_stage_drops_sessions_its_owner_left_out_of_two_lists_in_a_row(tiny_ll
     with running_mesh(tiny_llama, [(0, 4)], tmp_path, ctx=256) as mesh:
         with RawPeer(mesh.urls[0], timeout_ms=60_000) as owner:
             owner.send(owner.prompt(1, PROMPT), owner.prompt(2, PROMPT))
-            assert [owner.recv()["kind"] for _ in range(2)] == [fr.TOKEN, fr.TOKEN]
-            assert owner.ping()["sessions"] == 2
-            assert owner.ping(sessions=[2])["sessions"] == 2  # one list: 1 is only suspect
+            assert [owner.recv().kind for _ in range(2)] == [fr.TOKEN, fr.TOKEN]
+            assert owner.ping().sessions == 2
+            assert owner.ping(sessions=[2]).sessions == 2  # one list: 1 is only suspect
             with RawPeer(mesh.urls[0]) as other:  # another peer's list touches nothing of ours
                 other.ping(sessions=[])
                 other.ping(sessions=[])
-            assert owner.ping(sessions=[2])["sessions"] == 2  # pongs precede the drop
-            _wait(lambda: owner.ping()["sessions"] == 1, 5, "session 1 dropped")
+            assert owner.ping(sessions=[2]).sessions == 2  # pongs precede the drop
+            _wait(lambda: owner.ping().sessions == 1, 5, "session 1 dropped")
             owner.send(owner.work(fr.DECODE, 2, len(PROMPT), [5]))
-            assert owner.recv()["kind"] == fr.TOKEN  # the listed one still decodes
+            assert owner.recv().kind == fr.TOKEN  # the listed one still decodes
 
 
 def test_slow_links_cost_latency_and_are_not_taken_for_failures(tiny_llama, tmp_path):

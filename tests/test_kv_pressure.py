@@ -14,6 +14,7 @@ import pytest
 from mesh.coordinator.coordinator import GenerationParams
 from mesh.errors import StageError
 from mesh.transport import frames as fr
+from mesh.transport.messages import PrefillEmbd
 from tests.meshutil import running_mesh, with_coordinator
 from tests.rawpeer import RawPeer
 
@@ -59,14 +60,14 @@ def test_single_chunk_prompt_is_activated_and_protected_by_eviction(tiny_llama, 
         async def body(coord):
             for seed in range(3):
                 await coord.complete(_prompt(seed, 60), GenerationParams(max_tokens=4))
-            before = await _settled_stats(coord, lambda p: p["records"] == 3)
+            before = await _settled_stats(coord, lambda p: p.records == 3)
             result = await coord.complete(_prompt(99, 100), GenerationParams(max_tokens=4))
-            after = await _settled_stats(coord, lambda p: p["evicted_records"] >= 1)
+            after = await _settled_stats(coord, lambda p: p.evicted_records >= 1)
             return before, result, after
         before, result, after = with_coordinator(tiny_llama, mesh.urls, body)
-        assert all(p["records"] == 3 and p["kv_used"] == 180 for p in before)
+        assert all(p.records == 3 and p.kv_used == 180 for p in before)
         assert len(result.token_ids) == 4
-        assert all(p["evicted_records"] == 1 for p in after)
+        assert all(p.evicted_records == 1 for p in after)
         evictions = _events(mesh, "kv_eviction")
         assert {e["stage_index"] for e in evictions} == {0, 1}
         assert all(e["status"] == "evict" and e["free_slots_before"] == 0
@@ -95,14 +96,14 @@ def test_full_slots_refuse_only_the_new_session(tiny_llama, tmp_path):
                       extra_args=["--prefix-records", "0"]) as mesh:
         with RawPeer(mesh.urls[0]) as peer:
             first = peer.ask(peer.prompt(1, _prompt(5, 50)))
-            assert peer.ask(peer.prompt(2, _prompt(6, 50)))["kind"] == fr.TOKEN
+            assert peer.ask(peer.prompt(2, _prompt(6, 50))).kind == fr.TOKEN
             refused = peer.ask(peer.prompt(3, _prompt(7, 20)))
-            assert refused["kind"] == fr.ERROR and refused["code"] == "no_session_slot"
-            assert refused["session"] == 3
-            step = peer.ask(peer.work(fr.DECODE, 1, 50, [first["token"]]))
-            assert step["kind"] == fr.TOKEN and step["pos"] == 51
-            assert peer.ask(peer.stop(1))["freed"] == 51
-            assert peer.ask(peer.prompt(3, _prompt(7, 20)))["kind"] == fr.TOKEN
+            assert refused.kind == fr.ERROR and refused.code == "no_session_slot"
+            assert refused.session == 3
+            step = peer.ask(peer.work(fr.DECODE, 1, 50, [first.token]))
+            assert step.kind == fr.TOKEN and step.pos == 51
+            assert peer.ask(peer.stop(1)).freed == 51
+            assert peer.ask(peer.prompt(3, _prompt(7, 20))).kind == fr.TOKEN
         log = mesh.stages[0].log_path.read_text()
         assert "failed to find a memory slot" not in log and "Traceback" not in log
 
@@ -111,14 +112,14 @@ def test_a_session_cannot_outgrow_its_stream_and_others_are_untouched(tiny_llama
     with running_mesh(tiny_llama, [(0, 4)], tmp_path, ctx=256, slots=2) as mesh:
         with RawPeer(mesh.urls[0]) as peer:
             big = peer.ask(peer.prompt(1, _prompt(5, 250)))
-            assert big["kind"] == fr.TOKEN
+            assert big.kind == fr.TOKEN
             other = peer.ask(peer.prompt(2, _prompt(6, 30)))
             too_far = peer.ask(peer.work(fr.PREFILL, 1, 250, _prompt(8, 10)))
-            assert too_far["code"] == "kv_exhausted" and too_far["session"] == 1
-            step = peer.ask(peer.work(fr.DECODE, 2, 30, [other["token"]]))
-            assert step["kind"] == fr.TOKEN and step["pos"] == 31
-            step = peer.ask(peer.work(fr.DECODE, 1, 250, [big["token"]]))
-            assert step["kind"] == fr.TOKEN and step["pos"] == 251
+            assert too_far.code == "kv_exhausted" and too_far.session == 1
+            step = peer.ask(peer.work(fr.DECODE, 2, 30, [other.token]))
+            assert step.kind == fr.TOKEN and step.pos == 31
+            step = peer.ask(peer.work(fr.DECODE, 1, 250, [big.token]))
+            assert step.kind == fr.TOKEN and step.pos == 251
 
 
 @pytest.mark.parametrize("slots", [1])
@@ -146,7 +147,8 @@ async def _filler(model, urls):
     await coord.start()
     first = coord.links[0]
     session, _ = coord.sessions.open()  # live: its coordinator lists it, so the stage keeps it
-    first.post(fr.encode(fr.PREFILL, session=session, origin=coord.origin, epoch=first.epoch, pos=0,
-                         n=150, tokens=fr.pack_tokens(_prompt(9, 150)), embd=None))
-    await _settled_stats(coord, lambda p: p["kv_used"] >= 150)
+    first.post(fr.encode(PrefillEmbd(session=session, origin=coord.origin, epoch=first.epoch,
+                                     pos=0, n=150, tokens=fr.pack_tokens(_prompt(9, 150)),
+                                     embd=None)))
+    await _settled_stats(coord, lambda p: p.kv_used >= 150)
     return coord

@@ -12,6 +12,7 @@ from mesh.coordinator.speculation import SpeculationConfig
 from mesh.errors import HandshakeError, StageUnavailableError
 from mesh.launcher import LocalMesh
 from mesh.transport import frames as fr
+from mesh.transport.messages import Ping, Token
 from tests.meshutil import running_mesh, with_coordinator
 from tests.parity import single_greedy
 from tests.rawpeer import RawPeer
@@ -95,7 +96,7 @@ def test_outputs_never_depend_on_load_cache_or_speculation(gemma_path, tmp_path)
         together, stats = with_coordinator(
             gemma_path, mesh.urls, concurrent,
             speculation=SpeculationConfig(mode="ngram", draft_max=8, policy="always"))
-    assert all(s["decode_rows"] > s["decode_steps"] for s in stats)  # batching happened
+    assert all(s.decode_rows > s.decode_steps for s in stats)  # batching happened
     assert len({tuple(tokens) for tokens, _, _ in solo}) == len(LOAD)
     assert again[0][2] >= 192 and again[1][2] >= 320  # from the cache, snapped to chunks
     key = [(tokens, lp) for tokens, lp, _ in solo]
@@ -118,14 +119,14 @@ def test_handshake_refuses_a_different_model(tiny_llama, mesh2):
 BAD_FRAMES = {
     "random bytes": (b"\x13\x37garbage", "oversize"),
     "short garbage": (b"\x00\x00\x00\x02\xc1\xc1", "bad_frame"),
-    "wrong length prefix": (fr.encode(fr.PING, nonce=1, sessions=None)[:-1], "bad_frame"),
+    "wrong length prefix": (fr.encode(Ping(nonce=1, sessions=None))[:-1], "bad_frame"),
     "non-map body": (b"\x00\x00\x00\x03\x93\x01\x02", "bad_frame"),
     "unknown kind": (fr.HEADER.pack(13) + b"\x82\xa1v" + bytes([fr.PROTOCOL_VERSION])
                      + b"\xa4kind\xa3Zap", "unknown_kind"),
-    "wrong version": (fr.encode(fr.PING, nonce=1, sessions=None).replace(
+    "wrong version": (fr.encode(Ping(nonce=1, sessions=None)).replace(
         b"\xa1v" + bytes([fr.PROTOCOL_VERSION]), b"\xa1v\x07"), "bad_version"),
-    "token frame to a stage": (fr.encode(fr.TOKEN, session=1, pos=1, token=1, logprob=None,
-                                         top=[]), "unknown_kind"),
+    "token frame to a stage": (fr.encode(Token(session=1, pos=1, token=1, logprob=None,
+                                               top=[])), "unknown_kind"),
 }
 
 
@@ -134,8 +135,8 @@ def test_malformed_frames_get_error_frames_and_stage_keeps_serving(mesh2, name):
     with RawPeer(mesh2.urls[1], timeout_ms=60_000) as peer:  # its Pong: the stage is up
         raw, code = BAD_FRAMES[name]
         reply = peer.ask(raw)
-        assert reply["kind"] == fr.ERROR and reply["session"] is None
-        assert reply["code"] == code
+        assert reply.kind == fr.ERROR and reply.session is None
+        assert reply.code == code
         assert peer.ping() is not None
 
 
@@ -144,14 +145,14 @@ def test_session_errors_go_to_the_owner_and_leave_others_alone(gemma_path, mesh2
         wrong_size = peer.work(fr.PREFILL_FINAL, 1, 0, n=2, embd=b"\0" * (640 * 4),
                                sampling={}, history=None, grammar=None)
         reply = peer.ask(wrong_size)
-        assert reply["code"] == "bad_shape" and reply["session"] == 1
+        assert reply.code == "bad_shape" and reply.session == 1
         unknown = peer.work(fr.DECODE, 99, 5, [5], embd=np.zeros((1, 640), "<f4").tobytes())
         reply = peer.ask(unknown)
-        assert reply["code"] == "unknown_session" and reply["session"] == 99
+        assert reply.code == "unknown_session" and reply.session == 99
         stale = peer.work(fr.DECODE, 98, 0, [5], embd=np.zeros((1, 640), "<f4").tobytes(),
                           epoch=peer.epoch + 1)
         reply = peer.ask(stale)  # meant for another process of this stage
-        assert reply["code"] == "stale_epoch" and reply["session"] == 98
+        assert reply.code == "stale_epoch" and reply.session == 98
 
     async def body(coord):
         return await coord.complete(PROMPTS[1], _greedy(8))
@@ -198,5 +199,5 @@ def test_concurrent_decode_steps_reach_the_stages_as_one_batch(gemma_path, mesh2
     before, after = with_coordinator(gemma_path, mesh2.urls, body, prefix_cache=False,
                                      speculation=SpeculationConfig(mode="none"))
     for a, b in zip(before, after, strict=True):
-        rows, steps = b["decode_rows"] - a["decode_rows"], b["decode_steps"] - a["decode_steps"]
+        rows, steps = b.decode_rows - a.decode_rows, b.decode_steps - a.decode_steps
         assert rows >= 4 * 63 and rows / steps >= 3.4, (rows, steps)

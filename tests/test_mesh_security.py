@@ -199,7 +199,7 @@ def test_members_generate_and_outsiders_get_no_reply(secure, tiny_llama, tmp_pat
                 pass
     with RawPeer(mesh.urls[0], keys=keys, pair=keys.coordinator) as member:
         pong = member.ping()
-        assert pong["kind"] == fr.PONG and pong["sessions"] == 0 and pong["queue"] == 0
+        assert pong.kind == fr.PONG and pong.sessions == 0 and pong.queue == 0
 
 
 def test_members_may_only_send_what_their_role_and_sessions_allow(secure):
@@ -207,14 +207,14 @@ def test_members_may_only_send_what_their_role_and_sessions_allow(secure):
     coordinator = RawPeer(mesh.urls[0], b"coord-one", keys=keys, pair=keys.coordinator)
     stage_peer = RawPeer(mesh.urls[0], b"fwd-peer", keys=keys, pair=keys.stage)
     try:
-        assert stage_peer.handshake()["code"] == "forbidden"
+        assert stage_peer.handshake().code == "forbidden"
         # A coordinator naming another coordinator's session is refused.
         reply = coordinator.ask(coordinator.work(fr.PREFILL, 5, 0, [1, 2],
                                                  origin=b"coord-other"))
-        assert reply["code"] == "forbidden" and reply["session"] is None
+        assert reply.code == "forbidden" and reply.session is None
         reply = coordinator.ask(coordinator.stop(5, origin=b"coord-other"))
-        assert reply["code"] == "forbidden"
-        assert coordinator.ping()["sessions"] == 0
+        assert reply.code == "forbidden"
+        assert coordinator.ping().sessions == 0
     finally:
         coordinator.close()
         stage_peer.close()
@@ -264,21 +264,21 @@ def test_a_stage_member_cannot_stop_trim_feed_or_reconcile_a_live_session(single
     try:
         victim.send(victim.prompt(1, PROMPT))
         token = victim.recv()
-        assert token["kind"] == fr.TOKEN
+        assert token.kind == fr.TOKEN
         with _stage_peer(single, stage_keys) as attacker:
-            assert attacker.handshake()["code"] == "forbidden"
+            assert attacker.handshake().code == "forbidden"
             # Frames naming the victim's session, as if forwarded by an upstream stage.
             for frame in (attacker.stop(1, origin=victim.identity),
                           attacker.acquire(1, bytes(32), 0, origin=victim.identity),
-                          attacker.work(fr.DECODE, 1, token["pos"], [token["token"]],
+                          attacker.work(fr.DECODE, 1, token.pos, [token.token],
                                         origin=victim.identity)):
                 reply = attacker.ask(frame)
-                assert reply["kind"] == fr.ERROR and reply["code"] == "forbidden", reply
+                assert reply.kind == fr.ERROR and reply.code == "forbidden", reply
             attacker.ping(sessions=[])
             attacker.ping(sessions=[])
-        assert victim.ping()["sessions"] == 1
-        step = _decodes(victim, 1, token["pos"], token["token"])
-        assert step["kind"] == fr.TOKEN, step
+        assert victim.ping().sessions == 1
+        step = _decodes(victim, 1, token.pos, token.token)
+        assert step.kind == fr.TOKEN, step
     finally:
         victim.close()
     # The victim's routing id, taken by a stage member once the victim's connection is gone:
@@ -290,7 +290,7 @@ def test_a_stage_member_cannot_stop_trim_feed_or_reconcile_a_live_session(single
                 time.sleep(0.1)
                 continue
             thief.epoch = victim.epoch
-            assert thief.ask(thief.stop(1))["code"] == "forbidden"
+            assert thief.ask(thief.stop(1)).code == "forbidden"
             for _ in range(3):
                 thief.ping(sessions=[])
             time.sleep(0.3)  # a reconcile would run at the engine's next turn
@@ -306,9 +306,9 @@ def test_a_stage_member_cannot_stop_trim_feed_or_reconcile_a_live_session(single
         time.sleep(0.1)
     try:
         back.sock.setsockopt(zmq.RCVTIMEO, 60_000)
-        assert back.ping()["sessions"] == 1
-        step = _decodes(back, 1, step["pos"], step["token"])
-        assert step["kind"] == fr.TOKEN, step
+        assert back.ping().sessions == 1
+        step = _decodes(back, 1, step.pos, step.token)
+        assert step.kind == fr.TOKEN, step
         back.ask(back.stop(1))
     finally:
         back.close()
@@ -319,15 +319,15 @@ def test_nobody_redirects_a_stage_and_coordinators_name_tcp_stages_only(single, 
     coord_keys = load_keys(identities[2], ROLE_COORDINATOR)
     with _stage_peer(single, stage_keys) as attacker:
         reply = attacker.handshake(f"tcp://127.0.0.1:{free_port()}", 1, next_tag=bytes(16))
-        assert reply["code"] == "forbidden"
-        assert attacker.ping()["downstream_ms"] is None  # no next stage was set
+        assert reply.code == "forbidden"
+        assert attacker.ping().downstream_ms is None  # no next stage was set
     with RawPeer(single, keys=coord_keys, pair=coord_keys.coordinator) as coordinator:
         for url in ("ipc:///tmp/mesh-not-a-stage", "inproc://mesh-not-a-stage"):
             reply = coordinator.handshake(url, 1, next_tag=bytes(16))
-            assert reply["code"] == "bad_field" and "tcp://" in reply["message"]
+            assert reply.code == "bad_field" and "tcp://" in reply.message
         reply = coordinator.handshake(f"tcp://127.0.0.1:{free_port()}", 1)
-        assert reply["code"] == "bad_field" and "next_tag" in reply["message"]
-        assert coordinator.ping()["downstream_ms"] is None
+        assert reply.code == "bad_field" and "next_tag" in reply.message
+        assert coordinator.ping().downstream_ms is None
 
 
 def test_records_are_told_only_to_their_keeper_and_a_restarted_coordinator_restores(
@@ -353,8 +353,8 @@ def test_records_are_told_only_to_their_keeper_and_a_restarted_coordinator_resto
     # A stage member gets no handshake at all; on a later stage it cannot forward a Stop.
     for url in mesh.urls:
         with _stage_peer(url, stage_keys) as attacker:
-            assert attacker.handshake()["code"] == "forbidden"
-            assert attacker.ask(attacker.stop(1, origin=b"coord-x"))["code"] == "forbidden"
+            assert attacker.handshake().code == "forbidden"
+            assert attacker.ask(attacker.stop(1, origin=b"coord-x")).code == "forbidden"
     # A coordinator presenting another keeper sees the record's prefix id alone. (Handshaken
     # as the chain is, last stage first, so the stages keep their wiring.)
     with RawPeer(mesh.urls[1], keys=coord_keys, pair=coord_keys.coordinator) as last, \
@@ -362,11 +362,11 @@ def test_records_are_told_only_to_their_keeper_and_a_restarted_coordinator_resto
         info = last.handshake(index=1)
 
         def records(keeper):
-            reply = first_stage.handshake(mesh.urls[1], info["epoch"], 0, info["link_tag"],
+            reply = first_stage.handshake(mesh.urls[1], info.epoch, 0, info.link_tag,
                                           keeper)
-            assert reply["kind"] == fr.STAGE_INFO, reply
+            assert reply.kind == fr.STAGE_INFO, reply
             return {fr.unpack_record_entry(e)[0]: fr.unpack_record_entry(e)
-                    for e in reply["records"]}
+                    for e in reply.records}
 
         assert records(os.urandom(16))[pid] == (pid, b"", None)
         assert records(None)[pid] == (pid, b"", None)

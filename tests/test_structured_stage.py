@@ -32,12 +32,12 @@ def test_a_32000_deep_grammar_from_a_peer_is_an_error_and_the_stage_keeps_servin
                 t0 = time.monotonic()
                 peer.send(peer.prompt(session, PROMPT, grammar=grammar))
                 reply = peer.recv()
-                assert reply["kind"] == fr.ERROR and reply["code"] == "invalid_input", reply
+                assert reply.kind == fr.ERROR and reply.code == "invalid_input", reply
                 assert time.monotonic() - t0 < 5
             # Only a final prefill frame carries a grammar; the stage still serves both kinds.
             peer.send(peer.prompt(1, PROMPT), peer.prompt(2, PROMPT, grammar=b"root ::= [a-c]+"))
-            replies = {m["session"]: m for m in (peer.recv(), peer.recv())}
-            assert {m["kind"] for m in replies.values()} == {fr.TOKEN}
+            replies = {m.session: m for m in (peer.recv(), peer.recv())}
+            assert {m.kind for m in replies.values()} == {fr.TOKEN}
             assert mesh.stages[0].proc.poll() is None
 
 

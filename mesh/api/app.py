@@ -57,7 +57,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         await coordinator.start(handshake_timeout_s=120)  # stages may still be slicing
-        service.chat = ChatRenderer(coordinator.tokenizer, coordinator.links[0].info["arch"])
+        service.chat = ChatRenderer(coordinator.tokenizer, coordinator.links[0].info.arch)
         if settings.announce_url:
             key = settings.api_keys[0] if settings.api_keys else None
             print(_curl_line(settings.announce_url, key), file=sys.stderr, flush=True)

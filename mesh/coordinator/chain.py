@@ -18,13 +18,13 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
 
 import zmq.asyncio
 
 from mesh.coordinator.links import StageLink
 from mesh.errors import HandshakeError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
+from mesh.transport.messages import Message, Pong, StageInfo
 from mesh.transport.security import MeshKeys
 from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S
 
@@ -37,7 +37,7 @@ LIST_EVERY = 4  # every 4th ping (2 s) lists our live sessions, so lost Stops co
 
 class Chain:
     def __init__(self, urls: list[str], origin: bytes, keys: MeshKeys | None,
-                 dispatch: Callable[[StageLink, dict[str, Any]], None],
+                 dispatch: Callable[[StageLink, Message], None],
                  on_lost: Callable[[StageLink, MeshError], None],
                  on_send_failure: Callable[[list[int], MeshError], None]):
         self.urls = list(urls)
@@ -84,14 +84,14 @@ class Chain:
     @property
     def session_ctx(self) -> int:
         """Smallest per-session KV in the chain: the longest a session can ever grow."""
-        return min(link.info["session_ctx"] for link in self.links)
+        return min(link.info.session_ctx for link in self.links)
 
     @property
     def slots(self) -> int:
         """Sessions the chain holds at once (every stage gives each session a slot)."""
-        return min(link.info["slots"] for link in self.links)
+        return min(link.info.slots for link in self.links)
 
-    async def start(self, model_sha256: str, timeout_s: float) -> list[dict[str, Any]]:
+    async def start(self, model_sha256: str, timeout_s: float) -> list[StageInfo]:
         self.model_sha256 = model_sha256
         for link in self.links:
             link.start()
@@ -100,38 +100,38 @@ class Chain:
         self._heartbeat = asyncio.create_task(self._liveness(), name="heartbeat")
         return infos
 
-    async def _handshake_all(self, timeout_s: float) -> list[dict[str, Any]]:
+    async def _handshake_all(self, timeout_s: float) -> list[StageInfo]:
         """Last stage first: each upstream learns the epoch of the stage it forwards to."""
         deadline = time.monotonic() + timeout_s
         for link in reversed(self.links):
             await self._handshake(link, max(0.5, deadline - time.monotonic()))
         return [link.info for link in self.links]
 
-    async def _handshake(self, link: StageLink, timeout_s: float) -> dict[str, Any]:
+    async def _handshake(self, link: StageLink, timeout_s: float) -> StageInfo:
         nxt = self.links[link.index + 1] if link.index + 1 < len(self.links) else None
         return await link.handshake(self.origin, nxt.url if nxt else None,
                                     nxt.epoch if nxt else None, self.model_sha256, link.index,
                                     timeout_s, next_tag=nxt.link_tag if nxt else None,
                                     keeper=self.keeper)
 
-    def _check(self, infos: list[dict[str, Any]]) -> None:
-        n_layer = infos[0]["n_layer"]
+    def _check(self, infos: list[StageInfo]) -> None:
+        n_layer = infos[0].n_layer
         expected_start = 0
         for link, info in zip(self.links, infos, strict=True):
-            if info["n_layer"] != n_layer or info["n_embd"] != infos[0]["n_embd"]:
+            if info.n_layer != n_layer or info.n_embd != infos[0].n_embd:
                 raise HandshakeError(f"{link.name} serves a different model shape")
-            if info["start"] != expected_start:
+            if info.start != expected_start:
                 raise HandshakeError(
-                    f"{link.name} serves layers {info['start']}:{info['end']} but the chain "
+                    f"{link.name} serves layers {info.start}:{info.end} but the chain "
                     f"needs a stage starting at layer {expected_start}")
-            expected_start = info["end"]
+            expected_start = info.end
         if expected_start != n_layer:
             raise HandshakeError(
                 f"stages cover layers 0:{expected_start} of {n_layer}; add a stage for "
                 f"{expected_start}:{n_layer}")
         self.n_layer = n_layer
 
-    async def stats(self) -> list[dict[str, Any]]:
+    async def stats(self) -> list[Pong]:
         return list(await asyncio.gather(*(link.stats() for link in self.links)))
 
     # ---- liveness -------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class Chain:
         for link, nxt in zip(self.links[:-1], self.links[1:], strict=True):
             if not (link.alive and nxt.alive) or link.last_pong is None:
                 continue
-            silent_ms = link.last_pong["downstream_ms"]
+            silent_ms = link.last_pong.downstream_ms
             if silent_ms is None:  # not told its next stage yet (a handshake is on its way)
                 continue
             if link.link_up and silent_ms > 1e3 * DEAD_AFTER_S:
@@ -197,7 +197,7 @@ class Chain:
             link.alive = False
             log.warning("stage_revive_failed", stage_index=link.index, error=exc.code)
             return
-        log.info("stage_up", stage_index=link.index, start=info["start"], end=info["end"])
+        log.info("stage_up", stage_index=link.index, start=info.start, end=info.end)
 
     async def close(self) -> None:
         if self._heartbeat is not None:

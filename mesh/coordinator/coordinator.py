@@ -41,24 +41,24 @@ from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import HandshakeError, InvalidInputError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.model.source import file_sha256
-from mesh.transport import wire
+from mesh.transport.messages import Acquired, Error, Message, Pong, StageInfo, Stopped, Token
 from mesh.transport.security import MeshKeys
 
 log = get_logger("mesh.coordinator")
 
 
-def context_refusal(model_path: Path, infos: list[dict[str, Any]]) -> str | None:
+def context_refusal(model_path: Path, infos: list[StageInfo]) -> str | None:
     """Why these stages' contexts would compute differently from one llama.cpp context, for
     families whose computation follows each context's size (phi3's rope factors), or None."""
     from mesh.model.families import FAMILIES
 
-    fam = FAMILIES.get(infos[0]["arch"]) if infos else None
+    fam = FAMILIES.get(infos[0].arch) if infos else None
     if fam is None or fam.context_refusal is None:
         return None
     from mesh.model.slicing import model_info
 
     return fam.context_refusal(model_info(Path(model_path)),
-                               [int(info["session_ctx"]) for info in infos])
+                               [int(info.session_ctx) for info in infos])
 
 
 class Coordinator:
@@ -157,17 +157,17 @@ class Coordinator:
     def slots(self) -> int:
         return self.chain.slots
 
-    async def stage_stats(self) -> list[dict[str, Any]]:
+    async def stage_stats(self) -> list[Pong]:
         return await self.chain.stats()
 
-    def _dispatch(self, link: StageLink, msg: dict[str, Any]) -> None:
-        if msg["kind"] == wire.STOPPED:
+    def _dispatch(self, link: StageLink, msg: Message) -> None:
+        if isinstance(msg, Stopped):
             self.prefixes.stopped(msg)
-        elif self.sessions.deliver(msg):
-            if msg["kind"] == wire.TOKEN:
-                self.pacer.arrived(msg["session"])
-        elif msg["kind"] == wire.ERROR:
-            log.warning("stage_error", stage_index=link.index, code=msg["code"])
+        elif isinstance(msg, Token | Acquired | Error) and self.sessions.deliver(msg):
+            if isinstance(msg, Token):
+                self.pacer.arrived(msg.session)
+        elif isinstance(msg, Error):
+            log.warning("stage_error", stage_index=link.index, code=msg.code)
 
     def _lost(self, link: StageLink, exc: MeshError) -> None:
         """A stage or a link went down, or a stage restarted: every session went through it."""

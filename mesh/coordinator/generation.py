@@ -41,6 +41,7 @@ from mesh.errors import MeshError, StageError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
+from mesh.transport.messages import Decode, PrefillEmbd, PrefillFinalEmbd, Work
 
 log = get_logger("mesh.coordinator")
 
@@ -71,7 +72,7 @@ class GenerationParams:
     # reached (finish_reason "length") and the session's slot goes back.
     timeout_s: float | None = None
 
-    def wire_sampling(self) -> dict[str, Any]:
+    def wire_sampling(self) -> dict[str, int | float]:
         return {"temperature": float(self.temperature), "top_k": int(self.top_k),
                 "top_p": float(self.top_p), "min_p": float(self.min_p), "seed": int(self.seed),
                 "repeat_penalty": float(self.repeat_penalty), "repeat_last_n": 64,
@@ -177,7 +178,7 @@ class Generator:
         try:
             chunk = self._chunk_size()
             for start in range(0, len(keep), chunk):
-                self._send_work(wire.PREFILL, session, start, keep[start:start + chunk])
+                self._send_work(PrefillEmbd, session, start, keep[start:start + chunk])
         finally:
             self.sessions.close(session)
             done = self.prefixes.stop(session, keep, salt)
@@ -228,10 +229,10 @@ class Generator:
                 except TimeoutError:
                     log.warning("request_deadline", tokens=len(token_ids))
                     break
-                if not spec.awaited(msg["pos"]):
-                    log.warning("token_unexpected", session_pos=msg["pos"])
+                if not spec.awaited(msg.pos):
+                    log.warning("token_unexpected", session_pos=msg.pos)
                     continue
-                token = msg["token"]
+                token = msg.token
                 self._time_step(spec.in_flight[0])
                 spec.take(token)
                 if t_first is None:
@@ -258,7 +259,7 @@ class Generator:
                 logprobs = []
                 if params.logprobs:
                     logprobs = [{"token": token, "text": text_out.last,
-                                 "logprob": msg["logprob"], "top": msg["top"]}]
+                                 "logprob": msg.logprob, "top": msg.top}]
                 if text or logprobs:
                     yield Delta(text, [token], logprobs)
                 if stopped:
@@ -298,7 +299,7 @@ class Generator:
                            spec.rows_limit)
 
     def _stage_costs(self) -> list[StageCosts] | None:
-        costs = [StageCosts(tuple(link.info["batch_us"]), tuple(link.info["window_us"]))
+        costs = [StageCosts(tuple(link.info.batch_us), tuple(link.info.window_us))
                  for link in self.chain.links]
         return costs if all(c.batch_us for c in costs) else None
 
@@ -319,9 +320,9 @@ class Generator:
         """Rows a window may hold and the position it must end by: what every stage computes
         exactly in one llama_decode."""
         infos = [link.info for link in self.chain.links]
-        cells = [i["exact_cells"] for i in infos if i["exact_cells"] is not None]
+        cells = [i.exact_cells for i in infos if i.exact_cells is not None]
         rows = min([self.speculation.draft_max + 1, wire.MAX_DRAFT_TOKENS + 1,
-                    *(i["exact_rows"] for i in infos)])
+                    *(i.exact_rows for i in infos)])
         return rows, min(cells) if cells else None
 
     def _send_windows(self, session: int, windows: list[Window]) -> None:
@@ -329,7 +330,7 @@ class Generator:
         batches the group's rows), or at the end of this turn of the event loop."""
         for window in windows:
             window.sent = time.perf_counter()
-            self._send_work(wire.DECODE, session, window.pos, window.tokens,
+            self._send_work(Decode, session, window.pos, window.tokens,
                             draft=fr.pack_tokens(window.draft) if window.draft else None)
 
     def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams,
@@ -338,20 +339,21 @@ class Generator:
         for start in range(start_pos, len(prompt_ids), chunk):
             part = prompt_ids[start:start + chunk]
             if start + chunk >= len(prompt_ids):
-                self._send_work(wire.PREFILL_FINAL, session, start, part,
+                self._send_work(PrefillFinalEmbd, session, start, part,
                                 sampling=params.wire_sampling(),
                                 history=fr.pack_tokens(prompt_ids[-wire.MAX_HISTORY_TOKENS:]),
                                 grammar=params.grammar.encode() if params.grammar else None)
             else:
-                self._send_work(wire.PREFILL, session, start, part)
+                self._send_work(PrefillEmbd, session, start, part)
 
     def _chunk_size(self) -> int:
         """Prompt tokens per frame: ours, unless a stage takes fewer at once."""
-        return min(self.prefill_chunk, *(link.info["max_tokens"] for link in self.chain.links))
+        return min(self.prefill_chunk, *(link.info.max_tokens for link in self.chain.links))
 
-    def _send_work(self, kind: str, session: int, pos: int, tokens: list[int], **extra) -> None:
+    def _send_work(self, cls: type[Work], session: int, pos: int, tokens: list[int],
+                   **extra) -> None:
         first = self.chain.first
-        first.post(fr.encode(kind, session=session, origin=self.chain.origin, pos=pos,
-                             n=len(tokens), tokens=fr.pack_tokens(tokens), embd=None,
-                             epoch=first.epoch, **extra), session)
+        first.post(fr.encode(cls(session=session, origin=self.chain.origin, epoch=first.epoch,
+                                 pos=pos, n=len(tokens), tokens=fr.pack_tokens(tokens),
+                                 embd=None, **extra)), session)
 

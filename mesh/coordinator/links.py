@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -25,6 +24,7 @@ from mesh.errors import HandshakeError, MeshError, ProtocolError, StageUnavailab
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
+from mesh.transport.messages import Error, Handshake, Message, Ping, Pong, StageInfo
 from mesh.transport.security import ROLE_COORDINATOR, MeshKeys
 from mesh.transport.sockets import dealer
 
@@ -35,17 +35,17 @@ HANDSHAKE_TIMEOUT_S = 10.0
 
 class StageLink:
     def __init__(self, index: int, url: str, origin: bytes, zctx: zmq.asyncio.Context,
-                 dispatch: Callable[[StageLink, dict[str, Any]], None],
+                 dispatch: Callable[[StageLink, Message], None],
                  on_send_failure: Callable[[list[int], MeshError], None] | None = None,
                  keys: MeshKeys | None = None):
         self.index = index
         self.url = url
         self.name = f"stage {index} ({url})"
-        self.info: dict[str, Any] | None = None
+        self.info: StageInfo | None = None
         self.alive = False
         self.restarted = False  # a Pong came from another process than the handshaken one
         self.last_seen = 0.0
-        self.last_pong: dict[str, Any] | None = None
+        self.last_pong: Pong | None = None
         self.longest_busy_ms = 0  # the longest step the stage has reported computing
         self.active_at = 0.0  # when a Pong last showed the stage with work (queued, computing)
         self.link_up = True  # its link to the next stage answers (Pong.downstream_ms)
@@ -57,10 +57,10 @@ class StageLink:
                             pair=keys.coordinator if keys is not None else None)
         self._posted: list[bytes] = []
         self._posted_sessions: list[int] = []
-        self._handshake: asyncio.Future | None = None
+        self._handshake: asyncio.Future[StageInfo | Error] | None = None
         self._nonce = itertools.count(1)
         self._reader: asyncio.Task | None = None
-        self._pong_waiters: list[asyncio.Future] = []
+        self._pong_waiters: list[asyncio.Future[Pong]] = []
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read_loop(), name=f"read-{self.name}")
@@ -80,22 +80,22 @@ class StageLink:
                 self.last_seen = time.monotonic()
                 self._receive(msg)
 
-    def _receive(self, msg: dict[str, Any]) -> None:
-        kind = msg["kind"]
-        if kind == wire.PONG:
-            if self.info is not None and msg["epoch"] != self.info["epoch"]:
+    def _receive(self, msg: Message) -> None:
+        if isinstance(msg, Pong):
+            if self.info is not None and msg.epoch != self.info.epoch:
                 self.restarted = True
             previous, self.last_pong = self.last_pong, msg
-            if msg["queue"] or msg["busy_ms"] or (
-                    previous is not None and previous["decode_steps"] != msg["decode_steps"]):
+            if msg.queue or msg.busy_ms or (
+                    previous is not None and previous.decode_steps != msg.decode_steps):
                 self.active_at = self.last_seen
-            self.longest_busy_ms = max(self.longest_busy_ms, msg["busy_ms"])
+            self.longest_busy_ms = max(self.longest_busy_ms, msg.busy_ms)
             for waiter in self._pong_waiters:
                 if not waiter.done():
                     waiter.set_result(msg)
             self._pong_waiters.clear()
-        elif kind == wire.STAGE_INFO or (kind == wire.ERROR and msg["session"] is None
-                                         and self._handshake and not self._handshake.done()):
+        elif isinstance(msg, StageInfo) or (isinstance(msg, Error) and msg.session is None
+                                            and self._handshake
+                                            and not self._handshake.done()):
             if self._handshake is not None and not self._handshake.done():
                 self._handshake.set_result(msg)
         else:
@@ -147,12 +147,12 @@ class StageLink:
         """Ping; with ``sessions`` (all of ours that are live), the stage drops any others of
         ours it holds whose Stop was lost."""
         try:
-            self.send(fr.encode(wire.PING, nonce=next(self._nonce), sessions=None
-                                if sessions is None else fr.pack_sessions(sessions)))
+            self.send(fr.encode(Ping(nonce=next(self._nonce), sessions=None
+                                     if sessions is None else fr.pack_sessions(sessions))))
         except StageUnavailableError:
             pass
 
-    async def stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
+    async def stats(self, timeout_s: float = 2.0) -> Pong:
         """A fresh Pong (KV use, sessions, records) from the stage."""
         waiter = asyncio.get_running_loop().create_future()
         self._pong_waiters.append(waiter)
@@ -165,22 +165,22 @@ class StageLink:
     @property
     def epoch(self) -> int:
         """The stage process this link was handshaken with (frames to it carry it)."""
-        return self.info["epoch"]
+        return self.info.epoch
 
     @property
     def link_tag(self) -> bytes | None:
         """What the stage's upstream must forward under (``StageInfo.link_tag``)."""
-        return self.info["link_tag"]
+        return self.info.link_tag
 
     async def handshake(self, origin: bytes, next_url: str | None, next_epoch: int | None,
                         model_sha256: str | None, index: int,
                         timeout_s: float = HANDSHAKE_TIMEOUT_S, next_tag: bytes | None = None,
-                        keeper: bytes | None = None) -> dict[str, Any]:
+                        keeper: bytes | None = None) -> StageInfo:
         """Send Handshake until the stage answers (it may still be starting up). ``next_tag``
         is the next stage's link tag; ``keeper`` asks for the records our Stops kept."""
-        frame = fr.encode(wire.HANDSHAKE, origin=origin, next=next_url, next_epoch=next_epoch,
-                          next_tag=next_tag, model_sha256=model_sha256, index=index,
-                          keeper=keeper)
+        frame = fr.encode(Handshake(origin=origin, next=next_url, next_epoch=next_epoch,
+                                    next_tag=next_tag, model_sha256=model_sha256, index=index,
+                                    keeper=keeper))
         deadline = time.monotonic() + timeout_s
         while True:
             self._handshake = asyncio.get_running_loop().create_future()
@@ -193,8 +193,8 @@ class StageLink:
                     raise HandshakeError(f"{self.name} did not answer the handshake within "
                                          f"{timeout_s:.0f} s") from None
                 await asyncio.sleep(0.1)
-        if reply["kind"] == wire.ERROR:
-            raise HandshakeError(f"{self.name} refused the handshake: {reply['message']}")
+        if isinstance(reply, Error):
+            raise HandshakeError(f"{self.name} refused the handshake: {reply.message}")
         self.info = reply
         self.last_pong = None  # what it said before this handshake no longer holds
         self.link_up = True

@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.links import StageLink
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_id
 from mesh.coordinator.sessions import Inbox, Sessions
 from mesh.transport import frames as fr
-from mesh.transport import wire
+from mesh.transport.messages import Acquire, Acquired, StageInfo, Stop, Stopped
 
 PENDING_KEEP_WAIT_S = 1.0  # how long a new request waits for in-flight keeps to land
 PENDING_KEEP_EXPIRY_S = 60.0  # a keep unconfirmed for this long is forgotten
@@ -47,16 +46,16 @@ class PrefixProtocol:
         self._chain = chain
         self._pending: dict[int, _Keep] = {}
 
-    def restore(self, infos: list[dict[str, Any]]) -> int:
+    def restore(self, infos: list[StageInfo]) -> int:
         """Index the records every stage reported at handshake (``StageInfo.records``);
         returns how many. The first stage's entries carry salt and token ids; an entry whose
         prefix id does not hash from them, or that some stage lacks, is left out."""
         if self.index is None or not infos:
             return 0
         everywhere = set.intersection(*({fr.unpack_record_entry(entry)[0]
-                                         for entry in info["records"]} for info in infos))
+                                         for entry in info.records} for info in infos))
         restored = 0
-        for entry in infos[0]["records"]:  # least recently used first, as the index ages
+        for entry in infos[0].records:  # least recently used first, as the index ages
             pid, salt, tokens = fr.unpack_record_entry(entry)
             if pid not in everywhere or tokens is None:
                 continue
@@ -100,14 +99,14 @@ class PrefixProtocol:
     async def _acquire_round(self, session: int, inbox: Inbox, pid: bytes, n: int,
                              links: list[StageLink]) -> dict[int, int]:
         for link in links:
-            link.post(fr.encode(wire.ACQUIRE, session=session, origin=self._chain.origin,
-                                prefix_id=pid, n=n, epoch=link.epoch), session)
-        by_stage = {link.info["stage"]: link.index for link in links}
+            link.post(fr.encode(Acquire(session=session, origin=self._chain.origin,
+                                        epoch=link.epoch, prefix_id=pid, n=n)), session)
+        by_stage = {link.info.stage: link.index for link in links}
         placed: dict[int, int] = {}
         while len(placed) < len(links):
-            msg = await Sessions.next(inbox, want=wire.ACQUIRED)
-            if msg["stage"] in by_stage:
-                placed[by_stage[msg["stage"]]] = msg["n"]
+            msg = await Sessions.next(inbox, want=Acquired)
+            if msg.stage in by_stage:
+                placed[by_stage[msg.stage]] = msg.n
         return placed
 
     def stop(self, session: int, keep_prompt: list[int] | None, salt: bytes
@@ -131,18 +130,19 @@ class PrefixProtocol:
         keeper = getattr(self._chain, "keeper", None)
         for link in targets:
             first = keep and link.index == 0  # the first stage remembers what it keeps
-            link.post(fr.encode(wire.STOP, session=session, origin=self._chain.origin,
-                                keep=keep, prefix_id=pid, epoch=link.epoch,
-                                tokens=fr.pack_tokens(keep_prompt) if first else None,
-                                salt=salt if first else None, keeper=keeper if first else None))
+            link.post(fr.encode(Stop(session=session, origin=self._chain.origin,
+                                     epoch=link.epoch, keep=keep, prefix_id=pid,
+                                     tokens=fr.pack_tokens(keep_prompt) if first else None,
+                                     salt=salt if first else None,
+                                     keeper=keeper if first else None)))
         return self._pending[session].done if keep else None
 
-    def stopped(self, msg: dict[str, Any]) -> None:
+    def stopped(self, msg: Stopped) -> None:
         """The final stage's Stopped: the record now exists on every stage (or none)."""
-        keep = self._pending.get(msg["session"])
-        if keep is not None and msg["kept"] and self.index is not None:
+        keep = self._pending.get(msg.session)
+        if keep is not None and msg.kept and self.index is not None:
             self.index.add(keep.prompt, keep.salt)
-        self._resolve(msg["session"])
+        self._resolve(msg.session)
 
     def lost(self) -> None:
         """A stage or link went down: Stops in flight may never be answered."""

@@ -2,7 +2,8 @@
 
 A session's frames (Tokens, Acquired, Errors) reach its inbox through ``deliver``; a failure
 that is not any one stage's answer (a stage went down, a message could not leave) reaches every
-affected inbox through ``fail``. ``next`` is how a request waits for its session's next frame.
+affected inbox through ``fail``, as a ``SessionFailed``. ``next`` is how a request waits for its
+session's next frame.
 """
 
 from __future__ import annotations
@@ -10,20 +11,31 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TypeVar
 
 from mesh.errors import MeshError, StageError, StageUnavailableError
-from mesh.transport import wire
+from mesh.transport.messages import Acquired, Error, Token
 
 # The last resort: liveness catches dead stages and links, progress deadlines lost frames on an
 # idle chain; this bounds a wait for a frame lost while other sessions keep the chain busy.
 TOKEN_TIMEOUT_S = 120.0
-_FAIL = "_fail"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFailed:
+    """The session ended here, not at a stage: no stage frame says so."""
+
+    exc: MeshError
+
+
+InboxFrame = Token | Acquired | Error  # what a stage says about one session
+Wanted = TypeVar("Wanted", Token, Acquired)
 
 
 class Inbox:
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[InboxFrame | SessionFailed] = asyncio.Queue()
         self.waiting: float | None = None  # since when its request waits on an empty inbox
 
 
@@ -45,9 +57,9 @@ class Sessions:
     def close(self, session: int) -> None:
         self._live.pop(session, None)
 
-    def deliver(self, msg: dict[str, Any]) -> bool:
+    def deliver(self, msg: InboxFrame) -> bool:
         """Hand a stage's frame to its session; False when no such session is live here."""
-        inbox = self._live.get(msg.get("session"))
+        inbox = self._live.get(msg.session)
         if inbox is None:
             return False
         inbox.queue.put_nowait(msg)
@@ -58,7 +70,7 @@ class Sessions:
         for session in sessions:
             inbox = self._live.get(session)
             if inbox is not None:
-                inbox.queue.put_nowait({"kind": _FAIL, "exc": exc})
+                inbox.queue.put_nowait(SessionFailed(exc))
 
     def ids(self) -> list[int]:
         return list(self._live)
@@ -72,7 +84,7 @@ class Sessions:
                 if inbox.waiting is not None}
 
     @staticmethod
-    async def next(inbox: Inbox, want: str = wire.TOKEN) -> dict[str, Any]:
+    async def next(inbox: Inbox, want: type[Wanted] = Token) -> Wanted:
         """The session's next ``want`` frame (others, e.g. a late Acquired, are skipped)."""
         while True:
             if inbox.queue.empty():
@@ -85,10 +97,9 @@ class Sessions:
                     f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
             finally:
                 inbox.waiting = None
-            if msg["kind"] in (want, _FAIL, wire.ERROR):
-                break
-        if msg["kind"] == _FAIL:
-            raise msg["exc"]
-        if msg["kind"] == wire.ERROR:
-            raise StageError(msg["code"], msg["message"], msg["stage"])
-        return msg
+            if isinstance(msg, want):
+                return msg
+            if isinstance(msg, SessionFailed):
+                raise msg.exc
+            if isinstance(msg, Error):
+                raise StageError(msg.code, msg.message, msg.stage)

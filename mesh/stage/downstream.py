@@ -33,6 +33,7 @@ from mesh.errors import ProtocolError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
+from mesh.transport.messages import Error, Ping, Pong
 from mesh.transport.security import MeshKeys
 from mesh.transport.sockets import dealer
 from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S
@@ -104,7 +105,7 @@ class Downstream:
         if now - self._pinged >= HEARTBEAT_S:
             self._pinged = now
             try:
-                self.probe.send(fr.encode(wire.PING, nonce=next(self._pings), sessions=None),
+                self.probe.send(fr.encode(Ping(nonce=next(self._pings), sessions=None)),
                                 zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # its queue is full: the link is silent already, and silent_ms says so
@@ -131,10 +132,12 @@ class Downstream:
                 try:
                     msg = fr.decode(part)
                 except ProtocolError as exc:
-                    msg = {"kind": wire.ERROR, "code": exc.code}
-                if msg["kind"] != wire.PONG:
-                    log.warning("downstream_error", stage=self._stage,
-                                code=str(msg.get("code"))[:40])
+                    code: str | None = exc.code
+                else:
+                    if isinstance(msg, Pong):
+                        continue
+                    code = msg.code if isinstance(msg, Error) else None
+                log.warning("downstream_error", stage=self._stage, code=str(code)[:40])
 
     def close(self) -> None:
         for sock in (self.data, self.probe):

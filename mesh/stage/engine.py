@@ -16,8 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -30,6 +29,17 @@ from mesh.stage.sampling import SamplingParams
 from mesh.stage.scheduler import Item, KvView, Scheduler, SchedulerConfig, SessionKey, StepPlan
 from mesh.transport import frames as fr
 from mesh.transport import wire
+from mesh.transport.messages import (
+    Acquire,
+    Acquired,
+    Decode,
+    PrefillEmbd,
+    PrefillFinalEmbd,
+    SessionFrame,
+    Stop,
+    Stopped,
+    Token,
+)
 from mesh.transport.sockets import Forward, Mailbox, Reply
 
 log = get_logger("mesh.stage")
@@ -56,21 +66,22 @@ class StageStats:
     record_entries: tuple[bytes, ...] = ()  # the prefix records, for StageInfo
 
 
-def sampling_from_wire(raw: dict[str, Any], grammar: bytes | None = None) -> SamplingParams:
+def sampling_from_wire(raw: dict[str, int | float],
+                       grammar: bytes | None = None) -> SamplingParams:
+    """``PrefillFinalEmbd.sampling`` (a map whose keys are all optional, checked by the codec)."""
     params = {k: v for k, v in raw.items() if k != "logprobs"}
     return SamplingParams(n_logprobs=int(raw.get("logprobs", 0)), grammar=grammar, **params)
 
 
-def item_from_frame(arrival: int, msg: dict[str, Any], nbytes: int,
+def item_from_frame(arrival: int, msg: SessionFrame, nbytes: int,
                     record: bytes | None, received: float = 0.0) -> Item:
-    kind, key = msg["kind"], (msg["origin"], msg["session"])
-    if kind in wire.WORK_KINDS:
-        first = (int(fr.unpack_tokens(msg["tokens"][:4])[0])
-                 if kind == wire.DECODE else None)
-        return Item(arrival, kind, key, pos=msg["pos"], n=msg["n"], nbytes=nbytes, frame=msg,
-                    first=first, received=received)
-    n = msg["keep"] if kind == wire.STOP else msg["n"]
-    return Item(arrival, kind, key, n=n, record=record, nbytes=nbytes, frame=msg)
+    key = (msg.origin, msg.session)
+    if isinstance(msg, Stop | Acquire):
+        n = msg.keep if isinstance(msg, Stop) else msg.n
+        return Item(arrival, msg.kind, key, n=n, record=record, nbytes=nbytes, frame=msg)
+    first = int(fr.unpack_tokens(msg.tokens[:4])[0]) if isinstance(msg, Decode) else None
+    return Item(arrival, msg.kind, key, pos=msg.pos, n=msg.n, nbytes=nbytes, frame=msg,
+                first=first, received=received)
 
 
 def ubatches(streams: list[int]) -> int:
@@ -131,13 +142,14 @@ class StageEngine:
         self._running = True
 
     # ---- called by the transport thread -----------------------------------------------------
-    def submit(self, frames: list[tuple[dict[str, Any], int]]) -> list[MeshError | None]:
+    def submit(self, frames: list[tuple[SessionFrame, int]]) -> list[MeshError | None]:
         """Queue work and control frames (decoded, with their sizes) as one arrival: frames
         that came in one message run in the same step. Returns, per frame, None or the
         OverloadedError that kept it out of a full queue."""
         refused: list[MeshError | None] = []
-        records = [self.cache.record_id(msg["prefix_id"])
-                   if msg.get("prefix_id") is not None else None for msg, _ in frames]
+        records = [self.cache.record_id(msg.prefix_id)
+                   if isinstance(msg, Stop | Acquire) and msg.prefix_id is not None else None
+                   for msg, _ in frames]
         now = time.monotonic()
         with self._cond:
             for (msg, nbytes), record in zip(frames, records, strict=True):
@@ -353,8 +365,9 @@ class StageEngine:
         compute every row and forward them as one frame."""
         rt, start = self.runtime, 0
         hidden, sampled = [], None
-        if rt.is_last and item.frame["draft"] is not None:  # all of it, before any piece runs
-            rt.check_vocab(fr.unpack_tokens(item.frame["draft"]), "draft")
+        draft = item.frame.draft if isinstance(item.frame, Decode) else None
+        if rt.is_last and draft is not None:  # all of it, before any piece runs
+            rt.check_vocab(fr.unpack_tokens(draft), "draft")
         for rows in window_pieces(item.pos, item.n, self.batching):
             chunk = self._prepare(item, slice(start, start + rows))
             result = rt.decode([chunk])[0]
@@ -384,26 +397,28 @@ class StageEngine:
         if item.kind == wire.DECODE and rt.has_session(item.key) and (
                 part.start == 0 and rt.session_length(item.key) > pos):
             rt.rewind(item.key, pos)
+        if not isinstance(msg, PrefillEmbd | PrefillFinalEmbd | Decode):
+            raise TypeError(f"{item.kind} is not a work frame")
         if rt.is_first:
-            if msg["embd"] is not None:
+            if msg.embd is not None:
                 raise ProtocolError(wire.E_BAD_FIELD, "the first stage takes token ids")
-            inputs = {"tokens": fr.unpack_tokens(msg["tokens"])[part]}
-        elif msg["embd"] is None:
+            inputs = {"tokens": fr.unpack_tokens(msg.tokens)[part]}
+        elif msg.embd is None:
             raise ProtocolError(wire.E_BAD_FIELD, "a later stage takes an activation")
         else:
-            inputs = {"hidden": fr.unpack_embd(msg["embd"], item.n, rt.n_embd)[part]}
+            inputs = {"hidden": fr.unpack_embd(msg.embd, item.n, rt.n_embd)[part]}
         sample = history = draft = None
-        if rt.is_last and item.kind == wire.PREFILL_FINAL:
-            sample = sampling_from_wire(msg["sampling"], msg["grammar"])
-            if msg["history"] is not None:
-                history = fr.unpack_tokens(msg["history"])
-        elif rt.is_last and item.kind == wire.DECODE:
+        if rt.is_last and isinstance(msg, PrefillFinalEmbd):
+            sample = sampling_from_wire(msg.sampling, msg.grammar)
+            if msg.history is not None:
+                history = fr.unpack_tokens(msg.history)
+        elif rt.is_last and isinstance(msg, Decode):
             sample = rt.session_sampling(item.key)
             if sample is None:
                 raise ProtocolError(wire.E_INVALID_INPUT,
                                        "Decode before the prompt's PrefillFinalEmbd")
-            if msg["draft"] is not None:
-                draft = fr.unpack_tokens(msg["draft"])[part]
+            if msg.draft is not None:
+                draft = fr.unpack_tokens(msg.draft)[part]
                 draft = draft if draft.size else None
         return rt.prepare(item.key, pos, sample=sample, history=history, draft=draft,
                           **inputs)
@@ -417,38 +432,39 @@ class StageEngine:
             self._reply_tokens(out, item, result, item.n - 1)
 
     def _forward(self, out: _Outbox, item: Item, hidden: np.ndarray) -> None:
-        fields = fr.known_fields(item.frame)
-        if item.kind != wire.DECODE:  # a Decode's token ids travel on (the final stage checks)
-            fields["tokens"] = None
-        fields["embd"] = fr.pack_embd(hidden)
-        fields["epoch"] = self._next_epoch()
-        out.forward(item.key, fr.encode(item.kind, **fields))
+        msg, embd, epoch = item.frame, fr.pack_embd(hidden), self._next_epoch()
+        if isinstance(msg, Decode):  # its token ids travel on (the final stage checks them)
+            forwarded = replace(msg, embd=embd, epoch=epoch)
+        else:
+            forwarded = replace(msg, tokens=None, embd=embd, epoch=epoch)
+        out.forward(item.key, fr.encode(forwarded))
 
     def _reply_tokens(self, out: _Outbox, item: Item, result, row: int) -> None:
         """One Token per sampled token (a window's come back in one message); ``row`` is the
         row the first was sampled from."""
         for i, token in enumerate(result.tokens):
-            out.reply(item.key[0], fr.encode(
-                wire.TOKEN, session=item.key[1], pos=item.pos + row + i + 1, token=token,
-                logprob=result.logprobs[i], top=[list(t) for t in result.tops[i]]))
+            out.reply(item.key[0], fr.encode(Token(
+                session=item.key[1], pos=item.pos + row + i + 1, token=token,
+                logprob=result.logprobs[i], top=[list(t) for t in result.tops[i]])))
 
     # ---- controls and slots -----------------------------------------------------------------
     def _stop(self, out: _Outbox, item: Item) -> None:
         rt, msg = self.runtime, item.frame
+        if not isinstance(msg, Stop):
+            raise TypeError(f"{item.kind} is not a Stop")
         kept = freed = 0
-        if msg["keep"] and item.record is not None and rt.has_session(item.key):
+        if msg.keep and item.record is not None and rt.has_session(item.key):
             # The first stage remembers what the prefix holds (its Stop carries tokens).
-            entry = fr.pack_record_entry(msg["prefix_id"], msg["salt"], msg["tokens"])
-            kept = self.cache.keep(item.key, item.record, msg["keep"], entry)
+            entry = fr.pack_record_entry(msg.prefix_id, msg.salt, msg.tokens)
+            kept = self.cache.keep(item.key, item.record, msg.keep, entry)
         else:
             freed = rt.drop_session(item.key)
         if rt.is_last:
-            out.reply(item.key[0], fr.encode(wire.STOPPED, session=item.key[1], freed=freed,
-                                              kept=kept))
+            out.reply(item.key[0], fr.encode(Stopped(session=item.key[1], freed=freed,
+                                                     kept=kept)))
         else:
-            out.forward(item.key, fr.encode(wire.STOP, **{
-                **fr.known_fields(msg), "tokens": None, "salt": None,
-                "epoch": self._next_epoch()}))
+            out.forward(item.key, fr.encode(replace(msg, tokens=None, salt=None,
+                                                    epoch=self._next_epoch())))
 
     def _next_epoch(self) -> int:
         if self.next_epoch is None:
@@ -470,9 +486,11 @@ class StageEngine:
         self._acquired(out, item, self.cache.take_over(item.key, item.record, item.n))
 
     def _acquired(self, out: _Outbox, item: Item, placed: int) -> None:
-        out.reply(item.key[0], fr.encode(wire.ACQUIRED, session=item.key[1],
-                                         prefix_id=item.frame["prefix_id"], n=placed,
-                                         stage=self.name))
+        if not isinstance(item.frame, Acquire):
+            raise TypeError(f"{item.kind} is not an Acquire")
+        out.reply(item.key[0], fr.encode(Acquired(session=item.key[1],
+                                                  prefix_id=item.frame.prefix_id, n=placed,
+                                                  stage=self.name)))
 
     def _evict(self, plan: StepPlan) -> None:
         eviction = plan.eviction

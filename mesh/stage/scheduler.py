@@ -31,10 +31,10 @@ from __future__ import annotations
 import collections
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from mesh.stage.eviction import EvictionPlan, PlanBounds, PlanStatus, PrefixRecord, plan_eviction
 from mesh.transport import wire
+from mesh.transport.messages import SessionFrame
 
 SessionKey = tuple[bytes, int]  # (origin, session id)
 
@@ -51,7 +51,7 @@ class Item:
     n: int = 0
     record: bytes | None = None  # the prefix record a Stop keeps or an Acquire reuses
     nbytes: int = 0
-    frame: Any = None
+    frame: SessionFrame | None = None
     first: int | None = None  # a Decode's first token id
     received: float = 0.0  # time.monotonic() when the transport thread queued it (telemetry)
 

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from dataclasses import replace
 
 import zmq
 
@@ -40,6 +40,19 @@ from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import StageRuntime
 from mesh.transport import frames as fr
 from mesh.transport import wire
+from mesh.transport.messages import (
+    Acquire,
+    Decode,
+    Handshake,
+    Ping,
+    Pong,
+    PrefillEmbd,
+    PrefillFinalEmbd,
+    SessionFrame,
+    StageInfo,
+    Stop,
+    Work,
+)
 from mesh.transport.security import ROLE_COORDINATOR, ROLE_STAGE, MeshKeys, ZapGuard
 from mesh.transport.sockets import Forward, Mailbox, Reply, stage_router, valid_url
 
@@ -49,6 +62,7 @@ POLL_MS = 100
 READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
 LEASE_S = 10.0  # an owner not heard from for this long loses its sessions
 MAX_KEEPERS = 4096  # prefix ids whose keeper this stage remembers (the most recently kept)
+_SESSION_FRAMES = (PrefillEmbd, PrefillFinalEmbd, Decode, Stop, Acquire)  # they name an origin
 
 
 class StageServer:
@@ -134,7 +148,7 @@ class StageServer:
         self._running = False
 
     def _read(self) -> None:
-        work: list[tuple[dict[str, Any], int]] = []
+        work: list[tuple[SessionFrame, int]] = []
         for _ in range(READ_BATCH):
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -162,15 +176,15 @@ class StageServer:
                     self._refuse(msg, refusal)
 
     def _accept(self, sender: bytes, role: str | None, payload: memoryview,
-                work: list[tuple[dict[str, Any], int]]) -> None:
+                work: list[tuple[SessionFrame, int]]) -> None:
         try:
             msg = fr.decode(payload)
-            kind = msg["kind"]
-            if kind == wire.HANDSHAKE and self._keys is not None and role != ROLE_COORDINATOR:
+            if isinstance(msg, Handshake) and self._keys is not None and (
+                    role != ROLE_COORDINATOR):
                 raise ProtocolError(wire.E_FORBIDDEN, "only a coordinator may handshake")
-            if kind in wire.WORK_KINDS or kind in (wire.STOP, wire.ACQUIRE):
+            if isinstance(msg, _SESSION_FRAMES):
                 self._authorize(sender, role, msg)
-                if msg["epoch"] != self.epoch:
+                if msg.epoch != self.epoch:
                     self._refuse(msg, ProtocolError(
                         wire.E_STALE_EPOCH, "frame meant for an earlier process of this stage"))
                     return
@@ -178,36 +192,36 @@ class StageServer:
             log.warning("frame_rejected", stage=self.name, code=exc.code)
             self._reply(sender, fr.error_frame(exc.code, str(exc), None, self.name))
             return
-        if kind == wire.PING:
-            self._reply(sender, self._pong(msg["nonce"]))
-            if msg["sessions"] is not None and (role == ROLE_COORDINATOR or (
+        if isinstance(msg, Ping):
+            self._reply(sender, self._pong(msg.nonce))
+            if msg.sessions is not None and (role == ROLE_COORDINATOR or (
                     self._keys is None and not sender.startswith(FORWARDER_PREFIX))):
-                self.engine.reconcile(sender, fr.unpack_sessions(msg["sessions"]))
-        elif kind == wire.HANDSHAKE:
+                self.engine.reconcile(sender, fr.unpack_sessions(msg.sessions))
+        elif isinstance(msg, Handshake):
             self._handshake(sender, msg)
-        elif kind in wire.WORK_KINDS or kind in (wire.STOP, wire.ACQUIRE):
+        elif isinstance(msg, _SESSION_FRAMES):
             try:
-                if kind in wire.WORK_KINDS:
+                if not isinstance(msg, Stop | Acquire):
                     self._check_inputs(msg)
             except MeshError as exc:
                 self._refuse(msg, exc)
                 return
-            if kind == wire.STOP:
-                self._note_keeper(msg, msg["origin"] == sender)
+            if isinstance(msg, Stop):
+                msg = self._note_keeper(msg, msg.origin == sender)
             work.append((msg, len(payload)))
         else:
             self._reply(sender, fr.error_frame(wire.E_UNKNOWN_KIND,
-                                               f"a stage does not accept {kind}", None,
+                                               f"a stage does not accept {msg.kind}", None,
                                                self.name))
 
-    def _authorize(self, sender: bytes, role: str | None, msg: dict[str, Any]) -> None:
+    def _authorize(self, sender: bytes, role: str | None, msg: SessionFrame) -> None:
         """A session frame comes from its owner, or from a stage forwarding the owner's frame:
         a peer naming another peer's session is refused. With keys, the forwarder must be our
         upstream (its routing id carries our link tag), and an Acquire is never forwarded."""
-        if msg["origin"] == sender:
+        if msg.origin == sender:
             allowed = self._keys is None or role == ROLE_COORDINATOR
         elif self._keys is not None:
-            allowed = (role == ROLE_STAGE and msg["kind"] != wire.ACQUIRE
+            allowed = (role == ROLE_STAGE and not isinstance(msg, Acquire)
                        and sender.startswith(self._upstream))
         else:
             allowed = sender.startswith(FORWARDER_PREFIX)
@@ -215,18 +229,20 @@ class StageServer:
             raise ProtocolError(wire.E_FORBIDDEN, "a frame for a session its sender does "
                                                      "not own")
 
-    def _note_keeper(self, msg: dict[str, Any], from_owner: bool) -> None:
+    def _note_keeper(self, msg: Stop, from_owner: bool) -> Stop:
         """A Stop from its owner that asks us to remember a prefix's token ids binds them to
-        its keeper; the keeper goes no further down the chain."""
-        keeper, msg["keeper"] = msg["keeper"], None
-        pid = msg["prefix_id"]
+        its keeper; the keeper goes no further down the chain (the Stop returned has none)."""
+        keeper, pid = msg.keeper, msg.prefix_id
+        if keeper is not None:
+            msg = replace(msg, keeper=None)
         if (self._keys is None or not from_owner or keeper is None or pid is None
-                or msg["tokens"] is None):
-            return
+                or msg.tokens is None):
+            return msg
         self._keepers[pid] = keeper
         self._keepers.move_to_end(pid)
         while len(self._keepers) > MAX_KEEPERS:
             self._keepers.popitem(last=False)
+        return msg
 
     def _records(self, keeper: bytes | None) -> list[bytes]:
         """``StageInfo.records`` for a handshake presenting ``keeper``: with keys, a record
@@ -239,11 +255,10 @@ class StageServer:
                         self._keepers.get(entry[:wire.PREFIX_ID_BYTES], b""), keeper))
                 else entry[:wire.PREFIX_ID_BYTES] for entry in entries]
 
-    def _refuse(self, msg: dict[str, Any], exc: MeshError) -> None:
+    def _refuse(self, msg: SessionFrame, exc: MeshError) -> None:
         """A session frame that will not be queued: its owner hears why."""
-        log.warning("frame_refused", stage=self.name, code=exc.code, kind=msg["kind"])
-        self._reply(msg["origin"], fr.error_frame(exc.code, str(exc), msg["session"],
-                                                  self.name))
+        log.warning("frame_refused", stage=self.name, code=exc.code, kind=msg.kind)
+        self._reply(msg.origin, fr.error_frame(exc.code, str(exc), msg.session, self.name))
 
     def _check_leases(self) -> None:
         """Owners of live sessions that went silent (a coordinator that crashed pings no more)
@@ -261,32 +276,32 @@ class StageServer:
             self._heard = {p: t for p, t in self._heard.items()
                            if p in owners or now - t < self._lease_s}
 
-    def _check_inputs(self, msg: dict[str, Any]) -> None:
+    def _check_inputs(self, msg: Work) -> None:
         """This stage's input kind and size, checked before the frame is queued."""
         if self.runtime.is_first:
-            if msg["tokens"] is None:
+            if msg.tokens is None:
                 raise ProtocolError(wire.E_BAD_FIELD, "the first stage takes tokens, not embd")
             return
-        if msg["embd"] is None:
+        if msg.embd is None:
             raise ProtocolError(wire.E_BAD_FIELD, "this stage takes embd, not tokens")
-        expected = 4 * msg["n"] * self.runtime.n_embd
-        if len(msg["embd"]) != expected:
+        expected = 4 * msg.n * self.runtime.n_embd
+        if len(msg.embd) != expected:
             raise ProtocolError(
-                wire.E_BAD_SHAPE, f"activation carries {len(msg['embd'])} bytes, expected "
-                f"n={msg['n']} x n_embd={self.runtime.n_embd} x 4 = {expected}")
+                wire.E_BAD_SHAPE, f"activation carries {len(msg.embd)} bytes, expected "
+                f"n={msg.n} x n_embd={self.runtime.n_embd} x 4 = {expected}")
 
     # ---- control ----------------------------------------------------------------------------
-    def _handshake(self, sender: bytes, msg: dict[str, Any]) -> None:
+    def _handshake(self, sender: bytes, msg: Handshake) -> None:
         def refuse(code: str, message: str) -> None:
             self._reply(sender, fr.error_frame(code, message, None, self.name))
 
-        expected = msg["model_sha256"]
+        expected = msg.model_sha256
         if expected is not None and expected != self.model_sha256:
             refuse(wire.E_MODEL_MISMATCH, f"stage holds model {self.model_sha256[:12]}, "
                                           f"coordinator expects {expected[:12]}")
             return
-        nxt = msg["next"]
-        tag = msg["next_tag"] if nxt is not None else None
+        nxt = msg.next
+        tag = msg.next_tag if nxt is not None else None
         if nxt is not None and not valid_url(nxt):
             refuse(wire.E_BAD_FIELD, "next must be a tcp://HOST:PORT, ipc:// or inproc:// URL")
             return
@@ -297,7 +312,7 @@ class StageServer:
             refuse(wire.E_BAD_FIELD, "with mesh keys, next_tag must carry the next stage's "
                                      "link_tag")
             return
-        if not 0 <= msg["index"] < 256:
+        if not 0 <= msg.index < 256:
             refuse(wire.E_BAD_FIELD, "index must be in [0, 256)")
             return
         current = ((self._downstream.url, self._downstream.tag) if self._downstream is not None
@@ -310,19 +325,19 @@ class StageServer:
                 return
         elif self._downstream is not None:
             self._downstream.restart_count()
-        self.engine.index, self.engine.next_epoch = msg["index"], msg["next_epoch"]
+        self.engine.index, self.engine.next_epoch = msg.index, msg.next_epoch
         rt = self.runtime
-        self._reply(sender, fr.encode(
-            wire.STAGE_INFO, model_sha256=self.model_sha256, arch=rt.files.model.arch,
+        self._reply(sender, fr.encode(StageInfo(
+            model_sha256=self.model_sha256, arch=rt.files.model.arch,
             start=rt.start, end=rt.end, n_layer=rt.files.model.n_layer, n_embd=rt.n_embd,
             session_ctx=rt.session_ctx, slots=rt.config.n_seq_max,
             max_tokens=rt.config.n_batch, max_frame_bytes=wire.MAX_FRAME_BYTES,
-            epoch=self.epoch, stage=self.name, records=self._records(msg["keeper"]),
+            epoch=self.epoch, stage=self.name, records=self._records(msg.keeper),
             exact_rows=self.engine.batching.max_rows,
             exact_cells=self.engine.batching.max_cells,
             batch_us=list(self.engine.batching.batch_us[:wire.MAX_DRAFT_TOKENS + 1]),
             window_us=list(self.engine.batching.window_us[:wire.MAX_DRAFT_TOKENS + 1]),
-            link_tag=self.link_tag))
+            link_tag=self.link_tag)))
 
     def _connect_downstream(self, url: str | None, tag: bytes | None) -> None:
         if self._downstream is not None:
@@ -335,13 +350,13 @@ class StageServer:
     def _pong(self, nonce: int) -> bytes:
         stats = self.engine.stats
         downstream_ms = None if self._downstream is None else self._downstream.silent_ms
-        return fr.encode(wire.PONG, nonce=nonce, epoch=self.epoch, kv_used=stats.kv_used,
-                         kv_capacity=stats.kv_capacity, sessions=stats.sessions,
-                         records=stats.records, evicted_records=stats.evicted_records,
-                         queue=self.engine.queued, busy_ms=self.engine.busy_ms(),
-                         decode_steps=stats.decode_steps, decode_rows=stats.decode_rows,
-                         decode_ubatches=stats.decode_ubatches,
-                         downstream_ms=downstream_ms, stage=self.name)
+        return fr.encode(Pong(nonce=nonce, epoch=self.epoch, kv_used=stats.kv_used,
+                              kv_capacity=stats.kv_capacity, sessions=stats.sessions,
+                              records=stats.records, evicted_records=stats.evicted_records,
+                              queue=self.engine.queued, busy_ms=self.engine.busy_ms(),
+                              decode_steps=stats.decode_steps, decode_rows=stats.decode_rows,
+                              decode_ubatches=stats.decode_ubatches,
+                              downstream_ms=downstream_ms, stage=self.name))
 
     # ---- sending ----------------------------------------------------------------------------
     def _send_mail(self) -> None:

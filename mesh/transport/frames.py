@@ -7,14 +7,33 @@ fields and their checks. The names themselves (version, kinds, limits, error cod
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
+import operator
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from mesh.errors import ProtocolError
+from mesh.transport.messages import (
+    CLASSES,
+    Acquire,
+    Decode,
+    Error,
+    Handshake,
+    Message,
+    Ping,
+    PrefillEmbd,
+    PrefillFinalEmbd,
+    StageInfo,
+    Stop,
+    Token,
+    Work,
+)
 from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the codec's namespace)
     ACQUIRE,
     ACQUIRED,
@@ -110,24 +129,67 @@ _MAX_ARRAYS = 2 * MAX_LOGPROBS + 2
 _MAX_STR = 4096
 
 
-def encode(kind: str, **fields: Any) -> bytes:
-    """One frame: length prefix + msgpack map ``{"v", "kind", **fields}`` in that key order."""
-    body = msgpack.packb({"v": PROTOCOL_VERSION, "kind": kind, **fields}, use_bin_type=True)
-    if len(body) > MAX_FRAME_BYTES:
-        raise ProtocolError(E_OVERSIZE, f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
-    return HEADER.pack(len(body)) + body
+@dataclasses.dataclass(frozen=True)
+class _Codec:
+    """One kind's class and how its fields are read, checked and written."""
+
+    cls: type[Message]
+    names: tuple[str, ...]
+    types: tuple[tuple[type, ...], ...]  # per field, the exact types it may hold
+    # Every valid tuple of the fields' types: msgpack yields exact built-in types, so one set
+    # lookup is the isinstance tests (bool kept out of int) of every field at once.
+    shapes: frozenset[tuple[type, ...]]
+    read: Callable[[dict], tuple]  # the body's field values, in order (KeyError if missing)
+    write: Callable[[Message], tuple]  # the message's field values, in order
+    ints: Callable[[tuple], tuple]  # of the values, those that are ints
+    optional_ints: tuple[int, ...]  # positions of the values that are ints or nil
+
+
+def _codec(kind: str) -> _Codec:
+    cls, schema = CLASSES[kind], SCHEMA[kind]
+    names, types = tuple(schema), tuple(schema.values())
+    if tuple(f.name for f in dataclasses.fields(cls)) != names:
+        raise RuntimeError(f"{cls.__name__} fields differ from the {kind} schema")
+    ints = [i for i, allowed in enumerate(types) if allowed == _INT]
+    pick = (operator.itemgetter(*ints) if len(ints) > 1
+            else (lambda values, at=ints[0]: (values[at],)) if ints else (lambda values: ()))
+    return _Codec(cls, names, types, frozenset(itertools.product(*types)),
+                  operator.itemgetter(*names), operator.attrgetter(*names), pick,
+                  tuple(i for i, allowed in enumerate(types) if allowed == _OPT_INT))
+
+
+_CODECS = {kind: _codec(kind) for kind in SCHEMA}
+_BY_CLASS = {codec.cls: codec for codec in _CODECS.values()}
+# Bodies up to this size are first unpacked without the nesting counters (they cost as much as
+# the rest of decoding a Decode): at one byte a container, such a body cannot hold enough of
+# them to matter for memory.
+_QUICK_BYTES = 64 * 1024
+
+
+def encode(msg: Message) -> bytes:
+    """One frame: length prefix + msgpack map ``{"v", "kind", fields...}`` in that key order,
+    the fields in protocol.md's order (the class's)."""
+    codec = _BY_CLASS[type(msg)]
+    body = {"v": PROTOCOL_VERSION, "kind": msg.kind}
+    body.update(zip(codec.names, codec.write(msg), strict=True))
+    packed = msgpack.packb(body, use_bin_type=True)
+    if len(packed) > MAX_FRAME_BYTES:
+        raise ProtocolError(E_OVERSIZE,
+                            f"frame of {len(packed)} bytes exceeds {MAX_FRAME_BYTES}")
+    return HEADER.pack(len(packed)) + packed
 
 
 def error_frame(code: str, message: str, session: int | None, stage: str) -> bytes:
     """An Error frame; the message is truncated so the reply always fits, whatever caused it."""
     if len(message) > MAX_ERROR_MESSAGE_CHARS:
         message = message[:MAX_ERROR_MESSAGE_CHARS - 1] + "…"
-    return encode(ERROR, code=code, message=message, session=session,
-                  stage=stage[:MAX_ERROR_MESSAGE_CHARS])
+    return encode(Error(code=code, message=message, session=session,
+                        stage=stage[:MAX_ERROR_MESSAGE_CHARS]))
 
 
-def decode(data: bytes | memoryview) -> dict[str, Any]:
-    """Parse and validate one frame; raises ProtocolError with the code to report."""
+def decode(data: bytes | memoryview) -> Message:
+    """Parse and validate one frame into its kind's class; raises ProtocolError with the code
+    to report."""
     view = memoryview(data)
     if len(view) < HEADER.size:
         raise ProtocolError(E_BAD_FRAME, f"frame of {len(view)} bytes is shorter than its header")
@@ -137,6 +199,53 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
     if length != len(view) - HEADER.size:
         raise ProtocolError(
             E_BAD_FRAME, f"length prefix says {length} bytes, frame carries {len(view) - 4}")
+    body = view[HEADER.size:]
+    if length <= _QUICK_BYTES:
+        msg = _decode_valid(body)
+        if msg is not None:
+            return msg
+    return _decode_checked(body)
+
+
+def _decode_valid(body: memoryview) -> Message | None:
+    """A small frame that is valid in every respect, or None: then ``_decode_checked`` finds
+    what is wrong and its code. Valid, it holds at most 2 maps and 21 arrays, within the
+    nesting limits the checked path counts."""
+    try:
+        fields = msgpack.unpackb(body, raw=False, strict_map_key=True, max_str_len=_MAX_STR,
+                                 max_map_len=32, max_array_len=_MAX_ARRAYS, max_ext_len=0)
+    except Exception:  # msgpack raises several unrelated types for garbage
+        return None
+    if type(fields) is not dict or fields.get("v") != PROTOCOL_VERSION:
+        return None
+    kind = fields.get("kind")
+    codec = _CODECS.get(kind) if type(kind) is str else None
+    if codec is None or len(fields) != len(codec.names) + 2:
+        return None
+    try:
+        values = codec.read(fields)
+    except KeyError:
+        return None
+    if tuple(map(type, values)) not in codec.shapes:
+        return None
+    ints = codec.ints(values)
+    if ints and min(ints) < 0:
+        return None
+    if codec.optional_ints and any(values[i] is not None and values[i] < 0
+                                   for i in codec.optional_ints):
+        return None
+    msg = codec.cls(*values)
+    check = _CHECKS.get(codec.cls)
+    if check is not None:
+        try:
+            check(msg)
+        except ProtocolError:
+            return None
+    return msg
+
+
+def _decode_checked(body: memoryview) -> Message:
+    """Unpack counting maps and arrays as they are built, then check field by field."""
     counts = [0, 0]  # maps, arrays
 
     def count(which: int, limit: int, value):
@@ -146,86 +255,91 @@ def decode(data: bytes | memoryview) -> dict[str, Any]:
         return value
 
     try:
-        msg = msgpack.unpackb(
-            view[HEADER.size:], raw=False, strict_map_key=True, max_str_len=_MAX_STR,
-            max_map_len=32, max_array_len=_MAX_ARRAYS, max_ext_len=0,
+        fields = msgpack.unpackb(
+            body, raw=False, strict_map_key=True, max_str_len=_MAX_STR, max_map_len=32,
+            max_array_len=_MAX_ARRAYS, max_ext_len=0,
             object_hook=lambda m: count(0, _MAX_MAPS, m),
             list_hook=lambda a: count(1, _MAX_ARRAYS, a))
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError(
             E_BAD_FRAME, f"body is not valid msgpack: {type(exc).__name__}") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError(E_BAD_FRAME, f"body must be a map, got {type(msg).__name__}")
-    version = msg.get("v")
+    if not isinstance(fields, dict):
+        raise ProtocolError(E_BAD_FRAME, f"body must be a map, got {type(fields).__name__}")
+    version = fields.get("v")
     if version != PROTOCOL_VERSION or isinstance(version, bool):
         shown = version if isinstance(version, int) else type(version).__name__
         raise ProtocolError(
             E_BAD_VERSION, f"protocol version {shown} not supported (this end speaks "
             f"{PROTOCOL_VERSION})")
-    kind = msg.get("kind")
-    schema = SCHEMA.get(kind) if isinstance(kind, str) else None
-    if schema is None:
+    kind = fields.get("kind")
+    codec = _CODECS.get(kind) if isinstance(kind, str) else None
+    if codec is None:
         shown = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
         raise ProtocolError(E_UNKNOWN_KIND, f"unknown frame kind {shown}")
-    for name, types in schema.items():
-        if name not in msg:
+    values = []
+    for name, types in zip(codec.names, codec.types, strict=True):
+        if name not in fields:
             raise ProtocolError(E_BAD_FIELD, f"{kind}: missing field {name!r}")
-        value = msg[name]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        value = fields[name]
+        if type(value) not in types:
             raise ProtocolError(E_BAD_FIELD, f"{kind}: field {name!r} has type "
                                              f"{type(value).__name__}")
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        if type(value) is int and value < 0:
             raise ProtocolError(E_BAD_FIELD, f"{kind}: field {name!r} must be >= 0")
-    if len(msg) != len(schema) + 2:
-        extra = sorted(str(k)[:40] for k in msg if k not in schema and k not in ("v", "kind"))
+        values.append(value)
+    if len(fields) != len(codec.names) + 2:
+        extra = sorted(str(k)[:40] for k in fields if k not in SCHEMA[kind]
+                       and k not in ("v", "kind"))
         raise ProtocolError(E_BAD_FIELD, f"{kind}: unknown fields {extra[:4]}")
-    if kind in WORK_KINDS:
-        _check_work(msg)
-    elif kind in (ACQUIRE, STOP):
-        _check_prefix(msg)
-    elif kind == TOKEN:
-        _check_token(msg)
-    elif kind == STAGE_INFO:
-        _check_records(msg["records"])
-        _check_size(msg, "link_tag", LINK_TAG_BYTES)
-        _check_costs(msg["batch_us"], "batch_us")
-        _check_costs(msg["window_us"], "window_us")
-    elif kind == HANDSHAKE:
-        _check_size(msg, "next_tag", LINK_TAG_BYTES)
-        _check_size(msg, "keeper", KEEPER_BYTES)
-    elif kind == PING and msg["sessions"] is not None and len(msg["sessions"]) % 8:
-        raise ProtocolError(E_BAD_FIELD, "Ping: sessions must be uint64 session ids")
+    msg = codec.cls(*values)
+    check = _CHECKS.get(codec.cls)
+    if check is not None:
+        check(msg)
     return msg
 
 
-def _check_prefix(msg: dict[str, Any]) -> None:
-    n = msg["n"] if msg["kind"] == ACQUIRE else msg["keep"]
-    if not n <= 2**31 or not msg["session"] < 2**64:
-        raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: token count or session out of range")
-    prefix_id = msg["prefix_id"]
+def _check_prefix(msg: Acquire | Stop) -> None:
+    n = msg.n if isinstance(msg, Acquire) else msg.keep
+    if not n <= 2**31 or not msg.session < 2**64:
+        raise ProtocolError(E_BAD_FIELD, f"{msg.kind}: token count or session out of range")
+    prefix_id = msg.prefix_id
     if prefix_id is not None and len(prefix_id) != PREFIX_ID_BYTES:
-        raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: prefix_id must be "
+        raise ProtocolError(E_BAD_FIELD, f"{msg.kind}: prefix_id must be "
                                          f"{PREFIX_ID_BYTES} bytes")
-    if msg["kind"] == STOP:
-        tokens, salt = msg["tokens"], msg["salt"]
+    if isinstance(msg, Stop):
+        tokens, salt = msg.tokens, msg.salt
         if tokens is not None and len(tokens) != 4 * n:
             raise ProtocolError(E_BAD_SHAPE, f"Stop: tokens carry {len(tokens)} bytes, "
                                              f"expected 4 * keep = {4 * n}")
         if salt is not None and len(salt) > MAX_SALT_BYTES:
             raise ProtocolError(E_BAD_FIELD, f"Stop: salt longer than {MAX_SALT_BYTES} bytes")
-        _check_size(msg, "keeper", KEEPER_BYTES)
+        _check_size(msg.kind, "keeper", msg.keeper, KEEPER_BYTES)
 
 
-def _check_size(msg: dict[str, Any], field: str, size: int) -> None:
-    if msg[field] is not None and len(msg[field]) != size:
-        raise ProtocolError(E_BAD_FIELD, f"{msg['kind']}: {field} must be {size} bytes")
+def _check_size(kind: str, field: str, value: bytes | None, size: int) -> None:
+    if value is not None and len(value) != size:
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: {field} must be {size} bytes")
 
 
-def _check_records(records: list[Any]) -> None:
+def _check_stage_info(msg: StageInfo) -> None:
+    records = msg.records
     if len(records) > MAX_RECORDS_REPORTED or not all(
             isinstance(r, bytes) and len(r) >= PREFIX_ID_BYTES for r in records):
         raise ProtocolError(E_BAD_FIELD, f"StageInfo: records must be at most "
                                          f"{MAX_RECORDS_REPORTED} record entries")
+    _check_size(msg.kind, "link_tag", msg.link_tag, LINK_TAG_BYTES)
+    _check_costs(msg.batch_us, "batch_us")
+    _check_costs(msg.window_us, "window_us")
+
+
+def _check_handshake(msg: Handshake) -> None:
+    _check_size(msg.kind, "next_tag", msg.next_tag, LINK_TAG_BYTES)
+    _check_size(msg.kind, "keeper", msg.keeper, KEEPER_BYTES)
+
+
+def _check_ping(msg: Ping) -> None:
+    if msg.sessions is not None and len(msg.sessions) % 8:
+        raise ProtocolError(E_BAD_FIELD, "Ping: sessions must be uint64 session ids")
 
 
 def _check_costs(costs: list[Any], field: str) -> None:
@@ -235,31 +349,31 @@ def _check_costs(costs: list[Any], field: str) -> None:
                                          f"{MAX_DRAFT_TOKENS + 1} durations in microseconds")
 
 
-def _check_work(msg: dict[str, Any]) -> None:
-    kind, n = msg["kind"], msg["n"]
+def _check_work(msg: Work) -> None:
+    kind, n = msg.kind, msg.n
     if not 1 <= n <= MAX_TOKENS_PER_FRAME:
         raise ProtocolError(E_BAD_FIELD, f"{kind}: n={n} outside [1, {MAX_TOKENS_PER_FRAME}]")
-    if msg["pos"] >= 2**31 or msg["session"] >= 2**64:
+    if msg.pos >= 2**31 or msg.session >= 2**64:
         raise ProtocolError(E_BAD_FIELD, f"{kind}: pos or session out of range")
-    if kind == DECODE:
+    if isinstance(msg, Decode):
         _check_window(msg)
-    elif (msg["tokens"] is None) == (msg["embd"] is None):
+    elif (msg.tokens is None) == (msg.embd is None):
         raise ProtocolError(E_BAD_FIELD, f"{kind}: exactly one of tokens or embd must be set")
-    if msg["tokens"] is not None and len(msg["tokens"]) != 4 * n:
-        raise ProtocolError(E_BAD_SHAPE, f"{kind}: tokens carry {len(msg['tokens'])} bytes, "
+    if msg.tokens is not None and len(msg.tokens) != 4 * n:
+        raise ProtocolError(E_BAD_SHAPE, f"{kind}: tokens carry {len(msg.tokens)} bytes, "
                                          f"expected 4 * n = {4 * n}")
-    if msg["embd"] is not None and len(msg["embd"]) % (4 * n):
-        raise ProtocolError(E_BAD_SHAPE, f"{kind}: embd carries {len(msg['embd'])} bytes, "
+    if msg.embd is not None and len(msg.embd) % (4 * n):
+        raise ProtocolError(E_BAD_SHAPE, f"{kind}: embd carries {len(msg.embd)} bytes, "
                                          f"not a whole number of f32 rows for n = {n}")
-    if kind == PREFILL_FINAL:
-        history = msg["history"]
+    if isinstance(msg, PrefillFinalEmbd):
+        history = msg.history
         if history is not None and (len(history) % 4 or len(history) > 4 * MAX_HISTORY_TOKENS):
             raise ProtocolError(E_BAD_FIELD, f"history must hold at most {MAX_HISTORY_TOKENS} "
                                              "int32 token ids")
-        grammar = msg["grammar"]
+        grammar = msg.grammar
         if grammar is not None and not 0 < len(grammar) <= MAX_GRAMMAR_BYTES:
             raise ProtocolError(E_BAD_FIELD, f"grammar must be 1 to {MAX_GRAMMAR_BYTES} bytes")
-        for name, value in msg["sampling"].items():
+        for name, value in msg.sampling.items():
             spec = SAMPLING_FIELDS.get(name)
             if spec is None or not isinstance(value, spec[0]) or isinstance(value, bool):
                 raise ProtocolError(E_BAD_FIELD, f"sampling field {str(name)[:40]!r} is not "
@@ -269,12 +383,12 @@ def _check_work(msg: dict[str, Any]) -> None:
                                                  f"[{spec[1]}, {spec[2]}]")
 
 
-def _check_window(msg: dict[str, Any]) -> None:
+def _check_window(msg: Decode) -> None:
     """A Decode is one token, or a verify window: the last sampled token and up to
     ``MAX_DRAFT_TOKENS`` drafted ones. Its token ids travel to every stage (the final stage
     checks that a window continues what it sampled); ``draft`` holds, per row, the token the
     coordinator expects the model to sample there: one per row, or none for the last row."""
-    n, tokens, draft = msg["n"], msg["tokens"], msg["draft"]
+    n, tokens, draft = msg.n, msg.tokens, msg.draft
     if n > MAX_DRAFT_TOKENS + 1:
         raise ProtocolError(E_BAD_FIELD, f"Decode: n={n} exceeds a verify window of "
                                          f"{MAX_DRAFT_TOKENS} drafted tokens")
@@ -287,9 +401,9 @@ def _check_window(msg: dict[str, Any]) -> None:
                                          f"(n = {n})")
 
 
-def _check_token(msg: dict[str, Any]) -> None:
-    logprob = msg["logprob"]
-    top = msg["top"]
+def _check_token(msg: Token) -> None:
+    logprob = msg.logprob
+    top = msg.top
     if logprob is not None and not math.isfinite(logprob) and logprob != -math.inf:
         raise ProtocolError(E_BAD_FIELD, "Token: logprob must be a number")
     if len(top) > MAX_LOGPROBS or not all(
@@ -299,9 +413,11 @@ def _check_token(msg: dict[str, Any]) -> None:
                                          "[token, logprob] pairs")
 
 
-def known_fields(msg: dict[str, Any]) -> dict[str, Any]:
-    """The fields its kind defines (what a stage forwards: unknown extras stop here)."""
-    return {name: msg[name] for name in SCHEMA[msg["kind"]]}
+# The checks past each field's type: sizes, ranges, and how fields agree with each other.
+_CHECKS: dict[type, Callable[[Any], None]] = {
+    PrefillEmbd: _check_work, PrefillFinalEmbd: _check_work, Decode: _check_work,
+    Acquire: _check_prefix, Stop: _check_prefix, Token: _check_token,
+    StageInfo: _check_stage_info, Handshake: _check_handshake, Ping: _check_ping}
 
 
 def pack_tokens(tokens) -> bytes:

@@ -1,0 +1,197 @@
+"""One typed class per frame kind: what the codec (``mesh.transport.frames``) hands out and takes.
+
+Field names and their order are protocol.md's (an encoder writes them in that order); a field a
+kind marks ``?`` there is ``None`` when absent. The classes hold no checks: ``frames.decode``
+validates every field before it builds one, and code that builds one to send is trusted.
+Frozen, so a frame queued at a stage or kept by a link is never changed behind its reader's
+back (``dataclasses.replace`` makes the forwarded copy).
+
+``PrefillFinalEmbd.sampling`` stays a map: protocol.md defines it as one whose keys are all
+optional, and a stage forwards it byte for byte; ``frames`` checks its keys and ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mesh.transport import wire
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillEmbd:
+    """A prompt chunk: token ids at the first stage, the activation ``embd`` after it."""
+
+    kind: ClassVar[str] = wire.PREFILL
+    session: int
+    origin: bytes
+    epoch: int
+    pos: int
+    n: int
+    tokens: bytes | None
+    embd: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillFinalEmbd:
+    """The prompt's last chunk: the final stage samples after it, with ``sampling``."""
+
+    kind: ClassVar[str] = wire.PREFILL_FINAL
+    session: int
+    origin: bytes
+    epoch: int
+    pos: int
+    n: int
+    tokens: bytes | None
+    embd: bytes | None
+    sampling: dict[str, int | float]
+    history: bytes | None
+    grammar: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decode:
+    """One sampled token, or a verify window of drafted ones (``draft``)."""
+
+    kind: ClassVar[str] = wire.DECODE
+    session: int
+    origin: bytes
+    epoch: int
+    pos: int
+    n: int
+    tokens: bytes | None
+    embd: bytes | None
+    draft: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    kind: ClassVar[str] = wire.TOKEN
+    session: int
+    pos: int
+    token: int
+    logprob: float | None
+    top: list[list[int | float]]  # [token, logprob] pairs
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    kind: ClassVar[str] = wire.STOP
+    session: int
+    origin: bytes
+    epoch: int
+    keep: int
+    prefix_id: bytes | None
+    tokens: bytes | None
+    salt: bytes | None
+    keeper: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    kind: ClassVar[str] = wire.STOPPED
+    session: int
+    freed: int
+    kept: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    kind: ClassVar[str] = wire.ACQUIRE
+    session: int
+    origin: bytes
+    epoch: int
+    prefix_id: bytes
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    kind: ClassVar[str] = wire.ACQUIRED
+    session: int
+    prefix_id: bytes
+    n: int
+    stage: str
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A stage's refusal; ``session`` is None when no session's frame caused it."""
+
+    kind: ClassVar[str] = wire.ERROR
+    code: str
+    message: str
+    session: int | None
+    stage: str
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    kind: ClassVar[str] = wire.HANDSHAKE
+    origin: bytes
+    next: str | None
+    next_epoch: int | None
+    next_tag: bytes | None
+    model_sha256: str | None
+    index: int
+    keeper: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class StageInfo:
+    """A stage's answer to a Handshake: what it serves, and its measured costs."""
+
+    kind: ClassVar[str] = wire.STAGE_INFO
+    model_sha256: str
+    arch: str
+    start: int
+    end: int
+    n_layer: int
+    n_embd: int
+    session_ctx: int
+    slots: int
+    max_tokens: int
+    max_frame_bytes: int
+    epoch: int
+    stage: str
+    records: list[bytes]
+    exact_rows: int
+    exact_cells: int | None
+    batch_us: list[int]
+    window_us: list[int]
+    link_tag: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    kind: ClassVar[str] = wire.PING
+    nonce: int
+    sessions: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    kind: ClassVar[str] = wire.PONG
+    nonce: int
+    epoch: int
+    kv_used: int
+    kv_capacity: int
+    sessions: int
+    records: int
+    evicted_records: int
+    queue: int
+    busy_ms: int
+    decode_steps: int
+    decode_rows: int
+    decode_ubatches: int
+    downstream_ms: int | None
+    stage: str
+
+
+Work = PrefillEmbd | PrefillFinalEmbd | Decode
+SessionFrame = Work | Stop | Acquire  # what a stage queues for its engine
+Message = SessionFrame | Token | Stopped | Acquired | Error | Handshake | StageInfo | Ping | Pong
+
+CLASSES: dict[str, type[Message]] = {cls.kind: cls for cls in (
+    PrefillEmbd, PrefillFinalEmbd, Decode, Token, Stop, Stopped, Acquire, Acquired, Error,
+    Handshake, StageInfo, Ping, Pong)}
