@@ -195,7 +195,16 @@ def test_concurrent_decode_steps_reach_the_stages_as_one_batch(gemma_path, mesh2
     async def body(coord):
         before = await coord.stage_stats()
         await asyncio.gather(*(coord.complete(p, _greedy(64)) for p in prompts))
-        return before, await coord.stage_stats()
+        # A stage publishes a step's counts after it has mailed the step's outputs: wait for
+        # the last step to be counted.
+        deadline = time.monotonic() + 10
+        while True:
+            after = await coord.stage_stats()
+            if time.monotonic() > deadline or all(
+                    b.decode_rows - a.decode_rows >= 4 * 63
+                    for a, b in zip(before, after, strict=True)):
+                return before, after
+            await asyncio.sleep(0.01)
     before, after = with_coordinator(gemma_path, mesh2.urls, body, prefix_cache=False,
                                      speculation=SpeculationConfig(mode="none"))
     for a, b in zip(before, after, strict=True):

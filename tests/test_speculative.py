@@ -192,6 +192,6 @@ def test_the_cost_policy_turns_windows_on_where_they_pay(gemma_path, mesh2):
     for info in infos:
         assert len(info.batch_us) == len(info.window_us) == info.exact_rows > 1
         assert all(us > 0 for us in info.batch_us)
-    assert hop_us > 20_000  # three 10 ms hops a step, measured
+    assert hop_us > 10_000  # three 10 ms hops a step: measured, less the probed compute
     assert on.token_ids == off.token_ids
     assert on.speculation["windows"] > 0 and on.speculation["accepted"] > 0
