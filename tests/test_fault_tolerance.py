@@ -15,6 +15,7 @@ from mesh.coordinator.sessions import Sessions
 from mesh.errors import MeshError
 from mesh.launcher import free_port
 from mesh.transport import frames as fr
+from mesh.transport.messages import PrefillEmbd
 from mesh.transport.security import derive_keys, load_secret, write_secret
 from tests import netns
 from tests.meshutil import running_mesh, with_coordinator
@@ -201,7 +202,7 @@ def test_a_session_waiting_on_an_idle_chain_fails_by_its_progress_deadline(tiny_
         async def body(coord: Coordinator):
             session, inbox = coord.sessions.open()
             # A non-final chunk gets no reply: as if the frame carrying the reply were lost.
-            coord.generator._send_work(fr.PREFILL, session, 0, PROMPT)
+            coord.generator._send_work(PrefillEmbd, session, 0, PROMPT)
             t0 = time.monotonic()
             with pytest.raises(MeshError) as stalled:
                 await Sessions.next(inbox)
