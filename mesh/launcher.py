@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.config import LOOPBACK, STAGE
 from mesh.errors import LayerRangeError
 
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
@@ -107,9 +108,9 @@ class LocalMesh:
     model: str
     ranges: list[tuple[int, int]]
     log_dir: Path
-    ctx: int = 4096
-    slots: int = 16
-    threads: int = 1
+    ctx: int = STAGE.ctx
+    slots: int = STAGE.slots
+    threads: int = STAGE.local_threads
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     cpus: list[set[int]] | None = None  # per stage
@@ -121,7 +122,7 @@ class LocalMesh:
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, (start, end) in enumerate(self.ranges):
-            host = self.hosts[i] if self.hosts else "127.0.0.1"
+            host = self.hosts[i] if self.hosts else LOOPBACK
             url = f"tcp://{host}:{free_port()}"
             args = ["--model", self.model, "--layers", f"{start}:{end}", "--listen", url,
                     "--ctx", str(self.ctx), "--slots", str(self.slots),
@@ -181,7 +182,7 @@ def serve_process(model: Path, urls: list[str], log_path: Path,
         args += ["--stage", url]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://{LOOPBACK}:{port}"
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.links import StageLink
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_id
@@ -27,8 +28,8 @@ from mesh.coordinator.sessions import Inbox, Sessions
 from mesh.transport import frames as fr
 from mesh.transport import wire
 
-PENDING_KEEP_WAIT_S = 1.0  # how long a new request waits for in-flight keeps to land
-PENDING_KEEP_EXPIRY_S = 60.0  # a keep unconfirmed for this long is forgotten
+PENDING_KEEP_WAIT_S = COORDINATOR_TIMEOUTS.pending_keep_wait_s
+PENDING_KEEP_EXPIRY_S = COORDINATOR_TIMEOUTS.pending_keep_expiry_s
 
 
 @dataclass

@@ -12,12 +12,13 @@ import os
 import time
 from typing import Any
 
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.errors import MeshError, StageError, StageUnavailableError
 from mesh.transport import wire
 
 # The last resort: liveness catches dead stages and links, progress deadlines lost frames on an
 # idle chain; this bounds a wait for a frame lost while other sessions keep the chain busy.
-TOKEN_TIMEOUT_S = 120.0
+TOKEN_TIMEOUT_S = COORDINATOR_TIMEOUTS.token_s
 _FAIL = "_fail"
 
 
