@@ -27,9 +27,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def split_bounds(n_layer: int, cuts: list[int]) -> list[tuple[int, int]]:
+    """The contiguous layer ranges that cutting ``n_layer`` layers after each of ``cuts``
+    makes (the one place ranges are made from cut points)."""
+    return list(itertools.pairwise([0, *cuts, n_layer]))
+
+
 def even_split(n_layer: int, n_stages: int) -> list[tuple[int, int]]:
-    bounds = [round(i * n_layer / n_stages) for i in range(n_stages + 1)]
-    return list(itertools.pairwise(bounds))
+    return split_bounds(n_layer, [round(i * n_layer / n_stages) for i in range(1, n_stages)])
 
 
 def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int,
@@ -67,7 +72,7 @@ def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int,
     costs, cuts = solve(0, n_stages)
     if costs == impossible:
         raise LayerRangeError(f"this model cannot be cut into {n_stages} stages")
-    return list(itertools.pairwise([0, *cuts]))
+    return split_bounds(n, cuts[:-1])
 
 
 @dataclass
