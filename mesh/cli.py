@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from mesh.coordinator.prefix_index import DEFAULT_PREFILL_CHUNK
+from mesh.config import API, COORDINATOR_TIMEOUTS, STAGE, CoordinatorConfig, is_loopback
+from mesh.coordinator.speculation import POLICIES, SPECULATIVE_MODES, SpeculationConfig
 from mesh.errors import MeshError
 
 
@@ -123,23 +125,22 @@ def _api_options(fn):
 
 
 def _speculation_options(fn):
-    from mesh.coordinator.speculation import DRAFT_MAX, POLICIES, SPECULATIVE_MODES
     from mesh.transport.wire import MAX_DRAFT_TOKENS
 
     fn = click.option("--draft-model", default=None, type=click.Path(dir_okay=False),
                       help="A small GGUF with the target's vocabulary that drafts in the "
                            "coordinator's process (pays on slow links and large targets); "
                            "without it, drafts come from n-gram lookup.")(fn)
-    fn = click.option("--draft-max", default=DRAFT_MAX, show_default=True,
+    fn = click.option("--draft-max", default=SpeculationConfig.draft_max, show_default=True,
                       type=click.IntRange(1, MAX_DRAFT_TOKENS),
                       help="Most drafted tokens in one verify window.")(fn)
-    fn = click.option("--speculate-when", "speculate_when", default=POLICIES[0],
+    fn = click.option("--speculate-when", "speculate_when", default=SpeculationConfig.policy,
                       show_default=True, type=click.Choice(POLICIES),
                       help="cost: send verify windows while they are expected to pay, from "
                            "the stages' probed compute, the measured round trips and how "
                            "often each session's drafts come true; always: whenever a draft "
                            "is found.")(fn)
-    return click.option("--speculative", default=SPECULATIVE_MODES[0], show_default=True,
+    return click.option("--speculative", default=SpeculationConfig.mode, show_default=True,
                         type=click.Choice(SPECULATIVE_MODES),
                         help="Speculative decoding: draft tokens from the text so far (ngram) "
                              "and verify them through the chain in one pass; never changes "
@@ -148,7 +149,6 @@ def _speculation_options(fn):
 
 def _speculation(speculative: str, draft_max: int, draft_model: str | None,
                  speculate_when: str):
-    from mesh.coordinator.speculation import SpeculationConfig
     from mesh.model.source import resolve_model
 
     model = str(resolve_model(draft_model)) if draft_model else None
@@ -157,12 +157,14 @@ def _speculation(speculative: str, draft_max: int, draft_model: str | None,
 
 
 def _generation_options(fn):
+    from mesh.coordinator.generation import GenerationParams as Params
+
     options = [
-        click.option("--max-tokens", default=128, show_default=True),
-        click.option("--temperature", default=0.0, show_default=True,
+        click.option("--max-tokens", default=Params.max_tokens, show_default=True),
+        click.option("--temperature", default=Params.temperature, show_default=True,
                      help="0 means greedy."),
-        click.option("--top-p", default=1.0, show_default=True),
-        click.option("--seed", default=0, show_default=True),
+        click.option("--top-p", default=Params.top_p, show_default=True),
+        click.option("--seed", default=Params.seed, show_default=True),
         click.option("--stop", "stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print one JSON object on the last stdout line."),
@@ -177,9 +179,9 @@ def _generation_options(fn):
 @click.option("--stage", "stages", multiple=True, required=True,
               help="Stage URL, in chain order (repeat).")
 @click.option("--prompt", required=True)
-@click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True,
+@click.option("--prefill-chunk", default=CoordinatorConfig.prefill_chunk, show_default=True,
               help="Prompt tokens per frame (prefix reuse snaps to multiples of it).")
-@click.option("--connect-timeout", default=10.0, show_default=True,
+@click.option("--connect-timeout", default=COORDINATOR_TIMEOUTS.handshake_s, show_default=True,
               help="Seconds to wait for every stage's handshake.")
 @_secret_option
 @_speculation_options
@@ -197,20 +199,21 @@ def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_
                               seed=seed, stop=tuple(stop))
     try:
         path = resolve_model(model_spec)
-        asyncio.run(_generate(path, list(stages), prompt, params, prefill_chunk, as_json,
-                              connect_timeout, _mesh_keys(secret_file),
-                              _speculation(speculative, draft_max, draft_model, speculate_when)))
+        config = CoordinatorConfig(prefill_chunk=prefill_chunk, speculation=_speculation(
+            speculative, draft_max, draft_model, speculate_when))
+        asyncio.run(_generate(path, list(stages), prompt, params, config, as_json,
+                              connect_timeout, _mesh_keys(secret_file)))
     except MeshError as exc:
         _fail(str(exc))
 
 
-async def _generate(path: Path, stages: list[str], prompt: str, params, prefill_chunk: int,
-                    as_json: bool, connect_timeout: float = 60.0, mesh_keys=None,
-                    speculation=None) -> None:
+async def _generate(path: Path, stages: list[str], prompt: str, params,
+                    config: CoordinatorConfig, as_json: bool,
+                    connect_timeout: float = COORDINATOR_TIMEOUTS.fresh_chain_handshake_s,
+                    mesh_keys=None) -> None:
     from mesh.coordinator.coordinator import Completion, Coordinator
 
-    coord = Coordinator(path, stages, prefill_chunk=prefill_chunk, keys=mesh_keys,
-                        speculation=speculation)
+    coord = Coordinator(path, stages, config, keys=mesh_keys)
     await coord.start(handshake_timeout_s=connect_timeout)
     try:
         result = None
@@ -241,13 +244,13 @@ DEFAULT_MODEL_NOTE = (
 @main.command()
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--stages", "n_stages", default=2, show_default=True)
-@click.option("--ctx", default=4096, show_default=True,
+@click.option("--ctx", default=STAGE.ctx, show_default=True,
               help="KV cells of one session (each of --slots sessions gets its own).")
-@click.option("--slots", default=16, show_default=True,
+@click.option("--slots", default=STAGE.slots, show_default=True,
               help="Sessions (and cached prefixes) each stage holds at once.")
-@click.option("--threads", default=2, show_default=True, help="Threads per stage.")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True)
+@click.option("--threads", default=STAGE.threads, show_default=True, help="Threads per stage.")
+@click.option("--host", default=API.host, show_default=True)
+@click.option("--port", default=API.port, show_default=True)
 @click.option("--prompt", default=None, help="Generate once and exit instead of serving.")
 @_api_options
 @_speculation_options
@@ -294,11 +297,13 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
             if prompt is not None:
                 params = GenerationParams(max_tokens=max_tokens, temperature=temperature,
                                           top_p=top_p, seed=seed, stop=tuple(stop))
-                asyncio.run(_generate(path, local.urls, prompt, params, 256, as_json,
-                                      mesh_keys=mesh_keys, speculation=speculation))
+                asyncio.run(_generate(path, local.urls, prompt, params,
+                                      CoordinatorConfig(speculation=speculation), as_json,
+                                      mesh_keys=mesh_keys))
             else:
-                _serve(path, local.urls, host, port, announce=True, api_keys=api_keys,
-                       mesh_keys=mesh_keys, speculation=speculation, limits=limits)
+                _serve(path, local.urls, host, port, announce=True,
+                       config=CoordinatorConfig(speculation=speculation), api_keys=api_keys,
+                       mesh_keys=mesh_keys, limits=limits)
         except MeshError as exc:
             local.check_running()
             _fail(str(exc))
@@ -315,11 +320,12 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--stage", "stages", multiple=True, required=True,
               help="Stage URL, in chain order (repeat).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True)
-@click.option("--decode-groups", default=1, show_default=True, type=click.IntRange(1, 64),
-              help=DECODE_GROUPS_HELP)
-@click.option("--retry-wait", "retry_wait_s", default=30.0, show_default=True,
+@click.option("--host", default=API.host, show_default=True)
+@click.option("--port", default=API.port, show_default=True)
+@click.option("--decode-groups", default=CoordinatorConfig.decode_groups, show_default=True,
+              type=click.IntRange(1, 64), help=DECODE_GROUPS_HELP)
+@click.option("--retry-wait", "retry_wait_s", default=CoordinatorConfig.retry_wait_s,
+              show_default=True,
               help="Seconds a request that streamed nothing waits for a failed chain to come "
                    "back before it is answered 503.")
 @_api_options
@@ -334,18 +340,19 @@ def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys,
     configure("info")
     api_keys = _checked_keys(host, api_keys, insecure)
     try:
+        config = CoordinatorConfig(
+            decode_groups=decode_groups, retry_wait_s=retry_wait_s,
+            speculation=_speculation(speculative, draft_max, draft_model, speculate_when))
         _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
-               decode_groups=decode_groups, api_keys=api_keys,
-               mesh_keys=_mesh_keys(secret_file), retry_wait_s=retry_wait_s,
-               speculation=_speculation(speculative, draft_max, draft_model, speculate_when),
+               config=config, api_keys=api_keys, mesh_keys=_mesh_keys(secret_file),
                limits=limits)
     except MeshError as exc:
         _fail(str(exc))
 
 
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
-           decode_groups: int = 1, api_keys: tuple[str, ...] = (), mesh_keys=None,
-           retry_wait_s: float = 30.0, speculation=None, limits=None) -> None:
+           config: CoordinatorConfig | None = None, api_keys: tuple[str, ...] = (),
+           mesh_keys=None, limits=None) -> None:
     """Build the coordinator over ``stages`` and serve the API over it until a signal."""
     from mesh.api.app import ApiSettings, run_server
     from mesh.api.limits import ApiLimits
@@ -354,9 +361,9 @@ def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
 
     limits = limits or ApiLimits()
     # With keys, one key may hold only its share of the slots; without, clients share them.
-    coordinator = Coordinator(path, stages, decode_groups=decode_groups, keys=mesh_keys,
-                              retry_wait_s=retry_wait_s, speculation=speculation,
-                              tenant_share=limits.key_share if api_keys else 1.0)
+    config = dataclasses.replace(config or CoordinatorConfig(),
+                                 tenant_share=limits.key_share if api_keys else 1.0)
+    coordinator = Coordinator(path, stages, config, keys=mesh_keys)
     settings = ApiSettings(model_id=path.stem, api_keys=api_keys, limits=limits,
                            announce_url=f"http://{host}:{port}" if announce else None,
                            salt_key=salt_key_of(mesh_keys))
@@ -398,14 +405,10 @@ def _checked_keys(host: str, api_keys: tuple[str, ...], insecure: bool) -> tuple
     """API keys from --api-key and MESH_API_KEYS; an API reachable from other hosts needs one."""
     keys = tuple(k for k in api_keys if k) + tuple(
         k.strip() for k in os.environ.get("MESH_API_KEYS", "").split(",") if k.strip())
-    if not keys and not insecure and not _loopback(host):
+    if not keys and not insecure and not is_loopback(host):
         _fail(f"refusing to serve on {host} without an API key: give --api-key KEY (or "
               "MESH_API_KEYS), or --insecure to serve it open")
     return keys
-
-
-def _loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 def _fail(message: str) -> None:

@@ -17,18 +17,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.config import LOOPBACK, STAGE
 from mesh.errors import LayerRangeError
 
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
+def split_bounds(n_layer: int, cuts: list[int]) -> list[tuple[int, int]]:
+    """The contiguous layer ranges that cutting ``n_layer`` layers after each of ``cuts``
+    makes (the one place ranges are made from cut points)."""
+    return list(itertools.pairwise([0, *cuts, n_layer]))
+
+
 def even_split(n_layer: int, n_stages: int) -> list[tuple[int, int]]:
-    bounds = [round(i * n_layer / n_stages) for i in range(n_stages + 1)]
-    return list(itertools.pairwise(bounds))
+    return split_bounds(n_layer, [round(i * n_layer / n_stages) for i in range(1, n_stages)])
 
 
 def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int,
@@ -66,7 +72,7 @@ def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int,
     costs, cuts = solve(0, n_stages)
     if costs == impossible:
         raise LayerRangeError(f"this model cannot be cut into {n_stages} stages")
-    return list(itertools.pairwise([0, *cuts]))
+    return split_bounds(n, cuts[:-1])
 
 
 @dataclass
@@ -107,9 +113,9 @@ class LocalMesh:
     model: str
     ranges: list[tuple[int, int]]
     log_dir: Path
-    ctx: int = 4096
-    slots: int = 16
-    threads: int = 1
+    ctx: int = STAGE.ctx
+    slots: int = STAGE.slots
+    threads: int = STAGE.local_threads
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     cpus: list[set[int]] | None = None  # per stage
@@ -121,7 +127,7 @@ class LocalMesh:
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, (start, end) in enumerate(self.ranges):
-            host = self.hosts[i] if self.hosts else "127.0.0.1"
+            host = self.hosts[i] if self.hosts else LOOPBACK
             url = f"tcp://{host}:{free_port()}"
             args = ["--model", self.model, "--layers", f"{start}:{end}", "--listen", url,
                     "--ctx", str(self.ctx), "--slots", str(self.slots),
@@ -181,7 +187,7 @@ def serve_process(model: Path, urls: list[str], log_path: Path,
         args += ["--stage", url]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://{LOOPBACK}:{port}"
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

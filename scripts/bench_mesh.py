@@ -51,6 +51,7 @@ import click
 import numpy as np
 import zmq
 
+from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.coordinator.speculation import SpeculationConfig
 from mesh.launcher import LocalMesh, balanced_split, free_port
@@ -106,9 +107,9 @@ async def mesh_tok_s(path: Path, urls: list[str], batches: list[int], tokens: in
                      repeats: int, groups: int = 1, baseline: bool = False
                      ) -> tuple[dict[int, float], dict[int, float]]:
     """Median mesh rates per batch, and (``baseline``) one-process rates measured between."""
-    coord = Coordinator(path, urls, prefix_cache=False, decode_groups=groups,
-                        speculation=SPECULATION)
-    await coord.start(handshake_timeout_s=120)
+    coord = Coordinator(path, urls, CoordinatorConfig(prefix_cache=False, decode_groups=groups,
+                                                      speculation=SPECULATION))
+    await coord.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
     mesh: dict[int, list[float]] = {b: [] for b in batches}
     single: dict[int, list[float]] = {b: [] for b in batches}
     try:
@@ -163,8 +164,8 @@ def hop_latency_us(n: int) -> tuple[float, float]:
 
 async def long_frame(path: Path, urls: list[str], n: int) -> tuple[float, int, bool]:
     """One ``n``-token prompt as a single frame; (seconds, longest busy_ms seen, chain up)."""
-    coord = Coordinator(path, urls, prefix_cache=False, prefill_chunk=n)
-    await coord.start(handshake_timeout_s=120)
+    coord = Coordinator(path, urls, CoordinatorConfig(prefix_cache=False, prefill_chunk=n))
+    await coord.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
     try:
         prompt = [2] + [int(t) for t in np.random.default_rng(1).integers(1000, 20000, n - 1)]
         t0 = time.perf_counter()
@@ -197,8 +198,8 @@ def timeline(path: Path, ranges, tokens: int) -> tuple[float, list[tuple[float, 
 
 async def _one_session(path: Path, urls: list[str], tokens: int, **coordinator) -> float:
     """One session's decode rate through a fresh coordinator, after a warm-up request."""
-    coord = Coordinator(path, urls, prefix_cache=False, **coordinator)
-    await coord.start(handshake_timeout_s=120)
+    coord = Coordinator(path, urls, CoordinatorConfig(prefix_cache=False, **coordinator))
+    await coord.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
     try:
         await coord.complete(PROMPT, GenerationParams(max_tokens=4))
         return await _mesh_run(coord, 1, tokens)

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.launcher import LocalMesh
 from mesh.model.source import resolve_model
@@ -28,7 +29,7 @@ def _prompt(seed: int, n: int) -> list[int]:
 
 async def _measure(path: Path, urls: list[str], n: int, repeats: int) -> dict[str, list[float]]:
     coord = Coordinator(path, urls)
-    await coord.start(handshake_timeout_s=120)
+    await coord.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
     params = GenerationParams(max_tokens=1, temperature=0.0)
     out: dict[str, list[float]] = {"cold": [], "warm_exact": [], "warm_new_tail": [],
                                    "cached_exact": [], "cached_tail": []}

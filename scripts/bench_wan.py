@@ -30,6 +30,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shim
 
+from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig  # noqa: E402
 from mesh.coordinator.coordinator import Coordinator, GenerationParams  # noqa: E402
 from mesh.coordinator.speculation import DRAFT_MAX, MAX_WINDOWS, SpeculationConfig  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
@@ -47,8 +48,8 @@ async def _run(model: Path, urls: list[str], prompt: str, tokens: int,
                ) -> tuple[float, list[list[int]], dict[str, int]]:
     """``sessions`` concurrent greedy completions (session i's prompt starts with i + 1
     newlines); their tokens per second together, their tokens, their windows summed."""
-    coord = Coordinator(model, urls, speculation=speculation)
-    await coord.start(handshake_timeout_s=120)
+    coord = Coordinator(model, urls, CoordinatorConfig(speculation=speculation))
+    await coord.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
     try:
         params = GenerationParams(max_tokens=tokens, temperature=0.0)
         await coord.complete(prompt, GenerationParams(max_tokens=4))  # warm

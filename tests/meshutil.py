@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+from mesh.config import CoordinatorConfig
 from mesh.coordinator.coordinator import Coordinator
 from mesh.launcher import LocalMesh
 
@@ -17,11 +18,12 @@ def running_mesh(model: Path, ranges, tmp_path: Path, **kwargs):
         yield mesh
 
 
-def with_coordinator(model: Path, urls: list[str], body, **kwargs):
-    """Run ``await body(coord)`` against a started coordinator, then close it."""
+def with_coordinator(model: Path, urls: list[str], body, keys=None, **config):
+    """Run ``await body(coord)`` against a started coordinator, then close it; ``config``:
+    fields of its CoordinatorConfig."""
 
     async def main():
-        coord = Coordinator(model, urls, **kwargs)
+        coord = Coordinator(model, urls, CoordinatorConfig(**config), keys=keys)
         await coord.start(handshake_timeout_s=60)
         try:
             return await body(coord)

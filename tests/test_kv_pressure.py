@@ -141,9 +141,10 @@ def test_coordinator_reports_a_refused_slot_as_a_stage_error(tiny_llama, tmp_pat
 
 
 async def _filler(model, urls):
+    from mesh.config import CoordinatorConfig
     from mesh.coordinator.coordinator import Coordinator
 
-    coord = Coordinator(model, urls, prefix_cache=False)
+    coord = Coordinator(model, urls, CoordinatorConfig(prefix_cache=False))
     await coord.start()
     first = coord.links[0]
     session, _ = coord.sessions.open()  # live: its coordinator lists it, so the stage keeps it

@@ -32,6 +32,7 @@ from mesh.api.limits import ApiLimits
 from mesh.api.responses import ChatShaper, TextShaper
 from mesh.api.schemas import ChatRequest, CompletionRequest
 from mesh.api.service import CompletionService
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.coordinator import Coordinator
 from mesh.errors import MeshError
 from mesh.transport.security import salt_key_of, tenant_salt
@@ -56,7 +57,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
-        await coordinator.start(handshake_timeout_s=120)  # stages may still be slicing
+        # A chain started with the API (mesh up) may still be slicing the model.
+        await coordinator.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
         service.chat = ChatRenderer(coordinator.tokenizer, coordinator.links[0].info.arch)
         if settings.announce_url:
             key = settings.api_keys[0] if settings.api_keys else None
@@ -72,7 +74,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         salts={key.encode(): tenant_salt(settings.salt_key, key.encode())
                for key in settings.api_keys},
         served=lambda: ((coordinator.session_ctx, coordinator.tokenizer.max_piece_bytes)
-                        if coordinator.admission else (0, 0)))
+                        if coordinator.started else (0, 0)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):

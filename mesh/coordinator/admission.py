@@ -19,12 +19,13 @@ import asyncio
 import collections
 import time
 
+from mesh.config import CoordinatorConfig
 from mesh.errors import AdmissionTimeoutError, ContextLengthError, InvalidInputError
 from mesh.logs import get_logger
 
 log = get_logger("mesh.admission")
 
-DEFAULT_WAIT_S = 10.0
+DEFAULT_WAIT_S = CoordinatorConfig.admission_wait_s
 class SlotBudget:
     """Reserved slots never exceed ``capacity``."""
 
@@ -51,17 +52,32 @@ class SlotBudget:
 
 
 class Admission:
-    def __init__(self, slots: int, session_ctx: int, wait_s: float = DEFAULT_WAIT_S,
+    def __init__(self, slots: int | None, session_ctx: int = 0, wait_s: float = DEFAULT_WAIT_S,
                  on_wait=None, tenant_slots: int | None = None):
+        """``slots`` None: the chain's size is not known yet (a coordinator builds its
+        admission before the handshake); ``size`` gives it."""
         self.on_wait = on_wait  # called with seconds waited, for metrics
-        self.budget = SlotBudget(slots)
-        self.session_ctx = session_ctx
         self.wait_s = wait_s
-        self.tenant_slots = slots if tenant_slots is None else max(1, min(tenant_slots, slots))
+        self.budget: SlotBudget | None = None
+        self.session_ctx = session_ctx
+        self.tenant_slots = tenant_slots
+        if slots is not None:
+            self.size(slots, session_ctx, tenant_slots)
         self._held: collections.Counter[bytes] = collections.Counter()
         # Waiting requests per tenant (granted, slots wanted), and the tenants' turn order.
         self._queues: dict[bytes, collections.deque[tuple[asyncio.Future, int]]] = {}
         self._turns: collections.deque[bytes] = collections.deque()
+
+    def size(self, slots: int, session_ctx: int, tenant_slots: int | None = None) -> None:
+        """The chain's slots and per-session context (from its handshake), and what one
+        tenant may hold of them."""
+        self.budget = SlotBudget(slots)
+        self.session_ctx = session_ctx
+        self.tenant_slots = slots if tenant_slots is None else max(1, min(tenant_slots, slots))
+
+    @property
+    def sized(self) -> bool:
+        return self.budget is not None
 
     @property
     def queue_depth(self) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import zmq.asyncio
 
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.links import StageLink
 from mesh.errors import HandshakeError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
@@ -30,8 +31,8 @@ from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S
 
 log = get_logger("mesh.coordinator")
 
-REVIVE_TIMEOUT_S = 5.0
-CLOSE_LINGER_MS = 500  # what was posted last (Stops) gets this long to leave
+REVIVE_TIMEOUT_S = COORDINATOR_TIMEOUTS.revive_s
+CLOSE_LINGER_MS = COORDINATOR_TIMEOUTS.close_linger_ms
 LIST_EVERY = 4  # every 4th ping (2 s) lists our live sessions, so lost Stops cost no slot
 
 
@@ -39,7 +40,9 @@ class Chain:
     def __init__(self, urls: list[str], origin: bytes, keys: MeshKeys | None,
                  dispatch: Callable[[StageLink, Message], None],
                  on_lost: Callable[[StageLink, MeshError], None],
-                 on_send_failure: Callable[[list[int], MeshError], None]):
+                 on_send_failure: Callable[[list[int], MeshError], None],
+                 on_heartbeat: Callable[[], None] | None = None,
+                 live_sessions: Callable[[], list[int]] | None = None):
         self.urls = list(urls)
         self.origin = origin
         # Binds the prefix records our Stops keep to us (protocol.md, "Security").
@@ -52,8 +55,8 @@ class Chain:
         self._on_lost = on_lost
         self._heartbeat: asyncio.Task | None = None
         self._reviving: set[asyncio.Task] = set()
-        self.on_heartbeat: Callable[[], None] | None = None  # e.g. progress deadlines
-        self.live_sessions: Callable[[], list[int]] | None = None  # what Ping lists
+        self.on_heartbeat = on_heartbeat  # e.g. progress deadlines
+        self.live_sessions = live_sessions  # what Ping lists
 
     @property
     def first(self) -> StageLink:

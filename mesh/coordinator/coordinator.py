@@ -4,8 +4,13 @@ The parts each have a module: the chain's links and liveness (``chain``), live s
 (``sessions``), resident prefixes (``prefixes``), decode pacing (``pacer``), one request's
 generation (``generation``), admission (``admission``). This class wires them together.
 
-    coord = Coordinator(path, ["tcp://127.0.0.1:7501", "tcp://127.0.0.1:7502"])
+    coord = Coordinator(path, ["tcp://127.0.0.1:7501", "tcp://127.0.0.1:7502"],
+                        CoordinatorConfig(decode_groups=2))
     await coord.start()
+
+Every part is built in ``__init__`` from one ``CoordinatorConfig`` (mesh.config); ``start``
+connects and handshakes, then sizes what follows the chain (admission's slots and context, a
+draft model's context).
     result = await coord.complete("The capital of France is", GenerationParams(max_tokens=16))
 """
 
@@ -20,9 +25,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig
 from mesh.coordinator import progress
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
+from mesh.coordinator.drafting import NgramDrafter
 from mesh.coordinator.generation import (  # noqa: F401  (re-exported: the API's vocabulary)
     DEFAULT_PREFILL_CHUNK,
     RETRY_WAIT_S,
@@ -36,7 +43,6 @@ from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import PrefixIndex
 from mesh.coordinator.prefixes import PrefixProtocol
 from mesh.coordinator.sessions import Sessions
-from mesh.coordinator.speculation import SpeculationConfig
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import HandshakeError, InvalidInputError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
@@ -62,39 +68,53 @@ def context_refusal(model_path: Path, infos: list[StageInfo]) -> str | None:
 
 
 class Coordinator:
-    def __init__(self, model_path: Path, stage_urls: list[str], *,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, admission_wait_s: float = 10.0,
-                 prefix_cache: bool = True, decode_groups: int = 1,
-                 keys: MeshKeys | None = None, retry_wait_s: float = RETRY_WAIT_S,
-                 speculation: SpeculationConfig | None = None,
-                 tenant_share: float = 1.0):
+    def __init__(self, model_path: Path, stage_urls: list[str],
+                 config: CoordinatorConfig | None = None, *, keys: MeshKeys | None = None):
         if not stage_urls:
             raise InvalidInputError("at least one --stage URL is required")
+        self.config = config = config or CoordinatorConfig()
         self.model_path = Path(model_path)
         self.origin = b"coord-" + os.urandom(6).hex().encode()
         self.sessions = Sessions()
         self.chain = Chain(stage_urls, self.origin, keys, self._dispatch, self._lost,
-                           self.sessions.fail)
-        self.chain.on_heartbeat = self._check_progress
-        self.chain.live_sessions = self.sessions.ids
-        self.pacer = DecodePacer(decode_groups, on_depart=lambda: self.chain.first.flush())
-        self.tokenizer: Tokenizer | None = None
-        self.model_sha256 = ""
-        self.admission: Admission | None = None
-        self.prefixes: PrefixProtocol | None = None
-        self.generator: Generator | None = None
-        self._settings = (prefill_chunk, admission_wait_s, prefix_cache, retry_wait_s)
-        self.tenant_share = tenant_share  # of the slots, what one tenant may hold at once
-        self.speculation = speculation or SpeculationConfig()
-        self.draft_model = None
-        self.wait_observer = None  # set by the API's metrics
+                           self.sessions.fail, on_heartbeat=self._check_progress,
+                           live_sessions=self.sessions.ids)
+        self.pacer = DecodePacer(config.decode_groups, on_depart=lambda: self.chain.first.flush())
+        self.model_sha256 = file_sha256(self.model_path)
+        self.tokenizer: Tokenizer | None = Tokenizer(self.model_path)
+        index = PrefixIndex(self.model_sha256) if config.prefix_cache else None
+        self.prefixes = PrefixProtocol(index, self.chain)
+        # Sized by the handshake (the chain's slots and context).
+        self.admission = Admission(None, wait_s=config.admission_wait_s,
+                                   on_wait=self._admission_waited)
+        self.speculation = config.speculation
+        self.draft_model = None  # loaded at start: its context follows the chain's
+        drafts_compute = bool(self.speculation.enabled and self.speculation.draft_model)
+        self.generator = Generator(self.chain, self.sessions, self.prefixes, self.pacer,
+                                   self.tokenizer, self.admission, config.prefill_chunk,
+                                   config.retry_wait_s, self.speculation,
+                                   drafter_factory=self._drafter if drafts_compute
+                                   else NgramDrafter, drafts_compute=drafts_compute)
+        self.wait_observer = None  # admission waits, in seconds (set by the API's metrics)
+
+    @property
+    def started(self) -> bool:
+        """Handshaken: the chain's facts (context, slots) are known."""
+        return self.admission.sized
+
+    def _admission_waited(self, seconds: float) -> None:
+        if self.wait_observer is not None:
+            self.wait_observer(seconds)
+
+    def _drafter(self, prompt: list[int]):
+        """A request's drafter: the draft model's, or prompt lookup until it is loaded."""
+        model = self.draft_model
+        return model.drafter(prompt) if model is not None else NgramDrafter(prompt)
 
     # ---- lifecycle ------------------------------------------------------------------------
-    async def start(self, handshake_timeout_s: float = 10.0) -> None:
-        prefill_chunk, admission_wait_s, prefix_cache, retry_wait_s = self._settings
+    async def start(self, handshake_timeout_s: float = COORDINATOR_TIMEOUTS.handshake_s
+                    ) -> None:
         loop = asyncio.get_running_loop()
-        self.model_sha256 = await loop.run_in_executor(None, file_sha256, self.model_path)
-        self.tokenizer = await loop.run_in_executor(None, Tokenizer, self.model_path)
         try:
             infos = await self.chain.start(self.model_sha256, handshake_timeout_s)
             reason = await loop.run_in_executor(None, context_refusal, self.model_path, infos)
@@ -103,16 +123,10 @@ class Coordinator:
         except BaseException:
             await self.close()
             raise
-        index = PrefixIndex(self.model_sha256) if prefix_cache else None
-        self.prefixes = PrefixProtocol(index, self.chain)
         restored = self.prefixes.restore(infos)
-        self.admission = Admission(self.chain.slots, self.chain.session_ctx, admission_wait_s,
-                                   on_wait=self.wait_observer,
-                                   tenant_slots=math.ceil(self.tenant_share * self.chain.slots))
-        self.generator = Generator(self.chain, self.sessions, self.prefixes, self.pacer,
-                                   self.tokenizer, self.admission, prefill_chunk, retry_wait_s,
-                                   self.speculation)
-        if self.speculation.enabled and self.speculation.draft_model:
+        self.admission.size(self.chain.slots, self.chain.session_ctx,
+                            math.ceil(self.config.tenant_share * self.chain.slots))
+        if self.generator.drafts_compute:
             from mesh.coordinator.draft_model import DraftModel
 
             try:
@@ -122,16 +136,13 @@ class Coordinator:
             except BaseException:
                 await self.close()
                 raise
-            self.generator.drafter_factory = self.draft_model.drafter
-            self.generator.drafts_compute = True
         log.info("coordinator_ready", stages=len(self.links), n_layer=self.chain.n_layer,
                  restored_prefixes=restored)
 
     async def close(self) -> None:
         """Stop our sessions on every stage first: a clean exit leaves nothing behind."""
-        if self.prefixes is not None:
-            for session in self.sessions.ids():
-                self.prefixes.stop(session, None, b"")
+        for session in self.sessions.ids():
+            self.prefixes.stop(session, None, b"")
         await self.chain.close()
         if self.draft_model is not None:
             self.draft_model.close()
@@ -172,8 +183,7 @@ class Coordinator:
     def _lost(self, link: StageLink, exc: MeshError) -> None:
         """A stage or a link went down, or a stage restarted: every session went through it."""
         self.sessions.fail_all(exc)
-        if self.prefixes is not None:
-            self.prefixes.lost()
+        self.prefixes.lost()
 
     def _check_progress(self) -> None:
         """Sessions waiting on an idle chain lost a frame: fail them (their requests re-run

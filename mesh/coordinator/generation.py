@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.drafting import NgramDrafter
@@ -28,6 +29,7 @@ from mesh.coordinator.prefixes import PrefixProtocol
 from mesh.coordinator.sessions import Sessions
 from mesh.coordinator.speculation import (
     MAX_SESSIONS,
+    Drafter,
     SpeculationConfig,
     SpeculationStats,
     Speculator,
@@ -45,8 +47,8 @@ from mesh.transport.messages import Decode, PrefillEmbd, PrefillFinalEmbd, Work
 
 log = get_logger("mesh.coordinator")
 
-RETRY_WAIT_S = 30.0  # how long a request that streamed nothing waits for the chain to return
-RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0)  # between attempts (the last one repeats)
+RETRY_WAIT_S = CoordinatorConfig.retry_wait_s
+RETRY_BACKOFF_S = COORDINATOR_TIMEOUTS.retry_backoff_s
 HOP_WEIGHT = 0.1  # of each plain step's timing in the moving average of the hops' cost
 # Stage errors that mean "the chain lost or cannot yet hold this session", not "this request
 # is wrong".
@@ -119,7 +121,9 @@ class Generator:
     def __init__(self, chain: Chain, sessions: Sessions, prefixes: PrefixProtocol,
                  pacer: DecodePacer, tokenizer: Tokenizer, admission: Admission,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, retry_wait_s: float = RETRY_WAIT_S,
-                 speculation: SpeculationConfig | None = None):
+                 speculation: SpeculationConfig | None = None,
+                 drafter_factory: Callable[[list[int]], Drafter] = NgramDrafter,
+                 drafts_compute: bool = False):
         self.chain = chain
         self.sessions = sessions
         self.prefixes = prefixes
@@ -131,8 +135,8 @@ class Generator:
         self.retries = 0  # requests re-run since start, for metrics
         self.speculation = speculation or SpeculationConfig()
         self.speculated = SpeculationStats()  # every request's windows, for metrics
-        self.drafter_factory = NgramDrafter  # a request's drafter, from its prompt
-        self.drafts_compute = False  # drafting computes (a draft model): off the event loop
+        self.drafter_factory = drafter_factory  # a request's drafter, from its prompt
+        self.drafts_compute = drafts_compute  # drafting computes (a draft model): off the loop
         # What a plain step costs beyond the stages' compute (links, queues, hand-offs), in
         # microseconds: a moving average of measured round trips less the probed compute.
         self.hop_us: float | None = None
@@ -163,7 +167,8 @@ class Generator:
                 await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
                 attempt += 1
 
-    async def warm(self, prompt_ids: list[int], salt: bytes, timeout_s: float = 60.0) -> int:
+    async def warm(self, prompt_ids: list[int], salt: bytes,
+                   timeout_s: float = COORDINATOR_TIMEOUTS.warm_s) -> int:
         """Prefill all but the prompt's last token once and keep it as a resident prefix, so
         that several sessions of this prompt (choices) start from it instead of each
         prefilling it; returns the tokens kept (0: too short, or no prefix cache)."""

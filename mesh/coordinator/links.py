@@ -20,6 +20,7 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.errors import HandshakeError, MeshError, ProtocolError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
@@ -30,7 +31,7 @@ from mesh.transport.sockets import dealer
 
 log = get_logger("mesh.coordinator")
 
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = COORDINATOR_TIMEOUTS.handshake_s
 
 
 class StageLink:
@@ -152,7 +153,7 @@ class StageLink:
         except StageUnavailableError:
             pass
 
-    async def stats(self, timeout_s: float = 2.0) -> Pong:
+    async def stats(self, timeout_s: float = COORDINATOR_TIMEOUTS.stats_s) -> Pong:
         """A fresh Pong (KV use, sessions, records) from the stage."""
         waiter = asyncio.get_running_loop().create_future()
         self._pong_waiters.append(waiter)

@@ -11,11 +11,11 @@ import hashlib
 
 import numpy as np
 
+from mesh.config import CoordinatorConfig
+
 MIN_REUSE_TOKENS = 32  # below this a prefix saves too little to be worth a round trip
-# Prompt tokens per frame, and the grid prefix reuse snaps to (``PrefixProtocol.reuse``): small
-# enough that a reused prefix wastes little and a chunk holds decoding sessions up briefly;
-# measured on Gemma 3 270M, 2 threads: 64-token chunks prefill as fast as 256 (410-450 tok/s).
-DEFAULT_PREFILL_CHUNK = 64
+# Prompt tokens per frame, and the grid prefix reuse snaps to (``PrefixProtocol.reuse``).
+DEFAULT_PREFILL_CHUNK = CoordinatorConfig.prefill_chunk
 
 
 def prefix_id(model_sha256: str, tokens: list[int], salt: bytes = b"") -> bytes:

@@ -19,6 +19,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.links import StageLink
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_id
@@ -26,8 +27,8 @@ from mesh.coordinator.sessions import Inbox, Sessions
 from mesh.transport import frames as fr
 from mesh.transport.messages import Acquire, Acquired, StageInfo, Stop, Stopped
 
-PENDING_KEEP_WAIT_S = 1.0  # how long a new request waits for in-flight keeps to land
-PENDING_KEEP_EXPIRY_S = 60.0  # a keep unconfirmed for this long is forgotten
+PENDING_KEEP_WAIT_S = COORDINATOR_TIMEOUTS.pending_keep_wait_s
+PENDING_KEEP_EXPIRY_S = COORDINATOR_TIMEOUTS.pending_keep_expiry_s
 
 
 @dataclass

@@ -10,7 +10,9 @@ it is tested without a chain.
 
 from __future__ import annotations
 
-PROGRESS_DEADLINE_S = 3.0
+from mesh.config import COORDINATOR_TIMEOUTS
+
+PROGRESS_DEADLINE_S = COORDINATOR_TIMEOUTS.progress_deadline_s
 
 
 def stalled(waiting: dict[int, float], chain_active_at: float, now: float,

@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import TypeVar
 
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.errors import MeshError, StageError, StageUnavailableError
 from mesh.transport.messages import Acquired, Error, Token
 
 # The last resort: liveness catches dead stages and links, progress deadlines lost frames on an
 # idle chain; this bounds a wait for a frame lost while other sessions keep the chain busy.
-TOKEN_TIMEOUT_S = 120.0
+TOKEN_TIMEOUT_S = COORDINATOR_TIMEOUTS.token_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,11 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 import click  # noqa: E402
 
+from mesh.config import LOOPBACK, STAGE, is_loopback  # noqa: E402
 from mesh.errors import MeshError  # noqa: E402
 from mesh.stage.exactness import DEFAULT_MODE, MODES, kv_type_for  # noqa: E402
 
-SWITCH_INTERVAL_S = 0.0005
+SWITCH_INTERVAL_S = STAGE.switch_interval_s
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -26,36 +27,28 @@ def parse_layers(text: str) -> tuple[int, int]:
     return start, end
 
 
-def is_loopback(url: str) -> bool:
-    """Whether a ZeroMQ endpoint is reachable from this host only."""
-    if not url.startswith("tcp://"):
-        return True  # ipc:// and inproc://
-    host = url[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def normalize_listen(text: str) -> str:
     """``PORT`` or ``HOST:PORT`` or a full zmq URL; a bare port binds loopback only."""
     if "://" in text:
         return text
     if text.isdigit():
-        return f"tcp://127.0.0.1:{text}"
+        return f"tcp://{LOOPBACK}:{text}"
     return f"tcp://{text}"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_spec", required=True, help="GGUF path, or 'default'.")
 @click.option("--layers", required=True, help="Half-open layer range START:END.")
-@click.option("--listen", default="tcp://127.0.0.1:7501", show_default=True,
+@click.option("--listen", default=f"tcp://{LOOPBACK}:{STAGE.listen_port}", show_default=True,
               help="ZeroMQ URL to bind (loopback unless told otherwise).")
-@click.option("--ctx", "n_ctx", default=4096, show_default=True,
+@click.option("--ctx", "n_ctx", default=STAGE.ctx, show_default=True,
               help="KV cells of one session (its own stream; rounded up to 256).")
-@click.option("--slots", "n_seq_max", default=16, show_default=True,
+@click.option("--slots", "n_seq_max", default=STAGE.slots, show_default=True,
               help="Sessions held at once: live sessions + cached prefixes. "
                    "KV memory is ctx x slots cells.")
-@click.option("--threads", "n_threads", default=2, show_default=True)
-@click.option("--gpu-layers", "n_gpu_layers", default=0, show_default=True)
-@click.option("--batch", "n_batch", default=512, show_default=True,
+@click.option("--threads", "n_threads", default=STAGE.threads, show_default=True)
+@click.option("--gpu-layers", "n_gpu_layers", default=STAGE.gpu_layers, show_default=True)
+@click.option("--batch", "n_batch", default=STAGE.batch, show_default=True,
               help="Most tokens in one frame.")
 @click.option("--prefix-records", default=None, type=int,
               help="Most resident prompt prefixes kept [default: slots/2].")
@@ -72,7 +65,7 @@ def normalize_listen(text: str) -> str:
 @click.option("--insecure", is_flag=True,
               help="Listen beyond loopback without a secret: anyone reaching the port is "
                    "trusted.")
-@click.option("--lease-s", "lease_s", default=10.0, show_default=True,
+@click.option("--lease-s", "lease_s", default=STAGE.lease_s, show_default=True,
               help="Seconds a session's owner may stay silent before its sessions are dropped.")
 @click.option("--log-level", default="info", show_default=True)
 def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch,
@@ -111,7 +104,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
         release_readers()  # a cold cache parsed the source GGUF: do not keep it resident
         config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
                                n_gpu_layers=n_gpu_layers, n_batch=n_batch,
-                               n_ubatch=min(n_batch, 512),
+                               n_ubatch=min(n_batch, STAGE.ubatch),
                                kv_type=kv_type_for(batching, files.model.mixed_kv))
         runtime = StageRuntime(files, config)
         server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,

@@ -29,6 +29,7 @@ import time
 
 import zmq
 
+from mesh.config import STAGE
 from mesh.errors import ProtocolError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
@@ -41,7 +42,7 @@ from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S
 log = get_logger("mesh.stage")
 
 FORWARDER_PREFIX = b"fwd-"  # routing ids of a stage's connections to the next stage
-PROBE_RESET_S = 1.0  # while silent, the probe reconnects this often
+PROBE_RESET_S = STAGE.probe_reset_s
 
 
 def forwarder_prefix(tag: bytes | None) -> bytes:

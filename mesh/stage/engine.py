@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from mesh.config import STAGE
 from mesh.errors import MeshError, OverloadedError, ProtocolError
 from mesh.logs import get_logger
 from mesh.stage.exactness import ExactBatching, window_pieces
@@ -46,7 +47,7 @@ log = get_logger("mesh.stage")
 
 QUEUE_FRAMES = 4096  # frames accepted and not yet run
 QUEUE_BYTES = 512 * 1024 * 1024  # their bytes (activations dominate)
-IDLE_WAIT_S = 0.1
+IDLE_WAIT_S = STAGE.idle_wait_s
 
 
 @dataclass(frozen=True)

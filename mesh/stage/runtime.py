@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mesh.config import STAGE
 from mesh.errors import (
     InvalidInputError,
     KvSlotError,
@@ -47,14 +48,15 @@ from mesh.stage.sampling import SamplerChain, SamplingParams, top_logprobs
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    n_ctx: int = 4096  # KV cells of one session (its own stream; llama.cpp rounds up to 256)
-    n_seq_max: int = 8  # streams: live sessions + resident prefix records
-    n_batch: int = 512  # most tokens in one chunk (one llama_decode)
-    n_ubatch: int = 512
-    n_outputs_max: int = 4  # final stage: rows sampled per decode (keeps the logits buffer small)
-    n_threads: int = 2
+    # Defaults, and why: mesh.config.StageDefaults.
+    n_ctx: int = STAGE.ctx
+    n_seq_max: int = STAGE.slots
+    n_batch: int = STAGE.batch
+    n_ubatch: int = STAGE.ubatch
+    n_outputs_max: int = STAGE.outputs
+    n_threads: int = STAGE.threads
     n_threads_batch: int | None = None
-    n_gpu_layers: int = 0
+    n_gpu_layers: int = STAGE.gpu_layers
     # "bf16/f16" cells (K bf16, V f16) keep llama.cpp's attention on one kernel whatever the
     # batch, chunk or length (mesh.stage.exactness); "f16" is what a single-process llama.cpp
     # run uses.

@@ -31,6 +31,7 @@ from dataclasses import replace
 
 import zmq
 
+from mesh.config import STAGE
 from mesh.errors import InvalidInputError, MeshError, ProtocolError
 from mesh.logs import get_logger
 from mesh.stage import exactness
@@ -58,9 +59,9 @@ from mesh.transport.sockets import Forward, Mailbox, Reply, stage_router, valid_
 
 log = get_logger("mesh.stage")
 
-POLL_MS = 100
+POLL_MS = STAGE.poll_ms
 READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
-LEASE_S = 10.0  # an owner not heard from for this long loses its sessions
+LEASE_S = STAGE.lease_s
 MAX_KEEPERS = 4096  # prefix ids whose keeper this stage remembers (the most recently kept)
 _SESSION_FRAMES = (PrefillEmbd, PrefillFinalEmbd, Decode, Stop, Acquire)  # they name an origin
 

@@ -6,20 +6,15 @@ llama.cpp context over the unsliced GGUF, is ``mesh.llama.reference.SingleContex
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
 
+from mesh.launcher import split_bounds  # noqa: F401  (the tests' name for cut ranges)
 from mesh.model.slicing import slice_model
 from mesh.stage.runtime import RuntimeConfig, StageRuntime, StepResult
 from mesh.stage.sampling import SamplingParams
-
-
-def split_bounds(n_layer: int, cuts: list[int]) -> list[tuple[int, int]]:
-    bounds = [0, *cuts, n_layer]
-    return list(itertools.pairwise(bounds))
 
 
 class LocalChain:
