@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds LocalChain
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support/ holds LocalChain
 
 from mesh.llama.native import (  # noqa: E402
     Batch,

@@ -5,9 +5,9 @@
                                 [--context-tokens 520] [--sessions 4] [--always]
 
 Two stages (0:9 | 9:18, ``--threads`` each, default 1) on this host, with a link-delay shim
-(``tests/linkdelay.py``, a TCP forwarder holding each direction's bytes for the delay) in front
-of each stage, so coordinator → stage 0, stage 0 → stage 1 and stage 1 → coordinator each pay
-it once per round trip. ``--sessions`` greedy sessions at once per run (default one), on a
+(``tests/support/linkdelay.py``, a TCP forwarder holding each direction's bytes for the delay)
+in front of each stage, so coordinator → stage 0, stage 0 → stage 1 and stage 1 → coordinator
+each pay it once per round trip. ``--sessions`` greedy sessions at once per run (default one), on a
 repetitive continuation and on novel text, with ``--speculative none`` and ``ngram`` (the
 default policy: windows where they pay; ``--always`` adds windows whenever drafted), and
 prints tok/s side by side with their ratio,
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shim
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support/ holds the shim
 
 from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig  # noqa: E402
 from mesh.coordinator.coordinator import Coordinator, GenerationParams  # noqa: E402
 from mesh.coordinator.speculation import DRAFT_MAX, MAX_WINDOWS, SpeculationConfig  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
 from mesh.model.source import resolve_model  # noqa: E402
-from tests.linkdelay import DelayedLink  # noqa: E402
+from tests.support.linkdelay import DelayedLink  # noqa: E402
 
 TEXTS = {
     "repetitive": "def add(a, b):\n    return a + b\n\n" * 6 + "def add(a, b):\n",

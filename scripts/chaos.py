@@ -4,8 +4,8 @@
 
 Gemma 3 270M split over two stages (0:9 | 9:18) with a mesh secret and a 3 s lease; with
 ``--netns`` (Linux, root) each stage runs in its own network namespace and link cuts join the
-events. Prints the report of ``tests/chaos.py``: how requests ended, how long the mesh took to
-serve again after each kind of event, and what the stages still hold afterwards.
+events. Prints the report of ``tests/support/chaos.py``: how requests ended, how long the mesh
+took to serve again after each kind of event, and what the stages still hold afterwards.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the harness
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support/ holds the harness
 
 from mesh.model.source import resolve_model  # noqa: E402
-from tests.chaos import Chaos  # noqa: E402
+from tests.support.chaos import Chaos  # noqa: E402
 
 
 @click.command()

@@ -1,6 +1,6 @@
 """The README's table of model families, generated from the parity tests.
 
-    python scripts/families_table.py            # runs tests/test_families.py, prints the table
+    python scripts/families_table.py            # runs tests/stage/test_families.py, prints it
     python scripts/families_table.py --write    # and puts it in README.md between its markers
 
 A family is "split exact" only when its parity test passed in this run; refused families come
@@ -25,7 +25,7 @@ def _outcomes() -> dict[str, str]:
     """Family id -> "passed" or "failed", from a pytest run of the parity tests."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_families.py",
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/stage/test_families.py",
                         "-k", "test_family_splits_match_single_context",
                         f"--junitxml={report}"], cwd=ROOT, check=False)
         outcomes = {}
@@ -41,7 +41,7 @@ def _outcomes() -> dict[str, str]:
 def table() -> str:
     sys.path.insert(0, str(ROOT))
     from mesh.model.families import REFUSED
-    from tests.tiny import family_modules
+    from tests.support.tiny import family_modules
 
     outcomes = _outcomes()
     rows = ["| family (llama.cpp arch) | status | cuts proven exact (stages) |", "|---|---|---|"]

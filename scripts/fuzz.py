@@ -3,7 +3,7 @@ requests built to be expensive (schemas, huge-but-allowed bodies) under a /healt
 
     python scripts/fuzz.py [--frames 100000] [--api 2000] [--hostile 1000]
 
-The same tests CI runs briefly (tests/test_fuzz.py), with many more examples; they end by
+The same tests CI runs briefly (tests/e2e/test_fuzz.py), with many more examples; they end by
 checking that every stage and the API are alive and serving. Prints pytest's summary.
 """
 
@@ -28,7 +28,7 @@ def main(frames: int, api: int, hostile: int) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MESH_FUZZ_FRAMES": str(frames), "MESH_FUZZ_API": str(api),
            "MESH_FUZZ_HOSTILE": str(hostile)}
-    sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", "-s", "tests/test_fuzz.py"],
+    sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", "-s", "tests/e2e/test_fuzz.py"],
                              cwd=root, env=env))
 
 

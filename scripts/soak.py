@@ -25,10 +25,10 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the harness
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support/ holds the harness
 
 from mesh.model.source import resolve_model  # noqa: E402
-from tests.chaos import soak  # noqa: E402
+from tests.support.chaos import soak  # noqa: E402
 
 
 @click.command()

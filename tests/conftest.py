@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_gguf import TINY_GEMMA3, TINY_LLAMA, write_tiny_model
+from tests.support.tiny_gguf import TINY_GEMMA3, TINY_LLAMA, write_tiny_model
 
 _RUN_CACHE: list[str] = []
 

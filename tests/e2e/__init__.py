@@ -1,0 +1,1 @@
+"""Stage processes, `mesh serve` and sockets: the mesh end to end."""

@@ -1,0 +1,1 @@
+"""Real llama.cpp in one process: runtime, slicing, families, parity, the draft model."""
