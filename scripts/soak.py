@@ -60,7 +60,7 @@ def main(requests: int, clients: int, ctx: int, slots: int, novel: float, sample
     grown = [g for g in report.second_half_mib() if g > max_growth_mib]
     if grown:
         print(f"FAIL: second-half RSS growth over {max_growth_mib} MiB")
-    sys.exit(1 if bad or grown or any(s["sessions"] for s in report.stages) else 0)
+    sys.exit(1 if bad or grown or any(s.sessions for s in report.stages) else 0)
 
 
 if __name__ == "__main__":

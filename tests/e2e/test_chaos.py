@@ -19,7 +19,7 @@ def test_a_short_chaos_run_fails_nothing_unstreamed_and_leaks_nothing(gemma_path
     failed = {k: n for k, n in report.outcomes.items() if k.startswith("FAILED")}
     assert failed == {}
     assert report.leaked_sessions == 0
-    assert all(stage["records"] <= 8 for stage in report.stages)
+    assert all(stage.records <= 8 for stage in report.stages)
 
 
 @pytest.mark.gemma
@@ -27,4 +27,4 @@ def test_a_short_soak_ends_every_request_well_and_leaves_no_session(gemma_path, 
     report = soak(gemma_path, [(0, 9), (9, 18)], tmp_path, requests=40, clients=3, samples=2)
     print("\n".join(report.lines()))
     assert {k for k in report.outcomes} <= {"ok", "ok (dropped by client)"}
-    assert all(stage["sessions"] == 0 for stage in report.stages)
+    assert all(stage.sessions == 0 for stage in report.stages)
