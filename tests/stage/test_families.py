@@ -1,10 +1,12 @@
-"""Every family the slicer splits, proven exact: each tiny model of ``tests/tiny`` split at
+"""Every family the slicer splits, proven exact: each tiny model of ``tests/support/tiny`` split at
 every cut list it names equals one llama.cpp context on the whole model (max |Δlogit| = 0 on
 every prompt chunk and decode step, the same greedy tokens), with f16 KV cells (``--batching
 exact``) and with the default ``invariant``'s cells (bf16 K and f16 V; bf16 for MLA models, which
 take one type), the context then holding them too."""
 
 from __future__ import annotations
+
+import types
 
 import pytest
 
@@ -213,9 +215,11 @@ def test_phi3_rope_factors_follow_each_context_so_a_chain_must_not_straddle(tmp_
     assert "rope factors" in refusal(info, [256, 1024])
     from mesh.coordinator.coordinator import context_refusal  # what the coordinator asks
 
-    assert context_refusal(path, [{"arch": "phi3", "session_ctx": 1024},
-                                  {"arch": "phi3", "session_ctx": 512}]) is not None
-    assert context_refusal(path, [{"arch": "phi3", "session_ctx": 1024}] * 2) is None
+    def info_of(ctx: int):  # the StageInfo fields it reads
+        return types.SimpleNamespace(arch="phi3", session_ctx=ctx)
+
+    assert context_refusal(path, [info_of(1024), info_of(512)]) is not None
+    assert context_refusal(path, [info_of(1024)] * 2) is None
 
 
 def test_granite_keeps_embedding_scale_on_the_first_stage_only(tmp_path):
