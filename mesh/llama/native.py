@@ -11,6 +11,7 @@ import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,8 @@ def _native_eval_callback():
 
     lib = ctypes.CDLL(_capture.__file__)
     address = ctypes.cast(lib.mesh_capture_eval, ctypes.c_void_p).value
+    if address is None:
+        raise NativeError("mesh_capture_eval has a null address")
     return ctypes.cast(address, llama().ggml_backend_sched_eval_callback)
 
 
@@ -120,8 +123,11 @@ class HiddenCapture:
         self._n_embd = n_embd
         self._buf = np.empty((max_rows, n_embd), dtype=np.float32)
 
-        def address(fn) -> int:
-            return ctypes.cast(fn, ctypes.c_void_p).value
+        def address(fn: Any) -> int:  # a ctypes function of a loaded library
+            value = ctypes.cast(fn, ctypes.c_void_p).value
+            if value is None:
+                raise NativeError("a ggml function has a null address")
+            return value
 
         self.state = CaptureState(
             get_name=address(lib.ggml_get_name), nbytes=address(lib.ggml_nbytes),
@@ -297,7 +303,7 @@ class Batch:
                 raise NativeError(f"batch of more than {self.capacity} rows")
             if self._embd is not None:
                 self._embd[i:i + n] = rows
-            else:
+            elif self._token is not None:  # one of the two, by n_embd
                 self._token[i:i + n] = rows
             self._pos[i:i + n] = np.arange(pos0, pos0 + n, dtype=np.int32)
             for j in range(i, i + n):

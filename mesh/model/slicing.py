@@ -22,12 +22,16 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mesh.errors import LayerRangeError, ModelError, UnsupportedModelError
 from mesh.model.families import FAMILIES, family
 from mesh.model.source import cache_dir, file_sha256
+
+if TYPE_CHECKING:  # gguf loads when a model is sliced
+    from gguf import ReaderTensor
 
 # Bump whenever the bytes a slice contains change: it is part of the cache key.
 SLICER_VERSION = 1
@@ -328,7 +332,7 @@ def _write_stage_gguf(reader, info: ModelInfo, start: int, end: int, out: Path) 
         writer.add_key_value("tokenizer.ggml.model", "none", GGUFValueType.STRING)
         writer.add_key_value(f"{arch}.vocab_size", 1, GGUFValueType.UINT32)
 
-    plan: list[tuple[str, object]] = []
+    plan: list[tuple[str, ReaderTensor | np.ndarray]] = []
     for tensor in reader.tensors:
         name = tensor.name
         match = _BLOCK_RE.match(name)

@@ -93,7 +93,8 @@ def _memo_path() -> Path:
 
 def _sha_memo() -> dict[str, str]:
     try:
-        return json.loads(_memo_path().read_text())
+        memo: dict[str, str] = json.loads(_memo_path().read_text())
+        return memo
     except (OSError, ValueError):
         return {}
 

@@ -12,11 +12,14 @@ frame becomes an Error frame for that frame's session, and the engine carries on
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -25,7 +28,7 @@ from mesh.errors import MeshError, OverloadedError, ProtocolError
 from mesh.logs import get_logger
 from mesh.stage.exactness import ExactBatching, window_pieces
 from mesh.stage.prefix_cache import PrefixCache, RecordKey
-from mesh.stage.runtime import StageRuntime
+from mesh.stage.runtime import Chunk, StageRuntime, StepResult
 from mesh.stage.sampling import SamplingParams
 from mesh.stage.scheduler import Item, KvView, Scheduler, SchedulerConfig, SessionKey, StepPlan
 from mesh.transport import frames as fr
@@ -44,6 +47,7 @@ from mesh.transport.messages import (
 from mesh.transport.sockets import Forward, Mailbox, Reply
 
 log = get_logger("mesh.stage")
+T = TypeVar("T")
 
 QUEUE_FRAMES = 4096  # frames accepted and not yet run
 QUEUE_BYTES = 512 * 1024 * 1024  # their bytes (activations dominate)
@@ -70,7 +74,8 @@ class StageStats:
 def sampling_from_wire(raw: dict[str, int | float],
                        grammar: bytes | None = None) -> SamplingParams:
     """``PrefillFinalEmbd.sampling`` (a map whose keys are all optional, checked by the codec)."""
-    params = {k: v for k, v in raw.items() if k != "logprobs"}
+    # The codec checked each key's name and type; SamplingParams takes them by name.
+    params: dict[str, Any] = {k: v for k, v in raw.items() if k != "logprobs"}
     return SamplingParams(n_logprobs=int(raw.get("logprobs", 0)), grammar=grammar, **params)
 
 
@@ -80,9 +85,23 @@ def item_from_frame(arrival: int, msg: SessionFrame, nbytes: int,
     if isinstance(msg, Stop | Acquire):
         n = msg.keep if isinstance(msg, Stop) else msg.n
         return Item(arrival, msg.kind, key, n=n, record=record, nbytes=nbytes, frame=msg)
-    first = int(fr.unpack_tokens(msg.tokens[:4])[0]) if isinstance(msg, Decode) else None
+    first = (int(fr.unpack_tokens(_present(msg.tokens, "a Decode's tokens")[:4])[0])
+             if isinstance(msg, Decode) else None)
     return Item(arrival, msg.kind, key, pos=msg.pos, n=msg.n, nbytes=nbytes, frame=msg,
                 first=first, received=received)
+
+
+def _present(value: T | None, what: str) -> T:
+    """A field that the frame's kind at this stage always carries."""
+    if value is None:
+        raise ProtocolError(wire.E_BAD_FIELD, f"{what} is missing")
+    return value
+
+
+def _live(runtime: StageRuntime) -> dict[SessionKey, int]:
+    """The live sessions' lengths: every runtime session but the prefix records."""
+    return {cast(SessionKey, k): n for k, n in runtime.lengths().items()
+            if not isinstance(k, RecordKey)}
 
 
 def ubatches(streams: list[int]) -> int:
@@ -214,8 +233,7 @@ class StageEngine:
                 self._queued[0] -= len(purged)
                 self._queued[1] -= sum(item.nbytes for item in purged)
             rt = self.runtime
-            dropped = [key for key in rt.lengths() if not isinstance(key, RecordKey)
-                       and key[0] == origin]
+            dropped = [key for key in _live(rt) if key[0] == origin]
             freed = sum(rt.drop_session(key) for key in dropped)
             log.info("lease_expired", stage=self.name, sessions=len(dropped),
                      queued_frames=len(purged), freed_cells=freed)
@@ -226,8 +244,7 @@ class StageEngine:
         """Drop the sessions ``owner`` left out of two lists in a row: their Stop was lost (a
         stage died with it in its queue, or a late frame recreated a stopped session). One
         list is not enough: a session may reach this stage before its owner's list does."""
-        held = {key for key in self.runtime.lengths() if not isinstance(key, RecordKey)
-                and key[0] == owner and key[1] not in live}
+        held = {key for key in _live(self.runtime) if key[0] == owner and key[1] not in live}
         stale = held & self._suspects.pop(owner, set())
         if held - stale:
             self._suspects[owner] = held - stale
@@ -275,8 +292,8 @@ class StageEngine:
 
     def _view(self) -> KvView:
         rt = self.runtime
-        lengths = {k: n for k, n in rt.lengths().items() if not isinstance(k, RecordKey)}
-        resume = {}
+        lengths = _live(rt)
+        resume: dict[SessionKey, tuple[int, int]] = {}
         if rt.is_last:
             resume = {k: r for k in lengths if (r := rt.stale_resume(k)) is not None}
         return KvView(lengths=lengths, free_slots=rt.free_slots,
@@ -286,7 +303,7 @@ class StageEngine:
 
     def _publish(self) -> None:
         rt = self.runtime
-        live = [k for k in rt.lengths() if not isinstance(k, RecordKey)]
+        live = list(_live(rt))
         self.stats = StageStats(
             kv_used=rt.kv_used, kv_capacity=rt.kv_capacity, sessions=len(live),
             owners=frozenset(key[0] for key in live),
@@ -328,7 +345,8 @@ class StageEngine:
             self._compute(out, [plan.prefill])
             out.flush()
 
-    def _guarded(self, out: _Outbox, item: Item, action) -> bool:
+    def _guarded(self, out: _Outbox, item: Item,
+                 action: Callable[[_Outbox, Item], object]) -> bool:
         try:
             action(out, item)
             return True
@@ -357,7 +375,7 @@ class StageEngine:
         for (item, _), result in zip(ready, results, strict=True):
             if item.kind != wire.DECODE:
                 rt.seal(item.key)  # prompt rows: no Decode may cut them
-            self._guarded(out, item, lambda o, it, r=result: self._emit(o, it, r))
+            self._guarded(out, item, functools.partial(self._emit, result=result))
         return len(ready)
 
     def _window(self, out: _Outbox, item: Item) -> None:
@@ -365,7 +383,8 @@ class StageEngine:
         samples leave the draft (the later pieces would be cut anyway); the other stages
         compute every row and forward them as one frame."""
         rt, start = self.runtime, 0
-        hidden, sampled = [], None
+        hidden: list[np.ndarray] = []
+        sampled: StepResult | None = None
         draft = item.frame.draft if isinstance(item.frame, Decode) else None
         if rt.is_last and draft is not None:  # all of it, before any piece runs
             rt.check_vocab(fr.unpack_tokens(draft), "draft")
@@ -376,7 +395,7 @@ class StageEngine:
                 raise result.error
             start += rows
             if not rt.is_last:
-                hidden.append(result.hidden)
+                hidden.append(_present(result.hidden, "a step's hidden states"))
                 continue
             if sampled is None:
                 sampled = result
@@ -385,11 +404,11 @@ class StageEngine:
             if result.rejected or len(result.tokens) < rows:
                 break
         if rt.is_last:
-            self._reply_tokens(out, item, sampled, 0)
+            self._reply_tokens(out, item, _present(sampled, "a window's samples"), 0)
         else:
             self._forward(out, item, np.concatenate(hidden))
 
-    def _prepare(self, item: Item, part: slice | None = None):
+    def _prepare(self, item: Item, part: slice | None = None) -> Chunk:
         """The item's chunk (``part``: some of a window's rows), rewound to the item's
         position first when a rejected draft left rows above it."""
         rt, msg = self.runtime, item.frame
@@ -400,15 +419,18 @@ class StageEngine:
             rt.rewind(item.key, pos)
         if not isinstance(msg, PrefillEmbd | PrefillFinalEmbd | Decode):
             raise TypeError(f"{item.kind} is not a work frame")
+        tokens = hidden = None
         if rt.is_first:
             if msg.embd is not None:
                 raise ProtocolError(wire.E_BAD_FIELD, "the first stage takes token ids")
-            inputs = {"tokens": fr.unpack_tokens(msg.tokens)[part]}
+            tokens = fr.unpack_tokens(_present(msg.tokens, "the first stage's tokens"))[part]
         elif msg.embd is None:
             raise ProtocolError(wire.E_BAD_FIELD, "a later stage takes an activation")
         else:
-            inputs = {"hidden": fr.unpack_embd(msg.embd, item.n, rt.n_embd)[part]}
-        sample = history = draft = None
+            hidden = fr.unpack_embd(msg.embd, item.n, rt.n_embd)[part]
+        sample: SamplingParams | None = None
+        history: np.ndarray | None = None
+        draft: np.ndarray | None = None
         if rt.is_last and isinstance(msg, PrefillFinalEmbd):
             sample = sampling_from_wire(msg.sampling, msg.grammar)
             if msg.history is not None:
@@ -421,26 +443,29 @@ class StageEngine:
             if msg.draft is not None:
                 draft = fr.unpack_tokens(msg.draft)[part]
                 draft = draft if draft.size else None
-        return rt.prepare(item.key, pos, sample=sample, history=history, draft=draft,
-                          **inputs)
+        return rt.prepare(item.key, pos, tokens=tokens, hidden=hidden, sample=sample,
+                          history=history, draft=draft)
 
-    def _emit(self, out: _Outbox, item: Item, result) -> None:
+    def _emit(self, out: _Outbox, item: Item, result: StepResult) -> None:
         if result.error is not None:
             raise result.error
         if not self.runtime.is_last:
-            self._forward(out, item, result.hidden)
+            self._forward(out, item, _present(result.hidden, "a step's hidden states"))
         elif item.kind != wire.PREFILL:
             self._reply_tokens(out, item, result, item.n - 1)
 
     def _forward(self, out: _Outbox, item: Item, hidden: np.ndarray) -> None:
         msg, embd, epoch = item.frame, fr.pack_embd(hidden), self._next_epoch()
+        if not isinstance(msg, PrefillEmbd | PrefillFinalEmbd | Decode):
+            raise TypeError(f"{item.kind} is not a work frame")
+        forwarded: PrefillEmbd | PrefillFinalEmbd | Decode
         if isinstance(msg, Decode):  # its token ids travel on (the final stage checks them)
             forwarded = replace(msg, embd=embd, epoch=epoch)
         else:
             forwarded = replace(msg, tokens=None, embd=embd, epoch=epoch)
         out.forward(item.key, fr.encode(forwarded))
 
-    def _reply_tokens(self, out: _Outbox, item: Item, result, row: int) -> None:
+    def _reply_tokens(self, out: _Outbox, item: Item, result: StepResult, row: int) -> None:
         """One Token per sampled token (a window's come back in one message); ``row`` is the
         row the first was sampled from."""
         for i, token in enumerate(result.tokens):
@@ -456,7 +481,8 @@ class StageEngine:
         kept = freed = 0
         if msg.keep and item.record is not None and rt.has_session(item.key):
             # The first stage remembers what the prefix holds (its Stop carries tokens).
-            entry = fr.pack_record_entry(msg.prefix_id, msg.salt, msg.tokens)
+            entry = fr.pack_record_entry(_present(msg.prefix_id, "a keeping Stop's prefix id"),
+                                         msg.salt, msg.tokens)
             kept = self.cache.keep(item.key, item.record, msg.keep, entry)
         else:
             freed = rt.drop_session(item.key)
@@ -481,10 +507,12 @@ class StageEngine:
     def _open(self, out: _Outbox, item: Item) -> None:
         self.runtime.open_session(item.key)
         if item.kind == wire.ACQUIRE:
-            self._acquired(out, item, self.cache.acquire(item.key, item.record, item.n))
+            record = _present(item.record, "an Acquire's record")
+            self._acquired(out, item, self.cache.acquire(item.key, record, item.n))
 
     def _take_over(self, out: _Outbox, item: Item) -> None:
-        self._acquired(out, item, self.cache.take_over(item.key, item.record, item.n))
+        record = _present(item.record, "an Acquire's record")
+        self._acquired(out, item, self.cache.take_over(item.key, record, item.n))
 
     def _acquired(self, out: _Outbox, item: Item, placed: int) -> None:
         if not isinstance(item.frame, Acquire):

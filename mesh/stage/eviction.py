@@ -31,7 +31,7 @@ class PlanStatus(str, Enum):
 class PrefixRecord:
     """A resident prefix as the planner sees it."""
 
-    id: Hashable
+    id: bytes  # the record id
     tokens: int
     last_use: float
     pinned: bool = False
@@ -46,7 +46,7 @@ class PlanBounds:
 class EvictionPlan:
     status: PlanStatus
     target: int  # slots to free (0 for noop)
-    evict: tuple[Hashable, ...] = field(default=())
+    evict: tuple[bytes, ...] = field(default=())
     evicted_tokens: int = 0
 
     @property

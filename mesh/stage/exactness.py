@@ -39,6 +39,7 @@ probe measures windows alongside batches of sessions and keeps the smaller limit
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,7 @@ import numpy as np
 from mesh.logs import get_logger
 
 if TYPE_CHECKING:  # the CLI reads the modes before llama.cpp may load
-    from mesh.stage.runtime import StageRuntime
+    from mesh.stage.runtime import Chunk, StageRuntime, StepResult
 
 log = get_logger("mesh.stage")
 
@@ -158,7 +159,7 @@ class _Clock:
     def __init__(self) -> None:
         self._taken: list[int] = []
 
-    def decode(self, runtime: StageRuntime, chunks: list):
+    def decode(self, runtime: StageRuntime, chunks: list[Chunk]) -> list[StepResult]:
         start = time.perf_counter()
         results = runtime.decode(chunks)
         self._taken.append(int(1e6 * (time.perf_counter() - start)))
@@ -169,45 +170,59 @@ class _Clock:
         return taken
 
 
-def _step(runtime: StageRuntime, keys: list, held: dict, clock: _Clock) -> list[np.ndarray]:
+def _step(runtime: StageRuntime, keys: list[tuple[str, int]], held: dict[tuple[str, int], int],
+          clock: _Clock) -> list[np.ndarray]:
     """Decode one row for each session together; return its outputs and undo the step."""
-    chunks = [runtime.prepare(key, held[key], want_logits=runtime.is_last,
-                              **_inputs(runtime, key[1], 1, salt=1))
+    chunks = [_prepare(runtime, key, held[key], _inputs(runtime, key[1], 1, salt=1))
               for key in keys]
     results = clock.decode(runtime, chunks)
     for key in keys:
         runtime.trim_session(key, held[key])
-    return [r.logits if runtime.is_last else r.hidden for r in results]
+    return [_output(runtime, r) for r in results]
 
 
-def _one_at_a_time(runtime: StageRuntime, key, pos: int, inputs: dict[str, np.ndarray]
-                   ) -> list[np.ndarray]:
+def _prepare(runtime: StageRuntime, key: Hashable, pos: int,
+             inputs: dict[str, np.ndarray]) -> Chunk:
+    """``runtime.prepare`` of ``inputs`` (``_inputs``: its tokens or its hidden states)."""
+    return runtime.prepare(key, pos, tokens=inputs.get("tokens"), hidden=inputs.get("hidden"),
+                           want_logits=runtime.is_last)
+
+
+def _output(runtime: StageRuntime, result: StepResult) -> np.ndarray:
+    """A step's logits (the final stage) or hidden states (the others)."""
+    output = result.logits if runtime.is_last else result.hidden
+    if output is None:
+        raise RuntimeError("the probe's step returned no outputs")
+    return output
+
+
+def _one_at_a_time(runtime: StageRuntime, key: Hashable, pos: int,
+                   inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The outputs of one session's rows decoded one step at a time (then undone)."""
     outputs = []
     for i in range(len(next(iter(inputs.values())))):
         row = {name: value[i:i + 1] for name, value in inputs.items()}
-        result = runtime.decode([runtime.prepare(key, pos + i,
-                                                 want_logits=runtime.is_last, **row)])[0]
-        outputs.append(result.logits if runtime.is_last else result.hidden)
+        result = runtime.decode([_prepare(runtime, key, pos + i, row)])[0]
+        outputs.append(_output(runtime, result))
     runtime.trim_session(key, pos)
     return outputs
 
 
-def _window_exact(runtime: StageRuntime, key, pos: int, inputs: dict[str, np.ndarray],
+def _window_exact(runtime: StageRuntime, key: Hashable, pos: int, inputs: dict[str, np.ndarray],
                   stepped: list[np.ndarray], rows: int, clock: _Clock) -> bool:
     """The first ``rows`` rows of ``inputs`` in one llama_decode against ``stepped`` (all
     rows' hidden states; the final stage, the last row's logits)."""
-    window = clock.decode(runtime, [runtime.prepare(
-        key, pos, want_logits=runtime.is_last,
-        **{name: value[:rows] for name, value in inputs.items()})])[0]
+    window = clock.decode(runtime, [_prepare(
+        runtime, key, pos, {name: value[:rows] for name, value in inputs.items()})])[0]
     runtime.trim_session(key, pos)
+    output = _output(runtime, window)
     if runtime.is_last:
-        return np.array_equal(window.logits, stepped[rows - 1])
-    return np.array_equal(window.hidden, np.concatenate(stepped[:rows]))
+        return bool(np.array_equal(output, stepped[rows - 1]))
+    return bool(np.array_equal(output, np.concatenate(stepped[:rows])))
 
 
 def _inputs(runtime: StageRuntime, index: int, n: int, salt: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([index, salt])
-    if runtime.is_first:
+    if runtime.embedder is not None:  # the first stage
         return {"tokens": rng.integers(0, runtime.embedder.n_vocab, n)}
     return {"hidden": rng.standard_normal((n, runtime.n_embd)).astype(np.float32)}

@@ -174,10 +174,11 @@ class StageRuntime:
             raise
         self.session_ctx = self.ctx.n_ctx_seq
         self.max_outputs = params.n_outputs_max
-        self.embedder = (
-            TokenEmbedder(files.embeddings, self.n_embd, files.model.input_scale)
-            if self.is_first else None
-        )
+        self.embedder: TokenEmbedder | None = None
+        if self.is_first:
+            if files.embeddings is None:
+                raise ValueError("the first stage's files have no token embeddings")
+            self.embedder = TokenEmbedder(files.embeddings, self.n_embd, files.model.input_scale)
         self.batch = Batch(config.n_batch, self.n_embd)
         self._sessions: dict[Hashable, _Session] = {}
         self._free_seqs = list(range(config.n_seq_max))  # a heap: lowest stream first
@@ -219,7 +220,11 @@ class StageRuntime:
         """Final stage, after a rejected window: the (position, first token) of the frame
         that resumes the session; None when its frames are not stale."""
         state = self._get(session)
-        return (state.length, state.last_token) if state.stale else None
+        if not state.stale:
+            return None
+        if state.last_token is None:
+            raise RuntimeError("a stale session without a sampled token")
+        return state.length, state.last_token
 
     def floor(self, session: Hashable) -> int:
         return self._get(session).floor
@@ -397,17 +402,19 @@ class StageRuntime:
         for chunk, state in zip(chunks, states, strict=True):
             if chunk.seq != state.seq or chunk.pos != state.length:
                 raise InvalidInputError("chunk prepared against an older session state")
-        outputs = []
+        outputs: list[np.ndarray | None]
         if self.is_last:
+            masks = []
             for chunk in chunks:
                 mask = np.zeros(chunk.n, dtype=np.int8)
                 if chunk.draft is not None:
                     mask[:] = 1
                 elif chunk.sample is not None or chunk.want_logits:
                     mask[-1] = 1
-                outputs.append(mask)
-            if sum(int(m.sum()) for m in outputs) > self.max_outputs:
+                masks.append(mask)
+            if sum(int(m.sum()) for m in masks) > self.max_outputs:
                 raise InvalidInputError(f"more than {self.max_outputs} sampled rows per batch")
+            outputs = list(masks)
         else:
             outputs = [None] * len(chunks)
         self.batch.fill_parts([(c.seq, c.pos, c.rows, out)
@@ -421,7 +428,7 @@ class StageRuntime:
             raise
         for chunk, state in zip(chunks, states, strict=True):
             state.length += chunk.n
-        if not self.is_last:
+        if self._capture is not None:  # not the final stage
             hidden = self._capture.take(total)
             results, row = [], 0
             for chunk in chunks:
@@ -448,7 +455,7 @@ class StageRuntime:
         if (tokens is None) == (hidden is None):
             raise InvalidInputError("give exactly one of tokens or hidden")
         if tokens is not None:
-            if not self.is_first:
+            if self.embedder is None:  # not the first stage
                 raise InvalidInputError("only the first stage takes token ids")
             return self.embedder(tokens)
         if self.is_first:
@@ -485,6 +492,8 @@ class StageRuntime:
             logits = result.logits if index == last else None
             if logits is None and sample.n_logprobs:
                 logits = self.ctx.logits_row(index, self.n_vocab)
+            if state.sampler is None:
+                raise RuntimeError("a sampled chunk without the session's sampler")
             token = state.sampler.sample(self.ctx.ptr, index, logits)
             logprob, top = (None, []) if logits is None else top_logprobs(
                 logits, token, sample.n_logprobs)

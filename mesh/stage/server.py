@@ -163,7 +163,10 @@ class StageServer:
                     wire.E_BAD_FRAME, f"{len(frames)} frames in one message (at most "
                     f"{wire.MAX_FRAMES_PER_MESSAGE})", None, self.name))
                 continue
-            role = frames[0].get("User-Id") if self._keys is not None and frames else None
+            role = None
+            if self._keys is not None and frames:
+                user = frames[0].get("User-Id")  # a string property (pyzmq types int | str)
+                role = user if isinstance(user, str) else None
             for part in frames:
                 try:
                     self._accept(sender, role, part.buffer, work)

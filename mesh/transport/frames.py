@@ -294,7 +294,7 @@ def _decode_checked(body: memoryview) -> Message:
             raise ProtocolError(E_BAD_FIELD, f"{kind}: field {name!r} must be >= 0")
         values.append(value)
     if len(fields) != len(codec.names) + 2:
-        extra = sorted(str(k)[:40] for k in fields if k not in SCHEMA[kind]
+        extra = sorted(str(k)[:40] for k in fields if k not in SCHEMA[str(kind)]
                        and k not in ("v", "kind"))
         raise ProtocolError(E_BAD_FIELD, f"{kind}: unknown fields {extra[:4]}")
     msg = codec.cls(*values)

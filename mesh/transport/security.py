@@ -167,7 +167,11 @@ def write_member(master: Path, role: str, path: Path) -> None:
               "coordinator-public": keys.coordinator.public,
               "salt-key": keys.salt_key.hex().encode() if keys.salt_key else None}
     lines = [f"{_MEMBER_HEADER} {role}"]
-    lines += [f"{name} {values[name].decode()}" for name in _MEMBER_FIELDS[role]]
+    for name in _MEMBER_FIELDS[role]:
+        value = values[name]
+        if value is None:
+            raise SecretError(f"the master secret gives no {name} for a {role}")
+        lines.append(f"{name} {value.decode()}")
     _create_private(path, "\n".join(lines) + "\n", "a member identity")
 
 

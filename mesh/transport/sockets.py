@@ -16,11 +16,14 @@ import os
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import zmq
 
 from mesh.transport.security import KeyPair, MeshKeys, curve_client, curve_server
 from mesh.transport.wire import MAX_FRAME_BYTES
+
+SocketT = TypeVar("SocketT", bound="zmq.Socket[Any]")  # a plain or an asyncio socket
 
 SOCKET_HWM = 1000  # messages queued per peer before ZeroMQ pushes back
 _URL = re.compile(r"^(tcp://[A-Za-z0-9.\-\[\]:*]+:\d{1,5}|ipc://[^\s]{1,200}|inproc://[^\s]{1,200})$")
@@ -56,9 +59,9 @@ def stage_router(zctx: zmq.Context, url: str, keys: MeshKeys | None = None) -> z
     return sock
 
 
-def dealer(zctx: zmq.Context, url: str, identity: bytes | None = None,
+def dealer(zctx: zmq.Context[SocketT], url: str, identity: bytes | None = None,
            immediate: bool = False, keys: MeshKeys | None = None,
-           pair: KeyPair | None = None) -> zmq.Socket:
+           pair: KeyPair | None = None) -> SocketT:
     """A connection to one stage. ``immediate`` makes sends fail while no connection is up
     (a coordinator must not queue work for a dead stage); a stage's downstream link waits for
     the next stage instead, so frames sent while it connects are not lost. With ``keys`` it
@@ -66,6 +69,8 @@ def dealer(zctx: zmq.Context, url: str, identity: bytes | None = None,
     sock = zctx.socket(zmq.DEALER)
     _common(sock)
     if keys is not None:
+        if pair is None:
+            raise ValueError("an authenticated connection needs the client's key pair")
         curve_client(sock, keys, pair)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
