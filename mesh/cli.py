@@ -222,6 +222,8 @@ async def _generate(path: Path, stages: list[str], prompt: str, params,
                 result = item
             elif not as_json:
                 click.echo(item.text, nl=False)
+        if result is None:
+            raise RuntimeError("the stream ended without a Completion")
         if as_json:
             click.echo(json.dumps({
                 "prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids,

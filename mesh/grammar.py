@@ -51,6 +51,13 @@ _TOKEN = re.compile(r"!?<(?:\[[0-9]+\]|[^>]*)>")
 _INT = re.compile(r"[0-9]+")
 
 
+def _matched(match: re.Match[str] | None) -> re.Match[str]:
+    """A match of a pattern that matches here (it may match the empty string)."""
+    if match is None:
+        raise RuntimeError("a grammar pattern did not match where it must")
+    return match
+
+
 def _refuse(why: str) -> InvalidInputError:
     return InvalidInputError(f"the grammar {why}")
 
@@ -103,7 +110,7 @@ class _Parser:
 
     # -- text ------------------------------------------------------------------------------
     def space(self, pos: int, newline_ok: bool) -> int:
-        return (_SPACE_NL if newline_ok else _SPACE).match(self.src, pos).end()
+        return _matched((_SPACE_NL if newline_ok else _SPACE).match(self.src, pos)).end()
 
     def char(self, pos: int) -> str:
         return self.src[pos] if pos < len(self.src) else ""
@@ -203,7 +210,7 @@ class _Parser:
                 pos, low, high = self.bounds(pos, nested)
                 prev_rules = self.repeat(name, items, last, low, high, prev_rules, pos)
             elif c.isascii() and (c.isalnum() or c == "-"):
-                m = _NAME.match(src, pos)
+                m = _matched(_NAME.match(src, pos))  # c starts a name
                 last, prev_rules = len(items), 1
                 items.append(self.symbol(m.group()))
                 self.add(1)

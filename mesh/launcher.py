@@ -45,21 +45,21 @@ def balanced_split(layer_bytes: list[int], head_bytes: int, n_stages: int,
     ``allowed(start, end)`` admits are used (some families may not be cut anywhere)."""
     n = len(layer_bytes)
     prefix = [0, *itertools.accumulate(layer_bytes)]
-    impossible = [float("inf")]
+    impossible: list[float] = [float("inf")]
 
     def cost(a: int, b: int) -> int:
         return prefix[b] - prefix[a] + (head_bytes if b == n else 0)
 
-    best: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    best: dict[tuple[int, int], tuple[list[float], list[int]]] = {}
 
-    def solve(start: int, stages: int) -> tuple[list[int], list[int]]:
+    def solve(start: int, stages: int) -> tuple[list[float], list[int]]:
         """(stage costs, largest first; cut points): compared largest first, so ties on the
         bottleneck are broken by evening out the other stages."""
         if stages == 1:
             return ([cost(start, n)] if allowed(start, n) else impossible), [n]
         key = (start, stages)
         if key not in best:
-            options = [(impossible, [])]
+            options: list[tuple[list[float], list[int]]] = [(impossible, [])]
             for end in range(start + 1, n - stages + 2):
                 if not allowed(start, end):
                     continue

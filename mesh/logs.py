@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -22,5 +23,5 @@ def configure(level: str = "info") -> None:
     )
 
 
-def get_logger(name: str):
+def get_logger(name: str) -> Any:  # a structlog BoundLogger (its methods are dynamic)
     return structlog.get_logger(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 EXIT_GRACE_S = 8.0  # within the 10 s a supervisor usually allows before SIGKILL
 
@@ -26,7 +27,7 @@ def exit_after(grace_s: float = EXIT_GRACE_S, status: int = 0) -> None:
     timer.start()
 
 
-def take_sigterm(stop: list) -> None:
+def take_sigterm(stop: list[Callable[[], object]]) -> None:
     """Answer SIGTERM on a thread of its own, whatever the main thread is doing: call the
     functions in ``stop`` (a list the caller may fill later) and exit within the grace period;
     with nothing to stop yet (still starting), exit at once. SIGTERM must be blocked before

@@ -34,6 +34,7 @@ from mesh.api.schemas import ChatRequest, CompletionRequest
 from mesh.api.service import CompletionService
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.coordinator import Coordinator
+from mesh.coordinator.links import stage_info
 from mesh.errors import MeshError
 from mesh.transport.security import salt_key_of, tenant_salt
 
@@ -59,7 +60,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     async def lifespan(_app: FastAPI):
         # A chain started with the API (mesh up) may still be slicing the model.
         await coordinator.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
-        service.chat = ChatRenderer(coordinator.tokenizer, coordinator.links[0].info.arch)
+        service.chat = ChatRenderer(coordinator.live_tokenizer,
+                                    stage_info(coordinator.links[0]).arch)
         if settings.announce_url:
             key = settings.api_keys[0] if settings.api_keys else None
             print(_curl_line(settings.announce_url, key), file=sys.stderr, flush=True)
@@ -73,7 +75,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         RequestGuard, limits=settings.limits,
         salts={key.encode(): tenant_salt(settings.salt_key, key.encode())
                for key in settings.api_keys},
-        served=lambda: ((coordinator.session_ctx, coordinator.tokenizer.max_piece_bytes)
+        served=lambda: ((coordinator.session_ctx, coordinator.live_tokenizer.max_piece_bytes)
                         if coordinator.started else (0, 0)))
 
     @app.exception_handler(RequestValidationError)

@@ -65,7 +65,8 @@ class ChatRenderer:
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
                ) -> tuple[str, bool, list[str]]:
         """Return (prompt text, whether to add special tokens when tokenizing, stop strings)."""
-        result = self._formatter(messages=messages, tools=tools)
+        # llama_cpp types these as its TypedDicts; they are the request's validated dicts.
+        result = self._formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
         stops = [s for s in (result.stop or []) if s] if isinstance(result.stop, list) else (
             [result.stop] if result.stop else [])
         return result.prompt, not result.added_special, stops + self.extra_stops
@@ -141,4 +142,5 @@ def _content_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int,
 def _eos(tokenizer: Tokenizer) -> int:
     from mesh.llama.native import llama
 
-    return llama().llama_vocab_eos(tokenizer.vocab)
+    eos: int = llama().llama_vocab_eos(tokenizer.vocab)
+    return eos

@@ -33,7 +33,8 @@ def _valid_prefix(piece: bytes) -> str:
 
 def trim(entries: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
     """The entries whose texts make up ``text`` (a stop string cut the rest off)."""
-    out, used = [], 0
+    out: list[dict[str, Any]] = []
+    used = 0
     for entry in entries:
         if used >= len(text) and out:
             break

@@ -202,7 +202,8 @@ class ChatShaper(Shaper):
     def final_chunks(self, *, index: int, result: Completion) -> list[Json]:
         chunks = []
         finish = result.finish_reason
-        rest, calls = self._held[index].finish(self.tools) if self._held else ("", [])
+        rest, calls = (self._held[index].finish(self.tools) if self._held and self.tools
+                       else ("", []))  # held: tools were given
         if calls or rest:  # the calls, or held text that was no call after all
             delta = ({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
                      if calls else {"content": rest})

@@ -94,13 +94,16 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def prompt_value(self) -> str | list[int]:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise InvalidInputError("only one prompt per request is supported")
-            return self.prompt[0]
-        if isinstance(self.prompt, list) and not self.prompt:
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if not prompt:
             raise InvalidInputError("the prompt is empty")
-        return self.prompt
+        if isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise InvalidInputError("only one prompt per request is supported")
+            return prompt[0]
+        return prompt
 
     def generation_params(self, extra_stops: list[str], add_special: bool = True,
                           default_max: int = 16, logprobs: int = 0,

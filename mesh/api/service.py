@@ -68,6 +68,8 @@ class CompletionService:
             if isinstance(prompt, str):  # tokenized here, to check its length
                 prompt = self.coordinator.tokenize(prompt, params.add_special)
             return prompt, params
+        if self.chat is None:
+            raise RuntimeError("a chat request before the coordinator started")
         try:
             ids, stops = self.chat.render_ids(body.message_dicts(), body.tools,
                                               self.coordinator.session_ctx)
@@ -81,7 +83,7 @@ class CompletionService:
         """Limits only the served model can judge, and what one request may take: n choices
         of max_tokens each within the token budget (an implicit max_tokens shrinks to fit)."""
         ctx = self.coordinator.session_ctx
-        body.check_limits(prompt_tokens, ctx, self.coordinator.tokenizer.n_vocab)
+        body.check_limits(prompt_tokens, ctx, self.coordinator.live_tokenizer.n_vocab)
         budget = self.limits.token_budget(ctx)
         per_choice = min(params.max_tokens, max(1, ctx - prompt_tokens))
         if body.n * per_choice > budget:
@@ -96,7 +98,7 @@ class CompletionService:
     def _shaper(self, body, kind: type[Shaper]) -> Shaper:
         context = ResponseContext.new(kind, model=self.model_id, n=body.n,
                                       shown_cached=self.shown_cached)
-        return kind.for_request(body, context, self.coordinator.tokenizer)
+        return kind.for_request(body, context, self.coordinator.live_tokenizer)
 
     async def _respond(self, request: Request, body, prompt_ids: list[int],
                        params: GenerationParams, kind: type[Shaper], tenant: bytes):

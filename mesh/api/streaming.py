@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
@@ -27,7 +27,7 @@ log = get_logger("mesh.api")
 CANCELLED = "cancelled"  # the client went away
 STALLED = "stalled"  # the client stopped reading its stream
 
-Choices = AsyncIterator[tuple[int, Delta | Completion]]
+Choices = AsyncGenerator[tuple[int, Delta | Completion], None]
 
 
 class EventStream(EventSourceResponse):
@@ -86,7 +86,7 @@ async def sse_events(stream: Choices, first: tuple[int, Delta | Completion], *,
         raise
     except Exception as exc:
         metrics.request(endpoint, exc)
-        yield error_response(exc).body.decode()
+        yield bytes(error_response(exc).body).decode()
         yield "[DONE]"
     finally:
         await stream.aclose()

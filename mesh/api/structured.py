@@ -32,7 +32,7 @@ import json
 import math
 import re
 from fractions import Fraction
-from typing import Any
+from typing import Any, overload
 from urllib.parse import unquote
 
 from mesh.errors import InvalidInputError
@@ -538,7 +538,8 @@ class _Converter:
                     raise _Refused(f"has oneOf branches {i} and {j} that may both match "
                                    "(use anyOf)", path)
 
-    def shape(self, s: Any, doc: int, hops: int = 0) -> tuple[set[str], list | None, dict]:
+    def shape(self, s: Any, doc: int, hops: int = 0
+              ) -> tuple[set[str], set[str] | None, dict[str, set[str]]]:
         """(types, values or None, {required property: its values}) of a branch."""
         if isinstance(s, dict) and isinstance(s.get("$ref"), str) and hops < 8:
             try:
@@ -553,7 +554,7 @@ class _Converter:
                 return {_json_type(v) for v in values}, {_canon(v) for v in values}, {}
         types = s.get("type")
         types = set(types if isinstance(types, list) else [types]) if types else set(_TYPES)
-        keys = {}
+        keys: dict[str, set[str]] = {}
         props = s.get("properties")
         if isinstance(props, dict) and isinstance(s.get("required"), list):
             for name in s["required"]:
@@ -623,7 +624,11 @@ def _is_number(value: Any) -> bool:
         math.isfinite(value))
 
 
-def _count(s: dict, key: str, path: str, default: int | None) -> int | None:
+@overload
+def _count(s: dict[str, Any], key: str, path: str, default: int) -> int: ...
+@overload
+def _count(s: dict[str, Any], key: str, path: str, default: None) -> int | None: ...
+def _count(s: dict[str, Any], key: str, path: str, default: int | None) -> int | None:
     if key not in s:
         return default
     value = s[key]

@@ -77,9 +77,10 @@ def parse(text: str, tools: list[dict[str, Any]]) -> tuple[str | None, list[dict
         fenced = _FENCE.match(body)
         found = _objects(fenced.group(1) if fenced else body)
     calls = [_call(obj, names) for obj in found or []]
-    if not calls or any(c is None for c in calls):
+    valid = [c for c in calls if c is not None]
+    if not calls or len(valid) != len(calls):
         return text, []
-    return content, calls
+    return content, valid
 
 
 def _is_json(text: str) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 
 from mesh.config import CoordinatorConfig
 from mesh.errors import AdmissionTimeoutError, ContextLengthError, InvalidInputError
@@ -53,7 +54,8 @@ class SlotBudget:
 
 class Admission:
     def __init__(self, slots: int | None, session_ctx: int = 0, wait_s: float = DEFAULT_WAIT_S,
-                 on_wait=None, tenant_slots: int | None = None):
+                 on_wait: Callable[[float], object] | None = None,
+                 tenant_slots: int | None = None):
         """``slots`` None: the chain's size is not known yet (a coordinator builds its
         admission before the handshake); ``size`` gives it."""
         self.on_wait = on_wait  # called with seconds waited, for metrics
@@ -65,7 +67,7 @@ class Admission:
             self.size(slots, session_ctx, tenant_slots)
         self._held: collections.Counter[bytes] = collections.Counter()
         # Waiting requests per tenant (granted, slots wanted), and the tenants' turn order.
-        self._queues: dict[bytes, collections.deque[tuple[asyncio.Future, int]]] = {}
+        self._queues: dict[bytes, collections.deque[tuple[asyncio.Future[None], int]]] = {}
         self._turns: collections.deque[bytes] = collections.deque()
 
     def size(self, slots: int, session_ctx: int, tenant_slots: int | None = None) -> None:
@@ -82,6 +84,12 @@ class Admission:
     @property
     def queue_depth(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+    def _sized(self) -> tuple[SlotBudget, int]:
+        """The budget and one tenant's share; both are set by ``size``."""
+        if self.budget is None or self.tenant_slots is None:
+            raise RuntimeError("admission used before the chain's size is known")
+        return self.budget, self.tenant_slots
 
     def held(self, tenant: bytes = b"") -> int:
         return self._held[tenant]
@@ -100,11 +108,12 @@ class Admission:
         """Take ``count`` slots for ``tenant`` (one per session: choices of one prompt take
         several), waiting for its turn up to ``wait_s``; give them back with ``release``."""
         self.check(prompt_tokens)
-        limit = min(self.budget.capacity, self.tenant_slots)
+        budget, share = self._sized()
+        limit = min(budget.capacity, share)
         if count > limit:
             raise InvalidInputError(f"{count} sessions at once, but one client may hold "
-                                    f"{limit} of the mesh's {self.budget.capacity}")
-        waiter = asyncio.get_running_loop().create_future()
+                                    f"{limit} of the mesh's {budget.capacity}")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if tenant not in self._queues:
             self._queues[tenant] = collections.deque()
             self._turns.append(tenant)
@@ -121,7 +130,7 @@ class Admission:
             self._log("rejected", time.monotonic() - t0)
             raise AdmissionTimeoutError(
                 f"no session slot free within {self.wait_s:.0f} s "
-                f"({self.budget.capacity} slots, {self.queue_depth} waiting)") from None
+                f"({budget.capacity} slots, {self.queue_depth} waiting)") from None
         except asyncio.CancelledError:
             self._abandon(waiter, count, tenant)
             raise
@@ -130,13 +139,13 @@ class Admission:
     def release(self, count: int = 1, tenant: bytes = b"") -> None:
         if self._held[tenant] < count:
             raise ValueError("release without a reservation")
-        self.budget.release(count)
+        self._sized()[0].release(count)
         self._held[tenant] -= count
         if not self._held[tenant]:
             del self._held[tenant]
         self._wake()
 
-    def _abandon(self, waiter: asyncio.Future, count: int, tenant: bytes) -> None:
+    def _abandon(self, waiter: asyncio.Future[None], count: int, tenant: bytes) -> None:
         if waiter.done() and not waiter.cancelled():
             self.release(count, tenant)  # granted just as we gave up: hand it back
             return
@@ -154,14 +163,17 @@ class Admission:
     def _wake(self) -> None:
         """Grant slots in turn: the first tenant in the turn order that is below its share
         gets its oldest request if the slots are free; if not, nobody overtakes it."""
+        if not self._turns:
+            return
+        budget, share = self._sized()
         while self._turns:
             for tenant in self._turns:
                 count = self._queues[tenant][0][1]
-                if self._held[tenant] + count <= self.tenant_slots:
+                if self._held[tenant] + count <= share:
                     break
             else:
                 return  # every waiting tenant holds its share: they wait for their own
-            if not self.budget.try_reserve(count):
+            if not budget.try_reserve(count):
                 return
             waiter, _ = self._queues[tenant].popleft()
             self._held[tenant] += count
@@ -173,7 +185,7 @@ class Admission:
             if not waiter.done():
                 waiter.set_result(None)
             else:  # its request gave up at this very moment
-                self.budget.release(count)
+                budget.release(count)
                 self._held[tenant] -= count
                 if not self._held[tenant]:
                     del self._held[tenant]
@@ -181,6 +193,7 @@ class Admission:
     def _log(self, status: str, waited_s: float) -> None:
         if self.on_wait is not None:
             self.on_wait(waited_s)
-        log.info("admission", status=status, reserved_slots=self.budget.reserved,
-                 slots=self.budget.capacity, queue_depth=self.queue_depth,
+        budget, _ = self._sized()
+        log.info("admission", status=status, reserved_slots=budget.reserved,
+                 slots=budget.capacity, queue_depth=self.queue_depth,
                  waited_ms=round(waited_s * 1e3, 1))

@@ -18,11 +18,12 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zmq.asyncio
 
 from mesh.config import COORDINATOR_TIMEOUTS
-from mesh.coordinator.links import StageLink
+from mesh.coordinator.links import StageLink, stage_info
 from mesh.errors import HandshakeError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport.messages import Message, Pong, StageInfo
@@ -53,8 +54,8 @@ class Chain:
         self.links = [StageLink(i, url, origin, self._zctx, dispatch, on_send_failure, keys)
                       for i, url in enumerate(urls)]
         self._on_lost = on_lost
-        self._heartbeat: asyncio.Task | None = None
-        self._reviving: set[asyncio.Task] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._reviving: set[asyncio.Task[Any]] = set()
         self.on_heartbeat = on_heartbeat  # e.g. progress deadlines
         self.live_sessions = live_sessions  # what Ping lists
 
@@ -87,12 +88,12 @@ class Chain:
     @property
     def session_ctx(self) -> int:
         """Smallest per-session KV in the chain: the longest a session can ever grow."""
-        return min(link.info.session_ctx for link in self.links)
+        return min(stage_info(link).session_ctx for link in self.links)
 
     @property
     def slots(self) -> int:
         """Sessions the chain holds at once (every stage gives each session a slot)."""
-        return min(link.info.slots for link in self.links)
+        return min(stage_info(link).slots for link in self.links)
 
     async def start(self, model_sha256: str, timeout_s: float) -> list[StageInfo]:
         self.model_sha256 = model_sha256
@@ -108,7 +109,7 @@ class Chain:
         deadline = time.monotonic() + timeout_s
         for link in reversed(self.links):
             await self._handshake(link, max(0.5, deadline - time.monotonic()))
-        return [link.info for link in self.links]
+        return [stage_info(link) for link in self.links]
 
     async def _handshake(self, link: StageLink, timeout_s: float) -> StageInfo:
         nxt = self.links[link.index + 1] if link.index + 1 < len(self.links) else None

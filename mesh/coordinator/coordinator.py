@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig
 from mesh.coordinator import progress
@@ -49,6 +50,9 @@ from mesh.logs import get_logger
 from mesh.model.source import file_sha256
 from mesh.transport.messages import Acquired, Error, Message, Pong, StageInfo, Stopped, Token
 from mesh.transport.security import MeshKeys
+
+if TYPE_CHECKING:
+    from mesh.coordinator.draft_model import DraftModel
 
 log = get_logger("mesh.coordinator")
 
@@ -88,7 +92,8 @@ class Coordinator:
         self.admission = Admission(None, wait_s=config.admission_wait_s,
                                    on_wait=self._admission_waited)
         self.speculation = config.speculation
-        self.draft_model = None  # loaded at start: its context follows the chain's
+        # Loaded at start: its context follows the chain's.
+        self.draft_model: DraftModel | None = None
         drafts_compute = bool(self.speculation.enabled and self.speculation.draft_model)
         self.generator = Generator(self.chain, self.sessions, self.prefixes, self.pacer,
                                    self.tokenizer, self.admission, config.prefill_chunk,
@@ -101,6 +106,13 @@ class Coordinator:
     def started(self) -> bool:
         """Handshaken: the chain's facts (context, slots) are known."""
         return self.admission.sized
+
+    @property
+    def live_tokenizer(self) -> Tokenizer:
+        """The tokenizer, until ``close``."""
+        if self.tokenizer is None:
+            raise RuntimeError("the coordinator is closed")
+        return self.tokenizer
 
     def _admission_waited(self, seconds: float) -> None:
         if self.wait_observer is not None:
@@ -130,9 +142,11 @@ class Coordinator:
             from mesh.coordinator.draft_model import DraftModel
 
             try:
-                self.draft_model = await loop.run_in_executor(
-                    None, DraftModel, Path(self.speculation.draft_model),
-                    self.tokenizer.n_vocab, self.chain.session_ctx)
+                if self.speculation.draft_model is None:  # drafts_compute says it is set
+                    raise RuntimeError("drafting computes without a draft model")
+                self.draft_model = await loop.run_in_executor(None, functools.partial(
+                    DraftModel, Path(self.speculation.draft_model),
+                    self.live_tokenizer.n_vocab, self.chain.session_ctx))
             except BaseException:
                 await self.close()
                 raise
@@ -204,8 +218,9 @@ class Coordinator:
         """Token ids of a raw prompt (special-token text is parsed: completions are raw); a
         text that cannot fit the context is refused before it is tokenized."""
         if isinstance(prompt, str):
-            self.tokenizer.check_cost(prompt, self.session_ctx)
-            return self.tokenizer.encode(prompt, add_special=add_special)
+            tokenizer = self.live_tokenizer
+            tokenizer.check_cost(prompt, self.session_ctx)
+            return tokenizer.encode(prompt, add_special=add_special)
         return [int(t) for t in prompt]
 
     async def complete(self, prompt: str | list[int], params: GenerationParams) -> Completion:
@@ -213,10 +228,12 @@ class Coordinator:
         async for item in self.stream(prompt, params, hold=True):
             if isinstance(item, Completion):
                 result = item
+        if result is None:
+            raise RuntimeError("the request's stream ended without a Completion")
         return result
 
     async def stream(self, prompt: str | list[int], params: GenerationParams,
-                     hold: bool = False) -> AsyncIterator[Delta | Completion]:
+                     hold: bool = False) -> AsyncGenerator[Delta | Completion, None]:
         """Yield Deltas as tokens arrive, then one Completion (all at the end with ``hold``:
         then a failure at any point re-runs the request, see ``generation``)."""
         async for _, item in self.stream_choices(prompt, params, 1, hold):
@@ -224,7 +241,7 @@ class Coordinator:
 
     async def stream_choices(self, prompt: str | list[int], params: GenerationParams, n: int,
                              hold: bool = False, tenant: bytes = b""
-                             ) -> AsyncIterator[tuple[int, Delta | Completion]]:
+                             ) -> AsyncGenerator[tuple[int, Delta | Completion], None]:
         """``n`` choices of one prompt, as (choice, item) in arrival order. Choice i samples
         with seed + i. With several, the prompt is prefilled once and kept as a resident
         prefix; every choice starts from a copy of its KV (``Generator.warm``), so n choices
@@ -245,27 +262,28 @@ class Coordinator:
             runs = [self.generator.stream(
                 prompt_ids, dataclasses.replace(params, seed=(params.seed + i) % 2**32), hold)
                 for i in range(n)]
-            async for item in _merged(runs):
-                yield item
+            async for merged in _merged(runs):
+                yield merged
         finally:
             self.admission.release(n, tenant)
 
     def _check_request(self, prompt_ids: list[int], params: GenerationParams) -> None:
         if not prompt_ids:
             raise InvalidInputError("the prompt is empty")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.tokenizer.n_vocab:
-            raise InvalidInputError(f"token ids must be in [0, {self.tokenizer.n_vocab})")
+        n_vocab = self.live_tokenizer.n_vocab
+        if min(prompt_ids) < 0 or max(prompt_ids) >= n_vocab:
+            raise InvalidInputError(f"token ids must be in [0, {n_vocab})")
         if params.max_tokens < 1:
             raise InvalidInputError("max_tokens must be >= 1")
 
 
-async def _merged(runs: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+async def _merged(runs: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
     """Items of several iterators as they come, tagged with the iterator's index; the first
     error ends them all."""
     queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
     done = object()
 
-    async def drain(i: int, run: AsyncIterator) -> None:
+    async def drain(i: int, run: AsyncIterator[Any]) -> None:
         try:
             async for item in run:
                 await queue.put((i, item, None))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mesh.coordinator.drafting import NgramDrafter
+from mesh.coordinator.speculation import Drafter
 from mesh.errors import InvalidInputError, MeshError
 from mesh.llama.native import Batch, ContextParams, NativeContext, NativeModel
 from mesh.logs import get_logger
@@ -50,7 +51,7 @@ class DraftModel:
         self._free = list(range(slots))
         self.closed = False
 
-    def drafter(self, prompt: list[int]):
+    def drafter(self, prompt: list[int]) -> Drafter:
         """A session's drafter: a stream of the pool, or prompt lookup when none is free."""
         with self.lock:
             if not self._free:  # all taken (or closed)
@@ -111,6 +112,8 @@ class ModelDrafter:
             logits = None
             for start in range(keep, len(target), DRAFT_BATCH):
                 logits = self._decode(start, target[start:start + DRAFT_BATCH])
+            if logits is None:  # keep < len(target): the last token is always fed
+                raise RuntimeError("the draft model decoded no tokens")
             out = [int(np.argmax(logits))]
             while len(out) < count:
                 out.append(int(np.argmax(self._decode(len(target) + len(out) - 1, out[-1:]))))

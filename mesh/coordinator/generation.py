@@ -23,6 +23,7 @@ from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.drafting import NgramDrafter
+from mesh.coordinator.links import stage_info
 from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import DEFAULT_PREFILL_CHUNK, MIN_REUSE_TOKENS
 from mesh.coordinator.prefixes import PrefixProtocol
@@ -187,6 +188,8 @@ class Generator:
         finally:
             self.sessions.close(session)
             done = self.prefixes.stop(session, keep, salt)
+        if done is None:  # a prefix index and a prompt this long: the Stop keeps it
+            raise RuntimeError("warm's Stop kept no prefix")
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout_s)
         except TimeoutError:
@@ -304,8 +307,8 @@ class Generator:
                            spec.rows_limit)
 
     def _stage_costs(self) -> list[StageCosts] | None:
-        costs = [StageCosts(tuple(link.info.batch_us), tuple(link.info.window_us))
-                 for link in self.chain.links]
+        infos = [stage_info(link) for link in self.chain.links]
+        costs = [StageCosts(tuple(info.batch_us), tuple(info.window_us)) for info in infos]
         return costs if all(c.batch_us for c in costs) else None
 
     def _time_step(self, window: Window) -> None:
@@ -324,7 +327,7 @@ class Generator:
     def _window_limits(self) -> tuple[int, int | None]:
         """Rows a window may hold and the position it must end by: what every stage computes
         exactly in one llama_decode."""
-        infos = [link.info for link in self.chain.links]
+        infos = [stage_info(link) for link in self.chain.links]
         cells = [i.exact_cells for i in infos if i.exact_cells is not None]
         rows = min([self.speculation.draft_max + 1, wire.MAX_DRAFT_TOKENS + 1,
                     *(i.exact_rows for i in infos)])
@@ -353,7 +356,8 @@ class Generator:
 
     def _chunk_size(self) -> int:
         """Prompt tokens per frame: ours, unless a stage takes fewer at once."""
-        return min(self.prefill_chunk, *(link.info.max_tokens for link in self.chain.links))
+        return min(self.prefill_chunk,
+                   *(stage_info(link).max_tokens for link in self.chain.links))
 
     def _send_work(self, cls: type[Work], session: int, pos: int, tokens: list[int],
                    **extra) -> None:

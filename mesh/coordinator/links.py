@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -32,6 +33,13 @@ from mesh.transport.sockets import dealer
 log = get_logger("mesh.coordinator")
 
 HANDSHAKE_TIMEOUT_S = COORDINATOR_TIMEOUTS.handshake_s
+
+
+def stage_info(link: StageLink) -> StageInfo:
+    """``link``'s StageInfo from its handshake (which every use of it follows)."""
+    if link.info is None:
+        raise RuntimeError(f"{link.name} has not been handshaken")
+    return link.info
 
 
 class StageLink:
@@ -60,7 +68,7 @@ class StageLink:
         self._posted_sessions: list[int] = []
         self._handshake: asyncio.Future[StageInfo | Error] | None = None
         self._nonce = itertools.count(1)
-        self._reader: asyncio.Task | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._pong_waiters: list[asyncio.Future[Pong]] = []
 
     def start(self) -> None:
@@ -134,7 +142,9 @@ class StageLink:
         Goes through the asyncio socket (a NOBLOCK send completes at once): touching the
         underlying socket directly would eat the edge-triggered wake-up of the reader task.
         """
-        future = self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        # zmq.asyncio returns an asyncio Future (its stub says Awaitable).
+        future = cast("asyncio.Future[object]",
+                      self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False))
         if not future.done():
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             return
@@ -166,12 +176,12 @@ class StageLink:
     @property
     def epoch(self) -> int:
         """The stage process this link was handshaken with (frames to it carry it)."""
-        return self.info.epoch
+        return stage_info(self).epoch
 
     @property
     def link_tag(self) -> bytes | None:
         """What the stage's upstream must forward under (``StageInfo.link_tag``)."""
-        return self.info.link_tag
+        return stage_info(self).link_tag
 
     async def handshake(self, origin: bytes, next_url: str | None, next_epoch: int | None,
                         model_sha256: str | None, index: int,

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.chain import Chain
-from mesh.coordinator.links import StageLink
+from mesh.coordinator.links import StageLink, stage_info
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_id
 from mesh.coordinator.sessions import Inbox, Sessions
 from mesh.transport import frames as fr
@@ -38,7 +39,7 @@ class _Keep:
     prompt: list[int]
     salt: bytes
     posted: float
-    done: asyncio.Future
+    done: asyncio.Future[Any]
 
 
 class PrefixProtocol:
@@ -60,7 +61,7 @@ class PrefixProtocol:
             pid, salt, tokens = fr.unpack_record_entry(entry)
             if pid not in everywhere or tokens is None:
                 continue
-            if prefix_id(self._chain.model_sha256, tokens, salt) == pid:
+            if prefix_id(self._model_sha256(), tokens, salt) == pid:
                 self.index.add(tokens, salt)
                 restored += 1
         return restored
@@ -102,7 +103,7 @@ class PrefixProtocol:
         for link in links:
             link.post(fr.encode(Acquire(session=session, origin=self._chain.origin,
                                         epoch=link.epoch, prefix_id=pid, n=n)), session)
-        by_stage = {link.info.stage: link.index for link in links}
+        by_stage = {stage_info(link).stage: link.index for link in links}
         placed: dict[int, int] = {}
         while len(placed) < len(links):
             msg = await Sessions.next(inbox, want=Acquired)
@@ -110,8 +111,14 @@ class PrefixProtocol:
                 placed[by_stage[msg.stage]] = msg.n
         return placed
 
+    def _model_sha256(self) -> str:
+        """The chain's model (set when it starts, before any prefix is kept)."""
+        if self._chain.model_sha256 is None:
+            raise RuntimeError("the chain has not started")
+        return self._chain.model_sha256
+
     def stop(self, session: int, keep_prompt: list[int] | None, salt: bytes
-             ) -> asyncio.Future | None:
+             ) -> asyncio.Future[Any] | None:
         """End ``session`` on every stage; a completed one keeps its prompt as a prefix (the
         returned future is done once the final stage says whether it did).
 
@@ -123,7 +130,7 @@ class PrefixProtocol:
             self._resolve(old)
         if (keep_prompt is not None and self.index is not None
                 and len(keep_prompt) >= MIN_REUSE_TOKENS):
-            keep, pid = len(keep_prompt), prefix_id(self._chain.model_sha256, keep_prompt, salt)
+            keep, pid = len(keep_prompt), prefix_id(self._model_sha256(), keep_prompt, salt)
             self._pending[session] = _Keep(keep_prompt, salt, now,
                                            asyncio.get_running_loop().create_future())
         links = self._chain.links

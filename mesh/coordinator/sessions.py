@@ -12,7 +12,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.errors import MeshError, StageError, StageUnavailableError
@@ -60,7 +60,7 @@ class Sessions:
 
     def deliver(self, msg: InboxFrame) -> bool:
         """Hand a stage's frame to its session; False when no such session is live here."""
-        inbox = self._live.get(msg.session)
+        inbox = self._live.get(msg.session) if msg.session is not None else None
         if inbox is None:
             return False
         inbox.queue.put_nowait(msg)
@@ -84,8 +84,17 @@ class Sessions:
         return {session: inbox.waiting for session, inbox in self._live.items()
                 if inbox.waiting is not None}
 
+    @overload
     @staticmethod
-    async def next(inbox: Inbox, want: type[Wanted] = Token) -> Wanted:
+    async def next(inbox: Inbox) -> Token: ...
+
+    @overload
+    @staticmethod
+    async def next(inbox: Inbox, want: type[Wanted]) -> Wanted: ...
+
+    @staticmethod
+    async def next(inbox: Inbox, want: type[Wanted] | type[Token] = Token
+                   ) -> Wanted | Token:
         """The session's next ``want`` frame (others, e.g. a late Acquired, are skipped)."""
         while True:
             if inbox.queue.empty():

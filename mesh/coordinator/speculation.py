@@ -211,6 +211,8 @@ class Speculator:
         more may be in flight."""
         budget -= sum(w.n - w.received for w in self.in_flight)
         if not self.in_flight:
+            if self.tail is None:
+                raise RuntimeError("next_windows before the session's first token")
             first, pos, assumed = self.tail, self.pos, []
         elif self._chained and len(self.in_flight) < self._target() and speculate:
             last = self.in_flight[-1]
@@ -257,7 +259,7 @@ class Speculator:
     def _guess(self, speculate: bool) -> int | None:
         """The drafter's guess for a plain step, when it is free (a step that could have
         speculated and did not still scores it; a window's rows are scored anyway)."""
-        if speculate or not self.scores:
+        if speculate or not self.scores or self.drafter is None:
             return None
         guess = self.drafter.propose(1)
         return guess[0] if guess else None

@@ -103,7 +103,8 @@ class Tokenizer:
 
     def token_text(self, token: int) -> str:
         """The vocabulary's text for a token (special tokens included), for chat templates."""
-        return llama().llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+        text: bytes = llama().llama_vocab_get_text(self.vocab, token)
+        return text.decode("utf-8", "replace")
 
     def stream_decoder(self) -> codecs.IncrementalDecoder:
         return codecs.getincrementaldecoder("utf-8")("replace")
