@@ -13,8 +13,16 @@ from pathlib import Path
 
 import click
 
-from mesh.config import API, COORDINATOR_TIMEOUTS, STAGE, CoordinatorConfig, is_loopback
-from mesh.coordinator.speculation import POLICIES, SPECULATIVE_MODES, SpeculationConfig
+from mesh.config import (
+    API,
+    COORDINATOR_TIMEOUTS,
+    POLICIES,
+    SPECULATIVE_MODES,
+    STAGE,
+    CoordinatorConfig,
+    SpeculationConfig,
+    is_loopback,
+)
 from mesh.errors import MeshError
 
 

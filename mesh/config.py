@@ -8,8 +8,6 @@ Not here, because they have an owner of their own:
   specifies them and ``mesh.transport.wire`` is their one place;
 - what one API client may take (sizes, shares, request and stream times): ``ApiLimits`` in
   ``mesh.api.limits``, one frozen dataclass that the CLI's options read;
-- speculation's knobs: ``SpeculationConfig`` in ``mesh.coordinator.speculation``, a part of
-  ``CoordinatorConfig`` here;
 - a request's sampling defaults: ``GenerationParams`` in ``mesh.coordinator.generation``.
 
     coord = Coordinator(path, urls, CoordinatorConfig(decode_groups=2, retry_wait_s=5.0))
@@ -19,7 +17,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh.coordinator.speculation import SpeculationConfig
+SPECULATIVE_MODES = ("ngram", "none")
+POLICIES = ("cost", "always")  # windows where they pay (measured), or whenever drafted
+DRAFT_MAX = 8  # drafted tokens a verify window carries at most
+MAX_WINDOWS = 3  # verify windows of one session in flight at once
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """Speculative decoding's knobs (``mesh.coordinator.speculation`` says what they do)."""
+
+    mode: str = "ngram"  # one of SPECULATIVE_MODES
+    draft_max: int = DRAFT_MAX
+    max_windows: int = MAX_WINDOWS
+    policy: str = "cost"  # one of POLICIES
+    draft_model: str | None = None  # a GGUF sharing the target's vocabulary (else n-grams)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none" and self.draft_max > 0
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,12 @@ import click
 import numpy as np
 import zmq
 
-from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig
+from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SpeculationConfig
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
-from mesh.coordinator.speculation import SpeculationConfig
 from mesh.launcher import LocalMesh, balanced_split, free_port
-from mesh.llama.reference import SingleContext
 from mesh.model.slicing import model_info
 from mesh.model.source import resolve_model
+from mesh.stage.reference import SingleContext
 from mesh.stage.runtime import RuntimeConfig
 from mesh.transport import frames as fr
 from mesh.transport.messages import Decode

@@ -28,9 +28,9 @@ from mesh.llama.native import (  # noqa: E402
     NativeContext,
     NativeModel,
 )
-from mesh.llama.reference import SingleContext  # noqa: E402
 from mesh.model.slicing import model_info, slice_model  # noqa: E402
 from mesh.model.source import resolve_model  # noqa: E402
+from mesh.stage.reference import SingleContext  # noqa: E402
 from mesh.stage.runtime import RuntimeConfig  # noqa: E402
 from tests.support.local_chain import LocalChain  # noqa: E402
 

@@ -30,9 +30,14 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support/ holds the shim
 
-from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig  # noqa: E402
+from mesh.config import (  # noqa: E402  # noqa: E402
+    COORDINATOR_TIMEOUTS,
+    DRAFT_MAX,
+    MAX_WINDOWS,
+    CoordinatorConfig,
+    SpeculationConfig,
+)
 from mesh.coordinator.coordinator import Coordinator, GenerationParams  # noqa: E402
-from mesh.coordinator.speculation import DRAFT_MAX, MAX_WINDOWS, SpeculationConfig  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
 from mesh.model.source import resolve_model  # noqa: E402
 from tests.support.linkdelay import DelayedLink  # noqa: E402

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig
+from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SpeculationConfig
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.drafting import NgramDrafter
@@ -31,7 +31,6 @@ from mesh.coordinator.sessions import Sessions
 from mesh.coordinator.speculation import (
     MAX_SESSIONS,
     Drafter,
-    SpeculationConfig,
     SpeculationStats,
     Speculator,
     StageCosts,

@@ -33,10 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-SPECULATIVE_MODES = ("ngram", "none")
-POLICIES = ("cost", "always")  # windows where they pay (measured), or whenever drafted
-DRAFT_MAX = 8
-MAX_WINDOWS = 3
+from mesh.config import MAX_WINDOWS, SpeculationConfig
+
 # Without measured costs (a stage that did not probe, or a drafter that computes and so is
 # not scored on plain steps): speculate while at most this many sessions decode.
 MAX_SESSIONS = 2
@@ -56,17 +54,6 @@ class Drafter(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class SpeculationConfig:
-    mode: str = "ngram"
-    draft_max: int = DRAFT_MAX
-    max_windows: int = MAX_WINDOWS
-    policy: str = "cost"
-    draft_model: str | None = None  # a GGUF sharing the target's vocabulary (else n-grams)
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "none" and self.draft_max > 0
 
 
 @dataclass(frozen=True)

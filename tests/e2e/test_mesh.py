@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
+from mesh.config import SpeculationConfig
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
-from mesh.coordinator.speculation import SpeculationConfig
 from mesh.errors import HandshakeError, StageUnavailableError
 from mesh.launcher import LocalMesh
 from mesh.transport import frames as fr

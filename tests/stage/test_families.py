@@ -175,9 +175,9 @@ def test_phi3_rope_factors_follow_each_context_so_a_chain_must_not_straddle(tmp_
     asks at start)."""
     import numpy as np
 
-    from mesh.llama.reference import SingleContext
     from mesh.model.families import family
     from mesh.model.slicing import slice_model
+    from mesh.stage.reference import SingleContext
     from mesh.stage.runtime import RuntimeConfig, StageRuntime
     from tests.support.tiny import phi3
 

@@ -1,7 +1,7 @@
 """In-process chains for parity checks and benchmarks (test scaffolding).
 
 ``LocalChain`` runs StageRuntimes one after another in one process; its baseline, one
-llama.cpp context over the unsliced GGUF, is ``mesh.llama.reference.SingleContext``.
+llama.cpp context over the unsliced GGUF, is ``mesh.stage.reference.SingleContext``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mesh.llama.reference import SingleContext
+from mesh.stage.reference import SingleContext
 from mesh.stage.runtime import RuntimeConfig
 from tests.support.local_chain import LocalChain
 

@@ -3,8 +3,9 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.config import SpeculationConfig
 from mesh.coordinator.drafting import NgramDrafter
-from mesh.coordinator.speculation import SpeculationConfig, Speculator
+from mesh.coordinator.speculation import Speculator
 
 
 def test_the_drafter_continues_the_last_earlier_occurrence_of_the_longest_ending():
