@@ -59,7 +59,7 @@ class CoordinatorTimeouts:
     progress_deadline_s: float = 3.0
     # A fresh Pong for ``stage_stats``.
     stats_s: float = 2.0
-    # A shared prompt's prefill for several choices (``Generator.warm``); past it each choice
+    # A shared prompt's prefill for several choices (``RequestRunner.warm``); past it each choice
     # prefills on its own.
     warm_s: float = 60.0
     # A new request waits this long for prefixes still being kept (Stopped not yet back)...

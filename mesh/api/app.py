@@ -33,8 +33,8 @@ from mesh.api.responses import ChatShaper, TextShaper
 from mesh.api.schemas import ChatRequest, CompletionRequest
 from mesh.api.service import CompletionService
 from mesh.config import COORDINATOR_TIMEOUTS
+from mesh.coordinator.connections import stage_info
 from mesh.coordinator.coordinator import Coordinator
-from mesh.coordinator.links import stage_info
 from mesh.errors import MeshError
 from mesh.transport.security import salt_key_of, tenant_salt
 
@@ -61,7 +61,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         # A chain started with the API (mesh up) may still be slicing the model.
         await coordinator.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
         service.chat = ChatRenderer(coordinator.live_tokenizer,
-                                    stage_info(coordinator.links[0]).arch)
+                                    stage_info(coordinator.connections[0]).arch)
         if settings.announce_url:
             key = settings.api_keys[0] if settings.api_keys else None
             print(_curl_line(settings.announce_url, key), file=sys.stderr, flush=True)
@@ -106,8 +106,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     @app.get("/ready")
     async def ready():
         if coordinator.ready:
-            return {"status": "ready", "stages": len(coordinator.links)}
-        down = [link.index for link in coordinator.links if not link.alive]
+            return {"status": "ready", "stages": len(coordinator.connections)}
+        down = [link.index for link in coordinator.connections if not link.alive]
         return JSONResponse({"status": "not_ready", "down_stages": down}, 503)
 
     @app.get("/metrics")

@@ -84,11 +84,11 @@ class ApiMetrics:
         admission = self._coord.admission
         if admission is not None:
             self.queue_depth.set(admission.queue_depth)
-        if self._coord.generator is not None:
-            self.retried.set(self._coord.generator.retries)
-            for name, value in self._coord.generator.speculated.as_dict().items():
+        if self._coord.runner is not None:
+            self.retried.set(self._coord.runner.retries)
+            for name, value in self._coord.runner.speculated.as_dict().items():
                 self.speculation[name].set(value)
-        for link in self._coord.links:
+        for link in self._coord.connections:
             label = str(link.index)
             self.stage_up.labels(label).set(1 if link.alive else 0)
             self.link_up.labels(label).set(1 if link.link_up else 0)

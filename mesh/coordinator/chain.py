@@ -23,7 +23,7 @@ from typing import Any
 import zmq.asyncio
 
 from mesh.config import COORDINATOR_TIMEOUTS
-from mesh.coordinator.links import StageLink, stage_info
+from mesh.coordinator.connections import StageConnection, stage_info
 from mesh.errors import HandshakeError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport.messages import Message, Pong, StageInfo
@@ -39,8 +39,8 @@ LIST_EVERY = 4  # every 4th ping (2 s) lists our live sessions, so lost Stops co
 
 class Chain:
     def __init__(self, urls: list[str], origin: bytes, keys: MeshKeys | None,
-                 dispatch: Callable[[StageLink, Message], None],
-                 on_lost: Callable[[StageLink, MeshError], None],
+                 dispatch: Callable[[StageConnection, Message], None],
+                 on_lost: Callable[[StageConnection, MeshError], None],
                  on_send_failure: Callable[[list[int], MeshError], None],
                  on_heartbeat: Callable[[], None] | None = None,
                  live_sessions: Callable[[], list[int]] | None = None):
@@ -51,8 +51,9 @@ class Chain:
         self.model_sha256: str | None = None
         self.n_layer = 0
         self._zctx = zmq.asyncio.Context()
-        self.links = [StageLink(i, url, origin, self._zctx, dispatch, on_send_failure, keys)
-                      for i, url in enumerate(urls)]
+        self.connections = [StageConnection(i, url, origin, self._zctx, dispatch,
+                                            on_send_failure, keys)
+                            for i, url in enumerate(urls)]
         self._on_lost = on_lost
         self._heartbeat: asyncio.Task[None] | None = None
         self._reviving: set[asyncio.Task[Any]] = set()
@@ -60,8 +61,8 @@ class Chain:
         self.live_sessions = live_sessions  # what Ping lists
 
     @property
-    def first(self) -> StageLink:
-        return self.links[0]
+    def first(self) -> StageConnection:
+        return self.connections[0]
 
     @property
     def ready(self) -> bool:
@@ -69,35 +70,35 @@ class Chain:
 
     def down(self) -> str | None:
         """What keeps the chain from serving now (a stage or a link), or None."""
-        for link in self.links:
+        for link in self.connections:
             if not link.alive or link.restarted:
                 return f"{link.name} is down"
-        for link in self.links:
+        for link in self.connections:
             if not link.link_up:
                 return f"the link {self.link_name(link.index)} is down"
-        return None if self.links else "no stages"
+        return None if self.connections else "no stages"
 
     def link_name(self, index: int) -> str:
-        nxt = self.links[index + 1]
-        return f"stage {index} → stage {index + 1} ({self.links[index].url} → {nxt.url})"
+        nxt = self.connections[index + 1]
+        return f"stage {index} → stage {index + 1} ({self.connections[index].url} → {nxt.url})"
 
     def active_at(self) -> float:
         """When a stage last showed work in a Pong (queued or computing)."""
-        return max((link.active_at for link in self.links), default=0.0)
+        return max((link.active_at for link in self.connections), default=0.0)
 
     @property
     def session_ctx(self) -> int:
         """Smallest per-session KV in the chain: the longest a session can ever grow."""
-        return min(stage_info(link).session_ctx for link in self.links)
+        return min(stage_info(link).session_ctx for link in self.connections)
 
     @property
     def slots(self) -> int:
         """Sessions the chain holds at once (every stage gives each session a slot)."""
-        return min(stage_info(link).slots for link in self.links)
+        return min(stage_info(link).slots for link in self.connections)
 
     async def start(self, model_sha256: str, timeout_s: float) -> list[StageInfo]:
         self.model_sha256 = model_sha256
-        for link in self.links:
+        for link in self.connections:
             link.start()
         infos = await self._handshake_all(timeout_s)
         self._check(infos)
@@ -107,12 +108,12 @@ class Chain:
     async def _handshake_all(self, timeout_s: float) -> list[StageInfo]:
         """Last stage first: each upstream learns the epoch of the stage it forwards to."""
         deadline = time.monotonic() + timeout_s
-        for link in reversed(self.links):
+        for link in reversed(self.connections):
             await self._handshake(link, max(0.5, deadline - time.monotonic()))
-        return [stage_info(link) for link in self.links]
+        return [stage_info(link) for link in self.connections]
 
-    async def _handshake(self, link: StageLink, timeout_s: float) -> StageInfo:
-        nxt = self.links[link.index + 1] if link.index + 1 < len(self.links) else None
+    async def _handshake(self, link: StageConnection, timeout_s: float) -> StageInfo:
+        nxt = self.connections[link.index + 1] if link.index + 1 < len(self.connections) else None
         return await link.handshake(self.origin, nxt.url if nxt else None,
                                     nxt.epoch if nxt else None, self.model_sha256, link.index,
                                     timeout_s, next_tag=nxt.link_tag if nxt else None,
@@ -121,7 +122,7 @@ class Chain:
     def _check(self, infos: list[StageInfo]) -> None:
         n_layer = infos[0].n_layer
         expected_start = 0
-        for link, info in zip(self.links, infos, strict=True):
+        for link, info in zip(self.connections, infos, strict=True):
             if info.n_layer != n_layer or info.n_embd != infos[0].n_embd:
                 raise HandshakeError(f"{link.name} serves a different model shape")
             if info.start != expected_start:
@@ -136,21 +137,21 @@ class Chain:
         self.n_layer = n_layer
 
     async def stats(self) -> list[Pong]:
-        return list(await asyncio.gather(*(link.stats() for link in self.links)))
+        return list(await asyncio.gather(*(link.stats() for link in self.connections)))
 
     # ---- liveness -------------------------------------------------------------------------
     async def _liveness(self) -> None:
         # Silence is counted from the first ping, not from a handshake that may have finished
         # long before the slowest stage answered its own.
         start = time.monotonic()
-        for link in self.links:
+        for link in self.connections:
             link.last_seen = max(link.last_seen, start)
         for beat in itertools.count(1):
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
             listed = (self.live_sessions() if self.live_sessions is not None
                       and beat % LIST_EVERY == 0 else None)
-            for link in self.links:
+            for link in self.connections:
                 link.ping(listed if link.alive else None)
                 silent = now - link.last_seen
                 if link.alive and silent > DEAD_AFTER_S:
@@ -170,7 +171,7 @@ class Chain:
     def _check_links(self) -> None:
         """Links between stages that both answer us: down while the upstream one has not heard
         from the next for ``DEAD_AFTER_S`` (a stage down is reported as the stage instead)."""
-        for link, nxt in zip(self.links[:-1], self.links[1:], strict=True):
+        for link, nxt in zip(self.connections[:-1], self.connections[1:], strict=True):
             if not (link.alive and nxt.alive) or link.last_pong is None:
                 continue
             silent_ms = link.last_pong.downstream_ms
@@ -186,17 +187,17 @@ class Chain:
                 link.link_up = True
                 log.info("link_up", stage_index=link.index)
 
-    def _lose(self, link: StageLink, exc: MeshError) -> None:
+    def _lose(self, link: StageConnection, exc: MeshError) -> None:
         link.alive = False
         log.warning("stage_down", stage_index=link.index, code=exc.code)
         self._on_lost(link, exc)
 
-    async def _revive(self, link: StageLink) -> None:
+    async def _revive(self, link: StageConnection) -> None:
         """A stage answers again: handshake it, then its upstream (which forwards to it)."""
         try:
             info = await self._handshake(link, REVIVE_TIMEOUT_S)
             if link.index > 0:
-                await self._handshake(self.links[link.index - 1], REVIVE_TIMEOUT_S)
+                await self._handshake(self.connections[link.index - 1], REVIVE_TIMEOUT_S)
         except MeshError as exc:
             link.alive = False
             log.warning("stage_revive_failed", stage_index=link.index, error=exc.code)
@@ -208,7 +209,7 @@ class Chain:
             self._heartbeat.cancel()
         for task in list(self._reviving):
             task.cancel()
-        for link in self.links:
+        for link in self.connections:
             link.flush()
             await link.close(linger_ms=CLOSE_LINGER_MS)
         self._zctx.term()

@@ -30,6 +30,7 @@ from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig
 from mesh.coordinator import progress
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
+from mesh.coordinator.connections import StageConnection
 from mesh.coordinator.drafting import NgramDrafter
 from mesh.coordinator.generation import (  # noqa: F401  (re-exported: the API's vocabulary)
     DEFAULT_PREFILL_CHUNK,
@@ -37,9 +38,8 @@ from mesh.coordinator.generation import (  # noqa: F401  (re-exported: the API's
     Completion,
     Delta,
     GenerationParams,
-    Generator,
+    RequestRunner,
 )
-from mesh.coordinator.links import StageLink
 from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import PrefixIndex
 from mesh.coordinator.prefixes import PrefixProtocol
@@ -95,7 +95,7 @@ class Coordinator:
         # Loaded at start: its context follows the chain's.
         self.draft_model: DraftModel | None = None
         drafts_compute = bool(self.speculation.enabled and self.speculation.draft_model)
-        self.generator = Generator(self.chain, self.sessions, self.prefixes, self.pacer,
+        self.runner = RequestRunner(self.chain, self.sessions, self.prefixes, self.pacer,
                                    self.tokenizer, self.admission, config.prefill_chunk,
                                    config.retry_wait_s, self.speculation,
                                    drafter_factory=self._drafter if drafts_compute
@@ -138,7 +138,7 @@ class Coordinator:
         restored = self.prefixes.restore(infos)
         self.admission.size(self.chain.slots, self.chain.session_ctx,
                             math.ceil(self.config.tenant_share * self.chain.slots))
-        if self.generator.drafts_compute:
+        if self.runner.drafts_compute:
             from mesh.coordinator.draft_model import DraftModel
 
             try:
@@ -150,7 +150,7 @@ class Coordinator:
             except BaseException:
                 await self.close()
                 raise
-        log.info("coordinator_ready", stages=len(self.links), n_layer=self.chain.n_layer,
+        log.info("coordinator_ready", stages=len(self.connections), n_layer=self.chain.n_layer,
                  restored_prefixes=restored)
 
     async def close(self) -> None:
@@ -167,8 +167,8 @@ class Coordinator:
 
     # ---- the chain, as callers see it ------------------------------------------------------
     @property
-    def links(self) -> list[StageLink]:
-        return self.chain.links
+    def connections(self) -> list[StageConnection]:
+        return self.chain.connections
 
     @property
     def ready(self) -> bool:
@@ -185,7 +185,7 @@ class Coordinator:
     async def stage_stats(self) -> list[Pong]:
         return await self.chain.stats()
 
-    def _dispatch(self, link: StageLink, msg: Message) -> None:
+    def _dispatch(self, link: StageConnection, msg: Message) -> None:
         if isinstance(msg, Stopped):
             self.prefixes.stopped(msg)
         elif isinstance(msg, Token | Acquired | Error) and self.sessions.deliver(msg):
@@ -194,7 +194,7 @@ class Coordinator:
         elif isinstance(msg, Error):
             log.warning("stage_error", stage_index=link.index, code=msg.code)
 
-    def _lost(self, link: StageLink, exc: MeshError) -> None:
+    def _lost(self, link: StageConnection, exc: MeshError) -> None:
         """A stage or a link went down, or a stage restarted: every session went through it."""
         self.sessions.fail_all(exc)
         self.prefixes.lost()
@@ -206,7 +206,7 @@ class Coordinator:
                                  time.monotonic())
         if not stuck:
             return
-        first, last = self.links[0], self.links[-1]
+        first, last = self.connections[0], self.connections[-1]
         log.warning("sessions_stalled", sessions=len(stuck))
         self.sessions.fail(stuck, StageUnavailableError(
             f"no progress for {progress.PROGRESS_DEADLINE_S:.0f} s while every stage and link "
@@ -244,7 +244,7 @@ class Coordinator:
                              ) -> AsyncGenerator[tuple[int, Delta | Completion], None]:
         """``n`` choices of one prompt, as (choice, item) in arrival order. Choice i samples
         with seed + i. With several, the prompt is prefilled once and kept as a resident
-        prefix; every choice starts from a copy of its KV (``Generator.warm``), so n choices
+        prefix; every choice starts from a copy of its KV (``RequestRunner.warm``), so n choices
         cost one prefill, not n. ``tenant`` is who shares slots fairly with others."""
         if isinstance(prompt, str):  # a long prompt must not stall the event loop
             prompt_ids = await asyncio.get_running_loop().run_in_executor(
@@ -255,11 +255,11 @@ class Coordinator:
         await self.admission.reserve(len(prompt_ids), n, tenant)
         try:
             if n == 1:
-                async for item in self.generator.stream(prompt_ids, params, hold):
+                async for item in self.runner.stream(prompt_ids, params, hold):
                     yield 0, item
                 return
-            await self.generator.warm(prompt_ids, params.cache_salt)
-            runs = [self.generator.stream(
+            await self.runner.warm(prompt_ids, params.cache_salt)
+            runs = [self.runner.stream(
                 prompt_ids, dataclasses.replace(params, seed=(params.seed + i) % 2**32), hold)
                 for i in range(n)]
             async for merged in _merged(runs):

@@ -5,7 +5,7 @@ guesses the next tokens greedily. It pays where a verify window saves more link 
 than the draft model spends computing its guesses: slow links, large targets. Each session
 drafts in a KV stream of its own from a small pool (sessions beyond it fall back to prompt
 lookup); a stream keeps what it already decoded and only cuts back what the text did not keep.
-Proposals run off the event loop (``Generator`` calls them in an executor), one at a time.
+Proposals run off the event loop (``RequestRunner`` calls them in an executor), one at a time.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from typing import Any
 from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SpeculationConfig
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
+from mesh.coordinator.connections import stage_info
 from mesh.coordinator.drafting import NgramDrafter
-from mesh.coordinator.links import stage_info
 from mesh.coordinator.pacer import DecodePacer
 from mesh.coordinator.prefix_index import DEFAULT_PREFILL_CHUNK, MIN_REUSE_TOKENS
 from mesh.coordinator.prefixes import PrefixProtocol
@@ -117,7 +117,7 @@ def retryable(exc: BaseException) -> bool:
         isinstance(exc, StageError) and exc.code in RETRYABLE_CODES)
 
 
-class Generator:
+class RequestRunner:
     def __init__(self, chain: Chain, sessions: Sessions, prefixes: PrefixProtocol,
                  pacer: DecodePacer, tokenizer: Tokenizer, admission: Admission,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, retry_wait_s: float = RETRY_WAIT_S,
@@ -306,7 +306,7 @@ class Generator:
                            spec.rows_limit)
 
     def _stage_costs(self) -> list[StageCosts] | None:
-        infos = [stage_info(link) for link in self.chain.links]
+        infos = [stage_info(link) for link in self.chain.connections]
         costs = [StageCosts(tuple(info.batch_us), tuple(info.window_us)) for info in infos]
         return costs if all(c.batch_us for c in costs) else None
 
@@ -326,7 +326,7 @@ class Generator:
     def _window_limits(self) -> tuple[int, int | None]:
         """Rows a window may hold and the position it must end by: what every stage computes
         exactly in one llama_decode."""
-        infos = [stage_info(link) for link in self.chain.links]
+        infos = [stage_info(link) for link in self.chain.connections]
         cells = [i.exact_cells for i in infos if i.exact_cells is not None]
         rows = min([self.speculation.draft_max + 1, wire.MAX_DRAFT_TOKENS + 1,
                     *(i.exact_rows for i in infos)])
@@ -356,7 +356,7 @@ class Generator:
     def _chunk_size(self) -> int:
         """Prompt tokens per frame: ours, unless a stage takes fewer at once."""
         return min(self.prefill_chunk,
-                   *(stage_info(link).max_tokens for link in self.chain.links))
+                   *(stage_info(link).max_tokens for link in self.chain.connections))
 
     def _send_work(self, cls: type[Work], session: int, pos: int, tokens: list[int],
                    **extra) -> None:

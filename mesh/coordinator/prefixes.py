@@ -22,7 +22,7 @@ from typing import Any
 
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.chain import Chain
-from mesh.coordinator.links import StageLink, stage_info
+from mesh.coordinator.connections import StageConnection, stage_info
 from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_id
 from mesh.coordinator.sessions import Inbox, Sessions
 from mesh.transport import frames as fr
@@ -81,7 +81,7 @@ class PrefixProtocol:
         if recent:  # a prefix being kept right now may be the one this prompt needs
             until = max(k.posted for k in recent) + PENDING_KEEP_WAIT_S
             await asyncio.wait([k.done for k in recent], timeout=until - now)
-        links = self._chain.links
+        links = self._chain.connections
         for pid, n in self.index.matches(prompt_ids, salt):
             n -= n % align
             if n < MIN_REUSE_TOKENS:
@@ -99,7 +99,7 @@ class PrefixProtocol:
         return 0
 
     async def _acquire_round(self, session: int, inbox: Inbox, pid: bytes, n: int,
-                             links: list[StageLink]) -> dict[int, int]:
+                             links: list[StageConnection]) -> dict[int, int]:
         for link in links:
             link.post(fr.encode(Acquire(session=session, origin=self._chain.origin,
                                         epoch=link.epoch, prefix_id=pid, n=n)), session)
@@ -133,7 +133,7 @@ class PrefixProtocol:
             keep, pid = len(keep_prompt), prefix_id(self._model_sha256(), keep_prompt, salt)
             self._pending[session] = _Keep(keep_prompt, salt, now,
                                            asyncio.get_running_loop().create_future())
-        links = self._chain.links
+        links = self._chain.connections
         targets = links[:1] if links[0].alive else [link for link in links if link.alive]
         keeper = getattr(self._chain, "keeper", None)
         for link in targets:

@@ -117,7 +117,7 @@ def test_a_stage_restart_is_noticed_and_serves_the_same_text(tiny_llama, tmp_pat
             await asyncio.to_thread(_live_sessions, [stage.url])  # answers: the process is up
             up = time.monotonic()
             after = await coord.complete(PROMPT, params)
-            return before, after, time.monotonic() - up, coord.generator.retries
+            return before, after, time.monotonic() - up, coord.runner.retries
         before, after, seconds, retries = with_coordinator(tiny_llama, mesh.urls, body)
     assert after.token_ids == before.token_ids and len(before.token_ids) == 12
     assert seconds < 5
@@ -202,7 +202,7 @@ def test_a_session_waiting_on_an_idle_chain_fails_by_its_progress_deadline(tiny_
         async def body(coord: Coordinator):
             session, inbox = coord.sessions.open()
             # A non-final chunk gets no reply: as if the frame carrying the reply were lost.
-            coord.generator._send_work(PrefillEmbd, session, 0, PROMPT)
+            coord.runner._send_work(PrefillEmbd, session, 0, PROMPT)
             t0 = time.monotonic()
             with pytest.raises(MeshError) as stalled:
                 await Sessions.next(inbox)
@@ -244,7 +244,7 @@ def test_slow_links_cost_latency_and_are_not_taken_for_failures(tiny_llama, tmp_
             async def body(coord: Coordinator):
                 t0 = time.monotonic()
                 done = await coord.complete(PROMPT, GenerationParams(max_tokens=40))
-                return done, time.monotonic() - t0, coord.generator.retries
+                return done, time.monotonic() - t0, coord.runner.retries
 
             done, seconds, retries = with_coordinator(tiny_llama, [first.url, second.url], body)
     steps = len(done.token_ids)

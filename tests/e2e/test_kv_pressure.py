@@ -146,7 +146,7 @@ async def _filler(model, urls):
 
     coord = Coordinator(model, urls, CoordinatorConfig(prefix_cache=False))
     await coord.start()
-    first = coord.links[0]
+    first = coord.connections[0]
     session, _ = coord.sessions.open()  # live: its coordinator lists it, so the stage keeps it
     first.post(fr.encode(PrefillEmbd(session=session, origin=coord.origin, epoch=first.epoch,
                                      pos=0, n=150, tokens=fr.pack_tokens(_prompt(9, 150)),

@@ -35,7 +35,7 @@ def mesh2(gemma_path, tmp_path_factory):
 def _complete(model, urls, prompts, params, speculation, drafter=None):
     async def body(coord):
         if drafter is not None:
-            coord.generator.drafter_factory = drafter
+            coord.runner.drafter_factory = drafter
         return [await coord.complete(p, params) for p in prompts]
     return with_coordinator(model, urls, body, speculation=speculation)
 
@@ -129,7 +129,7 @@ def test_with_two_threads_exact_windows_end_where_rows_would_leave_the_exact_pat
     with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=1024, slots=4,
                       threads=2, extra_args=EXACT) as mesh:
         async def body(coord):
-            limits = coord.generator._window_limits()
+            limits = coord.runner._window_limits()
             return limits, await coord.complete(prompt, GenerationParams(max_tokens=64))
         (rows, cells), result = with_coordinator(gemma_path, mesh.urls, body, speculation=ON)
     assert cells == 256 and 2 <= rows <= 9
@@ -147,7 +147,7 @@ def test_with_two_threads_default_windows_run_at_any_length(gemma_path, tmp_path
     with running_mesh(gemma_path, [(0, 9), (9, 18)], tmp_path, ctx=1024, slots=4,
                       threads=2) as mesh:
         async def body(coord):
-            return (coord.generator._window_limits(),
+            return (coord.runner._window_limits(),
                     [d async for d in coord.stream(prompt, params)])
         (rows, cells), on = with_coordinator(gemma_path, mesh.urls, body, speculation=ON)
         _, off = with_coordinator(gemma_path, mesh.urls, body, speculation=OFF)
@@ -184,8 +184,8 @@ def test_the_cost_policy_turns_windows_on_where_they_pay(gemma_path, mesh2):
                 .url for url in mesh2.urls]
 
         async def body(coord):
-            infos = [link.info for link in coord.chain.links]
-            return infos, await coord.complete(CODE, params), coord.generator.hop_us
+            infos = [link.info for link in coord.chain.connections]
+            return infos, await coord.complete(CODE, params), coord.runner.hop_us
         infos, on, hop_us = with_coordinator(gemma_path, urls, body,
                                              speculation=SpeculationConfig())
     (off,) = _complete(gemma_path, mesh2.urls, [CODE], params, OFF)

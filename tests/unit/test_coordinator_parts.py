@@ -64,21 +64,22 @@ def test_a_silent_link_between_live_stages_is_down_and_named_then_up_again():
     async def main():
         lost: list = []
         chain = _chain(3, lost)
-        for link in chain.links:
+        for link in chain.connections:
             link.alive = True
-        chain.links[0].last_pong = _pong(100)
-        chain.links[1].last_pong = _pong(int(1e3 * DEAD_AFTER_S) + 1)
-        chain.links[2].last_pong = _pong(None)
+        chain.connections[0].last_pong = _pong(100)
+        chain.connections[1].last_pong = _pong(int(1e3 * DEAD_AFTER_S) + 1)
+        chain.connections[2].last_pong = _pong(None)
         chain._check_links()
         assert len(lost) == 1 and "stage 1 → stage 2" in str(lost[0])
         assert chain.down().startswith("the link stage 1 → stage 2")
         chain._check_links()
         assert len(lost) == 1  # reported once
-        chain.links[2].alive = False  # the next stage itself is down: that is the stage's news
-        chain.links[1].last_pong = _pong(50)
+        # the next stage itself is down: that is the stage's news
+        chain.connections[2].alive = False
+        chain.connections[1].last_pong = _pong(50)
         chain._check_links()
-        assert not chain.links[1].link_up
-        chain.links[2].alive = True
+        assert not chain.connections[1].link_up
+        chain.connections[2].alive = True
         chain._check_links()
         assert chain.down() is None
         await chain.close()
@@ -103,7 +104,7 @@ class _FakeChain:
     origin = b"coord-test"
 
     def __init__(self):
-        self.links = [_Link()]
+        self.connections = [_Link()]
 
 
 def _info(records):
@@ -134,7 +135,7 @@ def test_a_lost_stopped_delays_one_request_at_most_and_loss_resolves_the_rest():
         chain = _FakeChain()
         protocol = PrefixProtocol(PrefixIndex(MODEL), chain)
         protocol.stop(1, PROMPT, b"salt")  # its Stopped never comes
-        stop = chain.links[0].posted[0]  # the first stage is told what it keeps
+        stop = chain.connections[0].posted[0]  # the first stage is told what it keeps
         assert fr.unpack_tokens(stop.tokens).tolist() == PROMPT and stop.salt == b"salt"
         assert stop.keep == len(PROMPT)
         inbox = Sessions().open()[1]
@@ -183,7 +184,8 @@ def test_reuse_snaps_a_resident_prefix_down_to_whole_prompt_chunks():
     computes there: only whole chunks are reused, the rest is prefilled as a solo run would."""
     async def main():
         chain = _FakeChain()
-        chain.links[0].info = SimpleNamespace(stage="stage 0:4")  # all a StageInfo is read for
+        # all a StageInfo is read for
+        chain.connections[0].info = SimpleNamespace(stage="stage 0:4")
         index = PrefixIndex(MODEL)
         kept = list(range(100, 300))  # 200 tokens: three whole 64-token chunks and 8 more
         index.add(kept, b"")
@@ -191,15 +193,15 @@ def test_reuse_snaps_a_resident_prefix_down_to_whole_prompt_chunks():
         session, inbox = Sessions().open()
         reuse = asyncio.create_task(protocol.reuse(session, inbox, kept + [1, 2], b"",
                                                    align=64))
-        while not chain.links[0].posted:
+        while not chain.connections[0].posted:
             await asyncio.sleep(0)
-        assert chain.links[0].posted[-1].n == 192
+        assert chain.connections[0].posted[-1].n == 192
         inbox.queue.put_nowait(Acquired(session=session, prefix_id=b"\0" * 32, n=192,
                                         stage="stage 0:4"))
         assert await reuse == 192
         short = list(range(100, 150))  # under one chunk: nothing to reuse, nothing asked
         index.add(short, b"x")
         assert await protocol.reuse(session, inbox, short + [1], b"x", align=64) == 0
-        assert len(chain.links[0].posted) == 1
+        assert len(chain.connections[0].posted) == 1
 
     asyncio.run(main())

@@ -35,16 +35,16 @@ log = get_logger("mesh.coordinator")
 HANDSHAKE_TIMEOUT_S = COORDINATOR_TIMEOUTS.handshake_s
 
 
-def stage_info(link: StageLink) -> StageInfo:
+def stage_info(link: StageConnection) -> StageInfo:
     """``link``'s StageInfo from its handshake (which every use of it follows)."""
     if link.info is None:
         raise RuntimeError(f"{link.name} has not been handshaken")
     return link.info
 
 
-class StageLink:
+class StageConnection:
     def __init__(self, index: int, url: str, origin: bytes, zctx: zmq.asyncio.Context,
-                 dispatch: Callable[[StageLink, Message], None],
+                 dispatch: Callable[[StageConnection, Message], None],
                  on_send_failure: Callable[[list[int], MeshError], None] | None = None,
                  keys: MeshKeys | None = None):
         self.index = index
