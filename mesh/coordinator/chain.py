@@ -32,8 +32,6 @@ from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S
 
 log = get_logger("mesh.coordinator")
 
-REVIVE_TIMEOUT_S = COORDINATOR_TIMEOUTS.revive_s
-CLOSE_LINGER_MS = COORDINATOR_TIMEOUTS.close_linger_ms
 LIST_EVERY = 4  # every 4th ping (2 s) lists our live sessions, so lost Stops cost no slot
 
 
@@ -195,9 +193,10 @@ class Chain:
     async def _revive(self, link: StageConnection) -> None:
         """A stage answers again: handshake it, then its upstream (which forwards to it)."""
         try:
-            info = await self._handshake(link, REVIVE_TIMEOUT_S)
+            info = await self._handshake(link, COORDINATOR_TIMEOUTS.revive_s)
             if link.index > 0:
-                await self._handshake(self.connections[link.index - 1], REVIVE_TIMEOUT_S)
+                await self._handshake(self.connections[link.index - 1],
+                                      COORDINATOR_TIMEOUTS.revive_s)
         except MeshError as exc:
             link.alive = False
             log.warning("stage_revive_failed", stage_index=link.index, error=exc.code)
@@ -211,5 +210,5 @@ class Chain:
             task.cancel()
         for link in self.connections:
             link.flush()
-            await link.close(linger_ms=CLOSE_LINGER_MS)
+            await link.close(linger_ms=COORDINATOR_TIMEOUTS.close_linger_ms)
         self._zctx.term()

@@ -32,7 +32,6 @@ from mesh.transport.sockets import dealer
 
 log = get_logger("mesh.coordinator")
 
-HANDSHAKE_TIMEOUT_S = COORDINATOR_TIMEOUTS.handshake_s
 
 
 def stage_info(link: StageConnection) -> StageInfo:
@@ -185,7 +184,8 @@ class StageConnection:
 
     async def handshake(self, origin: bytes, next_url: str | None, next_epoch: int | None,
                         model_sha256: str | None, index: int,
-                        timeout_s: float = HANDSHAKE_TIMEOUT_S, next_tag: bytes | None = None,
+                        timeout_s: float = COORDINATOR_TIMEOUTS.handshake_s,
+                        next_tag: bytes | None = None,
                         keeper: bytes | None = None) -> StageInfo:
         """Send Handshake until the stage answers (it may still be starting up). ``next_tag``
         is the next stage's link tag; ``keeper`` asks for the records our Stops kept."""

@@ -209,7 +209,8 @@ class Coordinator:
         first, last = self.connections[0], self.connections[-1]
         log.warning("sessions_stalled", sessions=len(stuck))
         self.sessions.fail(stuck, StageUnavailableError(
-            f"no progress for {progress.PROGRESS_DEADLINE_S:.0f} s while every stage and link "
+            f"no progress for {COORDINATOR_TIMEOUTS.progress_deadline_s:.0f} s while every stage "
+            "and link "
             f"answers and no stage has work: a frame was lost between {first.name} and "
             f"{last.name}"))
 

@@ -43,12 +43,11 @@ from mesh.errors import MeshError, StageError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
-from mesh.transport.messages import Decode, PrefillEmbd, PrefillFinalEmbd, Work
+from mesh.transport.messages import Decode, PrefillEmbd, PrefillFinalEmbd, StageInfo, Work
 
 log = get_logger("mesh.coordinator")
 
 RETRY_WAIT_S = CoordinatorConfig.retry_wait_s
-RETRY_BACKOFF_S = COORDINATOR_TIMEOUTS.retry_backoff_s
 HOP_WEIGHT = 0.1  # of each plain step's timing in the moving average of the hops' cost
 # Stage errors that mean "the chain lost or cannot yet hold this session", not "this request
 # is wrong".
@@ -140,6 +139,7 @@ class RequestRunner:
         # What a plain step costs beyond the stages' compute (links, queues, hand-offs), in
         # microseconds: a moving average of measured round trips less the probed compute.
         self.hop_us: float | None = None
+        self._costs_of: tuple[tuple[StageInfo, ...], list[StageCosts] | None] | None = None
 
     async def stream(self, prompt_ids: list[int], params: GenerationParams, hold: bool = False
                      ) -> AsyncIterator[Delta | Completion]:
@@ -164,7 +164,8 @@ class RequestRunner:
                     raise
                 self.retries += 1
                 log.warning("request_retry", attempt=attempt + 1, code=exc.code)
-                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+                backoff = COORDINATOR_TIMEOUTS.retry_backoff_s
+                await asyncio.sleep(backoff[min(attempt, len(backoff) - 1)])
                 attempt += 1
 
     async def warm(self, prompt_ids: list[int], salt: bytes,
@@ -306,9 +307,14 @@ class RequestRunner:
                            spec.rows_limit)
 
     def _stage_costs(self) -> list[StageCosts] | None:
-        infos = [stage_info(link) for link in self.chain.connections]
-        costs = [StageCosts(tuple(info.batch_us), tuple(info.window_us)) for info in infos]
-        return costs if all(c.batch_us for c in costs) else None
+        """The stages' probed costs, rebuilt only when a handshake brings new StageInfos (this
+        runs on every token)."""
+        infos = tuple(stage_info(link) for link in self.chain.connections)
+        known = self._costs_of
+        if known is None or any(a is not b for a, b in zip(infos, known[0], strict=True)):
+            costs = [StageCosts(tuple(info.batch_us), tuple(info.window_us)) for info in infos]
+            known = self._costs_of = (infos, costs if all(c.batch_us for c in costs) else None)
+        return known[1]
 
     def _time_step(self, window: Window) -> None:
         """A plain step's Token is back: fold its round trip, less the stages' compute for a

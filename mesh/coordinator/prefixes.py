@@ -5,7 +5,8 @@ the record into the new session as it answers, so eviction cannot take it any mo
 placed more than the agreed length trim back). Keep: a finished session's ``Stop`` asks every
 stage to keep its prompt; the prefix enters the index once the final stage's ``Stopped``
 confirms it, so a reuse never overtakes the keep. A new request waits for keeps posted less
-than ``PENDING_KEEP_WAIT_S`` ago, never longer: a ``Stopped`` that never comes (a stage went
+than ``pending_keep_wait_s`` (``mesh.config``) ago, never longer: a ``Stopped`` that never
+comes (a stage went
 down) costs one request at most that second, not every later one.
 Restore: the first stage remembers the salt and token ids of each record it keeps, bound to the
 keeper tag our Stop carries (with mesh keys), and every stage lists its records at handshake (the
@@ -27,9 +28,6 @@ from mesh.coordinator.prefix_index import MIN_REUSE_TOKENS, PrefixIndex, prefix_
 from mesh.coordinator.sessions import Inbox, Sessions
 from mesh.transport import frames as fr
 from mesh.transport.messages import Acquire, Acquired, StageInfo, Stop, Stopped
-
-PENDING_KEEP_WAIT_S = COORDINATOR_TIMEOUTS.pending_keep_wait_s
-PENDING_KEEP_EXPIRY_S = COORDINATOR_TIMEOUTS.pending_keep_expiry_s
 
 
 @dataclass
@@ -77,9 +75,10 @@ class PrefixProtocol:
         if self.index is None:
             return 0
         now = time.monotonic()
-        recent = [k for k in self._pending.values() if now - k.posted < PENDING_KEEP_WAIT_S]
+        wait_s = COORDINATOR_TIMEOUTS.pending_keep_wait_s
+        recent = [k for k in self._pending.values() if now - k.posted < wait_s]
         if recent:  # a prefix being kept right now may be the one this prompt needs
-            until = max(k.posted for k in recent) + PENDING_KEEP_WAIT_S
+            until = max(k.posted for k in recent) + COORDINATOR_TIMEOUTS.pending_keep_wait_s
             await asyncio.wait([k.done for k in recent], timeout=until - now)
         links = self._chain.connections
         for pid, n in self.index.matches(prompt_ids, salt):
@@ -126,7 +125,8 @@ class PrefixProtocol:
         """
         keep, pid = 0, None
         now = time.monotonic()
-        for old in [s for s, k in self._pending.items() if now - k.posted > PENDING_KEEP_EXPIRY_S]:
+        expiry_s = COORDINATOR_TIMEOUTS.pending_keep_expiry_s
+        for old in [s for s, k in self._pending.items() if now - k.posted > expiry_s]:
             self._resolve(old)
         if (keep_prompt is not None and self.index is not None
                 and len(keep_prompt) >= MIN_REUSE_TOKENS):

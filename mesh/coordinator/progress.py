@@ -3,7 +3,8 @@
 Liveness (``chain``) catches a stage that stops answering and a link whose upstream stage stops
 hearing from the next one. What neither sees is a frame lost on its way while every stage and
 link answers. Such a session waits for a reply nothing is computing: it is stalled once it has
-waited ``PROGRESS_DEADLINE_S`` while no stage showed any work for as long (a stage that is
+waited ``progress_deadline_s`` (``mesh.config``) while no stage showed any work for as long
+(a stage that is
 queueing or computing, for this session or others, may still be bringing its reply). Pure, so
 it is tested without a chain.
 """
@@ -12,11 +13,9 @@ from __future__ import annotations
 
 from mesh.config import COORDINATOR_TIMEOUTS
 
-PROGRESS_DEADLINE_S = COORDINATOR_TIMEOUTS.progress_deadline_s
-
 
 def stalled(waiting: dict[int, float], chain_active_at: float, now: float,
-            deadline_s: float = PROGRESS_DEADLINE_S) -> list[int]:
+            deadline_s: float = COORDINATOR_TIMEOUTS.progress_deadline_s) -> list[int]:
     """Sessions (of ``waiting``: session -> since when it waits) past the deadline while the
     chain has shown no work (``chain_active_at``: its last sign of work) for as long."""
     if now - chain_active_at < deadline_s:

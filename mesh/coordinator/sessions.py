@@ -20,7 +20,6 @@ from mesh.transport.messages import Acquired, Error, Token
 
 # The last resort: liveness catches dead stages and links, progress deadlines lost frames on an
 # idle chain; this bounds a wait for a frame lost while other sessions keep the chain busy.
-TOKEN_TIMEOUT_S = COORDINATOR_TIMEOUTS.token_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +99,12 @@ class Sessions:
             if inbox.queue.empty():
                 inbox.waiting = time.monotonic()
             try:
-                async with asyncio.timeout(TOKEN_TIMEOUT_S):
+                async with asyncio.timeout(COORDINATOR_TIMEOUTS.token_s):
                     msg = await inbox.queue.get()
             except TimeoutError:
                 raise StageUnavailableError(
-                    f"no token within {TOKEN_TIMEOUT_S:.0f} s from the final stage") from None
+                    f"no token within {COORDINATOR_TIMEOUTS.token_s:.0f} s from the final "
+                    "stage") from None
             finally:
                 inbox.waiting = None
             if isinstance(msg, want):

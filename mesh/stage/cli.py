@@ -16,8 +16,6 @@ from mesh.config import LOOPBACK, STAGE, is_loopback  # noqa: E402
 from mesh.errors import MeshError  # noqa: E402
 from mesh.stage.exactness import DEFAULT_MODE, MODES, kv_type_for  # noqa: E402
 
-SWITCH_INTERVAL_S = STAGE.switch_interval_s
-
 
 def parse_layers(text: str) -> tuple[int, int]:
     try:
@@ -117,7 +115,7 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
         sys.exit(2)
     # The transport thread answers within a GIL switch interval of the compute thread's Python;
     # 5 ms (the default) would add up to that to every hand-off between them.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    sys.setswitchinterval(STAGE.switch_interval_s)
     stop.append(server.stop)  # a step in progress finishes first, within the grace period
     try:
         server.serve_forever()

@@ -6,7 +6,7 @@ on a slow link: the silence it measures is the network's, not the data's. The ne
 answers each ping with a Pong, and ``silent_ms`` (reported in our own Pong as
 ``downstream_ms``) is how long ago it last did.
 
-While the next stage is silent the probe is reconnected every ``PROBE_RESET_S``: a fresh TCP
+While the next stage is silent the probe is reconnected every ``STAGE.probe_reset_s``: a fresh TCP
 connection finds a healed link at once, where the old one would wait for its backed-off
 retransmission timer. When the next stage answers again after a silence, the data connection
 is replaced too, for the same reason; what it still held belongs to sessions the coordinator
@@ -42,7 +42,6 @@ from mesh.transport.wire import DEAD_AFTER_S, HEARTBEAT_S
 log = get_logger("mesh.stage")
 
 FORWARDER_PREFIX = b"fwd-"  # routing ids of a stage's connections to the next stage
-PROBE_RESET_S = STAGE.probe_reset_s
 
 
 def forwarder_prefix(tag: bytes | None) -> bytes:
@@ -99,7 +98,7 @@ class Downstream:
             if not self._lost:
                 log.warning("downstream_silent", stage=self._stage)
             self._lost = True
-            if now - self._reset_at > PROBE_RESET_S:
+            if now - self._reset_at > STAGE.probe_reset_s:
                 self._reset_at = now
                 self.probe = self._replace(self.probe)
                 self._pinged = 0.0

@@ -51,7 +51,6 @@ T = TypeVar("T")
 
 QUEUE_FRAMES = 4096  # frames accepted and not yet run
 QUEUE_BYTES = 512 * 1024 * 1024  # their bytes (activations dominate)
-IDLE_WAIT_S = STAGE.idle_wait_s
 
 
 @dataclass(frozen=True)
@@ -285,7 +284,7 @@ class StageEngine:
         with self._cond:
             if (block and not self._inbox and not self._expired and not self._listed
                     and self._running):
-                self._cond.wait(IDLE_WAIT_S)
+                self._cond.wait(STAGE.idle_wait_s)
             items, self._inbox = self._inbox, collections.deque()
         for item in items:
             self.scheduler.submit(item)

@@ -59,9 +59,7 @@ from mesh.transport.sockets import Forward, Mailbox, Reply, stage_router, valid_
 
 log = get_logger("mesh.stage")
 
-POLL_MS = STAGE.poll_ms
 READ_BATCH = 256  # messages read per wake-up before mailing out what the engine produced
-LEASE_S = STAGE.lease_s
 MAX_KEEPERS = 4096  # prefix ids whose keeper this stage remembers (the most recently kept)
 _SESSION_FRAMES = (PrefillEmbd, PrefillFinalEmbd, Decode, Stop, Acquire)  # they name an origin
 
@@ -70,7 +68,7 @@ class StageServer:
     def __init__(self, runtime: StageRuntime, listen: str, model_sha256: str,
                  zmq_context: zmq.Context | None = None, prefix_records: int | None = None,
                  batching: str = exactness.DEFAULT_MODE, keys: MeshKeys | None = None,
-                 lease_s: float = LEASE_S,
+                 lease_s: float = STAGE.lease_s,
                  queue_frames: int = QUEUE_FRAMES, queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
         self.listen = listen
@@ -132,7 +130,7 @@ class StageServer:
     def _transport(self) -> None:
         try:
             while self._running:
-                events = dict(self._poller.poll(POLL_MS))
+                events = dict(self._poller.poll(STAGE.poll_ms))
                 if self._router in events:
                     self._read()
                 if self._downstream is not None:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from mesh.coordinator import progress
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.coordinator import Coordinator, GenerationParams
 from mesh.coordinator.sessions import Sessions
 from mesh.errors import MeshError
@@ -213,7 +213,7 @@ def test_a_session_waiting_on_an_idle_chain_fails_by_its_progress_deadline(tiny_
 
         exc, seconds, served = with_coordinator(tiny_llama, mesh.urls, body)
     assert "no progress" in str(exc) and "stage 0" in str(exc)
-    assert progress.PROGRESS_DEADLINE_S <= seconds < 5
+    assert COORDINATOR_TIMEOUTS.progress_deadline_s <= seconds < 5
     assert len(served.token_ids) == 4
 
 

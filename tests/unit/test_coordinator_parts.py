@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator import progress
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.prefix_index import PrefixIndex, prefix_id
-from mesh.coordinator.prefixes import PENDING_KEEP_WAIT_S, PrefixProtocol
+from mesh.coordinator.prefixes import PrefixProtocol
 from mesh.coordinator.sessions import Sessions
 from mesh.errors import StageUnavailableError
 from mesh.transport import frames as fr
@@ -145,7 +146,7 @@ def test_a_lost_stopped_delays_one_request_at_most_and_loss_resolves_the_rest():
         t0 = time.monotonic()
         assert await protocol.reuse(3, inbox, PROMPT + [1], b"") == 0
         second = time.monotonic() - t0
-        assert first <= PENDING_KEEP_WAIT_S + 0.2 and second < 0.05
+        assert first <= COORDINATOR_TIMEOUTS.pending_keep_wait_s + 0.2 and second < 0.05
         protocol.stop(4, PROMPT, b"")
         keep = protocol._pending[4].done
         protocol.lost()
