@@ -198,7 +198,7 @@ def generate(model_spec, stages, prompt, prefill_chunk, connect_timeout, secret_
              speculate_when, draft_max, draft_model, max_tokens, temperature, top_p, seed, stop,
              as_json) -> None:
     """Raw-text completion through a running chain of stages."""
-    from mesh.coordinator.coordinator import GenerationParams
+    from mesh.coordinator.core import GenerationParams
     from mesh.logs import configure
     from mesh.model.source import resolve_model
 
@@ -219,7 +219,7 @@ async def _generate(path: Path, stages: list[str], prompt: str, params,
                     config: CoordinatorConfig, as_json: bool,
                     connect_timeout: float = COORDINATOR_TIMEOUTS.fresh_chain_handshake_s,
                     mesh_keys=None) -> None:
-    from mesh.coordinator.coordinator import Completion, Coordinator
+    from mesh.coordinator.core import Completion, Coordinator
 
     coord = Coordinator(path, stages, config, keys=mesh_keys)
     await coord.start(handshake_timeout_s=connect_timeout)
@@ -269,7 +269,7 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
        limits, speculative, speculate_when, draft_max, draft_model, max_tokens, temperature,
        top_p, seed, stop, as_json) -> None:
     """Prepare the model, start a local chain of stages, then serve the API (or generate)."""
-    from mesh.coordinator.coordinator import GenerationParams
+    from mesh.coordinator.core import GenerationParams
     from mesh.launcher import LocalMesh, balanced_split, even_split
     from mesh.logs import configure
     from mesh.model.slicing import model_info, range_allowed, slice_model
@@ -366,7 +366,7 @@ def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
     """Build the coordinator over ``stages`` and serve the API over it until a signal."""
     from mesh.api.app import ApiSettings, run_server
     from mesh.api.limits import ApiLimits
-    from mesh.coordinator.coordinator import Coordinator
+    from mesh.coordinator.core import Coordinator
     from mesh.transport.security import salt_key_of
 
     limits = limits or ApiLimits()

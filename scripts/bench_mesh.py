@@ -52,7 +52,7 @@ import numpy as np
 import zmq
 
 from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SpeculationConfig
-from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.launcher import LocalMesh, balanced_split, free_port
 from mesh.model.slicing import model_info
 from mesh.model.source import resolve_model

@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from mesh.config import COORDINATOR_TIMEOUTS
-from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.launcher import LocalMesh
 from mesh.model.source import resolve_model
 

@@ -37,7 +37,7 @@ from mesh.config import (  # noqa: E402  # noqa: E402
     CoordinatorConfig,
     SpeculationConfig,
 )
-from mesh.coordinator.coordinator import Coordinator, GenerationParams  # noqa: E402
+from mesh.coordinator.core import Coordinator, GenerationParams  # noqa: E402
 from mesh.launcher import LocalMesh  # noqa: E402
 from mesh.model.source import resolve_model  # noqa: E402
 from tests.support.linkdelay import DelayedLink  # noqa: E402

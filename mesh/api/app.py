@@ -34,7 +34,7 @@ from mesh.api.schemas import ChatRequest, CompletionRequest
 from mesh.api.service import CompletionService
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.connections import stage_info
-from mesh.coordinator.coordinator import Coordinator
+from mesh.coordinator.core import Coordinator
 from mesh.errors import MeshError
 from mesh.transport.security import salt_key_of, tenant_salt
 

@@ -14,7 +14,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from mesh.coordinator.coordinator import Completion
+from mesh.coordinator.core import Completion
 
 
 class ApiMetrics:

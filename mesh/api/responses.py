@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from mesh.api import logprobs as lp_format
 from mesh.api import tools as tool_calls
-from mesh.coordinator.coordinator import Completion, Delta
+from mesh.coordinator.core import Completion, Delta
 from mesh.coordinator.tokenizer import Tokenizer
 
 Json = dict[str, Any]

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mesh.api.structured import grammar_for
 from mesh.api.tools import forced_grammar
-from mesh.coordinator.coordinator import GenerationParams
+from mesh.coordinator.core import GenerationParams
 from mesh.errors import ContextLengthError, InvalidInputError
 
 MAX_STOP_STRINGS = 4

@@ -22,7 +22,7 @@ from mesh.api.metrics import ApiMetrics
 from mesh.api.responses import ResponseContext, Shaper
 from mesh.api.schemas import ChatRequest, CompletionRequest
 from mesh.api.streaming import CANCELLED, STALLED, EventStream, collect, sse_events
-from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.errors import InvalidInputError, MeshError
 
 

@@ -18,7 +18,7 @@ from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from mesh.api.http_errors import error_response
 from mesh.api.metrics import ApiMetrics
 from mesh.api.responses import Shaper
-from mesh.coordinator.coordinator import Completion, Delta
+from mesh.coordinator.core import Completion, Delta
 from mesh.logs import get_logger
 
 log = get_logger("mesh.api")

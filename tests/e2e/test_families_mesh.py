@@ -11,7 +11,7 @@ def test_a_moe_family_through_real_stages_concurrent_and_cached(tmp_path):
     too."""
     import asyncio
 
-    from mesh.coordinator.coordinator import GenerationParams
+    from mesh.coordinator.core import GenerationParams
     from tests.support.meshutil import running_mesh, with_coordinator
     from tests.support.parity import single_greedy
     from tests.support.tiny import qwen3moe

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from mesh.config import COORDINATOR_TIMEOUTS
-from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.coordinator.sessions import Sessions
 from mesh.errors import MeshError
 from mesh.launcher import free_port

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 
-from mesh.coordinator.coordinator import GenerationParams
+from mesh.coordinator.core import GenerationParams
 from mesh.transport import frames as fr
 from tests.support.apiutil import HealthWatch, serving
 from tests.support.meshutil import running_mesh, with_coordinator

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from mesh.coordinator.coordinator import GenerationParams
+from mesh.coordinator.core import GenerationParams
 from mesh.errors import StageError
 from mesh.transport import frames as fr
 from mesh.transport.messages import PrefillEmbd
@@ -142,7 +142,7 @@ def test_coordinator_reports_a_refused_slot_as_a_stage_error(tiny_llama, tmp_pat
 
 async def _filler(model, urls):
     from mesh.config import CoordinatorConfig
-    from mesh.coordinator.coordinator import Coordinator
+    from mesh.coordinator.core import Coordinator
 
     coord = Coordinator(model, urls, CoordinatorConfig(prefix_cache=False))
     await coord.start()

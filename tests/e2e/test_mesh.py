@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mesh.config import SpeculationConfig
-from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.errors import HandshakeError, StageUnavailableError
 from mesh.launcher import LocalMesh
 from mesh.transport import frames as fr

@@ -12,7 +12,7 @@ import zmq
 from click.testing import CliRunner
 
 from mesh.cli import main as mesh_cli
-from mesh.coordinator.coordinator import Coordinator, GenerationParams
+from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.coordinator.prefix_index import prefix_id
 from mesh.launcher import free_port
 from mesh.transport import frames as fr

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from mesh.config import SpeculationConfig
-from mesh.coordinator.coordinator import GenerationParams
+from mesh.coordinator.core import GenerationParams
 from tests.support.meshutil import running_mesh, with_coordinator
 from tests.support.parity import single_greedy
 

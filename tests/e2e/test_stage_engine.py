@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from mesh.coordinator.coordinator import GenerationParams
+from mesh.coordinator.core import GenerationParams
 from mesh.errors import OverloadedError
 from mesh.model.slicing import slice_model
 from mesh.stage.engine import StageEngine

@@ -213,7 +213,7 @@ def test_phi3_rope_factors_follow_each_context_so_a_chain_must_not_straddle(tmp_
     refusal = family("phi3").context_refusal
     assert refusal(info, [256, 512]) is None and refusal(info, [768, 1024]) is None
     assert "rope factors" in refusal(info, [256, 1024])
-    from mesh.coordinator.coordinator import context_refusal  # what the coordinator asks
+    from mesh.coordinator.core import context_refusal  # what the coordinator asks
 
     def info_of(ctx: int):  # the StageInfo fields it reads
         return types.SimpleNamespace(arch="phi3", session_ctx=ctx)

@@ -7,7 +7,7 @@ import contextlib
 from pathlib import Path
 
 from mesh.config import CoordinatorConfig
-from mesh.coordinator.coordinator import Coordinator
+from mesh.coordinator.core import Coordinator
 from mesh.launcher import LocalMesh
 
 
