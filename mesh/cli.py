@@ -10,12 +10,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from mesh.config import (
     API,
     COORDINATOR_TIMEOUTS,
+    JOIN,
+    LOOPBACK,
     POLICIES,
     SPECULATIVE_MODES,
     STAGE,
@@ -326,10 +329,78 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
                       "pays only for compute-bound loads (see mesh/coordinator/pacer.py).")
 
 
+def _join_options(fn):
+    """Where hosts join, and how many to wait for (``mesh serve`` without --stage, ``mesh
+    plan``)."""
+    fn = click.option("--sessions", default=1, show_default=True, type=click.IntRange(1),
+                      help="Sessions the placement expects to decode at once: 1 minimises "
+                           "one stream's time per token, more balance the stages.")(fn)
+    fn = click.option("--members", "n_members", default=JOIN.members, show_default=True,
+                      type=click.IntRange(1),
+                      help="Hosts to wait for before placing the model.")(fn)
+    return click.option("--join-listen", default=None,
+                        help=f"Where hosts join [default: tcp://0.0.0.0:{JOIN.port} with "
+                             f"--secret, else tcp://{LOOPBACK}:{JOIN.port}].")(fn)
+
+
+def _gather(path: Path, join_listen: str | None, n_members: int, sessions: int,
+            secret_file: str | None, mesh_keys, insecure: bool):
+    """Take joins until the model can be placed; print the plan. Returns (plan, members,
+    membership)."""
+    from mesh.coordinator.membership import Membership
+    from mesh.coordinator.placing import join_urls, settled_plan
+    from mesh.model.slicing import model_info
+    from mesh.placement import describe
+
+    url = join_listen or (f"tcp://0.0.0.0:{JOIN.port}" if secret_file
+                          else f"tcp://{LOOPBACK}:{JOIN.port}")
+    if "://" not in url:
+        url = f"tcp://{url}"
+    if mesh_keys is None and not insecure and not is_loopback(url):
+        _fail(f"refusing to take joins on {url} without a mesh secret: give --secret FILE, "
+              "or --insecure")
+    info = model_info(path)
+    try:
+        membership = Membership(url, info.sha256, mesh_keys)
+    except Exception as exc:
+        _fail(f"cannot take joins on {url}: {exc}")
+    secret = f" --secret {secret_file}" if secret_file else ""
+    click.echo(f"mesh: waiting for {n_members} host(s) to join; on each host run:", err=True)
+    for join_url in join_urls(membership.bound_url):
+        click.echo(f"  mesh-stage --join {join_url}{secret} --model {path}", err=True)
+    plan, members = settled_plan(info, membership, n_members, sessions, JOIN.settle_s)
+    click.echo(describe(plan), err=True)
+    return plan, members, membership
+
+
 @main.command()
 @click.option("--model", "model_spec", default="default", show_default=True)
-@click.option("--stage", "stages", multiple=True, required=True,
-              help="Stage URL, in chain order (repeat).")
+@_join_options
+@_secret_option
+@click.option("--insecure", is_flag=True, help="Take joins beyond loopback without a secret.")
+def plan(model_spec, join_listen, n_members, sessions, secret_file, insecure) -> None:
+    """Take joins, print the placement the mesh would apply to the hosts that joined, and exit
+    without moving anything."""
+    from mesh.logs import configure
+    from mesh.model.source import resolve_model
+
+    configure("warning")
+    try:
+        path = resolve_model(model_spec)
+        keys = _mesh_keys(secret_file)
+    except MeshError as exc:
+        _fail(str(exc))
+    _plan, _members, membership = _gather(path, join_listen, n_members, sessions, secret_file,
+                                          keys, insecure)
+    membership.close()
+
+
+@main.command()
+@click.option("--model", "model_spec", default="default", show_default=True)
+@click.option("--stage", "stages", multiple=True,
+              help="Stage URL, in chain order (repeat). Without any: hosts join "
+                   "(`mesh-stage --join`) and the mesh places the model's layers on them.")
+@_join_options
 @click.option("--host", default=API.host, show_default=True)
 @click.option("--port", default=API.port, show_default=True)
 @click.option("--decode-groups", default=CoordinatorConfig.decode_groups, show_default=True,
@@ -341,23 +412,41 @@ DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; 
 @_api_options
 @_secret_option
 @_speculation_options
-def serve(model_spec, stages, host, port, decode_groups, retry_wait_s, api_keys, insecure,
-          limits, secret_file, speculative, speculate_when, draft_max, draft_model) -> None:
-    """Serve the OpenAI-compatible API over a running chain of stages."""
+def serve(model_spec, stages, join_listen, n_members, sessions, host, port, decode_groups,
+          retry_wait_s, api_keys, insecure, limits, secret_file, speculative, speculate_when,
+          draft_max, draft_model) -> None:
+    """Serve the OpenAI-compatible API over a chain of stages: the running ones given, or
+    hosts that join."""
     from mesh.logs import configure
     from mesh.model.source import resolve_model
 
     configure("info")
     api_keys = _checked_keys(host, api_keys, insecure)
+    membership = None
     try:
         config = CoordinatorConfig(
             decode_groups=decode_groups, retry_wait_s=retry_wait_s,
             speculation=_speculation(speculative, draft_max, draft_model, speculate_when))
-        _serve(resolve_model(model_spec), list(stages), host, port, announce=False,
-               config=config, api_keys=api_keys, mesh_keys=_mesh_keys(secret_file),
-               limits=limits)
+        path = resolve_model(model_spec)
+        mesh_keys = _mesh_keys(secret_file)
+        urls = list(stages)
+        if not urls:
+            from mesh.coordinator.placing import assignments
+
+            placed, members, membership = _gather(path, join_listen, n_members, sessions,
+                                                  secret_file, mesh_keys, insecure)
+            if not placed.feasible:
+                _fail(f"cannot place the model: {placed.reason}")
+            ranges, standby = assignments(placed, members)
+            by_name = membership.assign(ranges, standby, JOIN.load_s)
+            urls = [by_name[stage.member] for stage in placed.stages]
+        _serve(path, urls, host, port, announce=False, config=config, api_keys=api_keys,
+               mesh_keys=mesh_keys, limits=limits)
     except MeshError as exc:
         _fail(str(exc))
+    finally:
+        if membership is not None:
+            membership.close()
 
 
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
@@ -421,7 +510,7 @@ def _checked_keys(host: str, api_keys: tuple[str, ...], insecure: bool) -> tuple
     return keys
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"mesh: {message}", err=True)
     sys.exit(1)
 

@@ -131,6 +131,19 @@ class ApiDefaults:
 
 API = ApiDefaults()
 
+
+@dataclass(frozen=True)
+class JoinDefaults:
+    """How a coordinator takes hosts that join (``mesh serve`` without ``--stage``)."""
+
+    port: int = 7600  # the join socket (stages connect to it with ``mesh-stage --join``)
+    members: int = 1  # members to wait for before the first plan is applied
+    settle_s: float = 3.0  # no join for this long after enough members: apply the plan
+    load_s: float = 900.0  # members' time to slice (or receive) and load their layers
+
+
+JOIN = JoinDefaults()
+
 LOOPBACK = "127.0.0.1"
 
 

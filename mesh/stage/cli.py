@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
 
 # Before any import starts a thread (numpy's BLAS pool, llama.cpp's, ZeroMQ's): every thread
 # inherits this mask, so SIGTERM reaches only the thread that waits for it (mesh.shutdown).
@@ -15,6 +18,7 @@ import click  # noqa: E402
 from mesh.config import LOOPBACK, STAGE, is_loopback  # noqa: E402
 from mesh.errors import MeshError  # noqa: E402
 from mesh.stage.exactness import DEFAULT_MODE, MODES, kv_type_for  # noqa: E402
+from mesh.transport import wire  # noqa: E402
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -35,10 +39,26 @@ def normalize_listen(text: str) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model_spec", required=True, help="GGUF path, or 'default'.")
-@click.option("--layers", required=True, help="Half-open layer range START:END.")
-@click.option("--listen", default=f"tcp://{LOOPBACK}:{STAGE.listen_port}", show_default=True,
-              help="ZeroMQ URL to bind (loopback unless told otherwise).")
+@click.option("--model", "model_spec", default=None,
+              help="GGUF path, or 'default'. Required unless --join (then the coordinator "
+                   "places the model's layers).")
+@click.option("--layers", default=None,
+              help="Half-open layer range START:END; with --join, a range this host must "
+                   "serve (pinned).")
+@click.option("--join", "join_url", default=None,
+              help="Coordinator join URL (`mesh serve` prints the line to run): the "
+                   "coordinator measures this host and assigns its layers.")
+@click.option("--listen", default=None,
+              help=f"ZeroMQ URL to bind [default: tcp://{LOOPBACK}:{STAGE.listen_port}; with "
+                   f"--join, tcp://0.0.0.0:{STAGE.listen_port}].")
+@click.option("--advertise", default=None,
+              help="With --join: the URL other hosts reach this stage at [default: this "
+                   "host's address on the route to the coordinator].")
+@click.option("--name", "member_name", default=None,
+              help="With --join: this host's name in plans [default: its hostname].")
+@click.option("--memory", "mem_bytes", default=None, type=click.IntRange(1),
+              help="With --join: bytes of memory this stage may use [default: what the host "
+                   "has available].")
 @click.option("--ctx", "n_ctx", default=STAGE.ctx, show_default=True,
               help="KV cells of one session (its own stream; rounded up to 256).")
 @click.option("--slots", "n_seq_max", default=STAGE.slots, show_default=True,
@@ -66,9 +86,11 @@ def normalize_listen(text: str) -> str:
 @click.option("--lease-s", "lease_s", default=STAGE.lease_s, show_default=True,
               help="Seconds a session's owner may stay silent before its sessions are dropped.")
 @click.option("--log-level", default="info", show_default=True)
-def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch,
-         prefix_records, batching, secret_file, insecure, lease_s, log_level) -> None:
-    """Serve layers START:END of a GGUF model as one pipeline stage."""
+def main(model_spec, layers, join_url, listen, advertise, member_name, mem_bytes, n_ctx,
+         n_seq_max, n_threads, n_gpu_layers, n_batch, prefix_records, batching, secret_file,
+         insecure, lease_s, log_level) -> None:
+    """Serve layers START:END of a GGUF model as one pipeline stage, or join a coordinator
+    that places them."""
     # llama.cpp's CPU graph runs on OpenMP here; idle OpenMP workers spin for ~300k iterations
     # by default and steal the core from the stage that is computing. A short spin keeps the
     # barriers inside a graph fast (measured: 0.52x -> 0.85x of one process, scripts/bench_mesh).
@@ -80,39 +102,83 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
 
     stop: list = []
     take_sigterm(stop)
-    from mesh.logs import configure, get_logger
-    from mesh.model.slicing import release_readers, slice_model
-    from mesh.model.source import resolve_model
-    from mesh.stage.runtime import RuntimeConfig, StageRuntime
-    from mesh.stage.server import StageServer
-    from mesh.transport.security import ROLE_STAGE, load_keys
+    from mesh.logs import configure
 
     configure(log_level)
-    log = get_logger("mesh.stage")
-    start, end = parse_layers(layers)
-    url = normalize_listen(listen)
-    if secret_file is None and not insecure and not is_loopback(url):
-        click.echo(f"mesh-stage: refusing to listen on {url} without a mesh secret: give "
-                   "--secret FILE (`mesh secret FILE` makes one), or --insecure", err=True)
-        sys.exit(2)
+    if join_url is None and (model_spec is None or layers is None):
+        _exit("give --model and --layers START:END, or --join URL")
+    url = normalize_listen(listen or (f"tcp://0.0.0.0:{STAGE.listen_port}" if join_url
+                                      else f"tcp://{LOOPBACK}:{STAGE.listen_port}"))
+    if secret_file is None and not insecure and not (
+            is_loopback(url) and (join_url is None or is_loopback(join_url))):
+        _exit(f"refusing to listen on {url} without a mesh secret: give --secret FILE "
+              "(`mesh secret FILE` makes one), or --insecure")
+    options = _Options(n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch, prefix_records,
+                       batching, lease_s)
     try:
+        from mesh.model.source import resolve_model
+        from mesh.transport.security import ROLE_STAGE, load_keys
+
         keys = load_keys(secret_file, ROLE_STAGE) if secret_file else None
-        path = resolve_model(model_spec)
-        files = slice_model(path, start, end)
-        release_readers()  # a cold cache parsed the source GGUF: do not keep it resident
-        config = RuntimeConfig(n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads,
-                               n_gpu_layers=n_gpu_layers, n_batch=n_batch,
-                               n_ubatch=min(n_batch, STAGE.ubatch),
-                               kv_type=kv_type_for(batching, files.model.mixed_kv))
-        runtime = StageRuntime(files, config)
-        server = StageServer(runtime, url, files.model.sha256, prefix_records=prefix_records,
-                             batching=batching, keys=keys, lease_s=lease_s)
+        path = resolve_model(model_spec) if model_spec is not None else None
+        pinned = parse_layers(layers) if layers is not None else None
     except MeshError as exc:
-        click.echo(f"mesh-stage: {exc}", err=True)
-        sys.exit(2)
-    except Exception as exc:  # zmq bind errors and the like: one clear line, no traceback
-        click.echo(f"mesh-stage: cannot start on {url}: {exc}", err=True)
-        sys.exit(2)
+        _exit(str(exc))
+    if join_url is not None:
+        _joined(join_url, path, pinned, url, advertise, member_name, mem_bytes, options, keys,
+                stop)
+        return
+    assert path is not None and pinned is not None
+    _serve(path, pinned, url, options, keys, stop)
+
+
+@dataclass(frozen=True)
+class _Options:
+    n_ctx: int
+    n_seq_max: int
+    n_threads: int
+    n_gpu_layers: int
+    n_batch: int
+    prefix_records: int | None
+    batching: str
+    lease_s: float
+
+    def kv_type(self, mixed_kv: bool) -> str:
+        return kv_type_for(self.batching, mixed_kv)
+
+
+def _exit(message: str) -> NoReturn:
+    click.echo(f"mesh-stage: {message}", err=True)
+    sys.exit(2)
+
+
+def _build(files, url: str, options: _Options, keys):
+    """The runtime and server of one slice (one clear line and exit if they cannot start)."""
+    from mesh.model.slicing import release_readers
+    from mesh.stage.runtime import RuntimeConfig, StageRuntime
+    from mesh.stage.server import StageServer
+
+    release_readers()  # a cold cache parsed the source GGUF: do not keep it resident
+    config = RuntimeConfig(n_ctx=options.n_ctx, n_seq_max=options.n_seq_max,
+                           n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers,
+                           n_batch=options.n_batch,
+                           n_ubatch=min(options.n_batch, STAGE.ubatch),
+                           kv_type=options.kv_type(files.model.mixed_kv))
+    runtime = StageRuntime(files, config)
+    try:
+        server = StageServer(runtime, url, files.model.sha256,
+                             prefix_records=options.prefix_records, batching=options.batching,
+                             keys=keys, lease_s=options.lease_s)
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime, server
+
+
+def _run(runtime, server, stop: list) -> None:
+    """Serve until stopped; the runtime is closed after."""
+    from mesh.logs import get_logger
+
     # The transport thread answers within a GIL switch interval of the compute thread's Python;
     # 5 ms (the default) would add up to that to every hand-off between them.
     sys.setswitchinterval(STAGE.switch_interval_s)
@@ -122,8 +188,93 @@ def main(model_spec, layers, listen, n_ctx, n_seq_max, n_threads, n_gpu_layers, 
     except KeyboardInterrupt:
         pass
     finally:
+        stop.remove(server.stop)
         runtime.close()
-        log.info("stage_stopped", stage=server.name)
+        get_logger("mesh.stage").info("stage_stopped", stage=server.name)
+
+
+def _serve(path: Path, layers: tuple[int, int], url: str, options: _Options, keys,
+           stop: list) -> None:
+    from mesh.model.slicing import slice_model
+
+    try:
+        runtime, server = _build(slice_model(path, *layers), url, options, keys)
+    except MeshError as exc:
+        _exit(str(exc))
+    except Exception as exc:  # zmq bind errors and the like: one clear line, no traceback
+        _exit(f"cannot start on {url}: {exc}")
+    _run(runtime, server, stop)
+
+
+def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, url: str,
+            advertise: str | None, member_name: str | None, mem_bytes: int | None,
+            options: _Options, keys, stop: list) -> None:
+    """Offer this host to the coordinator at ``join_url``; serve what it assigns, until
+    stopped (a later assignment replaces the range being served)."""
+    import queue
+    import socket
+    import threading
+
+    import zmq
+
+    from mesh.logs import get_logger
+    from mesh.model.slicing import model_info, slice_model
+    from mesh.stage.join import JoinLink, advertised_url, ready
+    from mesh.stage.probe import measure
+    from mesh.transport.messages import Join
+    from mesh.transport.sockets import valid_url
+
+    log = get_logger("mesh.stage")
+    if not valid_url(join_url):
+        _exit(f"--join must be a tcp://HOST:PORT URL, got {join_url!r}")
+    try:
+        info = model_info(path) if path is not None else None
+        measured = measure(path, options.n_threads, options.kv_type(
+            info.mixed_kv if info is not None else True), mem_bytes)
+        public = advertise or advertised_url(url, join_url)
+    except (MeshError, OSError) as exc:
+        _exit(str(exc))
+    name = (member_name or socket.gethostname() or public)[:wire.MAX_MEMBER_NAME_CHARS]
+    stopping = threading.Event()
+    stop.append(stopping.set)
+    link = JoinLink(join_url, keys, zmq.Context.instance())
+    link.start(Join(
+        name=name, url=public, mem_bytes=measured.mem_bytes, threads=options.n_threads,
+        ctx=options.n_ctx, slots=options.n_seq_max,
+        model_sha256=info.sha256 if info is not None else None,
+        probe_layer=measured.probe_layer, layer_us=measured.layer_us,
+        head_us=measured.head_us, pinned_start=pinned[0] if pinned else None,
+        pinned_end=pinned[1] if pinned else None))
+    click.echo(f"mesh-stage: joined {join_url} as {name} ({public}); waiting for layers",
+               err=True)
+    try:
+        while not stopping.is_set():
+            try:
+                assign = link.assignments.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if assign.start == assign.end:
+                log.info("standing_by", reason=assign.reason[:200])
+                click.echo(f"mesh-stage: standing by: {assign.reason}", err=True)
+                continue
+            if path is None or info is None or assign.model_sha256 != info.sha256:
+                link.send(ready(assign, public, "this host has no copy of the model"))
+                continue
+            try:
+                runtime, server = _build(slice_model(path, assign.start, assign.end), url,
+                                         options, keys)
+            except Exception as exc:
+                link.send(ready(assign, public, f"cannot serve {assign.start}:{assign.end}: "
+                                                f"{exc}"[:400]))
+                continue
+            link.on_assign(server.stop)
+            link.send(ready(assign, public))
+            click.echo(f"mesh-stage: serving layers {assign.start}:{assign.end} at {public}",
+                       err=True)
+            _run(runtime, server, stop)
+            link.on_assign(None)
+    finally:
+        link.close()
 
 
 if __name__ == "__main__":

@@ -24,21 +24,27 @@ from mesh.errors import ProtocolError
 from mesh.transport.messages import (
     CLASSES,
     Acquire,
+    Assign,
     Decode,
     Error,
     Handshake,
+    Join,
     Message,
     Ping,
     PrefillEmbd,
     PrefillFinalEmbd,
+    Ready,
     StageInfo,
     Stop,
     Token,
     Work,
 )
+from mesh.transport.sockets import valid_url
 from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the codec's namespace)
     ACQUIRE,
     ACQUIRED,
+    ASSIGN,
+    BEAT,
     DECODE,
     E_BAD_FIELD,
     E_BAD_FRAME,
@@ -49,6 +55,7 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     E_UNKNOWN_KIND,
     ERROR,
     HANDSHAKE,
+    JOIN,
     KEEPER_BYTES,
     LINK_TAG_BYTES,
     MAX_DRAFT_TOKENS,
@@ -57,6 +64,7 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     MAX_GRAMMAR_BYTES,
     MAX_HISTORY_TOKENS,
     MAX_LOGPROBS,
+    MAX_MEMBER_NAME_CHARS,
     MAX_RECORDS_REPORTED,
     MAX_SALT_BYTES,
     MAX_TOKENS_PER_FRAME,
@@ -66,6 +74,7 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     PREFILL_FINAL,
     PREFIX_ID_BYTES,
     PROTOCOL_VERSION,
+    READY,
     STAGE_INFO,
     STOP,
     STOPPED,
@@ -114,6 +123,12 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
            "records": _INT, "evicted_records": _INT, "queue": _INT, "busy_ms": _INT,
            "decode_steps": _INT, "decode_rows": _INT, "decode_ubatches": _INT,
            "downstream_ms": _OPT_INT, "stage": _STR},
+    JOIN: {"name": _STR, "url": _STR, "mem_bytes": _INT, "threads": _INT, "ctx": _INT,
+           "slots": _INT, "model_sha256": _OPT_STR, "probe_layer": _INT, "layer_us": _INT,
+           "head_us": _INT, "pinned_start": _OPT_INT, "pinned_end": _OPT_INT},
+    ASSIGN: {"model_sha256": _STR, "start": _INT, "end": _INT, "reason": _STR},
+    READY: {"url": _STR, "start": _INT, "end": _INT, "error": _OPT_STR},
+    BEAT: {"nonce": _INT},
 }
 
 # sampling field -> (types, lowest, highest). The final stage also checks top_k against its
@@ -155,8 +170,15 @@ def _codec(kind: str) -> _Codec:
     pick = (operator.itemgetter(*ints) if len(ints) > 1
             else (lambda values, at=ints[0]: (values[at],)) if ints else (lambda values: ()))
     return _Codec(cls, names, types, frozenset(itertools.product(*types)),
-                  operator.itemgetter(*names), pick,
+                  _reader(names), pick,
                   tuple(i for i, allowed in enumerate(types) if allowed == _OPT_INT))
+
+
+def _reader(names: tuple[str, ...]) -> Callable[[dict], tuple]:
+    """The values of ``names`` in a body, as a tuple (itemgetter of one name gives a value)."""
+    if len(names) > 1:
+        return operator.itemgetter(*names)
+    return lambda fields: (fields[names[0]],)
 
 
 def _body(cls: type[Message]) -> Callable[[Message], dict]:
@@ -348,6 +370,28 @@ def _check_ping(msg: Ping) -> None:
         raise ProtocolError(E_BAD_FIELD, "Ping: sessions must be uint64 session ids")
 
 
+def _check_join(msg: Join) -> None:
+    if not 0 < len(msg.name) <= MAX_MEMBER_NAME_CHARS or not msg.name.isprintable():
+        raise ProtocolError(E_BAD_FIELD, f"Join: name must be 1 to {MAX_MEMBER_NAME_CHARS} "
+                                         "printable characters")
+    if not valid_url(msg.url):
+        raise ProtocolError(E_BAD_FIELD, "Join: url must be a tcp://HOST:PORT or ipc:// URL")
+    start, end = msg.pinned_start, msg.pinned_end
+    if (start is None) != (end is None) or (
+            start is not None and end is not None and not start < end):
+        raise ProtocolError(E_BAD_FIELD, "Join: a pinned range needs start < end")
+    if not (1 <= msg.threads <= 4096 and msg.ctx < 2**31 and msg.slots < 2**16
+            and msg.layer_us < 2**31 and msg.head_us < 2**31 and msg.mem_bytes < 2**62):
+        raise ProtocolError(E_BAD_FIELD, "Join: a measure is out of range")
+
+
+def _check_placed(msg: Assign | Ready) -> None:
+    if not msg.start <= msg.end < 2**31:
+        raise ProtocolError(E_BAD_FIELD, f"{msg.kind}: a range needs start <= end")
+    if isinstance(msg, Ready) and not valid_url(msg.url):
+        raise ProtocolError(E_BAD_FIELD, "Ready: url must be a tcp://HOST:PORT or ipc:// URL")
+
+
 def _check_costs(costs: list[Any], field: str) -> None:
     if len(costs) > MAX_DRAFT_TOKENS + 1 or not all(
             type(c) is int and 0 <= c < 2**31 for c in costs):
@@ -423,7 +467,8 @@ def _check_token(msg: Token) -> None:
 _CHECKS: dict[type, Callable[[Any], None]] = {
     PrefillEmbd: _check_work, PrefillFinalEmbd: _check_work, Decode: _check_work,
     Acquire: _check_prefix, Stop: _check_prefix, Token: _check_token,
-    StageInfo: _check_stage_info, Handshake: _check_handshake, Ping: _check_ping}
+    StageInfo: _check_stage_info, Handshake: _check_handshake, Ping: _check_ping,
+    Join: _check_join, Assign: _check_placed, Ready: _check_placed}
 
 
 def pack_tokens(tokens) -> bytes:

@@ -192,10 +192,67 @@ class Pong:
     stage: str
 
 
+@dataclass(slots=True)
+class Join:
+    """A stage offering itself to a coordinator: what it can hold and how fast it is.
+    ``layer_us`` is one decode step of layer ``probe_layer`` of ``model_sha256``, ``head_us``
+    what the output head adds (0: not measured, e.g. the stage has no model file); ``pinned_*``
+    a range it must serve (``--layers``)."""
+
+    kind: ClassVar[str] = wire.JOIN
+    name: str
+    url: str
+    mem_bytes: int
+    threads: int
+    ctx: int
+    slots: int
+    model_sha256: str | None
+    probe_layer: int
+    layer_us: int
+    head_us: int
+    pinned_start: int | None
+    pinned_end: int | None
+
+
+@dataclass(slots=True)
+class Assign:
+    """The coordinator's plan for one member: serve ``[start, end)``; ``start == end``: stand
+    by, and ``reason`` says why it was left out."""
+
+    kind: ClassVar[str] = wire.ASSIGN
+    model_sha256: str
+    start: int
+    end: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Ready:
+    """A member's answer to an Assign: it serves ``[start, end)`` at ``url``, or ``error``."""
+
+    kind: ClassVar[str] = wire.READY
+    url: str
+    start: int
+    end: int
+    error: str | None
+
+
+@dataclass(slots=True)
+class Beat:
+    """Liveness and round trips on the join socket: the coordinator sends one, the member
+    echoes it."""
+
+    kind: ClassVar[str] = wire.BEAT
+    nonce: int
+
+
+Membership = Join | Assign | Ready | Beat
+
 Work = PrefillEmbd | PrefillFinalEmbd | Decode
 SessionFrame = Work | Stop | Acquire  # what a stage queues for its engine
-Message = SessionFrame | Token | Stopped | Acquired | Error | Handshake | StageInfo | Ping | Pong
+Message = (SessionFrame | Token | Stopped | Acquired | Error | Handshake | StageInfo | Ping | Pong
+           | Membership)
 
 CLASSES: dict[str, type[Message]] = {cls.kind: cls for cls in (
     PrefillEmbd, PrefillFinalEmbd, Decode, Token, Stop, Stopped, Acquire, Acquired, Error,
-    Handshake, StageInfo, Ping, Pong)}
+    Handshake, StageInfo, Ping, Pong, Join, Assign, Ready, Beat)}

@@ -267,23 +267,45 @@ def curve_client(sock: zmq.Socket, keys: MeshKeys, pair: KeyPair) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, pair.secret)
 
 
+def join_server(sock: zmq.Socket, keys: MeshKeys) -> None:
+    """A coordinator's join socket (mesh.coordinator.membership) listens with its own key
+    pair: a coordinator identity holds no stage server secret."""
+    if keys.coordinator.secret is None:
+        raise SecretError("a stage identity cannot take joins")
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.coordinator.secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.coordinator.public)
+
+
+def join_client(sock: zmq.Socket, keys: MeshKeys) -> None:
+    """A joining stage reaches the coordinator's join socket with its stage key pair."""
+    if keys.stage.secret is None:
+        raise SecretError(f"a {keys.role} identity holds no stage key to join with")
+    sock.setsockopt(zmq.CURVE_SERVERKEY, keys.coordinator.public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.stage.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.stage.secret)
+
+
 class _Members:
-    def __init__(self, keys: MeshKeys):
+    def __init__(self, keys: MeshKeys, roles: tuple[str, ...]):
         self._keys = keys
+        self._roles = roles
 
     def callback(self, _domain: str, key: bytes) -> bool:
-        return self._keys.role_of(key) is not None
+        return self._keys.role_of(key) in self._roles
 
 
 class ZapGuard(zmq.auth.thread.ThreadAuthenticator):
-    """pyzmq's ZAP authenticator, admitting the mesh's two client keys and naming their role
-    as the connection's User-Id (what ``frame.get("User-Id")`` returns for its messages)."""
+    """pyzmq's ZAP authenticator, admitting the mesh's client keys of ``roles`` and naming
+    their role as the connection's User-Id (what ``frame.get("User-Id")`` returns for its
+    messages)."""
 
-    def __init__(self, context: zmq.Context, keys: MeshKeys):
+    def __init__(self, context: zmq.Context, keys: MeshKeys,
+                 roles: tuple[str, ...] = MEMBER_ROLES):
         super().__init__(context)
         self._keys = keys
         self.start()
-        self.configure_curve_callback("*", credentials_provider=_Members(keys))
+        self.configure_curve_callback("*", credentials_provider=_Members(keys, roles))
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self._keys.role_of(z85.encode(client_public_key)) or ""

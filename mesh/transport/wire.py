@@ -29,6 +29,7 @@ MAX_GRAMMAR_WIDTH = 1024  # stacks one grammar position expands to (alternatives
 MAX_RECORDS_REPORTED = 32  # prefix records a StageInfo lists (the most recently used)
 MAX_DRAFT_TOKENS = 16  # drafted tokens a Decode verify window may carry (it has one row more)
 LINK_TAG_BYTES = 16  # StageInfo.link_tag / Handshake.next_tag: who may forward to a stage
+MAX_MEMBER_NAME_CHARS = 64  # Join.name: a host's name as people read it
 KEEPER_BYTES = 16  # Stop.keeper / Handshake.keeper: whose prefix records a coordinator sees
 
 # ---- liveness (protocol.md, "Liveness, leases and deadlines") -----------------------------------
@@ -52,6 +53,12 @@ HANDSHAKE = "Handshake"
 STAGE_INFO = "StageInfo"
 PING = "Ping"
 PONG = "Pong"
+# Membership: a stage that joins a coordinator (mesh.coordinator.membership), on the
+# coordinator's join socket, not on a stage's.
+JOIN = "Join"
+ASSIGN = "Assign"
+READY = "Ready"
+BEAT = "Beat"
 
 # ---- error codes (Error.code) --------------------------------------------------------------
 E_BAD_FRAME = "bad_frame"

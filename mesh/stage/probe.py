@@ -1,0 +1,112 @@
+"""What a joining stage measures about its host for placement (``mesh.placement``).
+
+Placement needs each member's memory and its speed on *this* model's layer shapes, so the
+probe runs the real thing: one middle layer of the model (a cached one-layer slice), then the
+last layer with the output head, each for a few single-row decode steps on the stage's own
+threads and KV cell types. ``head_us`` is the difference: what being the final stage adds.
+A stage without the model file cannot probe; it joins unmeasured (``layer_us == 0``) and the
+coordinator prices it like the slowest measured member.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mesh.logs import get_logger
+
+log = get_logger("mesh.stage.probe")
+
+PROBE_CONTEXT = 32  # cells held while the steps are timed (a short conversation's worth)
+PROBE_STEPS = 12
+_MEMINFO = Path("/proc/meminfo")
+# cgroup memory limits (v2, then v1): a container's share, not the host's
+_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
+                  Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+@dataclass(frozen=True)
+class HostMeasure:
+    mem_bytes: int
+    probe_layer: int = 0
+    layer_us: int = 0  # one decode step of ``probe_layer``; 0: not measured
+    head_us: int = 0  # what the output head adds to the final stage's step
+
+
+def available_memory() -> int:
+    """Bytes this host can give a stage: MemAvailable, within the cgroup's limit if lower."""
+    available = 0
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for path in _CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            available = min(available, int(text))
+        break
+    return available
+
+
+def measure(source: Path | None, n_threads: int, kv_type: str,
+            mem_bytes: int | None = None) -> HostMeasure:
+    """Memory (``mem_bytes`` if the operator capped it), and step times if ``source`` is
+    the model file."""
+    mem = mem_bytes if mem_bytes is not None else available_memory()
+    if source is None:
+        return HostMeasure(mem)
+    from mesh.model.slicing import model_info
+
+    info = model_info(source)
+    if info.n_layer < 2:
+        return HostMeasure(mem)
+    middle = info.n_layer // 2 if info.n_layer > 2 else 0
+    if middle == 0:  # a two-layer model: the first layer is the only one without the head
+        middle_us = _step_us(source, 0, 1, n_threads, kv_type)
+    else:
+        middle_us = _step_us(source, middle, middle + 1, n_threads, kv_type)
+    last_us = _step_us(source, info.n_layer - 1, info.n_layer, n_threads, kv_type)
+    measured = HostMeasure(mem, middle, middle_us, max(0, last_us - middle_us))
+    log.info("host_measured", mem_mib=mem >> 20, layer=middle, layer_us=measured.layer_us,
+             head_us=measured.head_us, threads=n_threads)
+    return measured
+
+
+def _step_us(source: Path, start: int, end: int, n_threads: int, kv_type: str) -> int:
+    """Median microseconds of one single-row decode step of layers ``[start, end)``."""
+    from mesh.model.slicing import slice_model
+    from mesh.stage.runtime import Chunk, RuntimeConfig, StageRuntime
+
+    files = slice_model(source, start, end)
+    config = RuntimeConfig(n_ctx=256, n_seq_max=1, n_threads=n_threads, n_batch=64,
+                           n_ubatch=64, kv_type=kv_type)
+    rng = np.random.default_rng(0)
+    with StageRuntime(files, config) as runtime:
+        key = "probe"
+        runtime.open_session(key)
+
+        def chunk(pos: int, n: int, want_logits: bool) -> Chunk:
+            if runtime.embedder is not None:
+                return runtime.prepare(key, pos, want_logits=want_logits,
+                                       tokens=rng.integers(0, runtime.embedder.n_vocab, n))
+            return runtime.prepare(key, pos, want_logits=want_logits, hidden=rng.standard_normal(
+                (n, runtime.n_embd)).astype(np.float32))
+
+        runtime.decode([chunk(0, PROBE_CONTEXT, False)])
+        taken = []
+        for _ in range(PROBE_STEPS + 1):
+            step = chunk(PROBE_CONTEXT, 1, runtime.is_last)
+            began = time.perf_counter()
+            runtime.decode([step])
+            taken.append(time.perf_counter() - began)
+            runtime.trim_session(key, PROBE_CONTEXT)
+    return int(1e6 * float(np.median(taken[1:])))  # the first step warms caches
