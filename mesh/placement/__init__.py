@@ -1,0 +1,1 @@
+"""Placement: which members hold which layers, in which order (pure; see ``planner``)."""
