@@ -42,6 +42,11 @@ class Hosts:
         self._forward_was = _FORWARD.read_text().strip()
 
     @property
+    def gateways(self) -> list[str]:
+        """This namespace's address as host ``i`` reaches it (where a coordinator listens)."""
+        return list(self._gateways)
+
+    @property
     def wrappers(self) -> list[list[str]]:
         return [["ip", "netns", "exec", name] for name in self.names]
 
