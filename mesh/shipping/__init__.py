@@ -8,6 +8,7 @@ them (no sockets), ``fetch`` runs the two over ZeroMQ.
 
 from mesh.shipping.fetch import (
     DealerChannel,
+    SliceServer,
     fetch_slice,
     serve_slices,
     slice_dealer,
@@ -17,6 +18,7 @@ from mesh.shipping.receiver import SliceReceiver, check_manifest
 from mesh.shipping.sender import SliceSender, build_manifest, read_chunk
 
 __all__ = [
-    "DealerChannel", "SliceReceiver", "SliceSender", "build_manifest", "check_manifest",
-    "fetch_slice", "read_chunk", "serve_slices", "slice_dealer", "slice_router",
+    "DealerChannel", "SliceReceiver", "SliceSender", "SliceServer", "build_manifest",
+    "check_manifest", "fetch_slice", "read_chunk", "serve_slices", "slice_dealer",
+    "slice_router",
 ]

@@ -29,7 +29,7 @@ from mesh.shipping.sender import SENDER_NAME, SliceSender
 from mesh.transport import wire
 from mesh.transport.frames import decode, encode, error_message
 from mesh.transport.messages import Chunk, Error, Message, SliceManifest, SliceRequest
-from mesh.transport.security import MeshKeys, curve_client, curve_server
+from mesh.transport.security import MeshKeys, ZapGuard, curve_client, curve_server
 
 log = get_logger("mesh.shipping")
 
@@ -186,3 +186,40 @@ def serve_slices(sock: zmq.Socket[Any], sender: SliceSender, stop: threading.Eve
             sock.send_multipart([identity, encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError:  # the peer left, or does not read its replies: drop this one
             log.warning("slice_reply_dropped", kind=reply.kind)
+
+
+class SliceServer:
+    """``serve_slices`` on a thread of its own, over a ROUTER bound to ``url`` (a port of
+    ``*`` picks a free one: ``self.url`` says which); with ``keys`` only members get in.
+    A context manager: leaving it stops the thread and closes the socket."""
+
+    def __init__(self, sender: SliceSender, url: str, keys: MeshKeys | None = None):
+        self._zctx: zmq.Context[Any] = zmq.Context()
+        self._guard = ZapGuard(self._zctx, keys) if keys is not None else None
+        try:
+            self._sock = slice_router(self._zctx, url, keys)
+        except BaseException:
+            self._close_context()
+            raise
+        self.url: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=serve_slices, name="slice-server",
+                                        args=(self._sock, sender, self._stop), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close(linger=0)
+        self._close_context()
+
+    def _close_context(self) -> None:
+        if self._guard is not None:
+            self._guard.stop()
+        self._zctx.term()
+
+    def __enter__(self) -> SliceServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
