@@ -79,7 +79,7 @@ class DealerChannel:
 
 
 def _shipping_socket(zctx: zmq.Context[Any], kind: int) -> zmq.Socket[Any]:
-    sock = zctx.socket(kind)
+    sock: zmq.Socket[Any] = zctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, SHIPPING_HWM)
     sock.setsockopt(zmq.RCVHWM, SHIPPING_HWM)
