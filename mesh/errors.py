@@ -115,6 +115,30 @@ class HandshakeError(MeshError):
     code = "handshake_failed"
 
 
+class ShippingError(MeshError):
+    """A slice could not be fetched from a peer (``mesh.shipping``); the verified chunks on
+    disk are kept, so fetching again resumes. ``code`` is the peer's when it refused."""
+
+    code = "shipping_failed"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class ManifestError(ShippingError):
+    """A peer's slice manifest is malformed, out of bounds, or not the slice asked for."""
+
+    code = "bad_manifest"
+
+
+class ChunkError(ShippingError):
+    """A chunk failed its checksum as often as it may be fetched again."""
+
+    code = "bad_chunk"
+
+
 RETRY_AFTER_S = 1  # the Retry-After (seconds) an admission timeout suggests
 
 

@@ -12,6 +12,7 @@ input embeddings from a sidecar copy of the source's ``token_embd`` rows (see
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import json
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +40,16 @@ SLICER_VERSION = 1
 SUPPORTED_ARCHITECTURES = tuple(sorted(FAMILIES))
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# What a slice directory holds besides ``done`` (the marker that it is complete).
+STAGE_GGUF = "stage.gguf"
+EMBEDDING_ROWS = "token_embd.npy"
+EMBEDDING_TYPE = "token_embd.json"
+DONE = "done"
+# Bounds on plain-data model facts (``ModelInfo.from_dict``): they may come from a peer.
+MAX_INFO_LAYERS = 4096
+MAX_INFO_HPARAMS = 64
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,75 @@ class ModelInfo:
         scaled = FAMILIES[self.arch].scales_token_input
         return float(np.sqrt(np.float32(self.n_embd))) if scaled else 1.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (tuples become lists); ``from_dict`` reads it back."""
+        plain: dict[str, Any] = json.loads(json.dumps(asdict(self)))
+        return plain
+
+    @classmethod
+    def from_dict(cls, raw: object) -> ModelInfo:
+        """Rebuild from ``to_dict``'s data, every field checked for type and bounds: the data
+        may come from disk or from a peer shipping a slice (``mesh.shipping``). Raises
+        ModelError saying which field is wrong."""
+        if not isinstance(raw, dict) or set(raw) != {f.name for f in dataclasses.fields(cls)}:
+            raise ModelError("model info must hold exactly the ModelInfo fields")
+        fields: dict[str, Any] = raw
+        n_layer = _info_int(raw, "n_layer", 1, MAX_INFO_LAYERS)
+
+        def per_layer(name: str, kind: type, empty_ok: bool = True) -> tuple[Any, ...]:
+            value = fields[name]
+            if not (isinstance(value, list) and (len(value) == n_layer or
+                                                 (empty_ok and not value))
+                    and all(type(v) is kind for v in value)
+                    and (kind is bool or all(0 <= v < 2**48 for v in value))):
+                raise ModelError(f"model info: {name} must list one {kind.__name__} a layer")
+            return tuple(value)
+
+        sha, arch = raw["sha256"], raw["arch"]
+        if not (isinstance(sha, str) and _SHA256_RE.match(sha)):
+            raise ModelError("model info: sha256 must be 64 lowercase hex digits")
+        if not (isinstance(arch, str) and arch in FAMILIES):
+            raise ModelError("model info: arch is not a supported architecture")
+        if type(raw["mixed_kv"]) is not bool:
+            raise ModelError("model info: mixed_kv must be a bool")
+        return cls(
+            sha256=sha, arch=arch, n_layer=n_layer,
+            n_embd=_info_int(raw, "n_embd", 1, 1 << 20),
+            n_vocab=_info_int(raw, "n_vocab", 1, 1 << 24),
+            token_embd_type=_info_int(raw, "token_embd_type", 0, 255),
+            swa_layers=None if raw["swa_layers"] is None else per_layer("swa_layers", bool,
+                                                                        empty_ok=False),
+            layer_bytes=per_layer("layer_bytes", int),
+            head_bytes=_info_int(raw, "head_bytes", 0, 2**48),
+            hparams=_info_hparams(raw["hparams"]),
+            kv_cell_bytes=per_layer("kv_cell_bytes", int),
+            n_nextn=_info_int(raw, "n_nextn", 0, MAX_INFO_LAYERS),
+            mixed_kv=raw["mixed_kv"],
+        )
+
+
+def _info_int(raw: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = raw[name]
+    if type(value) is not int or not low <= value <= high:
+        raise ModelError(f"model info: {name} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _info_hparams(value: object) -> tuple[tuple[str, object], ...]:
+    """``(key, value)`` pairs whose values are scalars or flat lists of them (as tuples)."""
+    scalar = (int, float, str, bool)
+
+    def plain(v: object) -> bool:
+        return (isinstance(v, scalar) and (not isinstance(v, str) or len(v) <= 256)) or (
+            isinstance(v, list) and len(v) <= MAX_INFO_LAYERS
+            and all(isinstance(x, scalar) for x in v))
+
+    if not (isinstance(value, list) and len(value) <= MAX_INFO_HPARAMS and all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and len(p[0]) <= 128
+            and plain(p[1]) for p in value)):
+        raise ModelError("model info: hparams must be [key, value] pairs of plain values")
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in value)
+
 
 @dataclass(frozen=True)
 class StageFiles:
@@ -82,11 +162,11 @@ class StageFiles:
 
     @property
     def gguf(self) -> Path:
-        return self.directory / "stage.gguf"
+        return self.directory / STAGE_GGUF
 
     @property
     def embeddings(self) -> Path | None:
-        path = self.directory / "token_embd.npy"
+        path = self.directory / EMBEDDING_ROWS
         return path if self.start == 0 else None
 
     @property
@@ -101,24 +181,60 @@ class StageFiles:
 def model_info(path: Path) -> ModelInfo:
     """Read (or recall from the cache) the facts about ``path`` that slicing and stages need."""
     sha = file_sha256(path)
-    cached = cache_dir() / "info" / f"{sha}.json"
-    try:
-        raw = json.loads(cached.read_text())
-        swa = raw.pop("swa_layers")
-        layer_bytes = tuple(raw.pop("layer_bytes"))
-        raw["hparams"] = tuple((k, tuple(v) if isinstance(v, list) else v)
-                               for k, v in raw.pop("hparams", ()))
-        kv_cell_bytes = tuple(raw.pop("kv_cell_bytes"))
-        mixed_kv = bool(raw.pop("mixed_kv"))  # an info cached before the field: read again
-        return ModelInfo(swa_layers=None if swa is None else tuple(swa),
-                         layer_bytes=layer_bytes, kv_cell_bytes=kv_cell_bytes,
-                         mixed_kv=mixed_kv, **raw)
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
-    info = _read_model_info(_reader(str(path)), sha)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(cached, json.dumps(asdict(info)))
+    info = cached_model_info(sha)
+    if info is None:  # not cached, or cached before a field existed: read the GGUF again
+        info = _read_model_info(_reader(str(path)), sha)
+        remember_model_info(info)
     return info
+
+
+def _info_path(sha256: str) -> Path:
+    return cache_dir() / "info" / f"{sha256}.json"
+
+
+def cached_model_info(sha256: str) -> ModelInfo | None:
+    """The facts cached for the model ``sha256`` (sliced here, or shipped), if any."""
+    if not _SHA256_RE.match(sha256):
+        return None
+    try:
+        info = ModelInfo.from_dict(json.loads(_info_path(sha256).read_text()))
+    except (OSError, ValueError, RecursionError, ModelError):
+        return None
+    return info if info.sha256 == sha256 else None
+
+
+def remember_model_info(info: ModelInfo) -> None:
+    """Cache ``info`` by its sha256, so a shipped slice is found without the source file."""
+    path = _info_path(info.sha256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(info.to_dict()))
+
+
+def slice_directory(sha256: str, start: int, end: int) -> Path:
+    """Where the slice ``[start, end)`` of model ``sha256`` is cached (written or shipped)."""
+    return cache_dir() / "stages" / f"{sha256[:20]}-{start}-{end}-v{SLICER_VERSION}"
+
+
+def slice_file_names(start: int) -> tuple[str, ...]:
+    """The files a complete slice holds besides ``done``: embeddings only on the first stage."""
+    return (STAGE_GGUF, EMBEDDING_ROWS, EMBEDDING_TYPE) if start == 0 else (STAGE_GGUF,)
+
+
+def done_marker(start: int, end: int) -> str:
+    """The ``done`` file's text: written last, so its presence means the slice is whole."""
+    return json.dumps({"start": start, "end": end})
+
+
+def cached_slice(sha256: str, start: int, end: int) -> StageFiles | None:
+    """The complete cached slice of model ``sha256``, without needing the source file (a slice
+    shipped by a peer, ``mesh.shipping``); None if it is not here."""
+    info = cached_model_info(sha256)
+    if info is None or not range_allowed(info, start, end):
+        return None
+    directory = slice_directory(sha256, start, end)
+    if not (directory / DONE).is_file():
+        return None
+    return StageFiles(directory, info, start, end)
 
 
 def range_allowed(info: ModelInfo, start: int, end: int) -> bool:
@@ -152,22 +268,22 @@ def slice_model(source: Path, start: int, end: int) -> StageFiles:
     source = Path(source)
     info = model_info(source)
     check_layer_range(info, start, end)
-    directory = cache_dir() / "stages" / f"{info.sha256[:20]}-{start}-{end}-v{SLICER_VERSION}"
+    directory = slice_directory(info.sha256, start, end)
     files = StageFiles(directory, info, start, end)
-    if (directory / "done").is_file():
+    if (directory / DONE).is_file():
         return files
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".slice-"))
     try:
         reader = _reader(str(source))
-        _write_stage_gguf(reader, info, start, end, tmp / "stage.gguf")
+        _write_stage_gguf(reader, info, start, end, tmp / STAGE_GGUF)
         if start == 0:
-            _write_embedding_rows(reader, tmp / "token_embd.npy")
-        (tmp / "done").write_text(json.dumps({"start": start, "end": end}))
+            _write_embedding_rows(reader, tmp / EMBEDDING_ROWS)
+        (tmp / DONE).write_text(done_marker(start, end))
         try:
             os.rename(tmp, directory)
         except OSError:
-            if not (directory / "done").is_file():
+            if not (directory / DONE).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -378,7 +494,7 @@ def _write_embedding_rows(reader, out: Path) -> None:
         step = max(1, (64 << 20) // max(1, data.strides[0]))
         for row in range(0, data.shape[0], step):
             fh.write(np.ascontiguousarray(data[row:row + step]).tobytes())
-    (out.parent / "token_embd.json").write_text(json.dumps({"ggml_type": int(tensor.tensor_type)}))
+    (out.parent / EMBEDDING_TYPE).write_text(json.dumps({"ggml_type": int(tensor.tensor_type)}))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -400,6 +516,7 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "SLICER_VERSION", "SUPPORTED_ARCHITECTURES", "ModelInfo", "StageFiles",
-    "check_layer_range", "model_info", "slice_model",
+    "SLICER_VERSION", "SUPPORTED_ARCHITECTURES", "ModelInfo", "StageFiles", "cached_model_info",
+    "cached_slice", "check_layer_range", "done_marker", "model_info", "remember_model_info",
+    "slice_directory", "slice_file_names", "slice_model",
 ]

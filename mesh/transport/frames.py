@@ -13,18 +13,22 @@ import dataclasses
 import itertools
 import math
 import operator
+import re
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
 
 from mesh.errors import ProtocolError
+from mesh.transport import wire
 from mesh.transport.messages import (
     CLASSES,
     Acquire,
     Assign,
+    Chunk,
+    ChunkRequest,
     Decode,
     Error,
     Handshake,
@@ -34,6 +38,8 @@ from mesh.transport.messages import (
     PrefillEmbd,
     PrefillFinalEmbd,
     Ready,
+    SliceManifest,
+    SliceRequest,
     StageInfo,
     Stop,
     Token,
@@ -45,6 +51,8 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     ACQUIRED,
     ASSIGN,
     BEAT,
+    CHUNK,
+    CHUNK_REQUEST,
     DECODE,
     E_BAD_FIELD,
     E_BAD_FRAME,
@@ -75,6 +83,8 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     PREFIX_ID_BYTES,
     PROTOCOL_VERSION,
     READY,
+    SLICE_MANIFEST,
+    SLICE_REQUEST,
     STAGE_INFO,
     STOP,
     STOPPED,
@@ -129,6 +139,13 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     ASSIGN: {"model_sha256": _STR, "start": _INT, "end": _INT, "reason": _STR},
     READY: {"url": _STR, "start": _INT, "end": _INT, "error": _OPT_STR},
     BEAT: {"nonce": _INT},
+    # ---- slice shipping
+    SLICE_REQUEST: {"model_sha256": _STR, "start": _INT, "end": _INT},
+    SLICE_MANIFEST: {"model_sha256": _STR, "start": _INT, "end": _INT, "slicer_version": _INT,
+                     "chunk_bytes": _INT, "info": _BIN, "files": _LIST},
+    CHUNK_REQUEST: {"model_sha256": _STR, "start": _INT, "end": _INT, "file": _STR,
+                    "offset": _INT, "length": _INT},
+    CHUNK: {"file": _STR, "offset": _INT, "data": _BIN},
 }
 
 # sampling field -> (types, lowest, highest). The final stage also checks top_k against its
@@ -207,12 +224,17 @@ def encode(msg: Message) -> bytes:
     return HEADER.pack(len(packed)) + packed
 
 
-def error_frame(code: str, message: str, session: int | None, stage: str) -> bytes:
-    """An Error frame; the message is truncated so the reply always fits, whatever caused it."""
+def error_message(code: str, message: str, session: int | None, stage: str) -> Error:
+    """An Error; the message is truncated so the reply always fits, whatever caused it."""
     if len(message) > MAX_ERROR_MESSAGE_CHARS:
         message = message[:MAX_ERROR_MESSAGE_CHARS - 1] + "…"
-    return encode(Error(code=code, message=message, session=session,
-                        stage=stage[:MAX_ERROR_MESSAGE_CHARS]))
+    return Error(code=code, message=message, session=session,
+                 stage=stage[:MAX_ERROR_MESSAGE_CHARS])
+
+
+def error_frame(code: str, message: str, session: int | None, stage: str) -> bytes:
+    """An Error frame (``error_message``, encoded)."""
+    return encode(error_message(code, message, session, stage))
 
 
 def decode(data: bytes | memoryview) -> Message:
@@ -463,12 +485,89 @@ def _check_token(msg: Token) -> None:
                                          "[token, logprob] pairs")
 
 
+# ---- slice shipping ---------------------------------------------------------------------------
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_slice(msg: SliceRequest | SliceManifest | ChunkRequest) -> None:
+    """The model and layer range every shipping request and manifest names."""
+    if not _SHA256_HEX.match(msg.model_sha256):
+        raise ProtocolError(E_BAD_FIELD, f"{msg.kind}: model_sha256 must be 64 lowercase hex "
+                                         "digits")
+    if not msg.start < msg.end <= wire.MAX_LAYER_INDEX:
+        raise ProtocolError(E_BAD_FIELD, f"{msg.kind}: need start < end <= "
+                                         f"{wire.MAX_LAYER_INDEX}")
+
+
+def _check_piece(kind: str, file: str, offset: int, length: int) -> None:
+    if file not in wire.SLICE_FILES:
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: file {file[:40]!r} is not one of "
+                                         f"{', '.join(wire.SLICE_FILES)}")
+    if not (1 <= length <= wire.MAX_CHUNK_BYTES
+            and offset + length <= wire.MAX_SLICE_FILE_BYTES):
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: a chunk is 1 to {wire.MAX_CHUNK_BYTES} "
+                                         f"bytes within {wire.MAX_SLICE_FILE_BYTES}")
+
+
+def _check_chunk_request(msg: ChunkRequest) -> None:
+    _check_slice(msg)
+    _check_piece(msg.kind, msg.file, msg.offset, msg.length)
+
+
+def _check_chunk(msg: Chunk) -> None:
+    _check_piece(msg.kind, msg.file, msg.offset, len(msg.data))
+
+
+def check_slice_manifest(msg: SliceManifest) -> None:
+    """Everything a manifest says, bounded: names from ``SLICE_FILES`` (never a path), sizes,
+    a digest per chunk, and at most ``MAX_SLICE_CHUNKS`` chunks in all. Also what a receiver
+    runs on a manifest it did not decode itself."""
+    _check_slice(msg)
+    kind, chunk = msg.kind, msg.chunk_bytes
+    if not wire.MIN_CHUNK_BYTES <= chunk <= wire.MAX_CHUNK_BYTES:
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: chunk_bytes outside "
+                                         f"[{wire.MIN_CHUNK_BYTES}, {wire.MAX_CHUNK_BYTES}]")
+    if len(msg.info) > wire.MAX_MODEL_INFO_BYTES:
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: info longer than "
+                                         f"{wire.MAX_MODEL_INFO_BYTES} bytes")
+    files = msg.files
+    if not (isinstance(files, list) and 1 <= len(files) <= len(wire.SLICE_FILES)):
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: files must list 1 to "
+                                         f"{len(wire.SLICE_FILES)} entries")
+    names, chunks = set(), 0
+    for entry in files:
+        if not (isinstance(entry, list) and len(entry) == 4
+                and [type(v) for v in entry] == [str, int, bytes, bytes]):
+            raise ProtocolError(E_BAD_FIELD, f"{kind}: a files entry is [name, size, sha256, "
+                                             "chunk_sha256]")
+        name, size = cast(str, entry[0]), cast(int, entry[1])
+        digest, digests = cast(bytes, entry[2]), cast(bytes, entry[3])
+        if name not in wire.SLICE_FILES or name in names:
+            raise ProtocolError(E_BAD_FIELD, f"{kind}: file {name[:40]!r} is not one of "
+                                             f"{', '.join(wire.SLICE_FILES)}, or repeats")
+        if not 1 <= size <= wire.MAX_SLICE_FILE_BYTES:
+            raise ProtocolError(E_BAD_FIELD, f"{kind}: {name} size outside "
+                                             f"[1, {wire.MAX_SLICE_FILE_BYTES}]")
+        count = -(-size // chunk)
+        if len(digest) != wire.SHA256_BYTES or len(digests) != wire.SHA256_BYTES * count:
+            raise ProtocolError(E_BAD_SHAPE, f"{kind}: {name} needs a sha256 and one per "
+                                             f"chunk ({count})")
+        names.add(name)
+        chunks += count
+    if chunks > wire.MAX_SLICE_CHUNKS:
+        raise ProtocolError(E_BAD_FIELD, f"{kind}: {chunks} chunks exceed "
+                                         f"{wire.MAX_SLICE_CHUNKS}")
+
+
 # The checks past each field's type: sizes, ranges, and how fields agree with each other.
 _CHECKS: dict[type, Callable[[Any], None]] = {
     PrefillEmbd: _check_work, PrefillFinalEmbd: _check_work, Decode: _check_work,
     Acquire: _check_prefix, Stop: _check_prefix, Token: _check_token,
     StageInfo: _check_stage_info, Handshake: _check_handshake, Ping: _check_ping,
-    Join: _check_join, Assign: _check_placed, Ready: _check_placed}
+    Join: _check_join, Assign: _check_placed, Ready: _check_placed,
+    SliceRequest: _check_slice, SliceManifest: check_slice_manifest,
+    ChunkRequest: _check_chunk_request, Chunk: _check_chunk}
 
 
 def pack_tokens(tokens) -> bytes:

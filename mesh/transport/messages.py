@@ -248,11 +248,67 @@ class Beat:
 
 Membership = Join | Assign | Ready | Beat
 
+
+# ---- slice shipping (protocol.md, "Slice shipping") -----------------------------------------
+
+
+@dataclass(slots=True)
+class SliceRequest:
+    """Asks a peer holding the source model for the manifest of the slice ``[start, end)``."""
+
+    kind: ClassVar[str] = wire.SLICE_REQUEST
+    model_sha256: str
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class SliceManifest:
+    """What the slice holds: ``info`` is the ModelInfo as JSON; ``files`` entries are
+    ``[name, size, sha256, chunk_sha256]``, the last the sha256 of every ``chunk_bytes`` piece
+    of the file, concatenated."""
+
+    kind: ClassVar[str] = wire.SLICE_MANIFEST
+    model_sha256: str
+    start: int
+    end: int
+    slicer_version: int
+    chunk_bytes: int
+    info: bytes
+    files: list[list[str | int | bytes]]
+
+
+@dataclass(slots=True)
+class ChunkRequest:
+    kind: ClassVar[str] = wire.CHUNK_REQUEST
+    model_sha256: str
+    start: int
+    end: int
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Bytes ``[offset, offset + len(data))`` of a slice file, checked against the manifest."""
+
+    kind: ClassVar[str] = wire.CHUNK
+    file: str
+    offset: int
+    data: bytes
+
+
+ShippingMessage = SliceRequest | SliceManifest | ChunkRequest | Chunk
+SHIPPING_CLASSES = (SliceRequest, SliceManifest, ChunkRequest, Chunk)
+
+# ---- all kinds ------------------------------------------------------------------------------
+
 Work = PrefillEmbd | PrefillFinalEmbd | Decode
 SessionFrame = Work | Stop | Acquire  # what a stage queues for its engine
 Message = (SessionFrame | Token | Stopped | Acquired | Error | Handshake | StageInfo | Ping | Pong
-           | Membership)
+           | Membership | ShippingMessage)
 
 CLASSES: dict[str, type[Message]] = {cls.kind: cls for cls in (
     PrefillEmbd, PrefillFinalEmbd, Decode, Token, Stop, Stopped, Acquire, Acquired, Error,
-    Handshake, StageInfo, Ping, Pong, Join, Assign, Ready, Beat)}
+    Handshake, StageInfo, Ping, Pong, Join, Assign, Ready, Beat, *SHIPPING_CLASSES)}

@@ -60,6 +60,22 @@ ASSIGN = "Assign"
 READY = "Ready"
 BEAT = "Beat"
 
+# ---- slice shipping (protocol.md, "Slice shipping"): a host without the model fetches its slice
+SLICE_REQUEST = "SliceRequest"
+SLICE_MANIFEST = "SliceManifest"
+CHUNK_REQUEST = "ChunkRequest"
+CHUNK = "Chunk"
+SHIPPING_KINDS = (SLICE_REQUEST, SLICE_MANIFEST, CHUNK_REQUEST, CHUNK)
+SLICE_FILES = ("stage.gguf", "token_embd.npy", "token_embd.json")  # the only names shipped
+SHA256_BYTES = 32
+MIN_CHUNK_BYTES = 64 * 1024
+MAX_CHUNK_BYTES = 8 * 1024 * 1024  # ChunkRequest.length, SliceManifest.chunk_bytes
+SLICE_CHUNK_BYTES = 4 * 1024 * 1024  # what a sender offers
+MAX_SLICE_FILE_BYTES = 1 << 40  # one shipped file (1 TiB)
+MAX_SLICE_CHUNKS = 1 << 18  # chunks of all a manifest's files together
+MAX_MODEL_INFO_BYTES = 256 * 1024  # SliceManifest.info (JSON)
+MAX_LAYER_INDEX = 65535  # SliceRequest / ChunkRequest start and end
+
 # ---- error codes (Error.code) --------------------------------------------------------------
 E_BAD_FRAME = "bad_frame"
 E_BAD_VERSION = "bad_version"
