@@ -359,15 +359,19 @@ def _gather(path: Path, join_listen: str | None, n_members: int, sessions: int,
     if mesh_keys is None and not insecure and not is_loopback(url):
         _fail(f"refusing to take joins on {url} without a mesh secret: give --secret FILE, "
               "or --insecure")
+    from mesh.shipping.sender import SliceSender
+
     info = model_info(path)
     try:
-        membership = Membership(url, info.sha256, mesh_keys)
+        membership = Membership(url, info.sha256, mesh_keys, sender=SliceSender(path))
     except Exception as exc:
         _fail(f"cannot take joins on {url}: {exc}")
     secret = f" --secret {secret_file}" if secret_file else ""
     click.echo(f"mesh: waiting for {n_members} host(s) to join; on each host run:", err=True)
     for join_url in join_urls(membership.bound_url):
-        click.echo(f"  mesh-stage --join {join_url}{secret} --model {path}", err=True)
+        click.echo(f"  mesh-stage --join {join_url}{secret}", err=True)
+    click.echo("(a host that has the model file adds --model PATH and measures its speed on "
+               "it; the others receive only their layers from here)", err=True)
     plan, members = settled_plan(info, membership, n_members, sessions, JOIN.settle_s)
     click.echo(describe(plan), err=True)
     return plan, members, membership

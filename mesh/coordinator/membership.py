@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -24,9 +25,20 @@ from mesh.errors import MeshError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
-from mesh.transport.messages import Assign, Beat, Join, Ready
+from mesh.transport.messages import (
+    Assign,
+    Beat,
+    ChunkRequest,
+    Join,
+    Message,
+    Ready,
+    SliceRequest,
+)
 from mesh.transport.security import ROLE_STAGE, MeshKeys, ZapGuard, join_server
 from mesh.transport.sockets import Mailbox, Reply
+
+if TYPE_CHECKING:
+    from mesh.shipping.sender import SliceSender
 
 log = get_logger("mesh.coordinator.membership")
 
@@ -61,9 +73,11 @@ class Membership:
     """Members that joined, by name (a later Join under the same name replaces the entry)."""
 
     def __init__(self, url: str, model_sha256: str, keys: MeshKeys | None = None,
-                 lease_s: float = LEASE_S):
+                 lease_s: float = LEASE_S, sender: SliceSender | None = None):
         self.url = url
         self.model_sha256 = model_sha256
+        # Ships a member without the model file the slice it was assigned (and only that).
+        self._sender = sender
         self._keys = keys
         self._lease_s = lease_s
         self._zctx = zmq.Context()
@@ -117,6 +131,11 @@ class Membership:
         """Send each member its range (and the members left out their reason); return the URL
         of every member with a range once all are Ready. Raises MeshError naming the members
         that failed or left."""
+        if self._sender is not None:  # slicing takes seconds: here, not on the socket's thread
+            for name, (start, end) in ranges.items():
+                member = self._snapshot().get(name)
+                if member is not None and member.offer.model_sha256 is None:
+                    self._sender.prepare(start, end)
         with self._changed:
             targets = {}
             for name, (start, end) in ranges.items():
@@ -224,6 +243,8 @@ class Membership:
                 sent = self._beats.pop(msg.nonce, None)
                 if sent is not None and sent[0] == identity:
                     member.rtt_s = [*member.rtt_s[-7:], now - sent[1]]
+            elif isinstance(msg, SliceRequest | ChunkRequest) and member is not None:
+                self._send(identity, [fr.encode(self._ship(member, msg))])
             elif isinstance(msg, Ready) and member is not None and member.assigned is not None:
                 if (msg.start, msg.end) == (member.assigned.start, member.assigned.end):
                     member.ready = msg
@@ -240,6 +261,16 @@ class Membership:
         if changed:
             for action in self._on_change:
                 action()
+
+    def _ship(self, member: Member, msg: SliceRequest | ChunkRequest) -> Message:
+        """A slice request answered from the sender, for the range the member was assigned
+        only: any other would make this thread slice the model while Beats wait."""
+        assigned = member.assigned
+        if self._sender is None or assigned is None or (msg.start, msg.end) != (
+                assigned.start, assigned.end) or assigned.start == assigned.end:
+            return fr.error_message(wire.E_FORBIDDEN, "only the slice a member was assigned "
+                                    "is shipped to it", None, "coordinator")
+        return self._sender.handle(msg)
 
     def _admit(self, identity: bytes, offer: Join, now: float) -> bool:
         if offer.model_sha256 not in (None, self.model_sha256):

@@ -219,6 +219,7 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
 
     from mesh.logs import get_logger
     from mesh.model.slicing import model_info, slice_model
+    from mesh.shipping.fetch import fetch_slice
     from mesh.stage.join import JoinLink, advertised_url, ready
     from mesh.stage.probe import measure
     from mesh.transport.messages import Join
@@ -257,12 +258,13 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
                 log.info("standing_by", reason=assign.reason[:200])
                 click.echo(f"mesh-stage: standing by: {assign.reason}", err=True)
                 continue
-            if path is None or info is None or assign.model_sha256 != info.sha256:
-                link.send(ready(assign, public, "this host has no copy of the model"))
-                continue
             try:
-                runtime, server = _build(slice_model(path, assign.start, assign.end), url,
-                                         options, keys)
+                if path is not None and info is not None and assign.model_sha256 == info.sha256:
+                    files = slice_model(path, assign.start, assign.end)
+                else:
+                    files = fetch_slice(link, assign.model_sha256, assign.start, assign.end,
+                                        _progress(assign))
+                runtime, server = _build(files, url, options, keys)
             except Exception as exc:
                 link.send(ready(assign, public, f"cannot serve {assign.start}:{assign.end}: "
                                                 f"{exc}"[:400]))
@@ -275,6 +277,20 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
             link.on_assign(None)
     finally:
         link.close()
+
+
+def _progress(assign):
+    """A progress line on stderr, at most once per 5% of a slice being received."""
+    shown = [-1]
+
+    def show(done: int, total: int) -> None:
+        step = 20 * done // max(1, total)
+        if step != shown[0]:
+            shown[0] = step
+            click.echo(f"mesh-stage: receiving layers {assign.start}:{assign.end}: "
+                       f"{done >> 20} of {total >> 20} MiB", err=True)
+
+    return show
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ of the process, so the coordinator's ``Beat``s are echoed while the main thread 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import threading
@@ -21,7 +22,7 @@ import zmq
 
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
-from mesh.transport.messages import Assign, Beat, Join, Message, Ready
+from mesh.transport.messages import Assign, Beat, Error, Join, Message, Ready
 from mesh.transport.security import MeshKeys, join_client
 from mesh.transport.sockets import Mailbox, Reply
 
@@ -57,6 +58,7 @@ class JoinLink:
 
     def __post_init__(self) -> None:
         self.assignments: queue.Queue[Assign] = queue.Queue()
+        self.replies: queue.Queue[Message] = queue.Queue(maxsize=64)  # shipping, Errors
         self._outbox = Mailbox()
         self._running = True
         self._on_assign: Callable[[], None] | None = None
@@ -123,6 +125,19 @@ class JoinLink:
                     self.assignments.put(msg)
                     if self._on_assign is not None:
                         self._on_assign()
+                else:
+                    if isinstance(msg, Error):
+                        log.warning("coordinator_refused", code=msg.code,
+                                    message=msg.message[:200])
+                    with contextlib.suppress(queue.Full):  # nobody reading: drop
+                        self.replies.put_nowait(msg)
+
+    def recv(self, timeout_s: float) -> Message | None:
+        """A reply to what the main thread sent (the shipping Channel of mesh.shipping)."""
+        try:
+            return self.replies.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
 
 
 def ready(assign: Assign, url: str, error: str | None = None) -> Ready:
