@@ -205,9 +205,19 @@
     values.forEach((v, i) => {
       if (v === null) { pen = false; return; }
       const x = (i * step).toFixed(1);
-      const y = (height - 2 - (v / top) * (height - 6)).toFixed(1);
+      const y = (height - 3 - (v / top) * (height - 8)).toFixed(1);
       d += `${pen ? "L" : "M"}${x} ${y} `;
       pen = true;
+      const alone = (i === 0 || values[i - 1] === null)
+        && (i === values.length - 1 || values[i + 1] === null);
+      if (alone) { // a point with no neighbour draws no line: mark it
+        const dot = document.createElementNS(SVG_NS, "circle");
+        dot.setAttribute("cx", x);
+        dot.setAttribute("cy", y);
+        dot.setAttribute("r", 3);
+        dot.setAttribute("class", "dot");
+        svg.append(dot);
+      }
     });
     if (d) {
       const path = document.createElementNS(SVG_NS, "path");
