@@ -183,7 +183,7 @@ def _curl_line(base_url: str, key: str | None) -> str:
     body = json.dumps({"messages": [{"role": "user", "content": "Say hello in French."}],
                        "max_tokens": 32})
     auth = f"-H 'Authorization: Bearer {key}' " if key else ""
-    return (f"mesh is ready at {base_url}\n"
+    return (f"mesh is ready at {base_url} (console: {base_url}/)\n"
             f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
             f"{auth}-d '{body}'")
 
