@@ -45,6 +45,12 @@
     return share === null || share === undefined ? "n/a" : `${nf(0).format(share * 100)}%`;
   }
 
+  function setText(id, text) {
+    // Only when it changed: a live region re-read every second would drown a screen reader.
+    const node = $(id);
+    if (node.textContent !== text) node.textContent = text;
+  }
+
   function authHeaders() {
     const key = sessionStorage.getItem(KEY_STORE);
     return key ? { Authorization: `Bearer ${key}` } : {};
@@ -86,7 +92,7 @@
       latest = await response.json();
       render(latest);
     } catch (err) {
-      $("summary").textContent = `The mesh does not answer (${err.message}); retrying.`;
+      setText("summary", `The mesh does not answer (${err.message}); retrying.`);
     }
     timer = setTimeout(poll, INTERVAL_MS);
   }
@@ -95,11 +101,11 @@
   function render(status) {
     const model = status.model;
     const state = status.ready ? "ready" : `NOT READY: ${status.down || "starting"}`;
-    $("summary").textContent = `${model.id}: ${state}, ${status.stages.length} stages.`;
-    $("model-line").textContent = `Model ${model.id} (${model.arch || "?"}), ` +
+    setText("summary", `${model.id}: ${state}, ${status.stages.length} stages.`);
+    setText("model-line", `Model ${model.id} (${model.arch || "?"}), ` +
       `${num(model.n_layer)} layers, context ${num(model.context_length)} tokens per session, ` +
       `${num(model.slots)} session slots` +
-      (model.base_model ? ". Base model (no chat template)." : ".");
+      (model.base_model ? ". Base model (no chat template)." : "."));
     renderChain(status);
     renderCharts(status.series);
     renderFacts(status);
@@ -151,9 +157,9 @@
       }, el("h3", {}, `Stage ${stage.index} `, el("span", { class: "state", text: up })), dl)));
     }
     chain.replaceChildren(...items);
-    $("hop-line").textContent = status.hop_ms === null ? ""
+    setText("hop-line", status.hop_ms === null ? ""
       : `Measured cost of a decode step beyond the stages' compute (links, queues): ` +
-        `${num(status.hop_ms, 2)} ms.`;
+        `${num(status.hop_ms, 2)} ms.`);
   }
 
   const CHARTS = [
@@ -164,7 +170,7 @@
   ];
 
   function renderCharts(series) {
-    $("window-min").textContent = num(series.window_s / 60, 1);
+    setText("window-min", num(series.window_s / 60, 1));
     const figures = CHARTS.map(([field, title, unit, digits]) => {
       const values = series.points.map((p) => p[field]);
       const known = values.filter((v) => v !== null);
@@ -250,11 +256,11 @@
   }
 
   function renderPlan(plan) {
-    $("plan").textContent = plan === null
+    setText("plan", plan === null
       ? "No placement plan: the layers are placed by hand (each stage's --layers). Once " +
         "the mesh places layers itself, its current plan and what a re-plan would change " +
         "show here."
-      : JSON.stringify(plan, null, 2);
+      : JSON.stringify(plan, null, 2));
   }
 
   let modeChosen = false;
@@ -262,16 +268,16 @@
     const note = $("base-note");
     if (model.base_model) {
       note.hidden = false;
-      note.textContent = "Base model: no chat template, use plain completion. It continues " +
-        "the prompt's text rather than answering it.";
+      setText("base-note", "Base model: no chat template, use plain completion. It continues " +
+        "the prompt's text rather than answering it.");
       if (!modeChosen) $("mode").value = "completion";
     } else if (model.base_model === false) {
       note.hidden = true;
       if (!modeChosen) $("mode").value = "chat";
     }
     if (model.context_length) {
-      $("ctx-note").textContent = `Context length: ${num(model.context_length)} tokens ` +
-        "(prompt and answer together).";
+      setText("ctx-note", `Context length: ${num(model.context_length)} tokens ` +
+        "(prompt and answer together).");
       $("max-tokens").max = model.context_length;
     }
   }
