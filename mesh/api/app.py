@@ -9,20 +9,24 @@ Python (schema conversion, chat rendering, tokenizing) runs off the event loop, 
 client sends stalls ``/health`` or other streams. Here: the routes and the server;
 ``mesh.api.service`` serves a completion request, ``mesh.api.responses`` shapes what it
 answers, ``mesh.api.streaming`` streams it, ``mesh.api.http_errors`` maps failures to statuses.
+The console at ``/`` is static files of this package (``mesh/api/console``) that draw
+``/v1/mesh/status`` (``mesh.api.status``) and stream from the API itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
 import socket
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from mesh.api.chat import ChatRenderer
@@ -32,11 +36,26 @@ from mesh.api.limits import ApiLimits
 from mesh.api.responses import ChatShaper, TextShaper
 from mesh.api.schemas import ChatRequest, CompletionRequest
 from mesh.api.service import CompletionService
+from mesh.api.status import ModelFacts, mesh_status
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.connections import stage_info
 from mesh.coordinator.core import Coordinator
 from mesh.errors import MeshError
 from mesh.transport.security import salt_key_of, tenant_salt
+
+# The console's files (served as they are: no build step) and their media types.
+CONSOLE_FILES = {"index.html": "text/html; charset=utf-8",
+                 "console.js": "text/javascript; charset=utf-8",
+                 "console.css": "text/css; charset=utf-8"}
+# The page may reach this server and nothing else (it must work on a host without internet).
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,9 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     # client how much of another's prompt it guessed, so it is not reported.
     service = CompletionService(coordinator, settings.limits, model_id=settings.model_id,
                                 shown_cached=bool(settings.api_keys))
+    facts = ModelFacts(settings.model_id)
+    console = {name: (resources.files("mesh.api") / "console" / name).read_bytes()
+               for name in CONSOLE_FILES}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -62,6 +84,10 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         await coordinator.start(handshake_timeout_s=COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
         service.chat = ChatRenderer(coordinator.live_tokenizer,
                                     stage_info(coordinator.connections[0]).arch)
+        facts.base_model = coordinator.live_tokenizer.chat_template() is None
+        # Weight sizes for the console: a cold model-facts cache means reading the GGUF.
+        reading = asyncio.get_running_loop().run_in_executor(None, facts.load,
+                                                             coordinator.model_path)
         if settings.announce_url:
             key = settings.api_keys[0] if settings.api_keys else None
             print(_curl_line(settings.announce_url, key), file=sys.stderr, flush=True)
@@ -69,6 +95,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
             yield
         finally:
             await coordinator.close()
+            reading.cancel()
 
     app = FastAPI(title="mesh", lifespan=lifespan)
     app.add_middleware(
@@ -115,6 +142,19 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         metrics = service.metrics
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
+    @app.get("/", include_in_schema=False)
+    async def console_page():
+        return _console_file(console, "index.html")
+
+    @app.get("/console/{name}", include_in_schema=False)
+    async def console_asset(name: str):
+        return _console_file(console, name)
+
+    @app.get("/v1/mesh/status")
+    async def status():
+        """The mesh's live state for the console; ``mesh.api.status`` documents its fields."""
+        return mesh_status(coordinator, facts, service.metrics.series)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": settings.model_id, "object": "model",
@@ -132,11 +172,18 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     return app
 
 
+def _console_file(files: dict[str, bytes], name: str) -> Response:
+    """One of the console's files, or 404 (only the files it has: no paths)."""
+    if name not in files:
+        raise HTTPException(404, "no such file")
+    return Response(files[name], media_type=CONSOLE_FILES[name], headers=CONSOLE_HEADERS)
+
+
 def _curl_line(base_url: str, key: str | None) -> str:
     body = json.dumps({"messages": [{"role": "user", "content": "Say hello in French."}],
                        "max_tokens": 32})
     auth = f"-H 'Authorization: Bearer {key}' " if key else ""
-    return (f"mesh is ready at {base_url}\n"
+    return (f"mesh is ready at {base_url} (console: {base_url}/)\n"
             f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
             f"{auth}-d '{body}'")
 

@@ -14,6 +14,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from mesh.api.status import RequestSeries
 from mesh.coordinator.core import Completion
 
 
@@ -30,6 +31,7 @@ class ApiMetrics:
         self.cached_tokens = Counter("mesh_cached_prompt_tokens",
                                      "Prompt tokens reused from resident prefixes", registry=r)
         self.errors = Counter("mesh_errors", "Errors by code", ["code"], registry=r)
+        self.series = RequestSeries()  # the last minutes, for the console (mesh.api.status)
         self.queue_depth = Gauge("mesh_admission_queue_depth", "Requests waiting for KV budget",
                                  registry=r)
         self.admission_wait = Histogram("mesh_admission_wait_seconds",
@@ -75,10 +77,12 @@ class ApiMetrics:
                 self.tokens.inc(len(result.token_ids))
                 self.prompt_tokens.inc(len(result.prompt_token_ids))
                 self.cached_tokens.inc(result.cached_tokens)
+                self.series.finished(len(result.token_ids), result.timings)
             return
         code = error if isinstance(error, str) else getattr(error, "code", "internal")
         self.requests.labels(endpoint, code).inc()
         self.errors.labels(code).inc()
+        self.series.failed(code)
 
     def render(self) -> bytes:
         admission = self._coord.admission

@@ -13,6 +13,7 @@ batch.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from mesh.transport.sockets import dealer
 
 log = get_logger("mesh.coordinator")
 
+RECENT_PONGS = 64  # about 30 s of heartbeats: what the console's rates are computed over
+RTT_WEIGHT = 0.2  # the round-trip average's weight for each new ping
 
 
 def stage_info(link: StageConnection) -> StageInfo:
@@ -57,6 +60,13 @@ class StageConnection:
         self.longest_busy_ms = 0  # the longest step the stage has reported computing
         self.active_at = 0.0  # when a Pong last showed the stage with work (queued, computing)
         self.link_up = True  # its link to the next stage answers (Pong.downstream_ms)
+        # (arrival, Pong) of the latest Pongs: busy share and batch sizes over the last
+        # heartbeats (mesh.api.status); a Pong is answered by the stage's transport thread,
+        # so whether it finds a step computing samples the stage's busy time.
+        self.recent: collections.deque[tuple[float, Pong]] = collections.deque(
+            maxlen=RECENT_PONGS)
+        self.rtt_ms: float | None = None  # a moving average of ping round trips
+        self._pinged: tuple[int, float] | None = None  # the latest ping's (nonce, sent at)
         self._dispatch = dispatch
         self._on_send_failure = on_send_failure
         if keys is not None:
@@ -93,6 +103,12 @@ class StageConnection:
             if self.info is not None and msg.epoch != self.info.epoch:
                 self.restarted = True
             previous, self.last_pong = self.last_pong, msg
+            self.recent.append((self.last_seen, msg))
+            if self._pinged is not None and self._pinged[0] == msg.nonce:
+                rtt = 1e3 * (time.perf_counter() - self._pinged[1])
+                self.rtt_ms = rtt if self.rtt_ms is None else self.rtt_ms + RTT_WEIGHT * (
+                    rtt - self.rtt_ms)
+                self._pinged = None
             if msg.queue or msg.busy_ms or (
                     previous is not None and previous.decode_steps != msg.decode_steps):
                 self.active_at = self.last_seen
@@ -156,11 +172,13 @@ class StageConnection:
     def ping(self, sessions: list[int] | None = None) -> None:
         """Ping; with ``sessions`` (all of ours that are live), the stage drops any others of
         ours it holds whose Stop was lost."""
+        nonce = next(self._nonce)
         try:
-            self.send(fr.encode(Ping(nonce=next(self._nonce), sessions=None
+            self.send(fr.encode(Ping(nonce=nonce, sessions=None
                                      if sessions is None else fr.pack_sessions(sessions))))
         except StageUnavailableError:
-            pass
+            return
+        self._pinged = (nonce, time.perf_counter())
 
     async def stats(self, timeout_s: float = COORDINATOR_TIMEOUTS.stats_s) -> Pong:
         """A fresh Pong (KV use, sessions, records) from the stage."""
@@ -208,6 +226,7 @@ class StageConnection:
             raise HandshakeError(f"{self.name} refused the handshake: {reply.message}")
         self.info = reply
         self.last_pong = None  # what it said before this handshake no longer holds
+        self.recent.clear()
         self.link_up = True
         self.restarted = False
         self.alive = True
