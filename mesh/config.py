@@ -66,6 +66,8 @@ class CoordinatorTimeouts:
     pending_keep_wait_s: float = 1.0
     # ...and a keep unconfirmed for this long is forgotten (its Stopped was lost).
     pending_keep_expiry_s: float = 60.0
+    # A re-plan lets the sessions in flight finish for this long before it moves layers.
+    drain_s: float = 60.0
     # Between attempts of a request that failed before it streamed (the last one repeats).
     retry_backoff_s: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)
 

@@ -57,6 +57,8 @@ class Chain:
         self._reviving: set[asyncio.Task[Any]] = set()
         self.on_heartbeat = on_heartbeat  # e.g. progress deadlines
         self.live_sessions = live_sessions  # what Ping lists
+        self._dispatch, self._on_send_failure, self._keys = dispatch, on_send_failure, keys
+        self.held: str | None = None  # why the chain takes no new work (a re-plan), or None
 
     @property
     def first(self) -> StageConnection:
@@ -67,7 +69,9 @@ class Chain:
         return self.down() is None
 
     def down(self) -> str | None:
-        """What keeps the chain from serving now (a stage or a link), or None."""
+        """What keeps the chain from serving now (a re-plan, a stage or a link), or None."""
+        if self.held is not None:
+            return self.held
         for link in self.connections:
             if not link.alive or link.restarted:
                 return f"{link.name} is down"
@@ -202,6 +206,28 @@ class Chain:
             log.warning("stage_revive_failed", stage_index=link.index, error=exc.code)
             return
         log.info("stage_up", stage_index=link.index, start=info.start, end=info.end)
+
+    async def rebuild(self, urls: list[str], timeout_s: float) -> list[StageInfo]:
+        """Replace the stages by ``urls`` (a re-plan moved the layers): close the connections,
+        open and handshake the new ones, check they cover the model. The caller holds the
+        chain and has drained it."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for task in list(self._reviving):
+            task.cancel()
+        for link in self.connections:
+            await link.close(linger_ms=0)
+        self.urls = list(urls)
+        self.connections = [StageConnection(i, url, self.origin, self._zctx, self._dispatch,
+                                            self._on_send_failure, self._keys)
+                            for i, url in enumerate(urls)]
+        for link in self.connections:
+            link.start()
+        infos = await self._handshake_all(timeout_s)
+        self._check(infos)
+        self._heartbeat = asyncio.create_task(self._liveness(), name="heartbeat")
+        log.info("chain_rebuilt", stages=len(urls))
+        return infos
 
     async def close(self) -> None:
         if self._heartbeat is not None:

@@ -22,7 +22,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +152,31 @@ class Coordinator:
                 raise
         log.info("coordinator_ready", stages=len(self.connections), n_layer=self.chain.n_layer,
                  restored_prefixes=restored)
+
+    async def rechain(self, move: Callable[[], Awaitable[list[str]]],
+                      drain_s: float = COORDINATOR_TIMEOUTS.drain_s) -> None:
+        """Move the layers (a re-plan): hold new requests (they wait, as for a chain that is
+        down), let the sessions in flight finish for up to ``drain_s``, ``move()`` (which
+        returns the new stages' URLs), then rebuild the chain over them and resume."""
+        self.chain.held = "the mesh is moving layers (a re-plan)"
+        try:
+            deadline = time.monotonic() + drain_s
+            while self.sessions.ids() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.sessions.ids():
+                self.sessions.fail_all(StageUnavailableError(
+                    f"the mesh is moving layers; sessions still running after {drain_s:.0f} s "
+                    "were stopped"))
+            urls = await move()
+            infos = await self.chain.rebuild(urls, COORDINATOR_TIMEOUTS.fresh_chain_handshake_s)
+            self.prefixes.lost()
+            if self.prefixes.index is not None:
+                self.prefixes.index.clear()
+            self.prefixes.restore(infos)
+            self.admission.size(self.chain.slots, self.chain.session_ctx,
+                                math.ceil(self.config.tenant_share * self.chain.slots))
+        finally:
+            self.chain.held = None
 
     async def close(self) -> None:
         """Stop our sessions on every stage first: a clean exit leaves nothing behind."""

@@ -203,12 +203,14 @@ class RequestRunner:
             yield item
 
     async def _whole_chain(self, deadline: float) -> None:
-        """Wait until every stage is up and handshaken (liveness notices losses first)."""
+        """Wait until every stage is up and handshaken (liveness notices losses first). A
+        chain held for a re-plan is waited for however long the move takes: it comes back by
+        itself (the API's request timeout still bounds the request)."""
         while True:
             down = self.chain.down()
             if down is None:
                 return
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and self.chain.held is None:
                 raise StageUnavailableError(down)
             await asyncio.sleep(0.05)
 

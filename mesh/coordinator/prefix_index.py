@@ -47,6 +47,10 @@ class PrefixIndex:
             self._entries.popitem(last=False)
         return pid
 
+    def clear(self) -> None:
+        """Forget every record (the stages that held them were replaced)."""
+        self._entries.clear()
+
     def forget(self, pid: bytes) -> None:
         self._entries.pop(pid, None)
 
