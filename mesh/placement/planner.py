@@ -96,7 +96,9 @@ def _why_left_out(model: ModelCosts, members: Sequence[Member], links: Links, se
     if smallest > member.mem_bytes:
         return (f"no room for one layer: needs {smallest / MIB:.0f} MiB, "
                 f"offers {member.mem_bytes / MIB:.0f} MiB")
-    chain = search.cheapest(required | 1 << index, best.sessions)
+    # The forced chain comes from the DP runs the plan made: exact for one session, and for
+    # more the best of the chains scored (planning each member's search again costs seconds).
+    chain = search.best_known(required | 1 << index, best.sessions)
     if chain is None:
         return "no placement that includes it fits: the ranges it could take are taken"
     forced = evaluate(model, members, links, [(members[i].name, c, d) for i, c, d in chain],

@@ -87,7 +87,7 @@ def to_chain(cluster: Cluster, perm, bounds) -> Chain:
 
 
 # Layers per member count: the chains to score grow as m! / (m - k)! x C(n - 1, k - 1).
-MAX_LAYERS = {1: 24, 2: 24, 3: 16, 4: 12, 5: 10, 6: 9, 7: 8, 8: 7}
+MAX_LAYERS = {1: 24, 2: 24, 3: 16, 4: 12, 5: 10, 6: 8, 7: 7, 8: 6}
 
 
 def random_cluster(rng: random.Random, n_members: int) -> Cluster:
