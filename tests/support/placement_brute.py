@@ -111,11 +111,12 @@ def random_cluster(rng: random.Random, n_members: int) -> Cluster:
         if rng.random() < 0.12:
             a = rng.randrange(n)
             pinned = (a, rng.randint(a + 1, min(n, a + 3)))
-        share = rng.choice([0.1, 0.3, 0.6, 1.0, 2.0]) * rng.uniform(0.5, 1.5)
+        share = rng.choice([0.15, 0.3, 0.6, 1.0, 2.0]) * rng.uniform(0.5, 1.5)
         members.append(Member(f"m{i}", int(whole * share), fast * rng.uniform(1, 10),
                               rng.choice([0.0, rng.uniform(0, 0.002)]), pinned))
     names = [COORDINATOR] + [m.name for m in members]
     pairs = {frozenset((a, b)): Link(10 ** rng.uniform(-4.3, -1.3), 10 ** rng.uniform(7, 10))
              for a, b in itertools.combinations(names, 2)}
     links = Links(pairs=pairs, hop_overhead_s=rng.choice([0.0, 0.001]))
-    return Cluster(model, tuple(members), links, rng.randint(1, 16), rng.choice([0.0, 0.1]))
+    sessions = 1 if rng.random() < 0.35 else rng.randint(2, 16)
+    return Cluster(model, tuple(members), links, sessions, rng.choice([0.0, 0.1]))
