@@ -103,15 +103,17 @@ def random_cluster(rng: random.Random, n_members: int) -> Cluster:
         compute_bytes=rng.choice([0, 50 * MIB, 200 * MIB]), hop_bytes=rng.choice([2560, 16384]),
         refused_ranges=frozenset(
             (a, b) for a in range(n) for b in range(a + 1, n + 1) if rng.random() < 0.05))
-    whole = sum(layer_bytes) + head + model.embd_bytes
+    whole = sum(layer_bytes) + head + model.embd_bytes + sum(model.kv_cell_bytes) * model.cells
     fast = 1 / rng.uniform(5e9, 40e9)
+    n_pins = rng.choices([0, 1, 2], [0.7, 0.22, 0.08])[0]
+    pins = rng.sample(range(n_members), min(n_pins, n_members))
     members = []
     for i in range(n_members):
         pinned = None
-        if rng.random() < 0.12:
+        if i in pins:
             a = rng.randrange(n)
             pinned = (a, rng.randint(a + 1, min(n, a + 3)))
-        share = rng.choice([0.15, 0.3, 0.6, 1.0, 2.0]) * rng.uniform(0.5, 1.5)
+        share = rng.choice([0.2, 0.4, 0.7, 1.2, 2.0]) * rng.uniform(0.5, 1.5)
         members.append(Member(f"m{i}", int(whole * share), fast * rng.uniform(1, 10),
                               rng.choice([0.0, rng.uniform(0, 0.002)]), pinned))
     names = [COORDINATOR] + [m.name for m in members]
