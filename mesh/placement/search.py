@@ -105,7 +105,7 @@ class Search:
         # Invariant: g(bounds[k]) / S > bounds[k] below lo, <= at hi (hi = b0 holds). No bound
         # under L0 / S can hold: g >= L0 everywhere.
         lo, hi = int(np.searchsorted(bounds, latency0 / sessions)), len(bounds) - 1
-        found = {hi: least_l}
+        found: dict[int, Chain | None] = {hi: least_l}
         while lo < hi:
             mid = (lo + hi) // 2
             chain = self._chain("sum", float(bounds[mid]), required)
@@ -153,10 +153,9 @@ class Search:
         run = self._run(mode, bound)
         sets = np.arange(1 << self.m)
         final = np.where(((sets & required) == required)[:, None], run.final, INF)
-        s, i = np.unravel_index(int(np.argmin(final)), final.shape)
+        s, i = divmod(int(np.argmin(final)), self.m)
         if not np.isfinite(final[s, i]):
             return None
-        s, i = int(s), int(i)
         c = int(run.final_start[s, i])
         chain = [(i, c, self.n)]
         while c > 0:
