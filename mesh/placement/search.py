@@ -9,12 +9,16 @@ depends only on (member, successor, c, d): the table ``T``. Over those states:
 - min-max DP gives the least bottleneck B* (exact: B is a max of the same terms);
 - the cost max(L / S, B) is neither, so the search is parametric: g(beta) = the least L over
   chains whose every term is <= beta is non-increasing in beta, beta itself increases, so
-  max(g(beta) / S, beta) is least where the two cross. Binary search over the distinct terms
-  in [B*, B of the least-L chain] finds the crossing; the two candidates beside it contain the
-  optimum.
+  max(g(beta) / S, beta) is least where the two cross. A binary search over the distinct
+  terms from B* up to the best cost found so far probes g: a probe whose chain has
+  L / S > beta rules out every bound below it (their cost is at least that L / S), one with
+  L / S <= beta rules out every bound from its chain's bottleneck b up (g is flat on
+  [b, beta], and above beta the cost is at least beta). What is left when the interval
+  closes holds no better chain, so the best chain probed is optimal.
 
-Each DP step handles every set of one size at once with numpy: 8 members x 64 layers is
-2^8 x 8 x 65 states, ~35M table reads per DP, tens of milliseconds.
+One session needs one min-sum DP; more sessions ~10-15 DPs. Each DP step takes every set of
+one size and every successor outside it at once with numpy: 8 members x 64 layers is ~20 ms
+a DP on one core, 0.03-0.5 s a plan.
 """
 
 from __future__ import annotations
@@ -95,36 +99,34 @@ class Search:
         least_l = self._chain("sum", INF, required)
         if least_l is None:
             return None
-        latency0, b0 = self._latency(least_l), self._bottleneck(least_l)
-        if latency0 / sessions >= b0:
+        if self._latency(least_l) / sessions >= self._bottleneck(least_l):
             return least_l  # cost >= L / S >= this chain's L / S for every chain
         least_b = self._chain("max", INF, required)
         assert least_b is not None
-        bounds = self._bounds[np.searchsorted(self._bounds, self._bottleneck(least_b)):
-                              np.searchsorted(self._bounds, b0) + 1]
-        # Invariant: g(bounds[k]) / S > bounds[k] below lo, <= at hi (hi = b0 holds). No bound
-        # under L0 / S can hold: g >= L0 everywhere.
-        lo, hi = int(np.searchsorted(bounds, latency0 / sessions)), len(bounds) - 1
-        found: dict[int, Chain | None] = {hi: least_l}
+
+        def cost(chain: Chain) -> float:
+            return self.cost(chain, sessions)
+
+        best = min(least_l, least_b, key=cost)
+        # bounds[lo:hi] are the bottleneck bounds beta that may still beat ``best``: beta >= B*
+        # (nothing fits below), beta < best's cost (the cost is at least beta), and not below
+        # the last bound under L0 / S (g(beta) >= L0 > S beta there: lower bounds cost more).
+        bounds = self._bounds[np.searchsorted(self._bounds, self._bottleneck(least_b)):]
+        lo = max(0, int(np.searchsorted(bounds, self._latency(least_l) / sessions)) - 1)
+        hi = int(np.searchsorted(bounds, cost(best)))
         while lo < hi:
             mid = (lo + hi) // 2
             chain = self._chain("sum", float(bounds[mid]), required)
             assert chain is not None  # bounds[mid] >= B*
-            found[mid] = chain
-            latency, b = self._latency(chain), self._bottleneck(chain)
+            latency, bottleneck = self._latency(chain), self._bottleneck(chain)
             if latency / sessions > bounds[mid]:
-                lo = mid + 1
-                continue
-            # g is flat on [b, bounds[mid]]: the crossing is at or below b, or (when b itself
-            # fails) this chain's cost L / S is the least there is.
-            hi = int(np.searchsorted(bounds, b))
-            found[hi] = chain
-            if latency / sessions > b:
-                break
-        if lo == hi and lo - 1 not in found and lo > 0:
-            found[lo - 1] = self._chain("sum", float(bounds[lo - 1]), required)
-        return min((c for c in found.values() if c is not None),
-                   key=lambda c: self.cost(c, sessions))
+                lo = mid + 1  # g only grows below: every bound here costs >= latency / S
+            else:
+                # g is flat on [bottleneck, bounds[mid]]: those cost no less than this chain
+                hi = int(np.searchsorted(bounds, bottleneck))
+            best = min(best, chain, key=cost)
+            hi = min(hi, int(np.searchsorted(bounds, cost(best))))
+        return best
 
     def best_known(self, required: int, sessions: int) -> Chain | None:
         """The cheapest chain using every member in ``required`` among the DP runs made so
