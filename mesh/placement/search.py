@@ -9,12 +9,16 @@ depends only on (member, successor, c, d): the table ``T``. Over those states:
 - min-max DP gives the least bottleneck B* (exact: B is a max of the same terms);
 - the cost max(L / S, B) is neither, so the search is parametric: g(beta) = the least L over
   chains whose every term is <= beta is non-increasing in beta, beta itself increases, so
-  max(g(beta) / S, beta) is least where the two cross. Binary search over the distinct terms
-  in [B*, B of the least-L chain] finds the crossing; the two candidates beside it contain the
-  optimum.
+  max(g(beta) / S, beta) is least where the two cross. A binary search over the distinct
+  terms from B* up to the best cost found so far probes g: a probe whose chain has
+  L / S > beta rules out every bound below it (their cost is at least that L / S), one with
+  L / S <= beta rules out every bound from its chain's bottleneck b up (g is flat on
+  [b, beta], and above beta the cost is at least beta). What is left when the interval
+  closes holds no better chain, so the best chain probed is optimal.
 
-Each DP step handles every set of one size at once with numpy: 8 members x 64 layers is
-2^8 x 8 x 65 states, ~35M table reads per DP, tens of milliseconds.
+One session needs one min-sum DP; more sessions ~10-15 DPs. Each DP step takes every set of
+one size and every successor outside it at once with numpy: 8 members x 64 layers is ~20 ms
+a DP on one core, 0.03-0.5 s a plan.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = ["Search"]
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
 Mode = Literal["sum", "max"]
+Chain = list[tuple[int, int, int]]  # (member index, start, end) per stage, in order
 INF = float("inf")
 
 
@@ -84,58 +89,75 @@ class Search:
         size = np.array([bin(s).count("1") for s in sets])
         self._sets = [[sets[(size == k) & ((sets >> i) & 1 == 1)] for i in range(m)]
                       for k in range(m + 1)]
+        terms = np.concatenate([self.step.ravel(), self.finish.ravel()])
+        self._bounds = np.unique(terms[np.isfinite(terms)])  # every stage + hop-out, sorted
         self._runs: dict[tuple[Mode, float], _Run] = {}
 
-    def cheapest(self, required: int, sessions: int) -> list[tuple[int, int, int]] | None:
+    def cheapest(self, required: int, sessions: int) -> Chain | None:
         """The chain of least max(L / sessions, B) among those that use every member in the
         bit set ``required``; None when no chain fits."""
         least_l = self._chain("sum", INF, required)
         if least_l is None:
             return None
-        b0 = self._bottleneck(least_l)
-        if self._latency(least_l) / sessions >= b0:
+        if self._latency(least_l) / sessions >= self._bottleneck(least_l):
             return least_l  # cost >= L / S >= this chain's L / S for every chain
         least_b = self._chain("max", INF, required)
         assert least_b is not None
-        terms = np.concatenate([self.step[np.isfinite(self.step)],
-                                self.finish[np.isfinite(self.finish)]])
-        bounds = np.unique(terms[(terms >= self._bottleneck(least_b)) & (terms <= b0)])
-        lo, hi = 0, len(bounds) - 1  # the crossing lies in bounds[lo..hi]; bounds[hi] is past it
+
+        def cost(chain: Chain) -> float:
+            return self.cost(chain, sessions)
+
+        best = min(least_l, least_b, key=cost)
+        # bounds[lo:hi] are the bottleneck bounds beta that may still beat ``best``: beta >= B*
+        # (nothing fits below), beta < best's cost (the cost is at least beta), and not below
+        # the last bound under L0 / S (g(beta) >= L0 > S beta there: lower bounds cost more).
+        bounds = self._bounds[np.searchsorted(self._bounds, self._bottleneck(least_b)):]
+        lo = max(0, int(np.searchsorted(bounds, self._latency(least_l) / sessions)) - 1)
+        hi = int(np.searchsorted(bounds, cost(best)))
         while lo < hi:
             mid = (lo + hi) // 2
             chain = self._chain("sum", float(bounds[mid]), required)
-            if chain is not None and self._latency(chain) / sessions <= bounds[mid]:
-                hi = mid
+            assert chain is not None  # bounds[mid] >= B*
+            latency, bottleneck = self._latency(chain), self._bottleneck(chain)
+            if latency / sessions > bounds[mid]:
+                lo = mid + 1  # g only grows below: every bound here costs >= latency / S
             else:
-                lo = mid + 1
-        found = [least_l] + [self._chain("sum", float(bounds[k]), required)
-                             for k in (lo - 1, lo) if k >= 0]
-        return min((c for c in found if c is not None), key=lambda c: self.cost(c, sessions))
+                # g is flat on [bottleneck, bounds[mid]]: those cost no less than this chain
+                hi = int(np.searchsorted(bounds, bottleneck))
+            best = min(best, chain, key=cost)
+            hi = min(hi, int(np.searchsorted(bounds, cost(best))))
+        return best
 
-    def cost(self, chain: Sequence[tuple[int, int, int]], sessions: int) -> float:
+    def best_known(self, required: int, sessions: int) -> Chain | None:
+        """The cheapest chain using every member in ``required`` among the DP runs made so
+        far: exact for one session once ``cheapest`` ran, an upper bound otherwise."""
+        chains = [self._chain(mode, bound, required) for mode, bound in list(self._runs)]
+        return min((c for c in chains if c is not None), default=None,
+                   key=lambda c: self.cost(c, sessions))
+
+    def cost(self, chain: Chain, sessions: int) -> float:
         return max(self._latency(chain) / sessions, self._bottleneck(chain))
 
-    def _terms(self, chain: Sequence[tuple[int, int, int]]) -> list[float]:
+    def _terms(self, chain: Chain) -> list[float]:
         nexts = [j for j, _, _ in chain[1:]]
         terms = [float(self.step[i, j, c, d]) for (i, c, d), j in zip(chain, nexts, strict=False)]
         i, c, _ = chain[-1]
         return [*terms, float(self.finish[i, c])]
 
-    def _latency(self, chain: Sequence[tuple[int, int, int]]) -> float:
+    def _latency(self, chain: Chain) -> float:
         return float(self.hop_in[chain[0][0]]) + sum(self._terms(chain))
 
-    def _bottleneck(self, chain: Sequence[tuple[int, int, int]]) -> float:
+    def _bottleneck(self, chain: Chain) -> float:
         return max(self._terms(chain))
 
-    def _chain(self, mode: Mode, bound: float, required: int) -> list[tuple[int, int, int]] | None:
+    def _chain(self, mode: Mode, bound: float, required: int) -> Chain | None:
         """The best chain of one DP run that uses every member in ``required``."""
         run = self._run(mode, bound)
         sets = np.arange(1 << self.m)
         final = np.where(((sets & required) == required)[:, None], run.final, INF)
-        s, i = np.unravel_index(int(np.argmin(final)), final.shape)
+        s, i = divmod(int(np.argmin(final)), self.m)
         if not np.isfinite(final[s, i]):
             return None
-        s, i = int(s), int(i)
         c = int(run.final_start[s, i])
         chain = [(i, c, self.n)]
         while c > 0:
@@ -166,19 +188,19 @@ class Search:
                 here = value[sets, i, :]
                 live = np.isfinite(here).any(axis=1)
                 sets, here = sets[live], here[live]
-                if not len(sets):
+                row, succ = np.nonzero(((sets[:, None] >> members) & 1) == 0)
+                if not len(row):
                     continue
-                # (set, successor j, start c, end d) -> best over c
-                options = combine(here[:, None, :, None], step[i][None])
-                start = options.argmin(axis=2)
-                best = np.take_along_axis(options, start[:, :, None, :], axis=2)[:, :, 0, :]
-                best[((sets[:, None] >> members) & 1) == 1] = INF
-                target = sets[:, None] | (1 << members)
-                now = value[target, members]
+                # (set, successor) pairs x start c x end d -> best over c
+                options = combine(here[row][:, :, None], step[i][succ])
+                start = options.argmin(axis=1)
+                best = np.take_along_axis(options, start[:, None, :], axis=1)[:, 0, :]
+                target = sets[row] | (1 << succ)
+                now = value[target, succ]
                 better = best < now
-                value[target, members] = np.where(better, best, now)
-                back_member[target, members] = np.where(better, i, back_member[target, members])
-                back_start[target, members] = np.where(better, start, back_start[target, members])
+                value[target, succ] = np.where(better, best, now)
+                back_member[target, succ] = np.where(better, i, back_member[target, succ])
+                back_start[target, succ] = np.where(better, start, back_start[target, succ])
         ends = combine(value, finish[None])
         final_start = ends.argmin(axis=2)
         final = np.take_along_axis(ends, final_start[:, :, None], axis=2)[:, :, 0]

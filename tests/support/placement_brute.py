@@ -87,7 +87,7 @@ def to_chain(cluster: Cluster, perm, bounds) -> Chain:
 
 
 # Layers per member count: the chains to score grow as m! / (m - k)! x C(n - 1, k - 1).
-MAX_LAYERS = {1: 24, 2: 24, 3: 16, 4: 12, 5: 10, 6: 9, 7: 8, 8: 7}
+MAX_LAYERS = {1: 24, 2: 24, 3: 16, 4: 12, 5: 10, 6: 8, 7: 7, 8: 6}
 
 
 def random_cluster(rng: random.Random, n_members: int) -> Cluster:
@@ -103,19 +103,22 @@ def random_cluster(rng: random.Random, n_members: int) -> Cluster:
         compute_bytes=rng.choice([0, 50 * MIB, 200 * MIB]), hop_bytes=rng.choice([2560, 16384]),
         refused_ranges=frozenset(
             (a, b) for a in range(n) for b in range(a + 1, n + 1) if rng.random() < 0.05))
-    whole = sum(layer_bytes) + head + model.embd_bytes
+    whole = sum(layer_bytes) + head + model.embd_bytes + sum(model.kv_cell_bytes) * model.cells
     fast = 1 / rng.uniform(5e9, 40e9)
+    n_pins = rng.choices([0, 1, 2], [0.7, 0.22, 0.08])[0]
+    pins = rng.sample(range(n_members), min(n_pins, n_members))
     members = []
     for i in range(n_members):
         pinned = None
-        if rng.random() < 0.12:
+        if i in pins:
             a = rng.randrange(n)
             pinned = (a, rng.randint(a + 1, min(n, a + 3)))
-        share = rng.choice([0.1, 0.3, 0.6, 1.0, 2.0]) * rng.uniform(0.5, 1.5)
+        share = rng.choice([0.2, 0.4, 0.7, 1.2, 2.0]) * rng.uniform(0.5, 1.5)
         members.append(Member(f"m{i}", int(whole * share), fast * rng.uniform(1, 10),
                               rng.choice([0.0, rng.uniform(0, 0.002)]), pinned))
     names = [COORDINATOR] + [m.name for m in members]
     pairs = {frozenset((a, b)): Link(10 ** rng.uniform(-4.3, -1.3), 10 ** rng.uniform(7, 10))
              for a, b in itertools.combinations(names, 2)}
     links = Links(pairs=pairs, hop_overhead_s=rng.choice([0.0, 0.001]))
-    return Cluster(model, tuple(members), links, rng.randint(1, 16), rng.choice([0.0, 0.1]))
+    sessions = 1 if rng.random() < 0.35 else rng.randint(2, 16)
+    return Cluster(model, tuple(members), links, sessions, rng.choice([0.0, 0.1]))
