@@ -9,8 +9,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -434,8 +435,11 @@ def serve(model_spec, stages, join_listen, n_members, sessions, host, port, deco
         path = resolve_model(model_spec)
         mesh_keys = _mesh_keys(secret_file)
         urls = list(stages)
+        placement: Callable[..., Any] | None = None
         if not urls:
             from mesh.coordinator.placing import assignments
+            from mesh.coordinator.replanning import Replanner
+            from mesh.model.slicing import model_info
 
             placed, members, membership = _gather(path, join_listen, n_members, sessions,
                                                   secret_file, mesh_keys, insecure)
@@ -444,8 +448,12 @@ def serve(model_spec, stages, join_listen, n_members, sessions, host, port, deco
             ranges, standby = assignments(placed, members)
             by_name = membership.assign(ranges, standby, JOIN.load_s)
             urls = [by_name[stage.member] for stage in placed.stages]
+            joined, info = membership, model_info(path)
+
+            def placement(coordinator):
+                return Replanner(joined, info, coordinator, placed, sessions)
         _serve(path, urls, host, port, announce=False, config=config, api_keys=api_keys,
-               mesh_keys=mesh_keys, limits=limits)
+               mesh_keys=mesh_keys, limits=limits, placement=placement)
     except MeshError as exc:
         _fail(str(exc))
     finally:
@@ -455,7 +463,7 @@ def serve(model_spec, stages, join_listen, n_members, sessions, host, port, deco
 
 def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
            config: CoordinatorConfig | None = None, api_keys: tuple[str, ...] = (),
-           mesh_keys=None, limits=None) -> None:
+           mesh_keys=None, limits=None, placement=None) -> None:
     """Build the coordinator over ``stages`` and serve the API over it until a signal."""
     from mesh.api.app import ApiSettings, run_server
     from mesh.api.limits import ApiLimits
@@ -469,7 +477,8 @@ def _serve(path: Path, stages: list[str], host: str, port: int, announce: bool,
     coordinator = Coordinator(path, stages, config, keys=mesh_keys)
     settings = ApiSettings(model_id=path.stem, api_keys=api_keys, limits=limits,
                            announce_url=f"http://{host}:{port}" if announce else None,
-                           salt_key=salt_key_of(mesh_keys))
+                           salt_key=salt_key_of(mesh_keys),
+                           placement=placement(coordinator) if placement else None)
     run_server(coordinator, settings, host, port)
 
 

@@ -40,6 +40,7 @@ from mesh.api.status import ModelFacts, mesh_status
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.connections import stage_info
 from mesh.coordinator.core import Coordinator
+from mesh.coordinator.replanning import Replanner
 from mesh.errors import MeshError
 from mesh.transport.security import salt_key_of, tenant_salt
 
@@ -67,6 +68,9 @@ class ApiSettings:
     # (mesh.transport.security.salt_key_of: the mesh secret's, or this process's own).
     salt_key: bytes = field(default_factory=lambda: salt_key_of(None))
     limits: ApiLimits = ApiLimits()
+    # Hosts joined and the mesh placed the layers: it re-plans while serving (mesh serve
+    # without --stage); None when the stages were given by hand.
+    placement: Replanner | None = None
 
 
 def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
@@ -88,12 +92,16 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         # Weight sizes for the console: a cold model-facts cache means reading the GGUF.
         reading = asyncio.get_running_loop().run_in_executor(None, facts.load,
                                                              coordinator.model_path)
+        if settings.placement is not None:
+            settings.placement.start()
         if settings.announce_url:
             key = settings.api_keys[0] if settings.api_keys else None
             print(_curl_line(settings.announce_url, key), file=sys.stderr, flush=True)
         try:
             yield
         finally:
+            if settings.placement is not None:
+                await settings.placement.close()
             await coordinator.close()
             reading.cancel()
 
@@ -135,7 +143,11 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
         if coordinator.ready:
             return {"status": "ready", "stages": len(coordinator.connections)}
         down = [link.index for link in coordinator.connections if not link.alive]
-        return JSONResponse({"status": "not_ready", "down_stages": down}, 503)
+        body: dict[str, object] = {"status": "not_ready", "down_stages": down,
+                                   "reason": coordinator.chain.down()}
+        if settings.placement is not None and settings.placement.stuck is not None:
+            body["placement"] = settings.placement.stuck
+        return JSONResponse(body, 503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -153,7 +165,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     @app.get("/v1/mesh/status")
     async def status():
         """The mesh's live state for the console; ``mesh.api.status`` documents its fields."""
-        return mesh_status(coordinator, facts, service.metrics.series)
+        placed = settings.placement.as_dict() if settings.placement is not None else None
+        return mesh_status(coordinator, facts, service.metrics.series, placed)
 
     @app.get("/v1/models")
     async def models():

@@ -24,7 +24,10 @@ API's metrics feed where requests finish: serving it sends nothing to the stages
 - ``series``: ``bucket_s``, ``window_s`` and ``points`` oldest first, each ``t`` (seconds
   before now at the bucket's end), ``requests_per_s``, ``tokens_per_s``, ``errors``,
   ``ttft_ms`` and ``time_per_token_ms`` (means over the requests finished in it, or null);
-- ``plan``: the current placement plan once the mesh places layers itself; null for now
+- ``plan``: where the mesh placed the layers itself (``mesh serve`` without ``--stage``): the
+  running plan's stages with predicted times, the members that joined and what they measured,
+  the last re-plan decision, moves made, and why the mesh is stuck if it is; null when the
+  stages were given by hand
   (layers are placed by ``--layers``/``mesh up``).
 """
 
@@ -204,8 +207,8 @@ def stage_status(link: StageConnection, facts: ModelFacts, last: bool, now: floa
     }
 
 
-def mesh_status(coordinator: Coordinator, facts: ModelFacts, series: RequestSeries
-                ) -> dict[str, Any]:
+def mesh_status(coordinator: Coordinator, facts: ModelFacts, series: RequestSeries,
+                plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole status document (the module's docstring lists its fields)."""
     now = time.monotonic()
     links = coordinator.connections
@@ -245,5 +248,5 @@ def mesh_status(coordinator: Coordinator, facts: ModelFacts, series: RequestSeri
             "retries": runner.retries,
         },
         "series": series.as_dict(),
-        "plan": None,
+        "plan": plan,
     }

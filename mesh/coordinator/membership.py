@@ -101,7 +101,7 @@ class Membership:
         self._nonce = 0
         self._changed = threading.Condition()
         self.version = 0  # bumped whenever a member joins, leaves or answers an Assign
-        self._on_change: list[Callable[[], None]] = []
+        self._on_change: list[Callable[[], object]] = []
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="membership", daemon=True)
         self._thread.start()
@@ -111,7 +111,7 @@ class Membership:
         with self._changed:
             return sorted(self._members.values(), key=lambda m: m.joined_at)
 
-    def on_change(self, action: Callable[[], None]) -> None:
+    def on_change(self, action: Callable[[], object]) -> None:
         """Call ``action`` (on the membership thread) whenever the members change."""
         self._on_change.append(action)
 

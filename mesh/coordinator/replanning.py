@@ -101,6 +101,30 @@ class Replanner:
                 log.warning("replan_failed", error=str(exc)[:300])
                 self._poke.set()  # try again with whoever is there after the next settle
 
+    def as_dict(self) -> dict[str, object]:
+        """The running plan, the members and the last decision (the status endpoint's
+        ``plan``)."""
+        p = self.plan
+        return {
+            "stages": [{"member": s.member, "start": s.start, "end": s.end,
+                        "stage_ms": round(1e3 * s.stage_s, 2),
+                        "hop_ms": round(1e3 * s.hop_out_s, 2),
+                        "mem_bytes": s.mem_bytes} for s in p.stages],
+            "predicted_tok_s": round(p.tok_s_alone, 1) if p.feasible else None,
+            "sessions": self.sessions,
+            "excluded": dict(p.excluded),
+            "members": [{"name": m.name, "url": m.offer.url, "mem_bytes": m.offer.mem_bytes,
+                         "layer_us": m.offer.layer_us, "head_us": m.offer.head_us,
+                         "has_model": m.offer.model_sha256 is not None,
+                         "rtt_ms": None if m.round_trip_s is None
+                         else round(1e3 * m.round_trip_s, 2)}
+                        for m in self.membership.members()],
+            "last_decision": None if self.last is None else {"action": self.last.action,
+                                                             "reason": self.last.reason},
+            "moves": self.moves,
+            "stuck": self.stuck,
+        }
+
     async def check(self) -> Decision:
         loop = asyncio.get_running_loop()
         joined = self.membership.members()
