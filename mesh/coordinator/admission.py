@@ -72,8 +72,11 @@ class Admission:
 
     def size(self, slots: int, session_ctx: int, tenant_slots: int | None = None) -> None:
         """The chain's slots and per-session context (from its handshake), and what one
-        tenant may hold of them."""
+        tenant may hold of them. Sized again (a re-plan), it keeps the slots requests hold:
+        they release them later (fewer slots than held admits nobody until enough are)."""
+        held = self.budget.reserved if self.budget is not None else 0
         self.budget = SlotBudget(slots)
+        self.budget.reserved = held
         self.session_ctx = session_ctx
         self.tenant_slots = slots if tenant_slots is None else max(1, min(tenant_slots, slots))
 

@@ -107,24 +107,31 @@ class Chain:
         self._heartbeat = asyncio.create_task(self._liveness(), name="heartbeat")
         return infos
 
-    async def _handshake_all(self, timeout_s: float) -> list[StageInfo]:
+    async def _handshake_all(self, timeout_s: float,
+                             connections: list[StageConnection] | None = None
+                             ) -> list[StageInfo]:
         """Last stage first: each upstream learns the epoch of the stage it forwards to."""
+        chain = self.connections if connections is None else connections
         deadline = time.monotonic() + timeout_s
-        for link in reversed(self.connections):
-            await self._handshake(link, max(0.5, deadline - time.monotonic()))
-        return [stage_info(link) for link in self.connections]
+        for link in reversed(chain):
+            await self._handshake(link, max(0.5, deadline - time.monotonic()), chain)
+        return [stage_info(link) for link in chain]
 
-    async def _handshake(self, link: StageConnection, timeout_s: float) -> StageInfo:
-        nxt = self.connections[link.index + 1] if link.index + 1 < len(self.connections) else None
+    async def _handshake(self, link: StageConnection, timeout_s: float,
+                         connections: list[StageConnection] | None = None) -> StageInfo:
+        chain = self.connections if connections is None else connections
+        nxt = chain[link.index + 1] if link.index + 1 < len(chain) else None
         return await link.handshake(self.origin, nxt.url if nxt else None,
                                     nxt.epoch if nxt else None, self.model_sha256, link.index,
                                     timeout_s, next_tag=nxt.link_tag if nxt else None,
                                     keeper=self.keeper)
 
-    def _check(self, infos: list[StageInfo]) -> None:
+    def _check(self, infos: list[StageInfo],
+               connections: list[StageConnection] | None = None) -> None:
         n_layer = infos[0].n_layer
         expected_start = 0
-        for link, info in zip(self.connections, infos, strict=True):
+        chain = self.connections if connections is None else connections
+        for link, info in zip(chain, infos, strict=True):
             if info.n_layer != n_layer or info.n_embd != infos[0].n_embd:
                 raise HandshakeError(f"{link.name} serves a different model shape")
             if info.start != expected_start:
@@ -217,14 +224,19 @@ class Chain:
             task.cancel()
         for link in self.connections:
             await link.close(linger_ms=0)
-        self.urls = list(urls)
-        self.connections = [StageConnection(i, url, self.origin, self._zctx, self._dispatch,
-                                            self._on_send_failure, self._keys)
-                            for i, url in enumerate(urls)]
-        for link in self.connections:
+        fresh = [StageConnection(i, url, self.origin, self._zctx, self._dispatch,
+                                 self._on_send_failure, self._keys)
+                 for i, url in enumerate(urls)]
+        for link in fresh:
             link.start()
-        infos = await self._handshake_all(timeout_s)
-        self._check(infos)
+        try:  # readers of the chain see the old connections until the new ones are handshaken
+            infos = await self._handshake_all(timeout_s, fresh)
+            self._check(infos, fresh)
+        except BaseException:
+            for link in fresh:
+                await link.close(linger_ms=0)
+            raise
+        self.urls, self.connections = list(urls), fresh
         self._heartbeat = asyncio.create_task(self._liveness(), name="heartbeat")
         log.info("chain_rebuilt", stages=len(urls))
         return infos

@@ -13,6 +13,8 @@ mesh's stage key may connect (``mesh.transport.security.join_server``).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -278,12 +280,22 @@ class Membership:
                 wire.E_MODEL_MISMATCH, "this host holds another model than the mesh serves",
                 None, "coordinator")])
             return False
-        if offer.name not in self._members and len(self._members) >= MAX_MEMBERS:
+        if len(self._members) >= MAX_MEMBERS and not any(
+                m.identity == identity or m.name == offer.name for m in self._members.values()):
             self._send(identity, [fr.error_frame(wire.E_OVERLOADED, "the mesh has its most "
                                                  "members", None, "coordinator")])
             return False
-        self._members[offer.name] = Member(identity, offer, now, now)
-        log.info("member_joined", member=offer.name, url=offer.url,
+        known = next((m for m in self._members.values() if m.identity == identity), None)
+        if known is not None:  # a Join again (it missed our Beats): the same member
+            known.offer = dataclasses.replace(offer, name=known.name)
+            return False
+        name = offer.name
+        taken = self._members.get(name)
+        if taken is not None and taken.offer.url != offer.url:  # two hosts of one name
+            name = next(f"{offer.name}-{i}" for i in itertools.count(2)
+                        if f"{offer.name}-{i}" not in self._members)
+        self._members[name] = Member(identity, dataclasses.replace(offer, name=name), now, now)
+        log.info("member_joined", member=name, url=offer.url,
                  mem_mib=offer.mem_bytes >> 20, layer_us=offer.layer_us,
                  head_us=offer.head_us, pinned=offer.pinned_start is not None)
         return True

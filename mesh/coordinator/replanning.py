@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mesh.config import JOIN
@@ -38,11 +39,14 @@ def ranges(plan: Plan) -> tuple[tuple[str, int, int], ...]:
     return tuple((s.member, s.start, s.end) for s in plan.stages)
 
 
-def decide(current: Plan, alive: set[str], candidate: Plan,
-           min_gain: float = MIN_GAIN) -> Decision:
-    """What to do with the running plan ``current`` given who is ``alive`` and the plan the
+def decide(current: Plan, alive: set[str], candidate: Plan, min_gain: float = MIN_GAIN,
+           pinned: Mapping[str, tuple[int, int]] | None = None) -> Decision:
+    """What to do with the running plan ``current`` given who is ``alive``, the ranges members
+    were told to hold (``pinned``: ``--layers``, honoured whatever the gain) and the plan the
     planner would make for them now."""
     lost = [s.member for s in current.stages if s.member not in alive]
+    unserved = [f"{name} {a}:{b}" for name, (a, b) in sorted((pinned or {}).items())
+                if name in alive and (name, a, b) not in ranges(current)]
     if not candidate.feasible:
         if lost:
             return Decision("stuck", f"{', '.join(lost)} left and the others cannot hold the "
@@ -50,6 +54,8 @@ def decide(current: Plan, alive: set[str], candidate: Plan,
         return Decision("keep", f"no better placement: {candidate.reason}")
     if lost:
         return Decision("move", f"{', '.join(lost)} left")
+    if unserved:
+        return Decision("move", f"pinned ranges to serve: {', '.join(unserved)}")
     if ranges(candidate) == ranges(current):
         return Decision("keep", "the placement is unchanged")
     if not worth_replanning(current.cost_s, candidate.cost_s, min_gain):
@@ -129,7 +135,9 @@ class Replanner:
         loop = asyncio.get_running_loop()
         joined = self.membership.members()
         candidate = await loop.run_in_executor(None, place, self.info, joined, self.sessions)
-        decision = decide(self.plan, {m.name for m in joined}, candidate, self.min_gain)
+        pins = {m.name: (m.offer.pinned_start, m.offer.pinned_end) for m in joined
+                if m.offer.pinned_start is not None and m.offer.pinned_end is not None}
+        decision = decide(self.plan, {m.name for m in joined}, candidate, self.min_gain, pins)
         self.last = decision
         log.info("replan_decided", action=decision.action, reason=decision.reason[:300])
         if decision.action == "stuck":

@@ -10,6 +10,7 @@ of the process, so the coordinator's ``Beat``s are echoed while the main thread 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import socket
 import threading
@@ -83,6 +84,8 @@ class JoinLink:
     def _loop(self) -> None:
         sock = self.zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # One routing id for the process: a reconnect is still the same member.
+        sock.setsockopt(zmq.ROUTING_ID, b"member-" + os.urandom(8).hex().encode())
         if self.keys is not None:
             join_client(sock, self.keys)
         sock.connect(self.url)
