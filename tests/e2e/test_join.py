@@ -54,6 +54,7 @@ class Served:
                   f"tcp://0.0.0.0:{self.join_port}", *args),
             stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
         self.url = f"http://127.0.0.1:{self.port}"
+        self.headers: dict[str, str] = {}
 
     def join_lines(self) -> list[list[str]]:
         _wait(lambda: "mesh-stage --join" in self.log.read_text(), 60, "the join lines")
@@ -61,7 +62,7 @@ class Served:
                 if line.strip().startswith("mesh-stage --join")]
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10)
+        return httpx.get(self.url + path, timeout=10, headers=self.headers)
 
     def ready(self) -> bool:
         try:
@@ -70,7 +71,7 @@ class Served:
             return False
 
     def complete(self) -> str:
-        r = httpx.post(self.url + "/v1/completions", timeout=60, json={
+        r = httpx.post(self.url + "/v1/completions", timeout=60, headers=self.headers, json={
             "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
@@ -119,8 +120,11 @@ def test_the_readme_quick_start_serves_a_request(tiny_llama, tmp_path):
     host the line it prints; the hosts have no model file and receive their layers."""
     secret = tmp_path / "mesh.secret"
     subprocess.run(_mesh("secret", str(secret)), check=True, capture_output=True)
+    # The README's line, with the tiny model: `mesh serve --secret mesh.secret --members 2
+    # --host 0.0.0.0 --api-key KEY`
     served = Served(tmp_path, "--model", str(tiny_llama), "--secret", str(secret),
-                    "--members", "2")
+                    "--members", "2", "--host", "0.0.0.0", "--api-key", "KEY")
+    served.headers = {"Authorization": "Bearer KEY"}
     procs: list[subprocess.Popen] = []
     try:
         with netns.Hosts(2) as hosts:
