@@ -77,7 +77,8 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     # Without keys every client shares the prefix cache: cached_tokens would tell one
     # client how much of another's prompt it guessed, so it is not reported.
     service = CompletionService(coordinator, settings.limits, model_id=settings.model_id,
-                                shown_cached=bool(settings.api_keys))
+                                shown_cached=bool(settings.api_keys),
+                                placement=settings.placement)
     facts = ModelFacts(settings.model_id)
     console = {name: (resources.files("mesh.api") / "console" / name).read_bytes()
                for name in CONSOLE_FILES}

@@ -21,8 +21,9 @@ from mesh.coordinator.core import Completion
 class ApiMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, coordinator):
+    def __init__(self, coordinator, placement=None):
         self._coord = coordinator
+        self._placement = placement  # a Replanner when hosts joined (mesh serve, no --stage)
         self.registry = r = CollectorRegistry()
         self.requests = Counter("mesh_requests", "Requests by endpoint and outcome",
                                 ["endpoint", "status"], registry=r)
@@ -70,6 +71,20 @@ class ApiMetrics:
                 ("accepted", "Drafted tokens the model sampled too, since start (accepted / "
                              "drafted: the acceptance rate)"))}
 
+        # Members that joined (at most MAX_MEMBERS label values) and what they measured.
+        self.member = {
+            name: Gauge(f"mesh_member_{name}", help_text, ["member"], registry=r)
+            for name, help_text in (
+                ("memory_bytes", "Memory the member offered a stage"),
+                ("layer_seconds", "One decode step of one layer, as the member measured it"),
+                ("head_seconds", "What the output head adds to a decode step"),
+                ("rtt_seconds", "Round trip of the coordinator's Beats to the member"),
+                ("serving", "1 when the running plan gives the member layers"))}
+        self.plan_tok_s = Gauge("mesh_plan_predicted_tokens_per_second", "What the running "
+                                "placement predicts for one stream", registry=r)
+        self.replans = Gauge("mesh_replans", "Re-plans that moved layers, since start",
+                             registry=r)
+
     def request(self, endpoint: str, error, result: Completion | None = None) -> None:
         if error is None:
             self.requests.labels(endpoint, "ok").inc()
@@ -84,7 +99,26 @@ class ApiMetrics:
         self.errors.labels(code).inc()
         self.series.failed(code)
 
+    def _members(self) -> None:
+        placement = self._placement
+        for gauge in self.member.values():
+            gauge.clear()  # members that left go
+        serving = {s.member for s in placement.plan.stages}
+        for m in placement.membership.members():
+            offer = m.offer
+            self.member["memory_bytes"].labels(m.name).set(offer.mem_bytes)
+            self.member["layer_seconds"].labels(m.name).set(offer.layer_us / 1e6)
+            self.member["head_seconds"].labels(m.name).set(offer.head_us / 1e6)
+            if m.round_trip_s is not None:
+                self.member["rtt_seconds"].labels(m.name).set(m.round_trip_s)
+            self.member["serving"].labels(m.name).set(1 if m.name in serving else 0)
+        if placement.plan.feasible:
+            self.plan_tok_s.set(placement.plan.tok_s_alone)
+        self.replans.set(placement.moves)
+
     def render(self) -> bytes:
+        if self._placement is not None:
+            self._members()
         admission = self._coord.admission
         if admission is not None:
             self.queue_depth.set(admission.queue_depth)

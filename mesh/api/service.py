@@ -23,6 +23,7 @@ from mesh.api.responses import ResponseContext, Shaper
 from mesh.api.schemas import ChatRequest, CompletionRequest
 from mesh.api.streaming import CANCELLED, STALLED, EventStream, collect, sse_events
 from mesh.coordinator.core import Coordinator, GenerationParams
+from mesh.coordinator.replanning import Replanner
 from mesh.errors import InvalidInputError, MeshError
 
 
@@ -31,12 +32,12 @@ class CompletionService:
     the event loop, bounded, then streamed or answered whole."""
 
     def __init__(self, coordinator: Coordinator, limits: ApiLimits, *, model_id: str,
-                 shown_cached: bool):
+                 shown_cached: bool, placement: Replanner | None = None):
         self.coordinator = coordinator
         self.limits = limits
         self.model_id = model_id
         self.shown_cached = shown_cached  # usage tells cached_tokens
-        self.metrics = ApiMetrics(coordinator)
+        self.metrics = ApiMetrics(coordinator, placement)
         self.tenancy = Tenancy(limits.requests_per_key)
         self.chat: ChatRenderer | None = None  # once the coordinator knows the model
 

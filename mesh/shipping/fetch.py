@@ -30,6 +30,7 @@ from mesh.transport import wire
 from mesh.transport.frames import decode, encode, error_message
 from mesh.transport.messages import Chunk, Error, Message, SliceManifest, SliceRequest
 from mesh.transport.security import MeshKeys, ZapGuard, curve_client, curve_server
+from mesh.transport.sockets import bound
 
 log = get_logger("mesh.shipping")
 
@@ -102,12 +103,7 @@ def slice_router(zctx: zmq.Context[Any], url: str, keys: MeshKeys | None = None)
     sock = _shipping_socket(zctx, zmq.ROUTER)
     if keys is not None:
         curve_server(sock, keys)
-    try:
-        sock.bind(url)
-    except zmq.ZMQError:
-        sock.close(linger=0)
-        raise
-    return sock
+    return bound(sock, url)
 
 
 def fetch_slice(channel: Channel, model_sha256: str, start: int, end: int,

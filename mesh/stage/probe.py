@@ -22,7 +22,11 @@ from mesh.logs import get_logger
 log = get_logger("mesh.stage.probe")
 
 PROBE_CONTEXT = 32  # cells held while the steps are timed (a short conversation's worth)
-PROBE_STEPS = 12
+PROBE_STEPS = 12  # at least this many steps...
+# ...for at least this long, timed as a whole: a host held to a share of its cores by a CPU
+# quota (a cgroup's cfs_quota_us over a 100 ms period) runs a short burst at full speed, and
+# is throttled only once it has used its share of a period; decoding is sustained work.
+PROBE_S = 0.4
 _MEMINFO = Path("/proc/meminfo")
 # cgroup memory limits (v2, then v1): a container's share, not the host's
 _CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
@@ -102,11 +106,16 @@ def _step_us(source: Path, start: int, end: int, n_threads: int, kv_type: str) -
                 (n, runtime.n_embd)).astype(np.float32))
 
         runtime.decode([chunk(0, PROBE_CONTEXT, False)])
-        taken = []
-        for _ in range(PROBE_STEPS + 1):
+        runtime.decode([chunk(PROBE_CONTEXT, 1, runtime.is_last)])  # warms caches: not timed
+        runtime.trim_session(key, PROBE_CONTEXT)
+        steps = 0
+        busy = 0.0
+        began = time.perf_counter()
+        while steps < PROBE_STEPS or time.perf_counter() - began < PROBE_S:
             step = chunk(PROBE_CONTEXT, 1, runtime.is_last)
-            began = time.perf_counter()
+            t0 = time.perf_counter()
             runtime.decode([step])
-            taken.append(time.perf_counter() - began)
+            busy += time.perf_counter() - t0
+            steps += 1
             runtime.trim_session(key, PROBE_CONTEXT)
-    return int(1e6 * float(np.median(taken[1:])))  # the first step warms caches
+    return int(1e6 * busy / steps)

@@ -51,6 +51,11 @@ def stage_router(zctx: zmq.Context, url: str, keys: MeshKeys | None = None) -> z
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if keys is not None:
         curve_server(sock, keys)
+    return bound(sock, url)
+
+
+def bound(sock: SocketT, url: str) -> SocketT:
+    """``sock`` bound to ``url``; closed (and the error raised) when it cannot be."""
     try:
         sock.bind(url)
     except zmq.ZMQError:

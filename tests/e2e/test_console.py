@@ -226,8 +226,8 @@ def test_the_console_shows_the_chain_live_and_the_playground_streams(api, browse
     driver.get(f"{api}/?interval=250")
     stage = '[data-stage="{}"] [data-field="{}"]'
     _until(lambda: _text(driver, stage.format(1, "layers")), 15, "the stages drawn")
-    assert _text(driver, stage.format(0, "layers")).startswith("0\u20132")
-    assert _text(driver, stage.format(1, "layers")).startswith("2\u20134")
+    assert _text(driver, stage.format(0, "layers")).startswith("0:2")
+    assert _text(driver, stage.format(1, "layers")).startswith("2:4")
     _until(lambda: "used" in _text(driver, stage.format(0, "kv")), 10, "a KV figure")
     assert "Base model: no chat template, use plain completion" in _text(driver, "#base-note")
     assert Select(driver.find_element(By.ID, "mode")).first_selected_option.get_attribute(

@@ -181,6 +181,10 @@ def test_a_host_joins_a_serving_mesh_and_a_killed_one_is_replaced(tiny_llama, tm
                                                            MESH_CACHE_DIR=str(cache_b))))
             _wait(lambda: served.plan() == [("a", 0, 2), ("b", 2, 4)], 120,
                   "the mesh re-plans with host b's pinned range")
+            metrics = served.get("/metrics").text
+            assert 'mesh_member_serving{member="b"} 1.0' in metrics
+            assert 'mesh_member_layer_seconds{member="a"}' in metrics
+            assert "mesh_replans 1.0" in metrics
             _wait(lambda: len(texts) >= 3, 60, "requests served after the move")
             done.set()
             thread.join(60)
@@ -201,6 +205,35 @@ def test_a_host_joins_a_serving_mesh_and_a_killed_one_is_replaced(tiny_llama, tm
                          "the mesh re-plans over the members left")
             assert took < 30
             assert served.complete() == expected
+    finally:
+        _stop(procs)
+        served.stop()
+
+
+def test_a_mesh_that_cannot_place_the_model_says_why(tiny_llama, tmp_path):
+    """Two hosts pinned to halves; one dies: the other cannot hold the model (it is pinned),
+    so /ready and the status say why instead of serving."""
+    served = Served(tmp_path, "--model", str(tiny_llama), "--insecure", "--members", "2")
+    procs: list[subprocess.Popen] = []
+    try:
+        with netns.Hosts(2) as hosts:
+            for i, (name, layers) in enumerate((("a", "0:2"), ("b", "2:4"))):
+                join = f"tcp://{hosts.gateways[i]}:{served.join_port}"
+                procs.append(_in_host(hosts, i, [
+                    "mesh-stage", "--join", join, "--insecure", "--model", str(tiny_llama),
+                    "--name", name, "--layers", layers], tmp_path / f"{name}.log"))
+            _wait(served.ready, 120, "the pinned hosts serve")
+            assert served.plan() == [("a", 0, 2), ("b", 2, 4)]
+            procs[1].kill()
+
+            def stuck() -> bool:
+                status = served.get("/v1/mesh/status").json()["plan"]
+                return status["stuck"] is not None
+            _wait(stuck, 30, "the mesh says it cannot re-plan")
+            ready = served.get("/ready")
+            assert ready.status_code == 503
+            assert "b left" in ready.json()["placement"]
+            assert "pinned" in ready.json()["placement"] or "0:2" in ready.json()["placement"]
     finally:
         _stop(procs)
         served.stop()

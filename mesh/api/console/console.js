@@ -122,7 +122,7 @@
         el("dt", { text: "queue" }),
         el("dd", { text: `${num(status.admission.queue_depth)} waiting` }))))];
     for (const stage of status.stages) {
-      const layers = stage.layers ? `${stage.layers[0]}\u2013${stage.layers[1]}` : "not known";
+      const layers = stage.layers ? `${stage.layers[0]}:${stage.layers[1]}` : "not known";
       const count = stage.layers ? ` (${stage.layers[1] - stage.layers[0]} layers)` : "";
       const up = stage.up ? "\u2713 up" : "\u2717 DOWN";
       const link = stage.link_up === null ? null
@@ -256,11 +256,39 @@
   }
 
   function renderPlan(plan) {
-    setText("plan", plan === null
-      ? "No placement plan: the layers are placed by hand (each stage's --layers). Once " +
-        "the mesh places layers itself, its current plan and what a re-plan would change " +
-        "show here."
-      : JSON.stringify(plan, null, 2));
+    const box = $("plan");
+    if (plan === null) {
+      setText("plan", "No placement plan: the layers are placed by hand (each stage's " +
+        "--layers). When hosts join instead (mesh serve without --stage), the mesh's plan, " +
+        "its members and its re-plans show here.");
+      return;
+    }
+    // Rebuilt only when it changed, for the same reason as setText.
+    const key = JSON.stringify(plan);
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    const rows = plan.stages.map((s) => el("tr", null,
+      el("td", { text: s.member }), el("td", { text: `${s.start}:${s.end}` }),
+      el("td", { text: `${num(s.stage_ms, 2)} ms` }), el("td", { text: `${num(s.hop_ms, 2)} ms` })));
+    const head = el("tr", null, ...["member", "layers", "stage", "hop"].map(
+      (name) => el("th", { scope: "col", text: name })));
+    const table = el("table", null, el("caption", {
+      text: `Predicted ${num(plan.predicted_tok_s, 1)} tok/s for one stream ` +
+            `(placed for ${num(plan.sessions)} session${plan.sessions === 1 ? "" : "s"}).` }),
+      el("thead", null, head), el("tbody", null, ...rows));
+    const members = el("ul", null, ...plan.members.map((m) => el("li", {
+      text: `${m.name} at ${m.url}: ${bytes(m.mem_bytes)} offered, ` +
+            (m.layer_us ? `${num(m.layer_us)} µs a layer, head ${num(m.head_us)} µs` :
+              "not measured (no model file)") +
+            `, round trip ${m.rtt_ms === null ? "n/a" : num(m.rtt_ms, 2) + " ms"}` +
+            (plan.excluded[m.name] ? ` — left out: ${plan.excluded[m.name]}` : "") })));
+    const facts = [
+      `Re-plans made: ${num(plan.moves)}.`,
+      plan.last_decision ? `Last decision: ${plan.last_decision.action} ` +
+        `(${plan.last_decision.reason}).` : "No re-plan considered yet.",
+      plan.stuck ? `Cannot serve: ${plan.stuck}` : null,
+    ].filter(Boolean).join(" ");
+    box.replaceChildren(table, el("p", { text: "Members:" }), members, el("p", { text: facts }));
   }
 
   let modeChosen = false;
