@@ -186,6 +186,37 @@ def _generation_options(fn):
     return fn
 
 
+def _print_running_plan(url: str, api_key: str | None) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        status = httpx.get(url.rstrip("/") + "/v1/mesh/status", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach {url}: {exc}")
+    if status.status_code != 200:
+        _fail(f"{url} answered {status.status_code}: {status.text[:200]}")
+    placed = status.json().get("plan")
+    if placed is None:
+        _fail(f"{url} serves stages placed by hand (--stage): no plan")
+    click.echo(f"{'member':<16} {'layers':>9} {'stage ms':>9} {'hop ms':>8}")
+    for s in placed["stages"]:
+        click.echo(f"{s['member']:<16} {s['start']}:{s['end']:<6} {s['stage_ms']:>9.2f} "
+                   f"{s['hop_ms']:>8.2f}")
+    click.echo(f"predicted: {placed['predicted_tok_s']} tok/s at 1 session; re-plans made: "
+               f"{placed['moves']}")
+    for m in placed["members"]:
+        left_out = placed["excluded"].get(m["name"])
+        click.echo(f"member {m['name']} at {m['url']}" + (f": left out: {left_out}"
+                                                          if left_out else ""))
+    if placed["last_decision"]:
+        click.echo(f"last decision: {placed['last_decision']['action']}: "
+                   f"{placed['last_decision']['reason']}")
+    if placed["stuck"]:
+        click.echo(f"cannot serve: {placed['stuck']}")
+        sys.exit(1)
+
+
 @main.command()
 @click.option("--model", "model_spec", default="default", show_default=True)
 @click.option("--stage", "stages", multiple=True, required=True,
@@ -383,12 +414,20 @@ def _gather(path: Path, join_listen: str | None, n_members: int, sessions: int,
 @_join_options
 @_secret_option
 @click.option("--insecure", is_flag=True, help="Take joins beyond loopback without a secret.")
-def plan(model_spec, join_listen, n_members, sessions, secret_file, insecure) -> None:
+@click.option("--url", default=None,
+              help="Instead: print the running plan of the mesh serving at this URL "
+                   "(http://HOST:PORT), and why it cannot serve if it cannot.")
+@click.option("--api-key", default=None, envvar="MESH_API_KEY", help="With --url.")
+def plan(model_spec, join_listen, n_members, sessions, secret_file, insecure, url,
+         api_key) -> None:
     """Take joins, print the placement the mesh would apply to the hosts that joined, and exit
-    without moving anything."""
+    without moving anything; or (--url) print a serving mesh's plan."""
     from mesh.logs import configure
     from mesh.model.source import resolve_model
 
+    if url is not None:
+        _print_running_plan(url, api_key)
+        return
     configure("warning")
     try:
         path = resolve_model(model_spec)

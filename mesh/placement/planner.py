@@ -132,7 +132,7 @@ def describe(p: Plan) -> str:
     lines = []
     if p.feasible:
         lines.append(f"{'member':<16} {'layers':>9} {'GiB':>7} {'stage ms':>9} {'hop ms':>8}")
-        lines += [f"{s.member:<16} {f'{s.start}-{s.end - 1}':>9} {s.mem_bytes / GIB:>7.2f} "
+        lines += [f"{s.member:<16} {f'{s.start}:{s.end}':>9} {s.mem_bytes / GIB:>7.2f} "
                   f"{s.stage_s * 1e3:>9.2f} {s.hop_out_s * 1e3:>8.2f}" for s in p.stages]
         lines.append(f"{'(coordinator hop in)':<34} {'':>9} {p.hop_in_s * 1e3:>8.2f}")
         lines.append(f"latency {p.latency_s * 1e3:.2f} ms/token; slowest stage + hop "

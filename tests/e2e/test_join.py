@@ -232,6 +232,9 @@ def test_a_mesh_that_cannot_place_the_model_says_why(tiny_llama, tmp_path):
             _wait(stuck, 30, "the mesh says it cannot re-plan")
             ready = served.get("/ready")
             assert ready.status_code == 503
+            shown = subprocess.run(_mesh("plan", "--url", served.url), capture_output=True,
+                                   text=True, timeout=60)
+            assert shown.returncode == 1 and "cannot serve: b left" in shown.stdout
             assert "b left" in ready.json()["placement"]
             assert "pinned" in ready.json()["placement"] or "0:2" in ready.json()["placement"]
     finally:
