@@ -394,8 +394,12 @@ def _gather(path: Path, join_listen: str | None, n_members: int, sessions: int,
     from mesh.shipping.sender import SliceSender
 
     info = model_info(path)
+    sender = SliceSender(path)
+    probe = info.n_layer // 2 if info.n_layer >= 3 else None
+    if probe is not None:  # what a host without the model measures; sliced once, here
+        sender.prepare(probe, probe + 1)
     try:
-        membership = Membership(url, info.sha256, mesh_keys, sender=SliceSender(path))
+        membership = Membership(url, info.sha256, mesh_keys, sender=sender, probe_layer=probe)
     except Exception as exc:
         _fail(f"cannot take joins on {url}: {exc}")
     secret = f" --secret {secret_file}" if secret_file else ""

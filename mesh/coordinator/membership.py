@@ -33,6 +33,7 @@ from mesh.transport.messages import (
     ChunkRequest,
     Join,
     Message,
+    Probe,
     Ready,
     SliceRequest,
 )
@@ -61,6 +62,7 @@ class Member:
     rtt_s: list[float] = field(default_factory=list)  # the last few Beat round trips
     assigned: Assign | None = None
     ready: Ready | None = None
+    probing: bool = False  # sent a Probe; its measured Join has not come back
 
     @property
     def name(self) -> str:
@@ -75,11 +77,15 @@ class Membership:
     """Members that joined, by name (a later Join under the same name replaces the entry)."""
 
     def __init__(self, url: str, model_sha256: str, keys: MeshKeys | None = None,
-                 lease_s: float = LEASE_S, sender: SliceSender | None = None):
+                 lease_s: float = LEASE_S, sender: SliceSender | None = None,
+                 probe_layer: int | None = None):
         self.url = url
         self.model_sha256 = model_sha256
         # Ships a member without the model file the slice it was assigned (and only that).
         self._sender = sender
+        # A member without the model is shipped this layer to measure (the sender holds its
+        # slice already: prepared before any join).
+        self._probe_layer = probe_layer if sender is not None else None
         self._keys = keys
         self._lease_s = lease_s
         self._zctx = zmq.Context()
@@ -267,11 +273,15 @@ class Membership:
     def _ship(self, member: Member, msg: SliceRequest | ChunkRequest) -> Message:
         """A slice request answered from the sender, for the range the member was assigned
         only: any other would make this thread slice the model while Beats wait."""
-        assigned = member.assigned
-        if self._sender is None or assigned is None or (msg.start, msg.end) != (
-                assigned.start, assigned.end) or assigned.start == assigned.end:
+        allowed = set()
+        if member.assigned is not None and member.assigned.start < member.assigned.end:
+            allowed.add((member.assigned.start, member.assigned.end))
+        if member.probing and self._probe_layer is not None:
+            allowed.add((self._probe_layer, self._probe_layer + 1))
+        if self._sender is None or (msg.start, msg.end) not in allowed:
             return fr.error_message(wire.E_FORBIDDEN, "only the slice a member was assigned "
-                                    "is shipped to it", None, "coordinator")
+                                    "(or sent to measure) is shipped to it", None,
+                                    "coordinator")
         return self._sender.handle(msg)
 
     def _admit(self, identity: bytes, offer: Join, now: float) -> bool:
@@ -286,15 +296,25 @@ class Membership:
                                                  "members", None, "coordinator")])
             return False
         known = next((m for m in self._members.values() if m.identity == identity), None)
-        if known is not None:  # a Join again (it missed our Beats): the same member
+        if known is not None:  # a Join again: it measured a Probe, or missed our Beats
             known.offer = dataclasses.replace(offer, name=known.name)
+            if known.probing:  # measured, or (layer_us 0) it could not
+                known.probing = False
+                log.info("member_measured", member=known.name, layer_us=offer.layer_us)
+                return True
             return False
         name = offer.name
         taken = self._members.get(name)
         if taken is not None and taken.offer.url != offer.url:  # two hosts of one name
             name = next(f"{offer.name}-{i}" for i in itertools.count(2)
                         if f"{offer.name}-{i}" not in self._members)
-        self._members[name] = Member(identity, dataclasses.replace(offer, name=name), now, now)
+        member = Member(identity, dataclasses.replace(offer, name=name), now, now)
+        self._members[name] = member
+        if (self._probe_layer is not None and offer.layer_us == 0
+                and offer.model_sha256 is None and offer.pinned_start is None):
+            member.probing = True
+            self._send(identity, [fr.encode(Probe(model_sha256=self.model_sha256,
+                                                  layer=self._probe_layer))])
         log.info("member_joined", member=name, url=offer.url,
                  mem_mib=offer.mem_bytes >> 20, layer_us=offer.layer_us,
                  head_us=offer.head_us, pinned=offer.pinned_start is not None)

@@ -4,7 +4,9 @@ A member's speed is what its probe measured (``mesh.stage.probe``): one decode s
 middle layer gives its seconds per weight byte; what the output head adds is priced on the
 planner's byte scale as the median, over measured members, of head time over that member's
 seconds per byte (the head's kernels run at another rate per byte than a layer's). A member
-that could not probe (no model file) is priced like the slowest measured one. Links: the
+that has not measured a layer (no model file, and the probe the coordinator shipped it failed)
+is priced like the slowest measured one; one that measured a layer but not the head (it has
+no model file) pays the head at its own seconds per byte. Links: the
 round trip of each member's Beats; a hop between two members is priced at the slower of their
 two round trips to the coordinator (members do not measure each other yet).
 """
@@ -89,7 +91,8 @@ def settled_plan(info: ModelInfo, membership: Membership, members: int, sessions
     """Wait for at least ``members`` members that hold the model between them, then for
     ``settle_s`` without another join; the plan for whoever is there then."""
     def placeable(joined: list[JoinedMember]) -> bool:
-        return len(joined) >= members and place(info, joined, sessions).feasible
+        return (len(joined) >= members and not any(m.probing for m in joined)
+                and place(info, joined, sessions).feasible)
 
     while True:
         membership.wait(placeable, None)

@@ -239,17 +239,25 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
     stopping = threading.Event()
     stop.append(stopping.set)
     link = JoinLink(join_url, keys, zmq.Context.instance())
-    link.start(Join(
+    hello = Join(
         name=name, url=public, mem_bytes=measured.mem_bytes, threads=options.n_threads,
         ctx=options.n_ctx, slots=options.n_seq_max,
         model_sha256=info.sha256 if info is not None else None,
         probe_layer=measured.probe_layer, layer_us=measured.layer_us,
         head_us=measured.head_us, pinned_start=pinned[0] if pinned else None,
-        pinned_end=pinned[1] if pinned else None))
+        pinned_end=pinned[1] if pinned else None)
+    link.start(hello)
     click.echo(f"mesh-stage: joined {join_url} as {name} ({public}); waiting for layers",
                err=True)
     try:
         while not stopping.is_set():
+            try:
+                probe = link.probes.get_nowait()
+            except queue.Empty:
+                pass
+            else:
+                hello = _measured(link, probe, hello, options)
+                continue
             try:
                 assign = link.assignments.get(timeout=0.5)
             except queue.Empty:
@@ -277,6 +285,26 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
             link.on_assign(None)
     finally:
         link.close()
+
+
+def _measured(link, probe, hello, options: _Options):
+    """Fetch the one layer the coordinator sent to measure, time it, and join again with the
+    measure (with none if it could not: the coordinator then stops waiting for it)."""
+    import dataclasses
+
+    from mesh.logs import get_logger
+    from mesh.shipping.fetch import fetch_slice
+    from mesh.stage.probe import step_us
+
+    try:
+        files = fetch_slice(link, probe.model_sha256, probe.layer, probe.layer + 1)
+        layer_us = step_us(files, options.n_threads, options.kv_type(files.model.mixed_kv))
+    except Exception as exc:
+        get_logger("mesh.stage").warning("probe_failed", error=str(exc)[:200])
+        layer_us = 0
+    measured = dataclasses.replace(hello, probe_layer=probe.layer, layer_us=layer_us)
+    link.offer(measured)
+    return measured
 
 
 def _progress(assign):

@@ -23,7 +23,7 @@ import zmq
 
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
-from mesh.transport.messages import Assign, Beat, Error, Join, Message, Ready
+from mesh.transport.messages import Assign, Beat, Error, Join, Message, Probe, Ready
 from mesh.transport.security import MeshKeys, join_client
 from mesh.transport.sockets import Mailbox, Reply
 
@@ -59,6 +59,7 @@ class JoinLink:
 
     def __post_init__(self) -> None:
         self.assignments: queue.Queue[Assign] = queue.Queue()
+        self.probes: queue.Queue[Probe] = queue.Queue(maxsize=4)
         self.replies: queue.Queue[Message] = queue.Queue(maxsize=64)  # shipping, Errors
         self._outbox = Mailbox()
         self._running = True
@@ -69,6 +70,11 @@ class JoinLink:
         self._hello = hello
         self.send(hello)
         self._thread.start()
+
+    def offer(self, hello: Join) -> None:
+        """Join again with ``hello`` (what a Probe measured); later rejoins send it too."""
+        self._hello = hello
+        self.send(hello)
 
     def send(self, msg: Message) -> None:
         self._outbox.put(Reply(b"", [fr.encode(msg)]))
@@ -124,6 +130,9 @@ class JoinLink:
                 self._heard = time.monotonic()
                 if isinstance(msg, Beat):
                     sock.send_multipart([fr.encode(msg)])
+                elif isinstance(msg, Probe):
+                    with contextlib.suppress(queue.Full):
+                        self.probes.put_nowait(msg)
                 elif isinstance(msg, Assign):
                     self.assignments.put(msg)
                     if self._on_assign is not None:

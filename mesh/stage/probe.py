@@ -4,8 +4,9 @@ Placement needs each member's memory and its speed on *this* model's layer shape
 probe runs the real thing: one middle layer of the model (a cached one-layer slice), then the
 last layer with the output head, each for a few single-row decode steps on the stage's own
 threads and KV cell types. ``head_us`` is the difference: what being the final stage adds.
-A stage without the model file cannot probe; it joins unmeasured (``layer_us == 0``) and the
-coordinator prices it like the slowest measured member.
+A stage without the model file joins unmeasured (``layer_us == 0``); the coordinator ships it
+one middle layer (``Probe``), it measures that and joins again with its ``layer_us``. Its head
+is priced from the measured members' head-to-layer ratio.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mesh.logs import get_logger
+
+if TYPE_CHECKING:
+    from mesh.model.slicing import StageFiles
 
 log = get_logger("mesh.stage.probe")
 
@@ -86,11 +91,16 @@ def measure(source: Path | None, n_threads: int, kv_type: str,
 
 
 def _step_us(source: Path, start: int, end: int, n_threads: int, kv_type: str) -> int:
-    """Median microseconds of one single-row decode step of layers ``[start, end)``."""
     from mesh.model.slicing import slice_model
+
+    return step_us(slice_model(source, start, end), n_threads, kv_type)
+
+
+def step_us(files: StageFiles, n_threads: int, kv_type: str) -> int:
+    """Mean microseconds of one single-row decode step of a slice's layers, sustained (a
+    host without the model measures the one-layer slice the coordinator ships it)."""
     from mesh.stage.runtime import Chunk, RuntimeConfig, StageRuntime
 
-    files = slice_model(source, start, end)
     config = RuntimeConfig(n_ctx=256, n_seq_max=1, n_threads=n_threads, n_batch=64,
                            n_ubatch=64, kv_type=kv_type)
     rng = np.random.default_rng(0)

@@ -37,6 +37,7 @@ from mesh.transport.messages import (
     Ping,
     PrefillEmbd,
     PrefillFinalEmbd,
+    Probe,
     Ready,
     SliceManifest,
     SliceRequest,
@@ -81,6 +82,7 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     PREFILL,
     PREFILL_FINAL,
     PREFIX_ID_BYTES,
+    PROBE,
     PROTOCOL_VERSION,
     READY,
     SLICE_MANIFEST,
@@ -139,6 +141,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     ASSIGN: {"model_sha256": _STR, "start": _INT, "end": _INT, "reason": _STR},
     READY: {"url": _STR, "start": _INT, "end": _INT, "error": _OPT_STR},
     BEAT: {"nonce": _INT},
+    PROBE: {"model_sha256": _STR, "layer": _INT},
     # ---- slice shipping
     SLICE_REQUEST: {"model_sha256": _STR, "start": _INT, "end": _INT},
     SLICE_MANIFEST: {"model_sha256": _STR, "start": _INT, "end": _INT, "slicer_version": _INT,
@@ -407,6 +410,11 @@ def _check_join(msg: Join) -> None:
         raise ProtocolError(E_BAD_FIELD, "Join: a measure is out of range")
 
 
+def _check_probe(msg: Probe) -> None:
+    if msg.layer >= 2**16:
+        raise ProtocolError(E_BAD_FIELD, "Probe: layer out of range")
+
+
 def _check_placed(msg: Assign | Ready) -> None:
     if not msg.start <= msg.end < 2**31:
         raise ProtocolError(E_BAD_FIELD, f"{msg.kind}: a range needs start <= end")
@@ -565,7 +573,7 @@ _CHECKS: dict[type, Callable[[Any], None]] = {
     PrefillEmbd: _check_work, PrefillFinalEmbd: _check_work, Decode: _check_work,
     Acquire: _check_prefix, Stop: _check_prefix, Token: _check_token,
     StageInfo: _check_stage_info, Handshake: _check_handshake, Ping: _check_ping,
-    Join: _check_join, Assign: _check_placed, Ready: _check_placed,
+    Join: _check_join, Assign: _check_placed, Ready: _check_placed, Probe: _check_probe,
     SliceRequest: _check_slice, SliceManifest: check_slice_manifest,
     ChunkRequest: _check_chunk_request, Chunk: _check_chunk}
 

@@ -246,7 +246,17 @@ class Beat:
     nonce: int
 
 
-Membership = Join | Assign | Ready | Beat
+@dataclass(slots=True)
+class Probe:
+    """To a member without the model: fetch the one-layer slice ``[layer, layer + 1)``,
+    measure a decode step of it, and send the Join again with ``layer_us``."""
+
+    kind: ClassVar[str] = wire.PROBE
+    model_sha256: str
+    layer: int
+
+
+Membership = Join | Assign | Ready | Beat | Probe
 
 
 # ---- slice shipping (protocol.md, "Slice shipping") -----------------------------------------
@@ -311,4 +321,4 @@ Message = (SessionFrame | Token | Stopped | Acquired | Error | Handshake | Stage
 
 CLASSES: dict[str, type[Message]] = {cls.kind: cls for cls in (
     PrefillEmbd, PrefillFinalEmbd, Decode, Token, Stop, Stopped, Acquire, Acquired, Error,
-    Handshake, StageInfo, Ping, Pong, Join, Assign, Ready, Beat, *SHIPPING_CLASSES)}
+    Handshake, StageInfo, Ping, Pong, Join, Assign, Ready, Beat, Probe, *SHIPPING_CLASSES)}

@@ -59,6 +59,7 @@ JOIN = "Join"
 ASSIGN = "Assign"
 READY = "Ready"
 BEAT = "Beat"
+PROBE = "Probe"
 
 # ---- slice shipping (protocol.md, "Slice shipping"): a host without the model fetches its slice
 SLICE_REQUEST = "SliceRequest"

@@ -141,6 +141,8 @@ def test_the_readme_quick_start_serves_a_request(tiny_llama, tmp_path):
             status = served.get("/v1/mesh/status").json()["plan"]
             assert len(status["members"]) == 2
             assert all(not m["has_model"] for m in status["members"])
+            # without the model, each measured the one layer the coordinator shipped it
+            assert all(m["layer_us"] > 0 for m in status["members"])
     finally:
         _stop(procs)
         served.stop()

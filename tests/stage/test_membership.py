@@ -113,3 +113,40 @@ def test_two_hosts_of_one_name_are_told_apart(joined):
     second.send(fr.encode(other))
     assert membership.wait(lambda members: len(members) == 2, 5)
     assert sorted(m.name for m in membership.members()) == ["vm", "vm-2"]
+
+
+def test_a_member_without_the_model_is_sent_one_layer_to_measure(tiny_llama):
+    from mesh.model.slicing import model_info
+    from mesh.shipping.sender import SliceSender
+    from mesh.transport.messages import Probe, SliceManifest
+
+    sha = model_info(tiny_llama).sha256
+    sender = SliceSender(tiny_llama)
+    sender.prepare(2, 3)
+    membership = Membership(f"tcp://127.0.0.1:{free_port()}", sha, sender=sender,
+                            probe_layer=2)
+    zctx = zmq.Context()
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(membership.bound_url)
+    try:
+        bare = _join("bare", sha=None)
+        bare.layer_us = bare.head_us = 0
+        sock.send(fr.encode(bare))
+        probe = _recv(sock, kind=Probe)
+        assert probe is not None and (probe.model_sha256, probe.layer) == (sha, 2)
+        assert membership.wait(lambda members: len(members) == 1, 5)
+        assert membership.members()[0].probing
+        sock.send(fr.encode(SliceRequest(model_sha256=sha, start=2, end=3)))
+        assert isinstance(_recv(sock, kind=SliceManifest), SliceManifest)
+        sock.send(fr.encode(SliceRequest(model_sha256=sha, start=0, end=1)))
+        error = _recv(sock, kind=Error)
+        assert error is not None and error.code == wire.E_FORBIDDEN
+        bare.probe_layer, bare.layer_us = 2, 50
+        sock.send(fr.encode(bare))
+        assert membership.wait(lambda members: not members[0].probing, 5)
+        assert membership.members()[0].offer.layer_us == 50
+    finally:
+        sock.close(0)
+        zctx.term()
+        membership.close()
