@@ -247,7 +247,7 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
         head_us=measured.head_us, pinned_start=pinned[0] if pinned else None,
         pinned_end=pinned[1] if pinned else None)
     link.start(hello)
-    click.echo(f"mesh-stage: joined {join_url} as {name} ({public}); waiting for layers",
+    click.echo(f"mesh-stage: joining {join_url} as {name} ({public}); waiting for layers",
                err=True)
     try:
         while not stopping.is_set():
