@@ -173,14 +173,19 @@ class Membership:
             raise MeshError(f"members did not load their layers in {timeout_s:.0f} s: "
                             f"{', '.join(late)}")
         members = self._snapshot()
-        failed = [f"{name} left" if name not in members or members[name].identity != identity
-                  else f"{name}: {members[name].ready.error}"  # type: ignore[union-attr]
-                  for name, identity in targets.items()
-                  if name not in members or members[name].identity != identity
-                  or members[name].ready.error is not None]  # type: ignore[union-attr]
+        urls, failed = {}, []
+        for name, identity in targets.items():
+            member = members.get(name)
+            answer = member.ready if member is not None and member.identity == identity else None
+            if answer is None:
+                failed.append(f"{name} left")
+            elif answer.error is not None:
+                failed.append(f"{name}: {answer.error}")
+            else:
+                urls[name] = answer.url
         if failed:
             raise MeshError("the plan could not be applied: " + "; ".join(failed))
-        return {name: members[name].ready.url for name in targets}  # type: ignore[union-attr]
+        return urls
 
     def close(self) -> None:
         self._running = False
