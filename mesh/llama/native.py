@@ -11,7 +11,7 @@ import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -169,7 +169,20 @@ class ContextParams:
     kv_type: str = "f16"  # K and V cells: a name in KV_TYPES
 
 
-class NativeModel:
+class _Owner:
+    """Owns a llama.cpp handle that ``close`` frees (once); a ``with`` block closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NativeModel(_Owner):
     def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False):
         lib = llama()
         params = lib.llama_model_default_params()
@@ -191,14 +204,8 @@ class NativeModel:
             llama().llama_model_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self) -> NativeModel:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class NativeContext:
+class NativeContext(_Owner):
     """One llama context; ``capture`` copies a tensor out of every ubatch.
 
     ``n_ctx`` in ``ContextParams`` is the whole cache: with one stream per sequence, each
@@ -262,14 +269,8 @@ class NativeContext:
             llama().llama_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self) -> NativeContext:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class Batch:
+class Batch(_Owner):
     """A reusable ``llama_batch`` with numpy views over its arrays (one sequence id per row)."""
 
     def __init__(self, capacity: int, n_embd: int):
@@ -316,9 +317,3 @@ class Batch:
         if self.struct is not None:
             llama().llama_batch_free(self.struct)
             self.struct = None
-
-    def __enter__(self) -> Batch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
