@@ -51,19 +51,23 @@ def llama():
 _KEEPALIVE: list = []
 
 
+# The ggml functions bound here: name -> (argument types, return type).
+_GGML_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "ggml_get_name": ([ctypes.c_void_p], ctypes.c_char_p),
+    "ggml_nbytes": ([ctypes.c_void_p], ctypes.c_size_t),
+    "ggml_backend_tensor_get": (
+        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
+}
+
+
 @functools.lru_cache(maxsize=1)
 def ggml_base() -> ctypes.CDLL:
     """ggml tensor accessors used by the eval callback (not bound by llama-cpp-python)."""
     lib_dir = Path(llama().__file__).parent / "lib"
     lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_get_name.restype = ctypes.c_char_p
-    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    lib.ggml_nbytes.restype = ctypes.c_size_t
-    lib.ggml_backend_tensor_get.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-    ]
-    lib.ggml_backend_tensor_get.restype = None
+    for name, (argtypes, restype) in _GGML_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
