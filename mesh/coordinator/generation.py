@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SpeculationConfig
+from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SamplerSettings, SpeculationConfig
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.connections import stage_info
@@ -56,14 +56,8 @@ RETRYABLE_CODES = {wire.E_STALE_EPOCH, wire.E_UNKNOWN_SESSION, wire.E_NO_DOWNSTR
 
 
 @dataclass(frozen=True)
-class GenerationParams:
+class GenerationParams(SamplerSettings):
     max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-    repeat_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     logprobs: int = 0
     add_special: bool = True  # BOS for raw completions; chat templates carry their own
@@ -76,7 +70,8 @@ class GenerationParams:
     def wire_sampling(self) -> dict[str, int | float]:
         return {"temperature": float(self.temperature), "top_k": int(self.top_k),
                 "top_p": float(self.top_p), "min_p": float(self.min_p), "seed": int(self.seed),
-                "repeat_penalty": float(self.repeat_penalty), "repeat_last_n": 64,
+                "repeat_penalty": float(self.repeat_penalty),
+                "repeat_last_n": int(self.repeat_last_n),
                 "logprobs": int(self.logprobs)}
 
 
