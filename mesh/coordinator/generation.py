@@ -306,7 +306,7 @@ class RequestRunner:
     def _stage_costs(self) -> list[StageCosts] | None:
         """The stages' probed costs, rebuilt only when a handshake brings new StageInfos (this
         runs on every token)."""
-        infos = tuple(stage_info(link) for link in self.chain.connections)
+        infos = tuple(stage_info(conn) for conn in self.chain.connections)
         known = self._costs_of
         if known is None or any(a is not b for a, b in zip(infos, known[0], strict=True)):
             costs = [StageCosts(tuple(info.batch_us), tuple(info.window_us)) for info in infos]
@@ -329,7 +329,7 @@ class RequestRunner:
     def _window_limits(self) -> tuple[int, int | None]:
         """Rows a window may hold and the position it must end by: what every stage computes
         exactly in one llama_decode."""
-        infos = [stage_info(link) for link in self.chain.connections]
+        infos = [stage_info(conn) for conn in self.chain.connections]
         cells = [i.exact_cells for i in infos if i.exact_cells is not None]
         rows = min([self.speculation.draft_max + 1, wire.MAX_DRAFT_TOKENS + 1,
                     *(i.exact_rows for i in infos)])
@@ -359,7 +359,7 @@ class RequestRunner:
     def _chunk_size(self) -> int:
         """Prompt tokens per frame: ours, unless a stage takes fewer at once."""
         return min(self.prefill_chunk,
-                   *(stage_info(link).max_tokens for link in self.chain.connections))
+                   *(stage_info(conn).max_tokens for conn in self.chain.connections))
 
     def _send_work(self, cls: type[Work], session: int, pos: int, tokens: list[int],
                    **extra) -> None:

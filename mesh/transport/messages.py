@@ -5,7 +5,7 @@ kind marks ``?`` there is ``None`` when absent. The classes hold no checks: ``fr
 validates every field before it builds one, and code that builds one to send is trusted.
 
 Treated as immutable: nothing assigns to a message once built (a stage forwards a
-``dataclasses.replace`` copy), so a frame queued at a stage or kept by a link never changes
+``dataclasses.replace`` copy), so a frame queued at a stage or kept by a connection never changes
 behind its reader's back. Not ``frozen=True``: a frozen dataclass sets each field through
 ``object.__setattr__``, 0.6 µs more per message, which made encoding and decoding a Decode or a
 Token 30% slower than the dict codec they replaced; as plain slots classes they are faster.
