@@ -13,7 +13,7 @@ API's metrics feed where requests finish: serving it sends nothing to the stages
   handshake), ``weight_bytes`` (the range's blocks, plus the output head on the final stage;
   null until the model's facts are read), ``up``, ``link_up`` (to the next stage; null on the
   last), ``kv_used`` / ``kv_reserved`` / ``kv_capacity`` (cells in use, cells held whole for
-  live sessions, all cells), ``sessions``, ``records`` (resident prefixes), ``queue``,
+  live sessions, all cells), ``sessions``, ``records`` (its prefix records), ``queue``,
   ``busy_share`` (share of the last ~30 s of heartbeats that found the stage with work),
   ``decode_rows_per_step`` (mean decode batch over the same Pongs), ``rtt_ms`` (coordinator
   to stage ping round trip, moving average), ``pong_age_s``; a figure not known yet is null;

@@ -1,5 +1,22 @@
 """The prefix protocol: starting sessions from resident prompt prefixes, and keeping new ones.
 
+The words, one meaning each, wherever modules, metrics and docs speak of reusing prompts' KV:
+
+- *resident prefix*: a prompt prefix whose KV the stages keep after its session ended, so that a
+  later prompt starting with the same tokens (same model, same cache salt) skips prefilling them
+  (the API's ``cached_tokens``). All of them together are the *prefix cache*
+  (``CoordinatorConfig.prefix_cache`` turns keeping and reusing them on).
+- *prefix id*: a resident prefix's name, 32 bytes hashed from the model, the cache salt and the
+  token ids (``prefix_index.prefix_id``; ``prefix_id`` on the wire).
+- *record* (prefix record): one stage's copy of a resident prefix, a KV stream of its own kept
+  under a record id (the prefix id hashed with the stage's slice). A stage's records are its
+  ``PrefixCache`` (``mesh.stage.prefix_cache``; ``--prefix-records`` of them at most), evicted
+  least recently used (``mesh.stage.eviction``, where a ``PrefixRecord`` is a record as the
+  eviction planner sees it). The wire's ``records`` and ``evicted_records`` count them.
+- *index*: the coordinator's list of the resident prefixes it may reuse (``PrefixIndex`` in
+  ``mesh.coordinator.prefix_index``): a hint, because stages evict on their own.
+- *keep*, *reuse*, *restore*: what this module does with them (``PrefixProtocol``):
+
 Reuse: agree with every stage on a record to start from (``Acquire`` to each; each stage copies
 the record into the new session as it answers, so eviction cannot take it any more; stages that
 placed more than the agreed length trim back). Keep: a finished session's ``Stop`` asks every

@@ -62,14 +62,14 @@ def normalize_listen(text: str) -> str:
 @click.option("--ctx", "n_ctx", default=STAGE.ctx, show_default=True,
               help="KV cells of one session (its own stream; rounded up to 256).")
 @click.option("--slots", "n_seq_max", default=STAGE.slots, show_default=True,
-              help="Sessions held at once: live sessions + cached prefixes. "
+              help="Sessions held at once: live sessions + resident prefixes. "
                    "KV memory is ctx x slots cells.")
 @click.option("--threads", "n_threads", default=STAGE.threads, show_default=True)
 @click.option("--gpu-layers", "n_gpu_layers", default=STAGE.gpu_layers, show_default=True)
 @click.option("--batch", "n_batch", default=STAGE.batch, show_default=True,
               help="Most tokens in one frame.")
 @click.option("--prefix-records", default=None, type=int,
-              help="Most resident prompt prefixes kept [default: slots/2].")
+              help="Most prefix records (resident prefixes) kept [default: slots/2].")
 @click.option("--batching", type=click.Choice(MODES), default=DEFAULT_MODE,
               show_default=True,
               help="invariant: a session's tokens never depend on what else runs (bf16 K "
