@@ -292,7 +292,7 @@ DEFAULT_MODEL_NOTE = (
 @click.option("--ctx", default=STAGE.ctx, show_default=True,
               help="KV cells of one session (each of --slots sessions gets its own).")
 @click.option("--slots", default=STAGE.slots, show_default=True,
-              help="Sessions (and cached prefixes) each stage holds at once.")
+              help="Sessions (and resident prefixes) each stage holds at once.")
 @click.option("--threads", default=STAGE.threads, show_default=True, help="Threads per stage.")
 @click.option("--host", default=API.host, show_default=True)
 @click.option("--port", default=API.port, show_default=True)

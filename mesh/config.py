@@ -8,7 +8,8 @@ Not here, because they have an owner of their own:
   specifies them and ``mesh.transport.wire`` is their one place;
 - what one API client may take (sizes, shares, request and stream times): ``ApiLimits`` in
   ``mesh.api.limits``, one frozen dataclass that the CLI's options read;
-- a request's sampling defaults: ``GenerationParams`` in ``mesh.coordinator.generation``.
+- a request's own settings (``max_tokens``, stops, the cache salt): ``GenerationParams`` in
+  ``mesh.coordinator.generation``, which adds them to ``SamplerSettings`` below.
 
     coord = Coordinator(path, urls, CoordinatorConfig(decode_groups=2, retry_wait_s=5.0))
 """
@@ -21,6 +22,21 @@ SPECULATIVE_MODES = ("ngram", "none")
 POLICIES = ("cost", "always")  # windows where they pay (measured), or whenever drafted
 DRAFT_MAX = 8  # drafted tokens a verify window carries at most
 MAX_WINDOWS = 3  # verify windows of one session in flight at once
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The final stage's samplers and their defaults, greedy: what a request samples with
+    unless it says otherwise (``GenerationParams``), and what a stage applies for a key the
+    ``sampling`` map leaves out (``mesh.stage.sampling.SamplingParams``); both extend this."""
+
+    temperature: float = 0.0  # <= 0 is greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    repeat_penalty: float = 1.0  # 1.0 = off
+    repeat_last_n: int = 64  # tokens the repetition penalty looks back over
 
 
 @dataclass(frozen=True)

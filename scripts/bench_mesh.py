@@ -169,7 +169,7 @@ async def long_frame(path: Path, urls: list[str], n: int) -> tuple[float, int, b
         prompt = [2] + [int(t) for t in np.random.default_rng(1).integers(1000, 20000, n - 1)]
         t0 = time.perf_counter()
         await coord.complete(prompt, GenerationParams(max_tokens=4))
-        busiest = max(link.longest_busy_ms for link in coord.connections)
+        busiest = max(conn.longest_busy_ms for conn in coord.connections)
         return time.perf_counter() - t0, busiest, coord.ready
     finally:
         await coord.close()

@@ -143,7 +143,7 @@ def create_app(settings: ApiSettings, coordinator: Coordinator) -> FastAPI:
     async def ready():
         if coordinator.ready:
             return {"status": "ready", "stages": len(coordinator.connections)}
-        down = [link.index for link in coordinator.connections if not link.alive]
+        down = [conn.index for conn in coordinator.connections if not conn.alive]
         body: dict[str, object] = {"status": "not_ready", "down_stages": down,
                                    "reason": coordinator.chain.down()}
         if settings.placement is not None and settings.placement.stuck is not None:

@@ -126,11 +126,11 @@ class ApiMetrics:
             self.retried.set(self._coord.runner.retries)
             for name, value in self._coord.runner.speculated.as_dict().items():
                 self.speculation[name].set(value)
-        for link in self._coord.connections:
-            label = str(link.index)
-            self.stage_up.labels(label).set(1 if link.alive else 0)
-            self.link_up.labels(label).set(1 if link.link_up else 0)
-            pong = link.last_pong
+        for conn in self._coord.connections:
+            label = str(conn.index)
+            self.stage_up.labels(label).set(1 if conn.alive else 0)
+            self.link_up.labels(label).set(1 if conn.link_up else 0)
+            pong = conn.last_pong
             if pong is not None:
                 self.kv_used.labels(label).set(pong.kv_used)
                 self.kv_capacity.labels(label).set(pong.kv_capacity)

@@ -13,7 +13,7 @@ API's metrics feed where requests finish: serving it sends nothing to the stages
   handshake), ``weight_bytes`` (the range's blocks, plus the output head on the final stage;
   null until the model's facts are read), ``up``, ``link_up`` (to the next stage; null on the
   last), ``kv_used`` / ``kv_reserved`` / ``kv_capacity`` (cells in use, cells held whole for
-  live sessions, all cells), ``sessions``, ``records`` (resident prefixes), ``queue``,
+  live sessions, all cells), ``sessions``, ``records`` (its prefix records), ``queue``,
   ``busy_share`` (share of the last ~30 s of heartbeats that found the stage with work),
   ``decode_rows_per_step`` (mean decode batch over the same Pongs), ``rtt_ms`` (coordinator
   to stage ping round trip, moving average), ``pong_age_s``; a figure not known yet is null;
@@ -179,20 +179,20 @@ def pong_rates(recent: Sequence[tuple[float, Pong]]) -> tuple[float | None, floa
     return round(busy, 3), (round(rows / steps, 2) if steps > 0 else None)
 
 
-def stage_status(link: StageConnection, facts: ModelFacts, last: bool, now: float
+def stage_status(conn: StageConnection, facts: ModelFacts, last: bool, now: float
                  ) -> dict[str, Any]:
     """One stage as the console shows it (``now``: ``time.monotonic()``)."""
-    info, pong = link.info, link.last_pong
-    busy, rows = pong_rates(list(link.recent))
+    info, pong = conn.info, conn.last_pong
+    busy, rows = pong_rates(list(conn.recent))
     layers = None if info is None else [info.start, info.end]
     return {
-        "index": link.index,
-        "host": link.url.split("://", 1)[-1],
+        "index": conn.index,
+        "host": conn.url.split("://", 1)[-1],
         "layers": layers,
         "weight_bytes": None if info is None else facts.weight_bytes(info.start, info.end,
                                                                      info.n_layer),
-        "up": bool(link.alive and not link.restarted),
-        "link_up": None if last else link.link_up,
+        "up": bool(conn.alive and not conn.restarted),
+        "link_up": None if last else conn.link_up,
         "kv_used": None if pong is None else pong.kv_used,
         "kv_reserved": (None if pong is None or info is None
                         else min(pong.kv_capacity, pong.sessions * info.session_ctx)),
@@ -202,8 +202,8 @@ def stage_status(link: StageConnection, facts: ModelFacts, last: bool, now: floa
         "queue": None if pong is None else pong.queue,
         "busy_share": busy,
         "decode_rows_per_step": rows,
-        "rtt_ms": None if link.rtt_ms is None else round(link.rtt_ms, 2),
-        "pong_age_s": None if pong is None else round(max(0.0, now - link.last_seen), 2),
+        "rtt_ms": None if conn.rtt_ms is None else round(conn.rtt_ms, 2),
+        "pong_age_s": None if pong is None else round(max(0.0, now - conn.last_seen), 2),
     }
 
 
@@ -211,13 +211,13 @@ def mesh_status(coordinator: Coordinator, facts: ModelFacts, series: RequestSeri
                 plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole status document (the module's docstring lists its fields)."""
     now = time.monotonic()
-    links = coordinator.connections
+    conns = coordinator.connections
     started = coordinator.started
     runner = coordinator.runner
     admission = coordinator.admission
     budget = admission.budget
     spec = runner.speculated
-    first_info = links[0].info if links else None
+    first_info = conns[0].info if conns else None
     return {
         "time": round(time.time(), 3),
         "ready": coordinator.ready,
@@ -230,7 +230,7 @@ def mesh_status(coordinator: Coordinator, facts: ModelFacts, series: RequestSeri
             "slots": coordinator.slots if started else None,
             "base_model": facts.base_model,
         },
-        "stages": [stage_status(link, facts, link is links[-1], now) for link in links],
+        "stages": [stage_status(conn, facts, conn is conns[-1], now) for conn in conns],
         "hop_ms": None if runner.hop_us is None else round(runner.hop_us / 1e3, 3),
         "admission": {
             "queue_depth": admission.queue_depth,

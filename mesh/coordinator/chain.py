@@ -1,4 +1,4 @@
-"""The chain of stages as the coordinator sees it: links, handshakes, liveness.
+"""The chain of stages as the coordinator sees it: connections, handshakes, liveness.
 
 Paranoid-Pirate style: every ``HEARTBEAT_S`` each stage is pinged. A stage silent for
 ``DEAD_AFTER_S`` is down; a stage whose Pong carries a new epoch was restarted, however short the
@@ -72,12 +72,12 @@ class Chain:
         """What keeps the chain from serving now (a re-plan, a stage or a link), or None."""
         if self.held is not None:
             return self.held
-        for link in self.connections:
-            if not link.alive or link.restarted:
-                return f"{link.name} is down"
-        for link in self.connections:
-            if not link.link_up:
-                return f"the link {self.link_name(link.index)} is down"
+        for conn in self.connections:
+            if not conn.alive or conn.restarted:
+                return f"{conn.name} is down"
+        for conn in self.connections:
+            if not conn.link_up:
+                return f"the link {self.link_name(conn.index)} is down"
         return None if self.connections else "no stages"
 
     def link_name(self, index: int) -> str:
@@ -86,22 +86,22 @@ class Chain:
 
     def active_at(self) -> float:
         """When a stage last showed work in a Pong (queued or computing)."""
-        return max((link.active_at for link in self.connections), default=0.0)
+        return max((conn.active_at for conn in self.connections), default=0.0)
 
     @property
     def session_ctx(self) -> int:
         """Smallest per-session KV in the chain: the longest a session can ever grow."""
-        return min(stage_info(link).session_ctx for link in self.connections)
+        return min(stage_info(conn).session_ctx for conn in self.connections)
 
     @property
     def slots(self) -> int:
         """Sessions the chain holds at once (every stage gives each session a slot)."""
-        return min(stage_info(link).slots for link in self.connections)
+        return min(stage_info(conn).slots for conn in self.connections)
 
     async def start(self, model_sha256: str, timeout_s: float) -> list[StageInfo]:
         self.model_sha256 = model_sha256
-        for link in self.connections:
-            link.start()
+        for conn in self.connections:
+            conn.start()
         infos = await self._handshake_all(timeout_s)
         self._check(infos)
         self._heartbeat = asyncio.create_task(self._liveness(), name="heartbeat")
@@ -113,16 +113,16 @@ class Chain:
         """Last stage first: each upstream learns the epoch of the stage it forwards to."""
         chain = self.connections if connections is None else connections
         deadline = time.monotonic() + timeout_s
-        for link in reversed(chain):
-            await self._handshake(link, max(0.5, deadline - time.monotonic()), chain)
-        return [stage_info(link) for link in chain]
+        for conn in reversed(chain):
+            await self._handshake(conn, max(0.5, deadline - time.monotonic()), chain)
+        return [stage_info(conn) for conn in chain]
 
-    async def _handshake(self, link: StageConnection, timeout_s: float,
+    async def _handshake(self, conn: StageConnection, timeout_s: float,
                          connections: list[StageConnection] | None = None) -> StageInfo:
         chain = self.connections if connections is None else connections
-        nxt = chain[link.index + 1] if link.index + 1 < len(chain) else None
-        return await link.handshake(self.origin, nxt.url if nxt else None,
-                                    nxt.epoch if nxt else None, self.model_sha256, link.index,
+        nxt = chain[conn.index + 1] if conn.index + 1 < len(chain) else None
+        return await conn.handshake(self.origin, nxt.url if nxt else None,
+                                    nxt.epoch if nxt else None, self.model_sha256, conn.index,
                                     timeout_s, next_tag=nxt.link_tag if nxt else None,
                                     keeper=self.keeper)
 
@@ -131,12 +131,12 @@ class Chain:
         n_layer = infos[0].n_layer
         expected_start = 0
         chain = self.connections if connections is None else connections
-        for link, info in zip(chain, infos, strict=True):
+        for conn, info in zip(chain, infos, strict=True):
             if info.n_layer != n_layer or info.n_embd != infos[0].n_embd:
-                raise HandshakeError(f"{link.name} serves a different model shape")
+                raise HandshakeError(f"{conn.name} serves a different model shape")
             if info.start != expected_start:
                 raise HandshakeError(
-                    f"{link.name} serves layers {info.start}:{info.end} but the chain "
+                    f"{conn.name} serves layers {info.start}:{info.end} but the chain "
                     f"needs a stage starting at layer {expected_start}")
             expected_start = info.end
         if expected_start != n_layer:
@@ -146,31 +146,31 @@ class Chain:
         self.n_layer = n_layer
 
     async def stats(self) -> list[Pong]:
-        return list(await asyncio.gather(*(link.stats() for link in self.connections)))
+        return list(await asyncio.gather(*(conn.stats() for conn in self.connections)))
 
     # ---- liveness -------------------------------------------------------------------------
     async def _liveness(self) -> None:
         # Silence is counted from the first ping, not from a handshake that may have finished
         # long before the slowest stage answered its own.
         start = time.monotonic()
-        for link in self.connections:
-            link.last_seen = max(link.last_seen, start)
+        for conn in self.connections:
+            conn.last_seen = max(conn.last_seen, start)
         for beat in itertools.count(1):
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
             listed = (self.live_sessions() if self.live_sessions is not None
                       and beat % LIST_EVERY == 0 else None)
-            for link in self.connections:
-                link.ping(listed if link.alive else None)
-                silent = now - link.last_seen
-                if link.alive and silent > DEAD_AFTER_S:
-                    self._lose(link, StageUnavailableError(
-                        f"{link.name} stopped answering ({silent:.1f} s without a heartbeat)"))
-                elif link.alive and link.restarted:
-                    self._lose(link, StageUnavailableError(
-                        f"{link.name} restarted (a new process answers at its address)"))
-                if not link.alive and silent < DEAD_AFTER_S and not self._reviving:
-                    task = asyncio.create_task(self._revive(link))
+            for conn in self.connections:
+                conn.ping(listed if conn.alive else None)
+                silent = now - conn.last_seen
+                if conn.alive and silent > DEAD_AFTER_S:
+                    self._lose(conn, StageUnavailableError(
+                        f"{conn.name} stopped answering ({silent:.1f} s without a heartbeat)"))
+                elif conn.alive and conn.restarted:
+                    self._lose(conn, StageUnavailableError(
+                        f"{conn.name} restarted (a new process answers at its address)"))
+                if not conn.alive and silent < DEAD_AFTER_S and not self._reviving:
+                    task = asyncio.create_task(self._revive(conn))
                     self._reviving.add(task)
                     task.add_done_callback(self._reviving.discard)
             self._check_links()
@@ -180,39 +180,39 @@ class Chain:
     def _check_links(self) -> None:
         """Links between stages that both answer us: down while the upstream one has not heard
         from the next for ``DEAD_AFTER_S`` (a stage down is reported as the stage instead)."""
-        for link, nxt in zip(self.connections[:-1], self.connections[1:], strict=True):
-            if not (link.alive and nxt.alive) or link.last_pong is None:
+        for conn, nxt in zip(self.connections[:-1], self.connections[1:], strict=True):
+            if not (conn.alive and nxt.alive) or conn.last_pong is None:
                 continue
-            silent_ms = link.last_pong.downstream_ms
+            silent_ms = conn.last_pong.downstream_ms
             if silent_ms is None:  # not told its next stage yet (a handshake is on its way)
                 continue
-            if link.link_up and silent_ms > 1e3 * DEAD_AFTER_S:
-                link.link_up = False
-                log.warning("link_down", stage_index=link.index, silent_ms=silent_ms)
-                self._on_lost(link, StageUnavailableError(
-                    f"the link {self.link_name(link.index)} is down: stage {link.index} has "
+            if conn.link_up and silent_ms > 1e3 * DEAD_AFTER_S:
+                conn.link_up = False
+                log.warning("link_down", stage_index=conn.index, silent_ms=silent_ms)
+                self._on_lost(conn, StageUnavailableError(
+                    f"the link {self.link_name(conn.index)} is down: stage {conn.index} has "
                     f"not heard from stage {nxt.index} for {silent_ms / 1e3:.1f} s"))
-            elif not link.link_up and silent_ms < 1e3 * DEAD_AFTER_S:
-                link.link_up = True
-                log.info("link_up", stage_index=link.index)
+            elif not conn.link_up and silent_ms < 1e3 * DEAD_AFTER_S:
+                conn.link_up = True
+                log.info("link_up", stage_index=conn.index)
 
-    def _lose(self, link: StageConnection, exc: MeshError) -> None:
-        link.alive = False
-        log.warning("stage_down", stage_index=link.index, code=exc.code)
-        self._on_lost(link, exc)
+    def _lose(self, conn: StageConnection, exc: MeshError) -> None:
+        conn.alive = False
+        log.warning("stage_down", stage_index=conn.index, code=exc.code)
+        self._on_lost(conn, exc)
 
-    async def _revive(self, link: StageConnection) -> None:
+    async def _revive(self, conn: StageConnection) -> None:
         """A stage answers again: handshake it, then its upstream (which forwards to it)."""
         try:
-            info = await self._handshake(link, COORDINATOR_TIMEOUTS.revive_s)
-            if link.index > 0:
-                await self._handshake(self.connections[link.index - 1],
+            info = await self._handshake(conn, COORDINATOR_TIMEOUTS.revive_s)
+            if conn.index > 0:
+                await self._handshake(self.connections[conn.index - 1],
                                       COORDINATOR_TIMEOUTS.revive_s)
         except MeshError as exc:
-            link.alive = False
-            log.warning("stage_revive_failed", stage_index=link.index, error=exc.code)
+            conn.alive = False
+            log.warning("stage_revive_failed", stage_index=conn.index, error=exc.code)
             return
-        log.info("stage_up", stage_index=link.index, start=info.start, end=info.end)
+        log.info("stage_up", stage_index=conn.index, start=info.start, end=info.end)
 
     async def rebuild(self, urls: list[str], timeout_s: float) -> list[StageInfo]:
         """Replace the stages by ``urls`` (a re-plan moved the layers): close the connections,
@@ -222,19 +222,19 @@ class Chain:
             self._heartbeat.cancel()
         for task in list(self._reviving):
             task.cancel()
-        for link in self.connections:
-            await link.close(linger_ms=0)
+        for conn in self.connections:
+            await conn.close(linger_ms=0)
         fresh = [StageConnection(i, url, self.origin, self._zctx, self._dispatch,
                                  self._on_send_failure, self._keys)
                  for i, url in enumerate(urls)]
-        for link in fresh:
-            link.start()
+        for conn in fresh:
+            conn.start()
         try:  # readers of the chain see the old connections until the new ones are handshaken
             infos = await self._handshake_all(timeout_s, fresh)
             self._check(infos, fresh)
         except BaseException:
-            for link in fresh:
-                await link.close(linger_ms=0)
+            for conn in fresh:
+                await conn.close(linger_ms=0)
             raise
         self.urls, self.connections = list(urls), fresh
         self._heartbeat = asyncio.create_task(self._liveness(), name="heartbeat")
@@ -246,7 +246,7 @@ class Chain:
             self._heartbeat.cancel()
         for task in list(self._reviving):
             task.cancel()
-        for link in self.connections:
-            link.flush()
-            await link.close(linger_ms=COORDINATOR_TIMEOUTS.close_linger_ms)
+        for conn in self.connections:
+            conn.flush()
+            await conn.close(linger_ms=COORDINATOR_TIMEOUTS.close_linger_ms)
         self._zctx.term()

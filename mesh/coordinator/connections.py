@@ -37,11 +37,11 @@ RECENT_PONGS = 64  # about 30 s of heartbeats: what the console's rates are comp
 RTT_WEIGHT = 0.2  # the round-trip average's weight for each new ping
 
 
-def stage_info(link: StageConnection) -> StageInfo:
-    """``link``'s StageInfo from its handshake (which every use of it follows)."""
-    if link.info is None:
-        raise RuntimeError(f"{link.name} has not been handshaken")
-    return link.info
+def stage_info(conn: StageConnection) -> StageInfo:
+    """``conn``'s StageInfo from its handshake (which every use of it follows)."""
+    if conn.info is None:
+        raise RuntimeError(f"{conn.name} has not been handshaken")
+    return conn.info
 
 
 class StageConnection:
@@ -192,7 +192,7 @@ class StageConnection:
 
     @property
     def epoch(self) -> int:
-        """The stage process this link was handshaken with (frames to it carry it)."""
+        """The stage process this connection was handshaken with (frames to it carry it)."""
         return stage_info(self).epoch
 
     @property

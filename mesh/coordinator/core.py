@@ -1,6 +1,6 @@
 """Coordinator: the chain of stages, the sessions on it, and requests run through them.
 
-The parts each have a module: the chain's links and liveness (``chain``), live sessions
+The parts each have a module: the chain's connections and liveness (``chain``), live sessions
 (``sessions``), resident prefixes (``prefixes``), decode pacing (``pacer``), one request's
 generation (``generation``), admission (``admission``). This class wires them together.
 
@@ -210,16 +210,16 @@ class Coordinator:
     async def stage_stats(self) -> list[Pong]:
         return await self.chain.stats()
 
-    def _dispatch(self, link: StageConnection, msg: Message) -> None:
+    def _dispatch(self, conn: StageConnection, msg: Message) -> None:
         if isinstance(msg, Stopped):
             self.prefixes.stopped(msg)
         elif isinstance(msg, Token | Acquired | Error) and self.sessions.deliver(msg):
             if isinstance(msg, Token):
                 self.pacer.arrived(msg.session)
         elif isinstance(msg, Error):
-            log.warning("stage_error", stage_index=link.index, code=msg.code)
+            log.warning("stage_error", stage_index=conn.index, code=msg.code)
 
-    def _lost(self, link: StageConnection, exc: MeshError) -> None:
+    def _lost(self, conn: StageConnection, exc: MeshError) -> None:
         """A stage or a link went down, or a stage restarted: every session went through it."""
         self.sessions.fail_all(exc)
         self.prefixes.lost()

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SpeculationConfig
+from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SamplerSettings, SpeculationConfig
 from mesh.coordinator.admission import Admission
 from mesh.coordinator.chain import Chain
 from mesh.coordinator.connections import stage_info
@@ -56,14 +56,8 @@ RETRYABLE_CODES = {wire.E_STALE_EPOCH, wire.E_UNKNOWN_SESSION, wire.E_NO_DOWNSTR
 
 
 @dataclass(frozen=True)
-class GenerationParams:
+class GenerationParams(SamplerSettings):
     max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-    repeat_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     logprobs: int = 0
     add_special: bool = True  # BOS for raw completions; chat templates carry their own
@@ -76,7 +70,8 @@ class GenerationParams:
     def wire_sampling(self) -> dict[str, int | float]:
         return {"temperature": float(self.temperature), "top_k": int(self.top_k),
                 "top_p": float(self.top_p), "min_p": float(self.min_p), "seed": int(self.seed),
-                "repeat_penalty": float(self.repeat_penalty), "repeat_last_n": 64,
+                "repeat_penalty": float(self.repeat_penalty),
+                "repeat_last_n": int(self.repeat_last_n),
                 "logprobs": int(self.logprobs)}
 
 
@@ -311,7 +306,7 @@ class RequestRunner:
     def _stage_costs(self) -> list[StageCosts] | None:
         """The stages' probed costs, rebuilt only when a handshake brings new StageInfos (this
         runs on every token)."""
-        infos = tuple(stage_info(link) for link in self.chain.connections)
+        infos = tuple(stage_info(conn) for conn in self.chain.connections)
         known = self._costs_of
         if known is None or any(a is not b for a, b in zip(infos, known[0], strict=True)):
             costs = [StageCosts(tuple(info.batch_us), tuple(info.window_us)) for info in infos]
@@ -334,7 +329,7 @@ class RequestRunner:
     def _window_limits(self) -> tuple[int, int | None]:
         """Rows a window may hold and the position it must end by: what every stage computes
         exactly in one llama_decode."""
-        infos = [stage_info(link) for link in self.chain.connections]
+        infos = [stage_info(conn) for conn in self.chain.connections]
         cells = [i.exact_cells for i in infos if i.exact_cells is not None]
         rows = min([self.speculation.draft_max + 1, wire.MAX_DRAFT_TOKENS + 1,
                     *(i.exact_rows for i in infos)])
@@ -364,7 +359,7 @@ class RequestRunner:
     def _chunk_size(self) -> int:
         """Prompt tokens per frame: ours, unless a stage takes fewer at once."""
         return min(self.prefill_chunk,
-                   *(stage_info(link).max_tokens for link in self.chain.connections))
+                   *(stage_info(conn).max_tokens for conn in self.chain.connections))
 
     def _send_work(self, cls: type[Work], session: int, pos: int, tokens: list[int],
                    **extra) -> None:

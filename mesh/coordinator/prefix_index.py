@@ -2,6 +2,7 @@
 
 Stages evict on their own, so this index is a hint: a reuse attempt that finds a record missing
 on any stage falls back (the stages agree on the shorter length) and the entry is forgotten.
+The words (resident prefix, prefix id, record, index): ``mesh.coordinator.prefixes``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class PrefixIndex:
         return pid
 
     def clear(self) -> None:
-        """Forget every record (the stages that held them were replaced)."""
+        """Forget every resident prefix (the stages that held them were replaced)."""
         self._entries.clear()
 
     def forget(self, pid: bytes) -> None:
@@ -56,7 +57,7 @@ class PrefixIndex:
 
     def matches(self, prompt: list[int], salt: bytes = b"", limit: int = 3
                 ) -> list[tuple[bytes, int]]:
-        """Known records of ``salt`` sharing the longest prefixes with ``prompt``, best (then
+        """Resident prefixes of ``salt`` sharing the most tokens with ``prompt``, best (then
         newest) first.
 
         Each length leaves at least one prompt token to prefill. Several are returned because

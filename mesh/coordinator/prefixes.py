@@ -1,5 +1,22 @@
 """The prefix protocol: starting sessions from resident prompt prefixes, and keeping new ones.
 
+The words, one meaning each, wherever modules, metrics and docs speak of reusing prompts' KV:
+
+- *resident prefix*: a prompt prefix whose KV the stages keep after its session ended, so that a
+  later prompt starting with the same tokens (same model, same cache salt) skips prefilling them
+  (the API's ``cached_tokens``). All of them together are the *prefix cache*
+  (``CoordinatorConfig.prefix_cache`` turns keeping and reusing them on).
+- *prefix id*: a resident prefix's name, 32 bytes hashed from the model, the cache salt and the
+  token ids (``prefix_index.prefix_id``; ``prefix_id`` on the wire).
+- *record* (prefix record): one stage's copy of a resident prefix, a KV stream of its own kept
+  under a record id (the prefix id hashed with the stage's slice). A stage's records are its
+  ``PrefixCache`` (``mesh.stage.prefix_cache``; ``--prefix-records`` of them at most), evicted
+  least recently used (``mesh.stage.eviction``, where a ``PrefixRecord`` is a record as the
+  eviction planner sees it). The wire's ``records`` and ``evicted_records`` count them.
+- *index*: the coordinator's list of the resident prefixes it may reuse (``PrefixIndex`` in
+  ``mesh.coordinator.prefix_index``): a hint, because stages evict on their own.
+- *keep*, *reuse*, *restore*: what this module does with them (``PrefixProtocol``):
+
 Reuse: agree with every stage on a record to start from (``Acquire`` to each; each stage copies
 the record into the new session as it answers, so eviction cannot take it any more; stages that
 placed more than the agreed length trim back). Keep: a finished session's ``Stop`` asks every
@@ -80,15 +97,15 @@ class PrefixProtocol:
         if recent:  # a prefix being kept right now may be the one this prompt needs
             until = max(k.posted for k in recent) + COORDINATOR_TIMEOUTS.pending_keep_wait_s
             await asyncio.wait([k.done for k in recent], timeout=until - now)
-        links = self._chain.connections
+        conns = self._chain.connections
         for pid, n in self.index.matches(prompt_ids, salt):
             n -= n % align
             if n < MIN_REUSE_TOKENS:
                 continue
-            placed = await self._acquire_round(session, inbox, pid, n, links)
+            placed = await self._acquire_round(session, inbox, pid, n, conns)
             agreed = min(placed.values())
             agreed -= agreed % align
-            longer = [link for link in links if placed[link.index] > agreed]
+            longer = [conn for conn in conns if placed[conn.index] > agreed]
             if longer:
                 await self._acquire_round(session, inbox, pid, agreed, longer)
             if agreed >= MIN_REUSE_TOKENS:
@@ -98,13 +115,13 @@ class PrefixProtocol:
         return 0
 
     async def _acquire_round(self, session: int, inbox: Inbox, pid: bytes, n: int,
-                             links: list[StageConnection]) -> dict[int, int]:
-        for link in links:
-            link.post(fr.encode(Acquire(session=session, origin=self._chain.origin,
-                                        epoch=link.epoch, prefix_id=pid, n=n)), session)
-        by_stage = {stage_info(link).stage: link.index for link in links}
+                             conns: list[StageConnection]) -> dict[int, int]:
+        for conn in conns:
+            conn.post(fr.encode(Acquire(session=session, origin=self._chain.origin,
+                                        epoch=conn.epoch, prefix_id=pid, n=n)), session)
+        by_stage = {stage_info(conn).stage: conn.index for conn in conns}
         placed: dict[int, int] = {}
-        while len(placed) < len(links):
+        while len(placed) < len(conns):
             msg = await Sessions.next(inbox, want=Acquired)
             if msg.stage in by_stage:
                 placed[by_stage[msg.stage]] = msg.n
@@ -133,13 +150,13 @@ class PrefixProtocol:
             keep, pid = len(keep_prompt), prefix_id(self._model_sha256(), keep_prompt, salt)
             self._pending[session] = _Keep(keep_prompt, salt, now,
                                            asyncio.get_running_loop().create_future())
-        links = self._chain.connections
-        targets = links[:1] if links[0].alive else [link for link in links if link.alive]
+        conns = self._chain.connections
+        targets = conns[:1] if conns[0].alive else [conn for conn in conns if conn.alive]
         keeper = getattr(self._chain, "keeper", None)
-        for link in targets:
-            first = keep and link.index == 0  # the first stage remembers what it keeps
-            link.post(fr.encode(Stop(session=session, origin=self._chain.origin,
-                                     epoch=link.epoch, keep=keep, prefix_id=pid,
+        for conn in targets:
+            first = keep and conn.index == 0  # the first stage remembers what it keeps
+            conn.post(fr.encode(Stop(session=session, origin=self._chain.origin,
+                                     epoch=conn.epoch, keep=keep, prefix_id=pid,
                                      tokens=fr.pack_tokens(keep_prompt) if first else None,
                                      salt=salt if first else None,
                                      keeper=keeper if first else None)))

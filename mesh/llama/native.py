@@ -11,7 +11,7 @@ import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -51,19 +51,23 @@ def llama():
 _KEEPALIVE: list = []
 
 
+# The ggml functions bound here: name -> (argument types, return type).
+_GGML_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "ggml_get_name": ([ctypes.c_void_p], ctypes.c_char_p),
+    "ggml_nbytes": ([ctypes.c_void_p], ctypes.c_size_t),
+    "ggml_backend_tensor_get": (
+        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
+}
+
+
 @functools.lru_cache(maxsize=1)
 def ggml_base() -> ctypes.CDLL:
     """ggml tensor accessors used by the eval callback (not bound by llama-cpp-python)."""
     lib_dir = Path(llama().__file__).parent / "lib"
     lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_get_name.restype = ctypes.c_char_p
-    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    lib.ggml_nbytes.restype = ctypes.c_size_t
-    lib.ggml_backend_tensor_get.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-    ]
-    lib.ggml_backend_tensor_get.restype = None
+    for name, (argtypes, restype) in _GGML_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
@@ -169,7 +173,20 @@ class ContextParams:
     kv_type: str = "f16"  # K and V cells: a name in KV_TYPES
 
 
-class NativeModel:
+class _Owner:
+    """Owns a llama.cpp handle that ``close`` frees (once); a ``with`` block closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NativeModel(_Owner):
     def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False):
         lib = llama()
         params = lib.llama_model_default_params()
@@ -191,14 +208,8 @@ class NativeModel:
             llama().llama_model_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self) -> NativeModel:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class NativeContext:
+class NativeContext(_Owner):
     """One llama context; ``capture`` copies a tensor out of every ubatch.
 
     ``n_ctx`` in ``ContextParams`` is the whole cache: with one stream per sequence, each
@@ -262,14 +273,8 @@ class NativeContext:
             llama().llama_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self) -> NativeContext:
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class Batch:
+class Batch(_Owner):
     """A reusable ``llama_batch`` with numpy views over its arrays (one sequence id per row)."""
 
     def __init__(self, capacity: int, n_embd: int):
@@ -316,9 +321,3 @@ class Batch:
         if self.struct is not None:
             llama().llama_batch_free(self.struct)
             self.struct = None
-
-    def __enter__(self) -> Batch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -62,14 +62,14 @@ def normalize_listen(text: str) -> str:
 @click.option("--ctx", "n_ctx", default=STAGE.ctx, show_default=True,
               help="KV cells of one session (its own stream; rounded up to 256).")
 @click.option("--slots", "n_seq_max", default=STAGE.slots, show_default=True,
-              help="Sessions held at once: live sessions + cached prefixes. "
+              help="Sessions held at once: live sessions + resident prefixes. "
                    "KV memory is ctx x slots cells.")
 @click.option("--threads", "n_threads", default=STAGE.threads, show_default=True)
 @click.option("--gpu-layers", "n_gpu_layers", default=STAGE.gpu_layers, show_default=True)
 @click.option("--batch", "n_batch", default=STAGE.batch, show_default=True,
               help="Most tokens in one frame.")
 @click.option("--prefix-records", default=None, type=int,
-              help="Most resident prompt prefixes kept [default: slots/2].")
+              help="Most prefix records (resident prefixes) kept [default: slots/2].")
 @click.option("--batching", type=click.Choice(MODES), default=DEFAULT_MODE,
               show_default=True,
               help="invariant: a session's tokens never depend on what else runs (bf16 K "
@@ -220,7 +220,7 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
     from mesh.logs import get_logger
     from mesh.model.slicing import model_info, slice_model
     from mesh.shipping.fetch import fetch_slice
-    from mesh.stage.join import JoinLink, advertised_url, ready
+    from mesh.stage.join import JoinConnection, advertised_url, ready
     from mesh.stage.probe import measure
     from mesh.transport.messages import Join
     from mesh.transport.sockets import valid_url
@@ -238,7 +238,7 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
     name = (member_name or socket.gethostname() or public)[:wire.MAX_MEMBER_NAME_CHARS]
     stopping = threading.Event()
     stop.append(stopping.set)
-    link = JoinLink(join_url, keys, zmq.Context.instance())
+    conn = JoinConnection(join_url, keys, zmq.Context.instance())
     hello = Join(
         name=name, url=public, mem_bytes=measured.mem_bytes, threads=options.n_threads,
         ctx=options.n_ctx, slots=options.n_seq_max,
@@ -246,20 +246,20 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
         probe_layer=measured.probe_layer, layer_us=measured.layer_us,
         head_us=measured.head_us, pinned_start=pinned[0] if pinned else None,
         pinned_end=pinned[1] if pinned else None)
-    link.start(hello)
+    conn.start(hello)
     click.echo(f"mesh-stage: joining {join_url} as {name} ({public}); waiting for layers",
                err=True)
     try:
         while not stopping.is_set():
             try:
-                probe = link.probes.get_nowait()
+                probe = conn.probes.get_nowait()
             except queue.Empty:
                 pass
             else:
-                hello = _measured(link, probe, hello, options)
+                hello = _measured(conn, probe, hello, options)
                 continue
             try:
-                assign = link.assignments.get(timeout=0.5)
+                assign = conn.assignments.get(timeout=0.5)
             except queue.Empty:
                 continue
             if assign.start == assign.end:
@@ -270,24 +270,24 @@ def _joined(join_url: str, path: Path | None, pinned: tuple[int, int] | None, ur
                 if path is not None and info is not None and assign.model_sha256 == info.sha256:
                     files = slice_model(path, assign.start, assign.end)
                 else:
-                    files = fetch_slice(link, assign.model_sha256, assign.start, assign.end,
+                    files = fetch_slice(conn, assign.model_sha256, assign.start, assign.end,
                                         _progress(assign))
                 runtime, server = _build(files, url, options, keys)
             except Exception as exc:
-                link.send(ready(assign, public, f"cannot serve {assign.start}:{assign.end}: "
+                conn.send(ready(assign, public, f"cannot serve {assign.start}:{assign.end}: "
                                                 f"{exc}"[:400]))
                 continue
-            link.on_assign(server.stop)
-            link.send(ready(assign, public))
+            conn.on_assign(server.stop)
+            conn.send(ready(assign, public))
             click.echo(f"mesh-stage: serving layers {assign.start}:{assign.end} at {public}",
                        err=True)
             _run(runtime, server, stop)
-            link.on_assign(None)
+            conn.on_assign(None)
     finally:
-        link.close()
+        conn.close()
 
 
-def _measured(link, probe, hello, options: _Options):
+def _measured(conn, probe, hello, options: _Options):
     """Fetch the one layer the coordinator sent to measure, time it, and join again with the
     measure (with none if it could not: the coordinator then stops waiting for it)."""
     import dataclasses
@@ -297,13 +297,13 @@ def _measured(link, probe, hello, options: _Options):
     from mesh.stage.probe import step_us
 
     try:
-        files = fetch_slice(link, probe.model_sha256, probe.layer, probe.layer + 1)
+        files = fetch_slice(conn, probe.model_sha256, probe.layer, probe.layer + 1)
         layer_us = step_us(files, options.n_threads, options.kv_type(files.model.mixed_kv))
     except Exception as exc:
         get_logger("mesh.stage").warning("probe_failed", error=str(exc)[:200])
         layer_us = 0
     measured = dataclasses.replace(hello, probe_layer=probe.layer, layer_us=layer_us)
-    link.offer(measured)
+    conn.offer(measured)
     return measured
 
 

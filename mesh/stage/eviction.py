@@ -7,7 +7,7 @@ session needs a free one. Pure: plain data in, plain data out; no sockets, no ll
   the prefix cache);
 - least recently used records go first; live sessions are never candidates, and neither are
   pinned records (the ones a new session is about to copy from);
-- bounded: at most ``max_records`` records per plan, and never more than the shortfall;
+- bounded: at most ``max_evicted`` records per plan, and never more than the shortfall;
 - a plan that cannot cover the need is ``insufficient`` and still frees what it can: every slot
   freed lets one waiting session start, and the caller refuses or defers the rest.
 """
@@ -29,7 +29,7 @@ class PlanStatus(str, Enum):
 
 @dataclass(frozen=True)
 class PrefixRecord:
-    """A resident prefix as the planner sees it."""
+    """A prefix record as the planner sees it."""
 
     id: bytes  # the record id
     tokens: int
@@ -39,7 +39,7 @@ class PrefixRecord:
 
 @dataclass(frozen=True)
 class PlanBounds:
-    max_records: int = 64  # records evicted by one plan
+    max_evicted: int = 64  # records evicted by one plan
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def plan_eviction(
     live = set(live_sessions)
     candidates = sorted((r for r in records if not r.pinned and r.id not in live),
                         key=lambda r: (r.last_use, str(r.id)))
-    chosen = candidates[:min(target, bounds.max_records)]
+    chosen = candidates[:min(target, bounds.max_evicted)]
     status = PlanStatus.EVICT if len(chosen) == target else PlanStatus.INSUFFICIENT
     return EvictionPlan(status, target, tuple(r.id for r in chosen),
                         sum(r.tokens for r in chosen))

@@ -3,8 +3,8 @@
 It measures its host (``mesh.stage.probe``), offers itself with a ``Join`` on the coordinator's
 join socket, and serves whatever range an ``Assign`` names; a later ``Assign`` (a re-plan) stops
 the server and starts the new range; an empty one leaves it standing by, with the reason
-logged. The join socket is answered on a thread of its own (``JoinLink``) for the whole life
-of the process, so the coordinator's ``Beat``s are echoed while the main thread computes.
+logged. The join socket is answered on a thread of its own (``JoinConnection``) for the whole
+life of the process, so the coordinator's ``Beat``s are echoed while the main thread computes.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def advertised_url(listen: str, coordinator_url: str) -> str:
 
 
 @dataclass
-class JoinLink:
+class JoinConnection:
     """The stage's end of the join socket: echoes Beats, hands Assigns to the main thread."""
 
     url: str
@@ -64,7 +64,7 @@ class JoinLink:
         self._outbox = Mailbox()
         self._running = True
         self._on_assign: Callable[[], None] | None = None
-        self._thread = threading.Thread(target=self._loop, name="join-link", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="join-connection", daemon=True)
 
     def start(self, hello: Join) -> None:
         self._hello = hello
@@ -80,7 +80,7 @@ class JoinLink:
         self._outbox.put(Reply(b"", [fr.encode(msg)]))
 
     def on_assign(self, action: Callable[[], None] | None) -> None:
-        """Call ``action`` (on the link's thread) when an Assign arrives: stop serving."""
+        """Call ``action`` (on the connection's thread) when an Assign arrives: stop serving."""
         self._on_assign = action
 
     def close(self) -> None:

@@ -10,7 +10,8 @@ Records outlive the coordinator that kept them: each remembers its prefix id (an
 stage, the salt and token ids it was kept for), and ``report`` lists them for the handshake, so
 a restarted coordinator rebuilds its index instead of starting cold.
 Records hold slots, so they are bounded by count and evicted least recently used when a new
-session needs a slot (``mesh.stage.eviction``).
+session needs a slot (``mesh.stage.eviction``). The words (resident prefix, prefix id, record,
+index) are defined once, in ``mesh.coordinator.prefixes``.
 """
 
 from __future__ import annotations

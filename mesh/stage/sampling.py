@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mesh.config import SamplerSettings
 from mesh.errors import InvalidInputError
 from mesh.grammar import check_grammar as _check_grammar
 from mesh.llama.native import llama
@@ -14,16 +15,9 @@ from mesh.transport.wire import MAX_GRAMMAR_REPEAT, MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """Defaults give greedy decoding. ``temperature <= 0`` means greedy."""
+class SamplingParams(SamplerSettings):
+    """A session's sampling at the final stage; the defaults (``SamplerSettings``) are greedy."""
 
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int = 0
-    repeat_penalty: float = 1.0  # 1.0 = off
-    repeat_last_n: int = 64
     n_logprobs: int = 0
     grammar: bytes | None = None  # GBNF (rule "root") the sampled text must follow
 

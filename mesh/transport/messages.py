@@ -5,7 +5,7 @@ kind marks ``?`` there is ``None`` when absent. The classes hold no checks: ``fr
 validates every field before it builds one, and code that builds one to send is trusted.
 
 Treated as immutable: nothing assigns to a message once built (a stage forwards a
-``dataclasses.replace`` copy), so a frame queued at a stage or kept by a link never changes
+``dataclasses.replace`` copy), so a frame queued at a stage or kept by a connection never changes
 behind its reader's back. Not ``frozen=True``: a frozen dataclass sets each field through
 ``object.__setattr__``, 0.6 µs more per message, which made encoding and decoding a Decode or a
 Token 30% slower than the dict codec they replaced; as plain slots classes they are faster.
@@ -23,10 +23,11 @@ from mesh.transport import wire
 
 
 @dataclass(slots=True)
-class PrefillEmbd:
-    """A prompt chunk: token ids at the first stage, the activation ``embd`` after it."""
+class _WorkFields:
+    """The fields every work frame starts with, in this order (protocol.md: PrefillFinalEmbd
+    and Decode are PrefillEmbd's fields and then their own). Not a kind of its own, and no
+    work frame is an instance of another's class."""
 
-    kind: ClassVar[str] = wire.PREFILL
     session: int
     origin: bytes
     epoch: int
@@ -37,34 +38,27 @@ class PrefillEmbd:
 
 
 @dataclass(slots=True)
-class PrefillFinalEmbd:
+class PrefillEmbd(_WorkFields):
+    """A prompt chunk: token ids at the first stage, the activation ``embd`` after it."""
+
+    kind: ClassVar[str] = wire.PREFILL
+
+
+@dataclass(slots=True)
+class PrefillFinalEmbd(_WorkFields):
     """The prompt's last chunk: the final stage samples after it, with ``sampling``."""
 
     kind: ClassVar[str] = wire.PREFILL_FINAL
-    session: int
-    origin: bytes
-    epoch: int
-    pos: int
-    n: int
-    tokens: bytes | None
-    embd: bytes | None
     sampling: dict[str, int | float]
     history: bytes | None
     grammar: bytes | None
 
 
 @dataclass(slots=True)
-class Decode:
+class Decode(_WorkFields):
     """One sampled token, or a verify window of drafted ones (``draft``)."""
 
     kind: ClassVar[str] = wire.DECODE
-    session: int
-    origin: bytes
-    epoch: int
-    pos: int
-    n: int
-    tokens: bytes | None
-    embd: bytes | None
     draft: bytes | None
 
 

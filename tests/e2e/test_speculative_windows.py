@@ -184,7 +184,7 @@ def test_the_cost_policy_turns_windows_on_where_they_pay(gemma_path, mesh2):
                 .url for url in mesh2.urls]
 
         async def body(coord):
-            infos = [link.info for link in coord.chain.connections]
+            infos = [conn.info for conn in coord.chain.connections]
             return infos, await coord.complete(CODE, params), coord.runner.hop_us
         infos, on, hop_us = with_coordinator(gemma_path, urls, body,
                                              speculation=SpeculationConfig())

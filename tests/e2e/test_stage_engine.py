@@ -121,7 +121,7 @@ def test_a_2048_token_frame_at_one_thread_is_served_and_equals_one_process(gemma
         async def body(coord):
             t0 = time.monotonic()
             result = await coord.complete(prompt, GenerationParams(max_tokens=8))
-            busiest = max(link.longest_busy_ms for link in coord.connections)
+            busiest = max(conn.longest_busy_ms for conn in coord.connections)
             return result, busiest, time.monotonic() - t0
         result, busiest, seconds = with_coordinator(gemma_path, mesh.urls, body,
                                                     prefill_chunk=2048)

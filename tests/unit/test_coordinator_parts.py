@@ -49,9 +49,9 @@ def test_sessions_report_waiting_only_while_their_request_waits_on_an_empty_inbo
 
 
 def _chain(n: int, lost: list) -> Chain:
-    """A chain whose links never connect (nothing listens): liveness is fed by hand."""
+    """A chain whose connections never connect (nothing listens): liveness is fed by hand."""
     return Chain([f"tcp://127.0.0.1:{1 + i}" for i in range(n)], b"coord-test", None,
-                 dispatch=lambda link, msg: None, on_lost=lambda link, exc: lost.append(exc),
+                 dispatch=lambda conn, msg: None, on_lost=lambda conn, exc: lost.append(exc),
                  on_send_failure=lambda sessions, exc: None)
 
 
@@ -65,8 +65,8 @@ def test_a_silent_link_between_live_stages_is_down_and_named_then_up_again():
     async def main():
         lost: list = []
         chain = _chain(3, lost)
-        for link in chain.connections:
-            link.alive = True
+        for conn in chain.connections:
+            conn.alive = True
         chain.connections[0].last_pong = _pong(100)
         chain.connections[1].last_pong = _pong(int(1e3 * DEAD_AFTER_S) + 1)
         chain.connections[2].last_pong = _pong(None)
@@ -99,7 +99,7 @@ class _Link:
 
 
 class _FakeChain:
-    """What PrefixProtocol reads from a chain: its model, origin and links."""
+    """What PrefixProtocol reads from a chain: its model, origin and connections."""
 
     model_sha256 = MODEL
     origin = b"coord-test"

@@ -51,10 +51,10 @@ def test_least_recently_used_first_and_never_more_than_the_shortfall(free, need,
 
 
 @given(st.integers(0, 5), st.integers(1, 20), records_st, st.integers(1, 4))
-def test_bounds_cap_records_per_plan(free, need, records, max_records):
-    plan = plan_eviction(free, need, records, bounds=PlanBounds(max_records=max_records))
-    assert len(plan.evict) <= max_records
-    if need - free > max_records and plan.target:
+def test_bounds_cap_records_per_plan(free, need, records, max_evicted):
+    plan = plan_eviction(free, need, records, bounds=PlanBounds(max_evicted=max_evicted))
+    assert len(plan.evict) <= max_evicted
+    if need - free > max_evicted and plan.target:
         assert plan.status is PlanStatus.INSUFFICIENT
 
 

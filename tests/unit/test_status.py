@@ -77,27 +77,27 @@ def test_busy_share_and_rows_per_step_come_from_the_recent_pongs():
 
 
 @pytest.fixture
-def link():
+def conn():
     ctx = zmq.asyncio.Context()
-    conn = StageConnection(0, "tcp://127.0.0.1:1", b"coord-test", ctx, lambda link, msg: None)
+    conn = StageConnection(0, "tcp://127.0.0.1:1", b"coord-test", ctx, lambda conn, msg: None)
     yield conn
     conn._sock.close(linger=0)
     ctx.term()
 
 
-def test_a_pong_answering_the_latest_ping_measures_the_round_trip(link):
-    link._pinged = (7, time.perf_counter() - 0.010)
-    link._receive(_pong(nonce=6))  # an older ping's answer is no measure of this one
-    assert link.rtt_ms is None
-    link._receive(_pong(nonce=7))
-    assert 10.0 <= link.rtt_ms < 1000.0
-    first = link.rtt_ms
-    link._pinged = (8, time.perf_counter() - 0.110)
-    link._receive(_pong(nonce=8))
-    assert first < link.rtt_ms < 110.0 + 1000.0  # a moving average, not the last sample
+def test_a_pong_answering_the_latest_ping_measures_the_round_trip(conn):
+    conn._pinged = (7, time.perf_counter() - 0.010)
+    conn._receive(_pong(nonce=6))  # an older ping's answer is no measure of this one
+    assert conn.rtt_ms is None
+    conn._receive(_pong(nonce=7))
+    assert 10.0 <= conn.rtt_ms < 1000.0
+    first = conn.rtt_ms
+    conn._pinged = (8, time.perf_counter() - 0.110)
+    conn._receive(_pong(nonce=8))
+    assert first < conn.rtt_ms < 110.0 + 1000.0  # a moving average, not the last sample
     for i in range(RECENT_PONGS + 10):
-        link._receive(_pong(nonce=100 + i))
-    assert len(link.recent) == RECENT_PONGS  # bounded
+        conn._receive(_pong(nonce=100 + i))
+    assert len(conn.recent) == RECENT_PONGS  # bounded
 
 
 def test_weight_bytes_are_the_stage_blocks_and_the_head_on_the_final_stage():
@@ -108,19 +108,19 @@ def test_weight_bytes_are_the_stage_blocks_and_the_head_on_the_final_stage():
     assert ModelFacts("m").weight_bytes(0, 2, 4) is None  # not read (yet)
 
 
-def _fake_coordinator(links):
+def _fake_coordinator(conns):
     budget = SlotBudget(16)
     budget.try_reserve(3)
     speculated = SpeculationStats(windows=4, drafted=20, accepted=15)
     return SimpleNamespace(
-        connections=links, started=True, ready=True, session_ctx=512, slots=16,
+        connections=conns, started=True, ready=True, session_ctx=512, slots=16,
         chain=SimpleNamespace(down=lambda: None),
         runner=SimpleNamespace(hop_us=1500.0, retries=2, speculated=speculated),
         admission=SimpleNamespace(queue_depth=1, budget=budget),
         speculation=SimpleNamespace(enabled=True))
 
 
-def _fake_link(index, start, end, pongs):
+def _fake_conn(index, start, end, pongs):
     info = SimpleNamespace(start=start, end=end, n_layer=4, session_ctx=512, arch="llama")
     return SimpleNamespace(index=index, url=f"tcp://10.0.0.{index + 1}:7501", info=info,
                            alive=True, restarted=False, link_up=True,
@@ -129,14 +129,14 @@ def _fake_link(index, start, end, pongs):
 
 
 def test_the_status_document_tells_each_stage_and_the_mesh():
-    links = [_fake_link(0, 0, 2, [(0.0, _pong(kv_used=10, steps=1, rows=1)),
+    conns = [_fake_conn(0, 0, 2, [(0.0, _pong(kv_used=10, steps=1, rows=1)),
                                   (0.5, _pong(kv_used=90, sessions=3, busy_ms=2, steps=5,
                                               rows=13))]),
-             _fake_link(1, 2, 4, [])]
+             _fake_conn(1, 2, 4, [])]
     series = RequestSeries()
     series.failed("cancelled")
     facts = ModelFacts("tiny", base_model=True, layer_bytes=(1, 2, 3, 4), head_bytes=100)
-    status = mesh_status(_fake_coordinator(links), facts, series)
+    status = mesh_status(_fake_coordinator(conns), facts, series)
     first, last = status["stages"]
     assert first["layers"] == [0, 2] and last["layers"] == [2, 4]
     assert first["host"] == "10.0.0.1:7501" and first["weight_bytes"] == 3
