@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import zmq.asyncio
+import zmq
 
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.coordinator.connections import StageConnection, stage_info
@@ -48,7 +48,7 @@ class Chain:
         self.keeper = keys.keeper if keys is not None else None
         self.model_sha256: str | None = None
         self.n_layer = 0
-        self._zctx = zmq.asyncio.Context()
+        self._zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.connections = [StageConnection(i, url, origin, self._zctx, dispatch,
                                             on_send_failure, keys)
                             for i, url in enumerate(urls)]

@@ -8,6 +8,11 @@ than the handshake's means a new process. Frames from the stage are decoded here
 Session frames are ``post``ed: the frames posted during one turn of the event loop leave as one
 ZeroMQ message, so the decode steps of many sessions reach the stage together and run as one
 batch.
+
+The socket is a plain ZeroMQ socket whose file descriptor the event loop watches
+(``add_reader``); a wake-up reads every message waiting and hands each on at once. zmq.asyncio
+would take a future, a task step and two event-loop turns per message: about 0.2 ms of a
+token's 15 on a small VM, where every token crosses this path once.
 """
 
 from __future__ import annotations
@@ -17,10 +22,8 @@ import collections
 import itertools
 import time
 from collections.abc import Callable
-from typing import cast
 
 import zmq
-import zmq.asyncio
 
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.errors import HandshakeError, MeshError, ProtocolError, StageUnavailableError
@@ -45,7 +48,7 @@ def stage_info(conn: StageConnection) -> StageInfo:
 
 
 class StageConnection:
-    def __init__(self, index: int, url: str, origin: bytes, zctx: zmq.asyncio.Context,
+    def __init__(self, index: int, url: str, origin: bytes, zctx: zmq.Context[zmq.Socket[bytes]],
                  dispatch: Callable[[StageConnection, Message], None],
                  on_send_failure: Callable[[list[int], MeshError], None] | None = None,
                  keys: MeshKeys | None = None):
@@ -77,17 +80,21 @@ class StageConnection:
         self._posted_sessions: list[int] = []
         self._handshake: asyncio.Future[StageInfo | Error] | None = None
         self._nonce = itertools.count(1)
-        self._reader: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # watching the socket
         self._pong_waiters: list[asyncio.Future[Pong]] = []
 
     def start(self) -> None:
-        self._reader = asyncio.create_task(self._read_loop(), name=f"read-{self.name}")
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.FD, self._readable)
+        self._readable()  # what arrived before the loop watched
 
-    async def _read_loop(self) -> None:
+    def _readable(self) -> None:
+        """Read every message waiting: the descriptor signals an edge (new messages), not
+        that messages remain."""
         while True:
             try:
-                parts = await self._sock.recv_multipart(copy=False)
-            except (asyncio.CancelledError, zmq.ZMQError):
+                parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:  # Again: all read; otherwise closed
                 return
             for part in parts:
                 try:
@@ -152,22 +159,15 @@ class StageConnection:
         self._send_parts([frame])
 
     def _send_parts(self, frames: list[bytes]) -> None:
-        """Queue a message for the stage or fail now: never wait on a dead peer.
-
-        Goes through the asyncio socket (a NOBLOCK send completes at once): touching the
-        underlying socket directly would eat the edge-triggered wake-up of the reader task.
-        """
-        # zmq.asyncio returns an asyncio Future (its stub says Awaitable).
-        future = cast("asyncio.Future[object]",
-                      self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False))
-        if not future.done():
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            return
-        exc = future.exception()
-        if isinstance(exc, zmq.Again):
-            raise StageUnavailableError(f"{self.name} is not reachable")
-        if exc is not None:
-            raise exc
+        """Queue a message for the stage or fail now: never wait on a dead peer."""
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise StageUnavailableError(f"{self.name} is not reachable") from None
+        finally:
+            # A send may take the descriptor's edge for messages that arrived meanwhile.
+            if self._loop is not None and int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._loop.call_soon(self._readable)
 
     def ping(self, sessions: list[int] | None = None) -> None:
         """Ping; with ``sessions`` (all of ours that are live), the stage drops any others of
@@ -234,10 +234,7 @@ class StageConnection:
         return reply
 
     async def close(self, linger_ms: int = 0) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.FD)
+            self._loop = None
         self._sock.close(linger=linger_ms)

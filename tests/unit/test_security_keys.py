@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-import zmq.asyncio
+import zmq
 
 from mesh.coordinator.connections import StageConnection
 from mesh.errors import SecretError
@@ -99,7 +99,7 @@ def test_member_identities_hold_only_their_role(identities, tmp_path):
         with pytest.raises(SecretError, match="does not hold a mesh secret"):
             write_member(path, ROLE_STAGE, tmp_path / f"from-{path.name}")
     with pytest.raises(SecretError, match="cannot act as a coordinator"):
-        StageConnection(0, "tcp://127.0.0.1:1", b"coord-x", zmq.asyncio.Context(),
+        StageConnection(0, "tcp://127.0.0.1:1", b"coord-x", zmq.Context(),
                   lambda *_: None, keys=stage)
     copy = tmp_path / "copy.id"
     copy.write_text(stage_file.read_text())

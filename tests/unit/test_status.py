@@ -5,7 +5,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import zmq.asyncio
+import zmq
 
 from mesh.api.status import ModelFacts, RequestSeries, mesh_status, pong_rates
 from mesh.coordinator.admission import SlotBudget
@@ -78,7 +78,7 @@ def test_busy_share_and_rows_per_step_come_from_the_recent_pongs():
 
 @pytest.fixture
 def conn():
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     conn = StageConnection(0, "tcp://127.0.0.1:1", b"coord-test", ctx, lambda conn, msg: None)
     yield conn
     conn._sock.close(linger=0)
