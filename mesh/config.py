@@ -129,11 +129,7 @@ class StageDefaults:
     listen_port: int = 7501  # a stage's default port (loopback)
     lease_s: float = 10.0  # an owner not heard from for this long loses its sessions
     poll_ms: int = 100  # the server's socket poll while nothing arrives
-    # A step of decode rows alone runs with the sockets on the main thread while the last one
-    # took less than this: its frames leave as it ends, without waking another thread (each
-    # wake-up costs 0.1-0.3 ms on a small VM), and pings wait at most about this long.
-    # Prompt chunks, verify windows and slower steps lend the sockets to the transport thread.
-    inline_step_ms: float = 50.0
+    idle_wait_s: float = 0.1  # the compute thread's wait for work while idle
     probe_reset_s: float = 1.0  # while the next stage is silent, its probe reconnects this often
     # The interpreter's GIL switch interval: the transport thread answers within one of the
     # compute thread's Python (5 ms, the default, would add up to that to every hand-off).

@@ -1,9 +1,7 @@
 """The stage's compute side: performs the scheduler's plans on the runtime, touches no socket.
 
-The stage's main thread calls ``run_once``. Whichever thread holds the sockets hands it frames
-with ``submit`` (bounded in frames and bytes) and sends whatever the engine puts in the mailbox
-(``mesh.stage.server``: the main thread itself between and during short steps, the transport
-thread while a long one computes, ``Sockets.lend``). A step is: ask the
+One thread runs ``run_forever``. The transport thread hands it frames with ``submit`` (bounded
+in frames and bytes) and sends whatever the engine puts in the mailbox. A step is: ask the
 scheduler for a plan, then perform it in order: controls (Stop, Acquire), the eviction plan,
 new sessions, the decode rows (each group one llama_decode), the verify windows (each in exact
 pieces), one prompt chunk. The decode rows' outputs are mailed together before the windows and
@@ -20,9 +18,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -128,42 +125,19 @@ class _Outbox:
         self._forwards.append(frame)
         self._owners.append(owner)
 
-    def flush(self) -> bool:
-        """Mail what was produced; whether there was anything."""
-        mailed = bool(self._forwards or self._replies)
+    def flush(self) -> None:
         if self._forwards:
             self._mailbox.put(Forward(self._forwards, self._owners))
             self._forwards, self._owners = [], []
         for identity, frames in self._replies.items():
             self._mailbox.put(Reply(identity, frames))
         self._replies.clear()
-        return mailed
-
-
-class Sockets(Protocol):
-    """What the engine asks of whoever holds the stage's sockets (``StageServer``)."""
-
-    def lend(self) -> AbstractContextManager[None]:
-        """Another thread answers the sockets while the block computes."""
-
-    def send_mail(self) -> None:
-        """Send what was mailed now, if the calling thread holds the sockets."""
-
-
-class _NoSockets:
-    """An engine driven directly (tests): the mailbox is read by its owner."""
-
-    def lend(self) -> AbstractContextManager[None]:
-        return nullcontext()
-
-    def send_mail(self) -> None:
-        pass
 
 
 class StageEngine:
     def __init__(self, runtime: StageRuntime, cache: PrefixCache, mailbox: Mailbox, name: str,
                  batching: ExactBatching, *, queue_frames: int = QUEUE_FRAMES,
-                 queue_bytes: int = QUEUE_BYTES, sockets: Sockets | None = None):
+                 queue_bytes: int = QUEUE_BYTES):
         self.runtime = runtime
         self.cache = cache
         self.name = name
@@ -176,8 +150,6 @@ class StageEngine:
         self.busy_since: float | None = None
         self._mailbox = mailbox
         self._limits = (queue_frames, queue_bytes)
-        self._sockets = sockets or _NoSockets()
-        self._rows_ms = 0.0  # how long the last step of decode rows alone took
         self._inbox: collections.deque[Item] = collections.deque()
         self._cond = threading.Condition()
         self._queued = [0, 0]  # frames, bytes accepted and not yet run
@@ -239,25 +211,12 @@ class StageEngine:
             self._cond.notify()
 
     # ---- the compute thread -----------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    @property
-    def pending(self) -> bool:
-        """Whether ``run_once`` has anything to do."""
-        with self._cond:
-            return bool(self._inbox or self._expired or self._listed or len(self.scheduler))
-
-    def run_once(self) -> bool:
-        """Take what was submitted, drop orphaned sessions, and step if any work is queued;
-        whether it stepped."""
-        self._absorb()
-        self._drop_orphans()
-        if not len(self.scheduler):
-            return False
-        self.step()
-        return True
+    def run_forever(self) -> None:
+        while self._running:
+            self._absorb(block=not len(self.scheduler))
+            self._drop_orphans()
+            if len(self.scheduler):
+                self.step()
 
     def _drop_orphans(self) -> None:
         """Sessions whose owner's lease ran out, or that their owner no longer lists."""
@@ -300,16 +259,9 @@ class StageEngine:
         start = time.monotonic()
         if plan.computes:
             self.busy_since = start
-        rows_only = plan.prefill is None and not plan.windows
         try:
-            # A short step keeps the sockets on this thread (its frames leave the moment they
-            # are computed); a long one lends them, so pings are answered while it computes.
-            with (nullcontext() if rows_only and self._rows_ms < STAGE.inline_step_ms
-                  else self._sockets.lend()):
-                self._perform(plan)
-                self.cache.compact()  # live sessions side by side: their rows run as one ubatch
-            if rows_only and plan.rows:
-                self._rows_ms = 1e3 * (time.monotonic() - start)
+            self._perform(plan)
+            self.cache.compact()  # live sessions side by side: their rows run as one ubatch
         except Exception as exc:  # a bug, not a frame's fault: keep serving, say so once
             log.error("step_failed", stage=self.name, error_type=type(exc).__name__)
         finally:
@@ -328,8 +280,11 @@ class StageEngine:
             self._publish()
         return plan
 
-    def _absorb(self) -> None:
+    def _absorb(self, block: bool) -> None:
         with self._cond:
+            if (block and not self._inbox and not self._expired and not self._listed
+                    and self._running):
+                self._cond.wait(STAGE.idle_wait_s)
             items, self._inbox = self._inbox, collections.deque()
         for item in items:
             self.scheduler.submit(item)
@@ -379,10 +334,8 @@ class StageEngine:
             self._decoded[1] += ran
             self._decoded[2] += ubatches(streams) if ran else 0
         # One message for all of the step's rows: the next stage batches them the same way,
-        # and on a shared host it does not start computing while this one still does. It
-        # leaves now, before the windows, the prompt chunk and the step's bookkeeping.
-        if out.flush():
-            self._sockets.send_mail()
+        # and on a shared host it does not start computing while this one still does.
+        out.flush()
         for item in plan.windows:
             if item.arrival not in failed:
                 self._guarded(out, item, self._window)

@@ -1,15 +1,12 @@
-"""The stage's transport side: sockets, framing, pings and handshakes.
+"""The stage's transport side: sockets, framing, pings and handshakes, on a thread of its own.
 
-The sockets are the ROUTER the stage listens on, the link to the next stage
-(``mesh.stage.downstream``) and the read end of the engine's mailbox. One thread at a time
-holds them (``_Baton``). The main thread holds them while idle and through short steps (decode
-rows that took less than ``STAGE.inline_step_ms`` last time): it reads a frame, computes it and
-sends the result without waking another thread, which costs 0.1-0.3 ms per wake-up on a small
-VM, several times per token. For a long step (a prompt chunk, verify windows, a slow batch)
-it lends them to the transport thread, which answers ``Ping`` and ``Handshake`` at once even
-while the engine spends minutes on one frame (``Pong.busy_ms`` says so): liveness never waits
-on more than a short step. Whoever holds them decodes and checks every frame at the door,
-queues work for the engine, and sends what the engine mails back.
+The transport thread owns every socket of the stage: the ROUTER it listens on, the link to the
+next stage (``mesh.stage.downstream``), and the read end of the engine's mailbox. It answers
+``Ping`` and ``Handshake`` at once, even while the engine spends minutes on one frame
+(``Pong.busy_ms`` says so), decodes and checks every frame at the door, queues work for the
+engine, and sends what the engine mails back. The compute thread
+(``StageEngine.run_forever``) never touches a socket, so liveness is the transport's answer and
+never depends on how long a frame computes.
 
 With mesh keys, the ROUTER is a CURVE server behind a ZAP handler: only members reach it, and
 each frame comes with its sender's role. Handshakes (and the session lists of pings) count only
@@ -25,13 +22,11 @@ Without keys (loopback, or ``--insecure``) every peer is trusted, and only the f
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import zmq
@@ -88,11 +83,9 @@ class StageServer:
                                     f"{' or '.join(exactness.MODE_KV_TYPES.get(batching, ()))}"
                                     f" KV cells, not {runtime.config.kv_type}")
         self.mode = batching
-        self._baton = _Baton()
         self.engine = StageEngine(runtime, self.cache, self.mailbox, self.name,
                                   exactness.batching_for(runtime, batching),
-                                  queue_frames=queue_frames, queue_bytes=queue_bytes,
-                                  sockets=self)
+                                  queue_frames=queue_frames, queue_bytes=queue_bytes)
         self._zctx = zmq_context or zmq.Context.instance()
         self._keys = keys.require(ROLE_STAGE) if keys is not None else None
         # With keys: the tag our upstream's routing ids must carry to forward frames to us.
@@ -114,8 +107,7 @@ class StageServer:
 
     # ---- loop -------------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        """Compute on the calling (main) thread; the sockets go to a thread of their own only
-        while a long step computes.
+        """Compute on the calling (main) thread, sockets on a thread of their own.
 
         The main thread, because llama.cpp's CPU graph runs on OpenMP here and libgomp wakes
         the team of a parallel region started from the process's initial thread promptly, but
@@ -128,60 +120,28 @@ class StageServer:
                                      daemon=True)
         transport.start()
         try:
-            while self._running and self.engine.running:
-                if not self._io(0 if self.engine.pending else STAGE.poll_ms):
-                    break
-                if self.engine.run_once():
-                    self._send_mail()
+            self.engine.run_forever()
         finally:
             self._running = False
             self.engine.stop()
-            self._baton.close()
-            transport.join()
+            transport.join()  # the sockets move back to this thread to be closed
             self.close()
 
     def _transport(self) -> None:
-        """The transport thread: the sockets' holder while the main thread computes a long
-        step."""
-        while self._baton.wait_lent():
-            try:
-                while not self._baton.wanted_back:
-                    if not self._io(STAGE.poll_ms):
-                        self.engine.stop()  # the step in progress finishes, then the stage
-                        break
-            finally:
-                self._baton.give_back()
-
-    def _io(self, timeout_ms: int) -> bool:
-        """One pass over the sockets (the holder only); False on a bug, which stops the stage
-        rather than let it compute for nobody."""
         try:
-            events = dict(self._poller.poll(timeout_ms))
-            if self._router in events:
-                self._read()
-            if self._downstream is not None:
-                self._downstream.readable(events)
-                self._downstream.tick()
-            self._send_mail()
-            self._check_leases()
-            return True
-        except Exception as exc:
+            while self._running:
+                events = dict(self._poller.poll(STAGE.poll_ms))
+                if self._router in events:
+                    self._read()
+                if self._downstream is not None:
+                    self._downstream.readable(events)
+                    self._downstream.tick()
+                self._send_mail()
+                self._check_leases()
+        except Exception as exc:  # a bug: stop the stage rather than compute for nobody
             log.error("transport_failed", stage=self.name, error_type=type(exc).__name__)
-            return False
-
-    @contextlib.contextmanager
-    def lend(self) -> Iterator[None]:
-        """The transport thread holds the sockets while the block computes."""
-        self._baton.lend()
-        try:
-            yield
         finally:
-            self._baton.take_back(self.mailbox.wake)
-
-    def send_mail(self) -> None:
-        """Send what the engine mailed, now, when this thread holds the sockets."""
-        if not self._baton.lent:
-            self._send_mail()
+            self.engine.stop()  # the step in progress finishes; the runtime is freed after it
 
     def stop(self) -> None:
         self._running = False
@@ -429,53 +389,9 @@ class StageServer:
             log.warning("reply_undeliverable", stage=self.name)
 
     def close(self) -> None:
-        """Close the sockets (the main thread, after the transport thread has ended)."""
         if self._downstream is not None:
             self._downstream.close()
         self._router.close(linger=0)
         self.mailbox.close()
         if self._guard is not None:
             self._guard.stop()
-
-
-class _Baton:
-    """Which thread holds the stage's sockets: the main thread, or the transport thread while
-    the main thread computes a long step. ZeroMQ sockets may move between threads only across a
-    full memory barrier; the hand-over under this lock is one."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.lent = False  # the transport thread holds the sockets
-        self.wanted_back = False  # the main thread has asked for them
-        self._closed = False
-
-    def lend(self) -> None:
-        with self._cond:
-            self.lent = True
-            self.wanted_back = False
-            self._cond.notify_all()
-
-    def take_back(self, wake: Callable[[], None]) -> None:
-        """Ask for the sockets (``wake`` interrupts the transport thread's poll) and wait
-        until the transport thread has let them go."""
-        with self._cond:
-            self.wanted_back = True
-        wake()
-        with self._cond:
-            self._cond.wait_for(lambda: not self.lent)
-
-    def wait_lent(self) -> bool:
-        """Transport thread: wait until lent the sockets; False once the stage is closing."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.lent or self._closed)
-            return self.lent
-
-    def give_back(self) -> None:
-        with self._cond:
-            self.lent = False
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()

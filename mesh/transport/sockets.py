@@ -119,11 +119,6 @@ class Mailbox:
     def put(self, item: Reply | Forward) -> None:
         with self._lock:
             self._items.append(item)
-        self.wake()
-
-    def wake(self) -> None:
-        """Wake the poller without an item (the reader is asked to look up)."""
-        with self._lock:
             if self._signalled:
                 return
             self._signalled = True

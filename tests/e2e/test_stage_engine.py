@@ -100,7 +100,8 @@ def test_the_engine_queue_is_bounded_in_frames_and_bytes(tiny_llama):
         assert refused[:3] == [None] * 3 and isinstance(refused[3], OverloadedError)
         assert "3 frames" in str(refused[3]) and engine.queued == 3
         while engine.queued:
-            engine.run_once()
+            engine._absorb(block=False)
+            engine.step()
         too_big, fits = engine.submit([(frame(4), 1001), (frame(5), 1000)])
         assert isinstance(too_big, OverloadedError) and "0 frames" in str(too_big)
         assert fits is None and engine.queued == 1
