@@ -38,6 +38,7 @@ log = get_logger("mesh.coordinator")
 
 RECENT_PONGS = 64  # about 30 s of heartbeats: what the console's rates are computed over
 RTT_WEIGHT = 0.2  # the round-trip average's weight for each new ping
+READ_BATCH = 256  # messages read from a stage per turn of the event loop
 
 
 def stage_info(conn: StageConnection) -> StageInfo:
@@ -89,9 +90,10 @@ class StageConnection:
         self._readable()  # what arrived before the loop watched
 
     def _readable(self) -> None:
-        """Read every message waiting: the descriptor signals an edge (new messages), not
-        that messages remain."""
-        while True:
+        """Read the messages waiting: the descriptor signals an edge (new messages), not that
+        messages remain. At most ``READ_BATCH`` per turn of the event loop, so a flood from a
+        stage does not hold up the loop's other work; the rest are read in the next turn."""
+        for _ in range(READ_BATCH):
             try:
                 parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.ZMQError:  # Again: all read; otherwise closed
@@ -104,6 +106,8 @@ class StageConnection:
                     continue
                 self.last_seen = time.monotonic()
                 self._receive(msg)
+        if self._loop is not None:
+            self._loop.call_soon(self._readable)
 
     def _receive(self, msg: Message) -> None:
         if isinstance(msg, Pong):
