@@ -22,9 +22,10 @@ Sections:
    hosts give: while stage 1 computes one group, stage 0 computes the next.
 5. What CURVE costs: single-session decode of a mesh with a secret (every connection
    encrypted and authenticated) against the same mesh without, runs alternating.
-6. Timeline of one token: one session, speculation off; where a decode step's time goes at
-   each stage (queued at the stage until its step starts; the step) and, as the rest, the
-   hops, transport threads and the coordinator, next to one process's time per token.
+6. Timeline of one token: one session, speculation off, traced point to point across the
+   processes (``mesh.tracing``): each hop, each stage's wait between a frame's arrival and its
+   step, the step, the wait until its frames leave, and the coordinator's own time, next to one
+   process's time per token.
 
     python scripts/bench_mesh.py --only decode --context 400 --no-speculation  # section 1
     python scripts/bench_mesh.py --only curve      # just section 5
@@ -38,7 +39,9 @@ Sections:
 from __future__ import annotations
 
 import asyncio
-import json
+import bisect
+import glob
+import importlib
 import multiprocessing
 import os
 import statistics
@@ -51,6 +54,7 @@ import click
 import numpy as np
 import zmq
 
+from mesh import tracing
 from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SpeculationConfig
 from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.launcher import LocalMesh, balanced_split, free_port
@@ -175,24 +179,68 @@ async def long_frame(path: Path, urls: list[str], n: int) -> tuple[float, int, b
         await coord.close()
 
 
-def timeline(path: Path, ranges, tokens: int) -> tuple[float, list[tuple[float, float]], float]:
-    """One session's decode: (ms per token, per stage the median ms (queued, step), one
-    process's ms per token)."""
-    os.environ["PYTHONUNBUFFERED"] = "1"  # the stages' step events reach their logs at once
+def timeline(path: Path, ranges, tokens: int) -> tuple[float, list[tuple[str, float]], float]:
+    """One session's decode, traced point to point (``mesh.tracing``): (ms per token, the
+    median ms of each leg of a token's trip, one process's ms per token)."""
     with tempfile.TemporaryDirectory() as tmp:
-        with _mesh(path, ranges, tmp, 2, extra_args=["--log-level", "debug"]) as mesh:
-            rate = asyncio.run(_one_session(path, mesh.urls, tokens,
-                                            speculation=SpeculationConfig(mode="none")))
-            stages = []
-            for stage in mesh.stages:
-                events = [json.loads(line) for line in stage.log_path.read_text().splitlines()
-                          if '"step"' in line]
-                steps = [(e["wait_us"], e["compute_us"]) for e in events
-                         if e["event"] == "step" and e["rows"] == 1 and not e["prompt"]]
-                steps = steps[-(tokens - 1):]
-                stages.append((statistics.median(w for w, _ in steps) / 1e3,
-                               statistics.median(c for _, c in steps) / 1e3))
-    return 1e3 / rate, stages, 1e3 / one_process_tok_s(path, 1, tokens)
+        prefix = f"{tmp}/trace"
+        os.environ[tracing.ENV] = prefix  # the stages inherit it; this process is traced too
+        importlib.reload(tracing)
+        try:
+            with _mesh(path, ranges, tmp, 2) as mesh:
+                rate = asyncio.run(_one_session(path, mesh.urls, tokens,
+                                                speculation=SpeculationConfig(mode="none")))
+        finally:
+            del os.environ[tracing.ENV]
+            importlib.reload(tracing)
+        legs = _legs(prefix, len(ranges), tokens)
+    return 1e3 / rate, legs, 1e3 / one_process_tok_s(path, 1, tokens)
+
+
+def _legs(prefix: str, n_stages: int, tokens: int) -> list[tuple[str, float]]:
+    """Median ms of each leg of the last ``tokens - 1`` decode steps' trips: coordinator ->
+    stage 0 -> ... -> coordinator -> the next step's send."""
+    points: list[dict[str, list[int]]] = []
+    for file in glob.glob(prefix + ".*"):
+        marks: dict[str, list[int]] = {}
+        for line in Path(file).read_text().splitlines():
+            name, ns = line.split()
+            marks.setdefault(name, []).append(int(ns))
+        points.append(marks)
+    coordinator = next(m for m in points if "c_sent0" in m)
+    stages = [m for m in points if "computed" in m]
+
+    def after(times: list[int], t: int) -> int:
+        return times[bisect.bisect_right(times, t)]
+
+    sends = coordinator["c_sent0"]
+    # Stage order: the stage whose next arrival follows the coordinator's send comes first.
+    probe = sends[-tokens // 2]
+    order = [min(stages, key=lambda m: after(m["arrived"], probe))]
+    while len(order) < n_stages:
+        t = after(order[-1]["sent"], after(order[-1]["computed"], probe))
+        order.append(min((m for m in stages if m not in order),
+                         key=lambda m: after(m["arrived"], t)))
+    names = ["coordinator -> stage 0"]
+    for i in range(n_stages):
+        names += [f"stage {i}: arrived -> step", f"stage {i}: step", f"stage {i}: -> sent",
+                  f"stage {i} -> " + (f"stage {i + 1}" if i + 1 < n_stages else "coordinator")]
+    names.append("coordinator: token -> next step")
+    trips = []
+    for t0 in sends[-tokens:-1]:
+        try:
+            t, trip = t0, [t0]
+            for marks in order:
+                for point in ("arrived", "start", "computed", "sent"):
+                    t = after(marks[point], t)
+                    trip.append(t)
+            t = after(coordinator[f"c_arrived{n_stages - 1}"], t)
+            trip += [t, after(sends, t)]
+        except IndexError:  # the last step's trip ends after the trace
+            continue
+        trips.append(trip)
+    return [(name, statistics.median((trip[k + 1] - trip[k]) / 1e6 for trip in trips))
+            for k, name in enumerate(names)]
 
 
 async def _one_session(path: Path, urls: list[str], tokens: int, **coordinator) -> float:
@@ -308,15 +356,14 @@ def _print_decode(path: Path, ranges, tokens: int, repeats: int, context: int, b
 
 
 def _print_timeline(path: Path, ranges, tokens: int, context: int) -> None:
-    per_token, stages, one = timeline(path, ranges, tokens)
+    per_token, legs, one = timeline(path, ranges, tokens)
     split = " | ".join(f"{a}:{b}" for a, b in ranges)
-    print(f"\n6. one token's time, one session, {context}-token context, speculation off, "
-          f"{split}, 2 threads per stage (medians, ms)")
-    rest = per_token
-    for i, (queued, step) in enumerate(stages):
-        print(f"   stage {i}: queued {queued:6.2f}   step {step:6.2f}")
-        rest -= queued + step
-    print(f"   hops, transport threads, coordinator: {rest:6.2f}")
+    print(f"\n6. one token's trip, one session, {context}-token context, speculation off, "
+          f"{split}, 2 threads per stage (median ms of each leg, traced)")
+    for name, ms in legs:
+        print(f"   {name:<34} {ms:6.2f}")
+    outside = sum(ms for name, ms in legs if not name.endswith(": step"))
+    print(f"   outside llama.cpp's steps          {outside:6.2f}")
     print(f"   mesh {per_token:6.2f} ms/token ({1e3 / per_token:.1f} tok/s); one process "
           f"{one:6.2f} ({1e3 / one:.1f} tok/s); mesh/one {one / per_token:.3f}x")
 

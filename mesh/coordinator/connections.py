@@ -28,6 +28,7 @@ import zmq
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.errors import HandshakeError, MeshError, ProtocolError, StageUnavailableError
 from mesh.logs import get_logger
+from mesh.tracing import mark
 from mesh.transport import frames as fr
 from mesh.transport import wire
 from mesh.transport.messages import Error, Handshake, Message, Ping, Pong, StageInfo
@@ -134,6 +135,7 @@ class StageConnection:
             if self._handshake is not None and not self._handshake.done():
                 self._handshake.set_result(msg)
         else:
+            mark(f"c_arrived{self.index}")
             self._dispatch(self, msg)
 
     def post(self, frame: bytes, session: int | None = None) -> None:
@@ -164,6 +166,7 @@ class StageConnection:
 
     def _send_parts(self, frames: list[bytes]) -> None:
         """Queue a message for the stage or fail now: never wait on a dead peer."""
+        mark(f"c_sent{self.index}")
         try:
             self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -31,6 +31,7 @@ from mesh.stage.prefix_cache import PrefixCache, RecordKey
 from mesh.stage.runtime import Chunk, StageRuntime, StepResult
 from mesh.stage.sampling import SamplingParams
 from mesh.stage.scheduler import Item, KvView, Scheduler, SchedulerConfig, SessionKey, StepPlan
+from mesh.tracing import mark
 from mesh.transport import frames as fr
 from mesh.transport import wire
 from mesh.transport.messages import (
@@ -258,6 +259,7 @@ class StageEngine:
         plan = self.scheduler.schedule(self._view())
         start = time.monotonic()
         if plan.computes:
+            mark("start")
             self.busy_since = start
         try:
             self._perform(plan)
@@ -266,7 +268,7 @@ class StageEngine:
             log.error("step_failed", stage=self.name, error_type=type(exc).__name__)
         finally:
             self.busy_since = None
-            if plan.computes and log.is_enabled_for(logging.DEBUG):  # bench_mesh's timeline
+            if plan.computes and log.is_enabled_for(logging.DEBUG):  # where steps' time goes
                 work = [it for group in plan.rows for it in group] + list(plan.windows)
                 work += [plan.prefill] if plan.prefill is not None else []
                 log.debug("step", stage=self.name, rows=sum(map(len, plan.rows)),
@@ -336,6 +338,8 @@ class StageEngine:
         # One message for all of the step's rows: the next stage batches them the same way,
         # and on a shared host it does not start computing while this one still does.
         out.flush()
+        if plan.rows:
+            mark("computed")
         for item in plan.windows:
             if item.arrival not in failed:
                 self._guarded(out, item, self._window)

@@ -39,6 +39,7 @@ from mesh.stage.downstream import FORWARDER_PREFIX, Downstream, forwarder_prefix
 from mesh.stage.engine import QUEUE_BYTES, QUEUE_FRAMES, StageEngine
 from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import StageRuntime
+from mesh.tracing import mark
 from mesh.transport import frames as fr
 from mesh.transport import wire
 from mesh.transport.messages import (
@@ -171,6 +172,7 @@ class StageServer:
                 except Exception as exc:  # nothing a peer sends may end the loop
                     log.error("accept_failed", stage=self.name, error_type=type(exc).__name__)
         if work:
+            mark("arrived")
             # Everything read in this pass enters the engine at once: the frames of one message
             # (a decode group) must not be split across steps.
             for (msg, _), refusal in zip(work, self.engine.submit(work), strict=True):
@@ -362,11 +364,14 @@ class StageServer:
 
     # ---- sending ----------------------------------------------------------------------------
     def _send_mail(self) -> None:
-        for item in self.mailbox.drain():
+        items = self.mailbox.drain()
+        for item in items:
             if isinstance(item, Reply):
                 self._reply(item.identity, *item.frames)
             else:
                 self._forward(item)
+        if items:
+            mark("sent")
 
     def _forward(self, item: Forward) -> None:
         if self._downstream is None:
