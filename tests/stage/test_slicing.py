@@ -166,11 +166,6 @@ def test_the_fast_reader_reads_what_gguf_py_reads(tiny_llama, tiny_gemma3):
         _same_as_gguf_py(path)
 
 
-@pytest.mark.gemma
-def test_the_fast_reader_reads_the_default_model_as_gguf_py_does(gemma_path):
-    _same_as_gguf_py(gemma_path)
-
-
 def test_a_truncated_or_garbled_gguf_is_a_model_error_not_a_crash(tiny_llama, tmp_path):
     from mesh.errors import ModelError
     from mesh.model.gguf_file import GGUFFile, GGUFFormatError
