@@ -46,6 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiperf_load  # scripts/: this script's directory is on sys.path
 import click
 import httpx
 import numpy as np
@@ -511,6 +512,9 @@ def _parse_levels(text: str) -> list[int]:
 @click.option("--serve-arg", "serve_args", multiple=True,
               help="Extra mesh serve flag (repeatable), e.g. --serve-arg=--speculative=none.")
 @click.option("--out", default="bench_serving.json", show_default=True, type=click.Path())
+@click.option("--aiperf", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="aiperf's executable: each level is also driven by aiperf (scripts/"
+              "aiperf_load.py), reported as the 'aiperf' row.")
 @click.option("--quick", is_flag=True,
               help="A tiny run: 2 conversations of 2 short turns, concurrency 1,2.")
 @click.pass_context
@@ -519,7 +523,7 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
          system_tokens: int, min_prompt: int, max_prompt: int, min_output: int,
          max_output: int, rate: float | None, seed: int, slots: int | None, baseline_chunk: int,
          stage_args: tuple[str, ...], serve_args: tuple[str, ...], out: str,
-         quick: bool) -> None:
+         aiperf: str | None, quick: bool) -> None:
     """Mesh vs one process on one seeded multi-turn chat workload."""
     values = dict(conversations=conversations, turns=turns, concurrency=concurrency,
                   system_tokens=system_tokens, min_prompt=min_prompt, max_prompt=max_prompt,
@@ -569,6 +573,9 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
     results = []
     log_dir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     baseline = OneProcess(path, tokenizer, baseline_threads, top, seq_ctx, baseline_chunk)
+    aiperf_tokenizer = None
+    if aiperf:
+        aiperf_tokenizer = aiperf_load.make_tokenizer(Path(aiperf), path, log_dir / "tokenizer")
     try:
         baseline.warm()
         with LocalMesh(str(path), ranges, log_dir, ctx=seq_ctx, slots=slots, threads=threads,
@@ -602,6 +609,11 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
                     "same_output_lengths": same,
                     "stage_batches": batches,
                 })
+                if aiperf and aiperf_tokenizer:
+                    results[-1]["systems"]["aiperf"] = _aiperf_level(
+                        Path(aiperf), base, aiperf_tokenizer, c, mesh_records, shape,
+                        log_dir / f"aiperf-{c}")
+                    mesh.check_running()
                 print("  mesh decode steps per stage: " + "; ".join(
                     f"{b['rows_per_step']:.2f} rows, {b['ubatches_per_step']:.2f} ubatches"
                     for b in batches), flush=True)
@@ -632,6 +644,12 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
         "reused through resident records",
         "each level runs the mesh first, then the baseline; timings on a busy host are noisy",
     ]
+    if aiperf:
+        notes.append(
+            "aiperf: the same mesh at the same concurrency, after the baseline, with aiperf's "
+            "own single-turn synthetic prompts (no shared system prompt, so no prefix reuse) "
+            "drawn around the level's mean prompt and output lengths; its load generator "
+            "runs on the same cores (scripts/aiperf_load.py)")
     report = {
         "command": command, "host": host, "model": str(path),
         "split": [list(r) for r in ranges], "seq_ctx": seq_ctx, "slots": slots,
@@ -645,6 +663,20 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
     for note in notes:
         print(f"- {note}")
     print(f"written: {out}")
+
+
+def _aiperf_level(aiperf: Path, base: str, tokenizer: Path, concurrency: int,
+                  records: list[Record], shape: Shape, out: Path) -> dict:
+    """aiperf on the mesh at ``concurrency``, as many requests as the level sent, prompt and
+    output lengths drawn around the level's own (mean and spread)."""
+    model_name = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+    prompts = [r.prompt_tokens for r in records]
+    asked = [r.max_tokens for r in records]
+    print(f"  aiperf: {len(records)} requests ...", flush=True)
+    return aiperf_load.run_level(
+        aiperf, base, model_name, tokenizer, concurrency, len(records),
+        (float(np.mean(prompts)), float(np.std(prompts))),
+        (float(np.mean(asked)), float(np.std(asked))), shape.seed + concurrency, out)
 
 
 def _stage_counters(base: str) -> dict[str, dict[str, float]]:

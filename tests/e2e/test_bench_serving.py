@@ -32,3 +32,24 @@ def test_quick_run_reports_both_systems(tiny_llama: Path, tmp_path: Path):
     records = report["requests"]
     assert sum(r["system"] == "mesh" for r in records) == sum(
         r["system"] == "baseline" for r in records)
+
+
+def test_aiperf_figures_take_the_table_shape():
+    """scripts/aiperf_load.py maps aiperf's export onto bench_serving's per-system summary."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import aiperf_load
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    export = {"aiperf_version": "0.13.0", "request_count": {"avg": 4.0},
+              "total_osl": {"avg": 253.0}, "total_isl": {"avg": 1600.0},
+              "benchmark_duration": {"avg": 9.1}, "output_token_throughput": {"avg": 27.8},
+              "request_throughput": {"avg": 0.44},
+              "time_to_first_token": {"p50": 937.1, "p99": 954.3},
+              "inter_token_latency": {"p50": 27.7, "p99": 29.2},
+              "error_summary": [{"code": 500}]}
+    s = aiperf_load.summarize(export, 256)
+    assert (s["requests"], s["output_tokens"], s["asked_tokens"], s["errors"]) == (4, 253, 256, 1)
+    assert (s["ttft_ms_p50"], s["tpot_ms_p99"], s["output_tok_s"]) == (937.1, 29.2, 27.8)
+    assert s["reported_by"] == "aiperf 0.13.0"
+    assert aiperf_load.summarize({}, None)["ttft_ms_p50"] is None
