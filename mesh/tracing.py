@@ -7,7 +7,8 @@ every process that imports this module appends ``point monotonic_ns`` lines to `
 processes of a host, so one token's points line up across them. The points:
 
 - ``arrived``: a stage read work frames (decoded and checked, before they are queued);
-- ``start`` and ``computed``: a stage's step began, and its decode rows' frames were mailed;
+- ``start`` and ``computed``: a stage's step began, and its decode rows' frames are about to be
+  mailed;
 - ``sent``: the stage's transport thread sent what a step mailed;
 - ``c_sent{i}`` and ``c_arrived{i}``: the coordinator sent a frame to stage ``i``, or handed on
   a session frame from it.

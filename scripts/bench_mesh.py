@@ -25,7 +25,8 @@ Sections:
 6. Timeline of one token: one session, speculation off, traced point to point across the
    processes (``mesh.tracing``): each hop, each stage's wait between a frame's arrival and its
    step, the step, the wait until its frames leave, and the coordinator's own time, next to one
-   process's time per token.
+   process's time per token and to the stages' runtimes chained in this process (the split's
+   own cost, without transport or other processes).
 
     python scripts/bench_mesh.py --only decode --context 400 --no-speculation  # section 1
     python scripts/bench_mesh.py --only curve      # just section 5
@@ -58,10 +59,12 @@ from mesh import tracing
 from mesh.config import COORDINATOR_TIMEOUTS, CoordinatorConfig, SpeculationConfig
 from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.launcher import LocalMesh, balanced_split, free_port
-from mesh.model.slicing import model_info
+from mesh.model.slicing import model_info, slice_model
 from mesh.model.source import resolve_model
+from mesh.stage.exactness import DEFAULT_MODE, kv_type_for
 from mesh.stage.reference import SingleContext
-from mesh.stage.runtime import RuntimeConfig
+from mesh.stage.runtime import RuntimeConfig, StageRuntime
+from mesh.stage.sampling import SamplingParams
 from mesh.transport import frames as fr
 from mesh.transport.messages import Decode
 
@@ -195,6 +198,35 @@ def timeline(path: Path, ranges, tokens: int) -> tuple[float, list[tuple[str, fl
             importlib.reload(tracing)
         legs = _legs(prefix, len(ranges), tokens)
     return 1e3 / rate, legs, 1e3 / one_process_tok_s(path, 1, tokens)
+
+
+def stages_in_one_process(path: Path, ranges, tokens: int) -> float:
+    """Median ms per token of the stages' runtimes chained in this process (no transport, no
+    other process): what splitting the graph costs by itself, one session, greedy."""
+    configs = RuntimeConfig(n_ctx=1024, n_threads=2,  # as the timeline's stages
+                            kv_type=kv_type_for(DEFAULT_MODE, model_info(path).mixed_kv))
+    runtimes = [StageRuntime(slice_model(path, a, b), configs) for a, b in ranges]
+    greedy = SamplingParams(temperature=0.0)
+    try:
+        for runtime in runtimes:
+            runtime.open_session(0)
+
+        def token_after(pos: int, ids: list[int]) -> int:
+            hidden = runtimes[0].run(0, pos, tokens=np.array(ids, np.int32)).hidden
+            for runtime in runtimes[1:-1]:
+                hidden = runtime.run(0, pos, hidden=hidden).hidden
+            return runtimes[-1].run(0, pos, hidden=hidden, sample=greedy).token
+
+        prompt = prompts(1)[0]
+        token, times = token_after(0, prompt), []
+        for step in range(tokens):
+            t0 = time.perf_counter()
+            token = token_after(len(prompt) + step, [token])
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+    finally:
+        for runtime in runtimes:
+            runtime.close()
 
 
 def _legs(prefix: str, n_stages: int, tokens: int) -> list[tuple[str, float]]:
@@ -366,6 +398,9 @@ def _print_timeline(path: Path, ranges, tokens: int, context: int) -> None:
     print(f"   outside llama.cpp's steps          {outside:6.2f}")
     print(f"   mesh {per_token:6.2f} ms/token ({1e3 / per_token:.1f} tok/s); one process "
           f"{one:6.2f} ({1e3 / one:.1f} tok/s); mesh/one {one / per_token:.3f}x")
+    chained = stages_in_one_process(path, ranges, tokens)
+    print(f"   the stages' runtimes chained in this process (no transport): {chained:6.2f} "
+          f"ms/token, {one / chained:.3f}x of one process: the split itself")
 
 
 if __name__ == "__main__":

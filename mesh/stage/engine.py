@@ -335,11 +335,11 @@ class StageEngine:
             self._decoded[0] += ran > 0
             self._decoded[1] += ran
             self._decoded[2] += ubatches(streams) if ran else 0
+        if plan.rows:  # before the flush: the transport thread may send before it returns
+            mark("computed")
         # One message for all of the step's rows: the next stage batches them the same way,
         # and on a shared host it does not start computing while this one still does.
         out.flush()
-        if plan.rows:
-            mark("computed")
         for item in plan.windows:
             if item.arrival not in failed:
                 self._guarded(out, item, self._window)
