@@ -6,12 +6,12 @@ Shakespeare text, lengths drawn around the level's mean prompt and output), and 
 join the table as the ``aiperf`` row. aiperf is not a dependency of mesh (it pulls in a hundred
 packages); install it apart, e.g.
 
-    python3 -m venv /opt/aiperf && /opt/aiperf/bin/pip install aiperf==0.13.0
+    python3 -m venv /opt/aiperf && /opt/aiperf/bin/pip install aiperf==0.13.0 gguf==0.19.0
 
 Offline, aiperf needs a local Hugging Face tokenizer (its ``builtin`` one downloads tiktoken's
 table). It is built here from the GGUF's own vocabulary with transformers' GGUF tokenizer
 mapping, run by aiperf's interpreter (transformers comes with aiperf; its GGUF loader needs
-torch, the mapping does not), and reads text to the same token ids as mesh's tokenizer. Token
+torch, the mapping does not; ``gguf`` is for ``mesh.model.gguf_file``), and reads text to the same token ids as mesh's tokenizer. Token
 counts are the server's (``--use-server-token-count``).
 """
 
