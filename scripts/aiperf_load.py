@@ -11,8 +11,9 @@ packages); install it apart, e.g.
 Offline, aiperf needs a local Hugging Face tokenizer (its ``builtin`` one downloads tiktoken's
 table). It is built here from the GGUF's own vocabulary with transformers' GGUF tokenizer
 mapping, run by aiperf's interpreter (transformers comes with aiperf; its GGUF loader needs
-torch, the mapping does not; ``gguf`` is for ``mesh.model.gguf_file``), and reads text to the same token ids as mesh's tokenizer. Token
-counts are the server's (``--use-server-token-count``).
+torch, the mapping does not; ``gguf`` is for ``mesh.model.gguf_file``), and reads text to the
+same token ids as mesh's tokenizer. Token counts are the server's
+(``--use-server-token-count``).
 """
 
 from __future__ import annotations
