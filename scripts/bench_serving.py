@@ -574,9 +574,10 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
     log_dir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     baseline = OneProcess(path, tokenizer, baseline_threads, top, seq_ctx, baseline_chunk)
     aiperf_tokenizer = None
-    if aiperf:
-        aiperf_tokenizer = aiperf_load.make_tokenizer(Path(aiperf), path, log_dir / "tokenizer")
     try:
+        if aiperf:
+            aiperf_tokenizer = aiperf_load.make_tokenizer(Path(aiperf), path,
+                                                          log_dir / "tokenizer")
         baseline.warm()
         with LocalMesh(str(path), ranges, log_dir, ctx=seq_ctx, slots=slots, threads=threads,
                        extra_args=list(stage_args)) as mesh, \
@@ -609,7 +610,7 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
                     "same_output_lengths": same,
                     "stage_batches": batches,
                 })
-                if aiperf and aiperf_tokenizer:
+                if aiperf and aiperf_tokenizer is not None:
                     results[-1]["systems"]["aiperf"] = _aiperf_level(
                         Path(aiperf), base, aiperf_tokenizer, c, mesh_records, shape,
                         log_dir / f"aiperf-{c}")
