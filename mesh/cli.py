@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -335,6 +336,10 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
         speculation = _speculation(speculative, draft_max, draft_model, speculate_when)
     except MeshError as exc:
         _fail(str(exc))
+    # SIGTERM ends `mesh up` as Ctrl-C does, through the `with` that stops the stages. The
+    # default action would end this process at once and leave them running: uvicorn takes
+    # SIGTERM while it serves, and raises it again once it has shut down.
+    signal.signal(signal.SIGTERM, _terminated)
     with LocalMesh(str(path), ranges, log_dir, ctx=ctx, slots=slots, threads=threads,
                    secret=secret) as local:
         click.echo(f"stages: {' '.join(local.urls)} (logs in {log_dir})", err=True)
@@ -354,6 +359,10 @@ def up(model_spec, n_stages, ctx, slots, threads, host, port, prompt, api_keys, 
             _fail(str(exc))
         except KeyboardInterrupt:
             pass
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 DECODE_GROUPS_HELP = ("Groups that concurrent sessions' decode steps travel in; more than one "

@@ -155,6 +155,9 @@ class LocalMesh:
                                    f"({stage.proc.returncode}): {' | '.join(tail)}")
 
     def stop(self) -> None:
+        for stage in self.stages:  # all at once: each stops within its own grace period
+            if stage.proc is not None and stage.proc.poll() is None:
+                stage.proc.send_signal(signal.SIGTERM)
         for stage in self.stages:
             stage.kill(signal.SIGTERM)
 

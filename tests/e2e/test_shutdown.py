@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
-from mesh.launcher import serve_process
+from mesh.launcher import free_port, serve_process
 from tests.support.apiutil import held_stream
 from tests.support.linkdelay import DelayedLink
 from tests.support.meshutil import running_mesh
@@ -59,3 +62,52 @@ def _live_sessions(base: str) -> bool:
         return False
     return any(line.startswith("mesh_stage_sessions{") and float(line.split()[-1]) > 0
                for line in text.splitlines())
+
+
+def test_sigterm_ends_mesh_up_and_the_stages_it_started(tiny_llama, tmp_path):
+    """`mesh up` stops its own stages on SIGTERM, as on Ctrl-C (uvicorn raises SIGTERM again
+    after its shutdown; the default action used to leave the stages running)."""
+    port = free_port()
+    with (tmp_path / "up.log").open("wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "mesh.cli", "up", "--model", str(tiny_llama),
+                               "--ctx", "512", "--slots", "2", "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(f"http://127.0.0.1:{port}"):
+            assert up.poll() is None, (tmp_path / "up.log").read_text()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        stages = _children(up.pid)
+        assert len(stages) == 2
+        t0 = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(12) == 0
+        assert time.monotonic() - t0 < 10
+        while any(Path(f"/proc/{pid}").exists() for pid in stages):
+            assert time.monotonic() - t0 < 10, "a stage outlived mesh up"
+            time.sleep(0.05)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (zombies count: they are reaped by it)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
