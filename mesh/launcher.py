@@ -99,13 +99,22 @@ class StageProcess:
         log.close()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.signal(sig)
+        self.wait_exit()
+
+    def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def wait_exit(self, timeout_s: float = 10.0) -> None:
+        """Wait for the process to end; past ``timeout_s``, SIGKILL it."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass
@@ -156,10 +165,9 @@ class LocalMesh:
 
     def stop(self) -> None:
         for stage in self.stages:  # all at once: each stops within its own grace period
-            if stage.proc is not None and stage.proc.poll() is None:
-                stage.proc.send_signal(signal.SIGTERM)
+            stage.signal(signal.SIGTERM)
         for stage in self.stages:
-            stage.kill(signal.SIGTERM)
+            stage.wait_exit()
 
     def __enter__(self) -> LocalMesh:
         return self.start()

@@ -573,11 +573,11 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
     results = []
     log_dir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     baseline = OneProcess(path, tokenizer, baseline_threads, top, seq_ctx, baseline_chunk)
-    aiperf_tokenizer = None
+    aiperf_run: tuple[Path, Path] | None = None  # aiperf's executable, its tokenizer
     try:
         if aiperf:
-            aiperf_tokenizer = aiperf_load.make_tokenizer(Path(aiperf), path,
-                                                          log_dir / "tokenizer")
+            aiperf_run = (Path(aiperf), aiperf_load.make_tokenizer(Path(aiperf), path,
+                                                                   log_dir / "tokenizer"))
         baseline.warm()
         with LocalMesh(str(path), ranges, log_dir, ctx=seq_ctx, slots=slots, threads=threads,
                        extra_args=list(stage_args)) as mesh, \
@@ -610,9 +610,9 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
                     "same_output_lengths": same,
                     "stage_batches": batches,
                 })
-                if aiperf and aiperf_tokenizer is not None:
+                if aiperf_run is not None:
                     results[-1]["systems"]["aiperf"] = _aiperf_level(
-                        Path(aiperf), base, aiperf_tokenizer, c, mesh_records, shape,
+                        *aiperf_run, base, c, mesh_records, shape,
                         log_dir / f"aiperf-{c}")
                     mesh.check_running()
                 print("  mesh decode steps per stage: " + "; ".join(
@@ -666,7 +666,7 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
     print(f"written: {out}")
 
 
-def _aiperf_level(aiperf: Path, base: str, tokenizer: Path, concurrency: int,
+def _aiperf_level(aiperf: Path, tokenizer: Path, base: str, concurrency: int,
                   records: list[Record], shape: Shape, out: Path) -> dict:
     """aiperf on the mesh at ``concurrency``, as many requests as the level sent, prompt and
     output lengths drawn around the level's own (mean and spread)."""

@@ -11,6 +11,7 @@ tensor attributes it offers are the ones gguf-py's reader offers under the same 
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ class GGUFFile:
             except (ValueError, KeyError):
                 raise GGUFFormatError(f"tensor {name!r} has unknown type {raw_type}") from None
             shape = np.array(dims, dtype=np.uint64)
-            n_elements = int(np.prod(dims, dtype=object)) if dims else 1
+            n_elements = math.prod(dims)
             n_bytes = n_elements * type_size // block
             start = self.data_offset + offset
             if start + n_bytes > size:

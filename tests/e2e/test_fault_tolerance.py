@@ -18,6 +18,7 @@ from mesh.transport import frames as fr
 from mesh.transport.messages import PrefillEmbd
 from mesh.transport.security import derive_keys, load_secret, write_secret
 from tests.support import netns
+from tests.support.apiutil import is_ready
 from tests.support.meshutil import running_mesh, with_coordinator
 from tests.support.rawpeer import RawPeer
 
@@ -62,7 +63,7 @@ def test_a_crashed_coordinators_sessions_expire_and_a_new_one_serves(gemma_path,
         first = _serve(gemma_path, mesh.urls, tmp_path / "serve1.log", port)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait(lambda: _ready(base), 60, "the first coordinator ready")
+            _wait(lambda: is_ready(base), 60, "the first coordinator ready")
             streams = [httpx.stream("POST", f"{base}/v1/completions", timeout=30,
                                     json={"prompt": COUNT, "max_tokens": 900, "stream": True,
                                           "temperature": 0})
@@ -82,7 +83,7 @@ def test_a_crashed_coordinators_sessions_expire_and_a_new_one_serves(gemma_path,
                         "stages back to 0 live sessions")
         second = _serve(gemma_path, mesh.urls, tmp_path / "serve2.log", port)
         try:
-            _wait(lambda: _ready(base), 60, "the second coordinator ready")
+            _wait(lambda: is_ready(base), 60, "the second coordinator ready")
             ok = httpx.post(f"{base}/v1/completions", json={"prompt": COUNT, "max_tokens": 4},
                             timeout=30)
             assert ok.status_code == 200
@@ -93,13 +94,6 @@ def test_a_crashed_coordinators_sessions_expire_and_a_new_one_serves(gemma_path,
     print(f"sessions dropped {drained:.1f} s after the crash was seen, served {served:.1f} s "
           "after the crash")
     assert served < 15
-
-
-def _ready(base) -> bool:
-    try:
-        return httpx.get(f"{base}/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.mark.parametrize(("which", "outage_s"), [(0, 0.0), (1, 0.0), (1, 3.0)])

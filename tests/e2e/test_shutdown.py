@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from mesh.launcher import free_port, serve_process
-from tests.support.apiutil import held_stream
+from tests.support.apiutil import held_stream, is_ready
 from tests.support.linkdelay import DelayedLink
 from tests.support.meshutil import running_mesh
 
@@ -74,7 +74,7 @@ def test_sigterm_ends_mesh_up_and_the_stages_it_started(tiny_llama, tmp_path):
                               stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while not _ready(f"http://127.0.0.1:{port}"):
+        while not is_ready(f"http://127.0.0.1:{port}"):
             assert up.poll() is None, (tmp_path / "up.log").read_text()[-2000:]
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -91,13 +91,6 @@ def test_sigterm_ends_mesh_up_and_the_stages_it_started(tiny_llama, tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
-
-
-def _ready(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _children(pid: int) -> list[int]:

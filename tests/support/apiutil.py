@@ -13,6 +13,14 @@ import httpx
 from mesh.launcher import serving  # noqa: F401  (re-exported for the tests)
 
 
+def is_ready(base: str) -> bool:
+    """The API at ``base`` answers /ready with 200 (not yet listening counts as no)."""
+    try:
+        return httpx.get(f"{base}/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def stage_gauge(base: str, name: str) -> list[float]:
     """One value per stage of a per-stage gauge from /metrics (empty before the first Pong)."""
     text = httpx.get(f"{base}/metrics", timeout=5).text
