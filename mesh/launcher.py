@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mesh.config import LOOPBACK, STAGE
 from mesh.errors import LayerRangeError
+from mesh.shutdown import LIFELINE_ENV, lifeline
 
 
 def free_port() -> int:
@@ -86,17 +87,31 @@ class StageProcess:
     cpus: set[int] | None = None  # CPU affinity (e.g. one core per stage, as on separate hosts)
     wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS (another host)
     proc: subprocess.Popen | None = None
+    _lifeline: int | None = None  # the write end the stage watches (mesh.shutdown)
 
     def launch(self) -> None:
         log = self.log_path.open("ab")
         cpus = self.cpus
-        self.proc = subprocess.Popen(
-            [*self.wrapper, sys.executable, "-m", "mesh.stage.cli", *self.args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env},
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
-        log.close()
+        self._release()  # a relaunch: the previous process's lifeline goes
+        read, self._lifeline = lifeline()
+        try:
+            self.proc = subprocess.Popen(
+                [*self.wrapper, sys.executable, "-m", "mesh.stage.cli", *self.args],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env, LIFELINE_ENV: str(read)}, pass_fds=(read,),
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+            )
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            os.close(read)
+            log.close()
+
+    def _release(self) -> None:
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         self.signal(sig)
@@ -115,6 +130,7 @@ class StageProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._release()
 
 
 @dataclass

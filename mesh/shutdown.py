@@ -3,6 +3,11 @@
 A graceful stop waits for work in progress (a stage's llama_decode, the API's requests, a
 tokenizer call in a worker thread that the interpreter joins at exit); past the grace period
 the process exits anyway, so a supervisor's SIGTERM is never ignored.
+
+A process started by another (``mesh up``'s stages) also stops when its parent dies, however
+it died (SIGKILL, a crash): the parent holds the write end of a pipe whose read end the child
+inherits (``LIFELINE_ENV`` names it), and the child's read returns at end of file once no
+process holds the write end.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 EXIT_GRACE_S = 8.0  # within the 10 s a supervisor usually allows before SIGKILL
+LIFELINE_ENV = "MESH_LIFELINE_FD"  # the inherited read end of the parent's lifeline pipe
 
 
 def exit_after(grace_s: float = EXIT_GRACE_S, status: int = 0) -> None:
@@ -37,11 +43,40 @@ def take_sigterm(stop: list[Callable[[], object]]) -> None:
 
     def wait() -> None:
         signal.sigwait({signal.SIGTERM})
-        for action in list(stop):
-            action()
-        exit_after(EXIT_GRACE_S if stop else 0.0)
+        _stop(stop)
 
     threading.Thread(target=wait, name="sigterm", daemon=True).start()
+
+
+def take_lifeline(stop: list[Callable[[], object]]) -> None:
+    """Stop as on SIGTERM once the parent that passed a lifeline (``lifeline``) is gone; a
+    process started without one (by hand, by a supervisor) is left alone."""
+    value = os.environ.pop(LIFELINE_ENV, None)
+    if value is None or not value.isdigit():
+        return
+    fd = int(value)
+
+    def wait() -> None:
+        try:
+            while os.read(fd, 1):  # the parent never writes: only end of file returns
+                pass
+        except OSError:
+            pass
+        _stop(stop)
+
+    threading.Thread(target=wait, name="lifeline", daemon=True).start()
+
+
+def lifeline() -> tuple[int, int]:
+    """``(read, write)``: pass ``read`` to a child (``LIFELINE_ENV`` and ``pass_fds``), close
+    it here, and keep ``write`` open for as long as the child should live."""
+    return os.pipe()  # neither end is inherited by other children (PEP 446)
+
+
+def _stop(stop: list[Callable[[], object]]) -> None:
+    for action in list(stop):
+        action()
+    exit_after(EXIT_GRACE_S if stop else 0.0)
 
 
 _lock = threading.Lock()

@@ -98,10 +98,11 @@ def main(model_spec, layers, join_url, listen, advertise, member_name, mem_bytes
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     # SIGTERM is taken by a thread of its own: the main thread computes, and a signal handler
     # there would wait for the step in progress.
-    from mesh.shutdown import take_sigterm
+    from mesh.shutdown import take_lifeline, take_sigterm
 
     stop: list = []
     take_sigterm(stop)
+    take_lifeline(stop)  # started by `mesh up`: stop when it dies, even by SIGKILL
     from mesh.logs import configure
 
     configure(log_level)

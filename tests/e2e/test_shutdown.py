@@ -4,6 +4,7 @@ non-streamed request that would take a minute over slow links, streams held open
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -67,11 +68,33 @@ def _live_sessions(base: str) -> bool:
 def test_sigterm_ends_mesh_up_and_the_stages_it_started(tiny_llama, tmp_path):
     """`mesh up` stops its own stages on SIGTERM, as on Ctrl-C (uvicorn raises SIGTERM again
     after its shutdown; the default action used to leave the stages running)."""
+    with _mesh_up(tiny_llama, tmp_path) as (up, stages):
+        t0 = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(12) == 0
+        assert time.monotonic() - t0 < 10
+        _await_gone(stages, t0)
+
+
+def test_stages_end_when_mesh_up_is_killed(tiny_llama, tmp_path):
+    """A SIGKILL gives `mesh up` no chance to stop its stages: they see their lifeline pipe
+    close and stop themselves (they used to run on, orphaned)."""
+    with _mesh_up(tiny_llama, tmp_path) as (up, stages):
+        t0 = time.monotonic()
+        up.kill()
+        assert up.wait(5) == -signal.SIGKILL
+        _await_gone(stages, t0)
+
+
+@contextlib.contextmanager
+def _mesh_up(model: Path, tmp_path: Path):
+    """A running `mesh up` on ``model`` and the pids of the two stages it started."""
     port = free_port()
     with (tmp_path / "up.log").open("wb") as log:
-        up = subprocess.Popen([sys.executable, "-m", "mesh.cli", "up", "--model", str(tiny_llama),
+        up = subprocess.Popen([sys.executable, "-m", "mesh.cli", "up", "--model", str(model),
                                "--ctx", "512", "--slots", "2", "--port", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)
+    stages: list[int] = []
     try:
         deadline = time.monotonic() + 120
         while not is_ready(f"http://127.0.0.1:{port}"):
@@ -80,17 +103,29 @@ def test_sigterm_ends_mesh_up_and_the_stages_it_started(tiny_llama, tmp_path):
             time.sleep(0.1)
         stages = _children(up.pid)
         assert len(stages) == 2
-        t0 = time.monotonic()
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(12) == 0
-        assert time.monotonic() - t0 < 10
-        while any(Path(f"/proc/{pid}").exists() for pid in stages):
-            assert time.monotonic() - t0 < 10, "a stage outlived mesh up"
-            time.sleep(0.05)
+        yield up, stages
     finally:
         if up.poll() is None:
             up.kill()
             up.wait()
+        for pid in stages:  # a failed test must not leave stages behind either
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _await_gone(pids: list[int], t0: float) -> None:
+    """Wait until every process in ``pids`` has ended (a zombie has), at most 10 s from t0."""
+    while any(_running(pid) for pid in pids):
+        assert time.monotonic() - t0 < 10, "a stage outlived mesh up"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _children(pid: int) -> list[int]:
