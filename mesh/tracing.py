@@ -6,10 +6,13 @@ every process that imports this module appends ``point monotonic_ns`` lines to `
 (about 10 us a point: each line is written at once). CLOCK_MONOTONIC is one clock for all the
 processes of a host, so one token's points line up across them. The points:
 
-- ``arrived``: a stage read work frames (decoded and checked, before they are queued);
-- ``start`` and ``computed``: a stage's step began, and its decode rows' frames are about to be
-  mailed;
+- ``woke``: a stage's transport thread woke with frames to read;
+- ``arrived``: it read work frames (decoded and checked, before they are queued);
+- ``picked``: the compute thread took queued frames;
+- ``start`` and ``computed``: a stage's step began (planned), and its decode rows' frames are
+  about to be mailed;
 - ``sent``: the stage's transport thread sent what a step mailed;
+- ``c_woke{i}``: the coordinator's event loop woke to read stage ``i``'s socket;
 - ``c_sent{i}`` and ``c_arrived{i}``: the coordinator sent a frame to stage ``i``, or handed on
   a session frame from it.
 """

@@ -168,6 +168,102 @@ def hop_latency_us(n: int) -> tuple[float, float]:
     return statistics.median(samples), samples[int(len(samples) * 0.99)]
 
 
+def _relay(url: str, next_url: str | None, ready) -> None:
+    """A bare stage for ``bare_trip_ms``: a transport thread polls the ROUTER and a pipe, hands
+    each message to a compute thread (a Condition), which mails it back through the pipe; the
+    transport thread forwards it (or, last, answers the coordinator). No mesh code, no work."""
+    import collections
+    import threading
+
+    zctx = zmq.Context()
+    router = zctx.socket(zmq.ROUTER)
+    router.bind(url)
+    forward = None
+    if next_url is not None:
+        forward = zctx.socket(zmq.DEALER)
+        forward.connect(next_url)
+    inbox: collections.deque = collections.deque()
+    mail: collections.deque = collections.deque()
+    cond = threading.Condition()
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+
+    def compute() -> None:
+        while True:
+            with cond:
+                cond.wait_for(lambda: inbox)
+                parts = inbox.popleft()
+            if parts is None:
+                return
+            mail.append(parts)
+            os.write(write_fd, b"\0")
+
+    threading.Thread(target=compute, daemon=True).start()
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(read_fd, zmq.POLLIN)
+    ready.set()
+    while True:
+        events = dict(poller.poll(100))
+        if router in events:
+            parts = router.recv_multipart()
+            if parts[-1] == b"quit":
+                break
+            with cond:
+                inbox.append(parts)
+                cond.notify()
+        if read_fd in events:
+            os.read(read_fd, 4096)
+            while mail:
+                parts = mail.popleft()
+                if forward is not None:
+                    forward.send(parts[-1])
+                else:
+                    router.send_multipart([b"coordinator", b"token"])
+    with cond:
+        inbox.append(None)
+        cond.notify()
+    zctx.destroy(linger=0)
+
+
+def bare_trip_ms(n: int, idle_s: float = 0.005) -> float:
+    """Median ms of a token's trip coordinator -> 2 bare stages -> coordinator with the mesh's
+    threads and sockets but no mesh code and no compute (``_relay``), each trip after
+    ``idle_s`` of idling, as every process idles while the others compute: the floor that
+    ZeroMQ and the hand-offs set on this host."""
+    spawn = multiprocessing.get_context("spawn")
+    urls = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+    ready = [spawn.Event(), spawn.Event()]
+    relays = [spawn.Process(target=_relay, args=(urls[0], urls[1], ready[0])),
+              spawn.Process(target=_relay, args=(urls[1], None, ready[1]))]
+    for proc in relays:
+        proc.start()
+    zctx = zmq.Context()
+    first, last = zctx.socket(zmq.DEALER), zctx.socket(zmq.DEALER)
+    last.setsockopt(zmq.ROUTING_ID, b"coordinator")
+    try:
+        for event in ready:
+            event.wait(30)
+        first.connect(urls[0])
+        last.connect(urls[1])
+        frame = bytes(3000)  # about a Decode frame
+        samples = []
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            first.send(frame)
+            last.recv()
+            if i >= 20:
+                samples.append(time.perf_counter() - t0)
+            time.sleep(idle_s)
+        return statistics.median(samples) * 1e3
+    finally:
+        for sock in (first, last):
+            sock.send(b"quit")
+        for proc in relays:
+            proc.join(10)
+        zctx.destroy(linger=0)
+
+
 async def long_frame(path: Path, urls: list[str], n: int) -> tuple[float, int, bool]:
     """One ``n``-token prompt as a single frame; (seconds, longest busy_ms seen, chain up)."""
     coord = Coordinator(path, urls, CoordinatorConfig(prefix_cache=False, prefill_chunk=n))
@@ -255,19 +351,22 @@ def _legs(prefix: str, n_stages: int, tokens: int) -> list[tuple[str, float]]:
                          key=lambda m: after(m["arrived"], t)))
     names = ["coordinator -> stage 0"]
     for i in range(n_stages):
-        names += [f"stage {i}: arrived -> step", f"stage {i}: step", f"stage {i}: -> sent",
+        names += [f"stage {i}: read and check", f"stage {i}: to the compute thread",
+                  f"stage {i}: plan", f"stage {i}: step", f"stage {i}: -> sent",
                   f"stage {i} -> " + (f"stage {i + 1}" if i + 1 < n_stages else "coordinator")]
-    names.append("coordinator: token -> next step")
+    names += ["coordinator: read", "coordinator: token -> next step"]
     trips = []
     for t0 in sends[-tokens:-1]:
         try:
             t, trip = t0, [t0]
             for marks in order:
-                for point in ("arrived", "start", "computed", "sent"):
+                for point in ("woke", "arrived", "picked", "start", "computed", "sent"):
                     t = after(marks[point], t)
                     trip.append(t)
-            t = after(coordinator[f"c_arrived{n_stages - 1}"], t)
-            trip += [t, after(sends, t)]
+            for point in (f"c_woke{n_stages - 1}", f"c_arrived{n_stages - 1}"):
+                t = after(coordinator[point], t)
+                trip.append(t)
+            trip.append(after(sends, t))
         except IndexError:  # the last step's trip ends after the trace
             continue
         trips.append(trip)
@@ -401,6 +500,8 @@ def _print_timeline(path: Path, ranges, tokens: int, context: int) -> None:
     chained = stages_in_one_process(path, ranges, tokens)
     print(f"   the stages' runtimes chained in this process (no transport): {chained:6.2f} "
           f"ms/token, {one / chained:.3f}x of one process: the split itself")
+    print(f"   the same trip through bare stages (ZeroMQ and the stages' two threads, no mesh "
+          f"code, no compute, 5 ms idle before each): {bare_trip_ms(200):.2f} ms")
 
 
 if __name__ == "__main__":

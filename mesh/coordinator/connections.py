@@ -94,6 +94,7 @@ class StageConnection:
         """Read the messages waiting: the descriptor signals an edge (new messages), not that
         messages remain. At most ``READ_BATCH`` per turn of the event loop, so a flood from a
         stage does not hold up the loop's other work; the rest are read in the next turn."""
+        mark(f"c_woke{self.index}")
         for _ in range(READ_BATCH):
             try:
                 parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)

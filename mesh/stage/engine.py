@@ -288,6 +288,8 @@ class StageEngine:
                     and self._running):
                 self._cond.wait(STAGE.idle_wait_s)
             items, self._inbox = self._inbox, collections.deque()
+        if items:
+            mark("picked")
         for item in items:
             self.scheduler.submit(item)
 

@@ -133,6 +133,7 @@ class StageServer:
             while self._running:
                 events = dict(self._poller.poll(STAGE.poll_ms))
                 if self._router in events:
+                    mark("woke")
                     self._read()
                 if self._downstream is not None:
                     self._downstream.readable(events)
