@@ -490,7 +490,7 @@ def _parse_levels(text: str) -> list[int]:
 @click.option("--stages", default=2, show_default=True, help="Stages when --split is not given.")
 @click.option("--threads", default=1, show_default=True, help="Threads per stage.")
 @click.option("--baseline-threads", default=None, type=int,
-              help="Threads of the one process [default: stages x threads].")
+              help="Threads of the one process [default: stages x threads, at most the cores].")
 @click.option("--concurrency", default="1,4,8,16", show_default=True)
 @click.option("--conversations", default=16, show_default=True, help="Per concurrency level.")
 @click.option("--turns", default=4, show_default=True, help="Turns per conversation.")
@@ -549,7 +549,11 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
         ranges = even_split(info.n_layer, stages)
     for start, end in ranges:  # sliced here once, not by the stages racing at start-up
         slice_model(path, start, end)
-    baseline_threads = baseline_threads or threads * len(ranges)
+    # The mesh's threads, but no more than the cores: an OpenMP team larger than the cores it
+    # runs on spins at its barriers and would make the one process look slow (2 stages x 2
+    # threads gave it 4 threads on 2 cores, and the mesh 1.03-1.10x of it).
+    baseline_threads = baseline_threads or min(threads * len(ranges),
+                                               len(os.sched_getaffinity(0)))
     top = max(levels)
     slots = slots or 2 * top
     seq_ctx = -(-(shape.max_prompt + shape.max_output + 8) // 256) * 256
