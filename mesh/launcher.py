@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mesh.config import LOOPBACK, STAGE
 from mesh.errors import LayerRangeError
-from mesh.shutdown import LIFELINE_ENV, lifeline
+from mesh.shutdown import LIFELINE_ENV
 
 
 def free_port() -> int:
@@ -93,7 +93,8 @@ class StageProcess:
         log = self.log_path.open("ab")
         cpus = self.cpus
         self._release()  # a relaunch: the previous process's lifeline goes
-        read, self._lifeline = lifeline()
+        # The stage inherits only the read end (pass_fds; os.pipe's ends are not inheritable).
+        read, self._lifeline = os.pipe()
         try:
             self.proc = subprocess.Popen(
                 [*self.wrapper, sys.executable, "-m", "mesh.stage.cli", *self.args],

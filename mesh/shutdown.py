@@ -49,8 +49,8 @@ def take_sigterm(stop: list[Callable[[], object]]) -> None:
 
 
 def take_lifeline(stop: list[Callable[[], object]]) -> None:
-    """Stop as on SIGTERM once the parent that passed a lifeline (``lifeline``) is gone; a
-    process started without one (by hand, by a supervisor) is left alone."""
+    """Stop as on SIGTERM once the parent that passed a lifeline (``LIFELINE_ENV``) is gone;
+    a process started without one (by hand, by a supervisor) is left alone."""
     value = os.environ.pop(LIFELINE_ENV, None)
     if value is None or not value.isdigit():
         return
@@ -65,12 +65,6 @@ def take_lifeline(stop: list[Callable[[], object]]) -> None:
         _stop(stop)
 
     threading.Thread(target=wait, name="lifeline", daemon=True).start()
-
-
-def lifeline() -> tuple[int, int]:
-    """``(read, write)``: pass ``read`` to a child (``LIFELINE_ENV`` and ``pass_fds``), close
-    it here, and keep ``write`` open for as long as the child should live."""
-    return os.pipe()  # neither end is inherited by other children (PEP 446)
 
 
 def _stop(stop: list[Callable[[], object]]) -> None:

@@ -67,6 +67,7 @@ from mesh.stage.runtime import RuntimeConfig, StageRuntime
 from mesh.stage.sampling import SamplingParams
 from mesh.transport import frames as fr
 from mesh.transport.messages import Decode
+from mesh.transport.sockets import Forward, Mailbox
 
 PROMPT = [2, 818, 5279, 529, 7001, 563]  # a short fixed prompt: decode dominates
 SPECULATION = SpeculationConfig()  # the mesh's (``--no-speculation``: off)
@@ -169,9 +170,10 @@ def hop_latency_us(n: int) -> tuple[float, float]:
 
 
 def _relay(url: str, next_url: str | None, ready) -> None:
-    """A bare stage for ``bare_trip_ms``: a transport thread polls the ROUTER and a pipe, hands
-    each message to a compute thread (a Condition), which mails it back through the pipe; the
-    transport thread forwards it (or, last, answers the coordinator). No mesh code, no work."""
+    """A bare stage for ``bare_trip_ms``: a transport thread polls the ROUTER and the mailbox
+    (the stage's own ``Mailbox``), hands each message to a compute thread (a Condition), which
+    mails it back; the transport thread forwards it (or, last, answers the coordinator). No
+    other mesh code, no work."""
     import collections
     import threading
 
@@ -183,10 +185,8 @@ def _relay(url: str, next_url: str | None, ready) -> None:
         forward = zctx.socket(zmq.DEALER)
         forward.connect(next_url)
     inbox: collections.deque = collections.deque()
-    mail: collections.deque = collections.deque()
     cond = threading.Condition()
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
+    mailbox = Mailbox()
 
     def compute() -> None:
         while True:
@@ -195,13 +195,12 @@ def _relay(url: str, next_url: str | None, ready) -> None:
                 parts = inbox.popleft()
             if parts is None:
                 return
-            mail.append(parts)
-            os.write(write_fd, b"\0")
+            mailbox.put(Forward([parts[-1]], []))
 
     threading.Thread(target=compute, daemon=True).start()
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
-    poller.register(read_fd, zmq.POLLIN)
+    poller.register(mailbox.fd, zmq.POLLIN)
     ready.set()
     while True:
         events = dict(poller.poll(100))
@@ -212,17 +211,15 @@ def _relay(url: str, next_url: str | None, ready) -> None:
             with cond:
                 inbox.append(parts)
                 cond.notify()
-        if read_fd in events:
-            os.read(read_fd, 4096)
-            while mail:
-                parts = mail.popleft()
-                if forward is not None:
-                    forward.send(parts[-1])
-                else:
-                    router.send_multipart([b"coordinator", b"token"])
+        for item in mailbox.drain():
+            if forward is not None:
+                forward.send_multipart(item.frames)
+            else:
+                router.send_multipart([b"coordinator", b"token"])
     with cond:
         inbox.append(None)
         cond.notify()
+    mailbox.close()
     zctx.destroy(linger=0)
 
 

@@ -108,7 +108,7 @@ def _mesh_up(model: Path, tmp_path: Path):
         if up.poll() is None:
             up.kill()
             up.wait()
-        for pid in stages:  # a failed test must not leave stages behind either
+        for pid in filter(_running, stages):  # a failed test must not leave stages behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -121,21 +121,23 @@ def _await_gone(pids: list[int], t0: float) -> None:
 
 
 def _running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None if gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return state != "Z"
+        return None
 
 
 def _children(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (zombies count: they are reaped by it)."""
     out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(proc.name))
+        if fields is not None and int(fields[1]) == pid:
+            out.append(int(proc.name))
     return out
