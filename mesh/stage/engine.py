@@ -4,8 +4,9 @@ One thread runs ``run_forever``. The transport thread hands it frames with ``sub
 in frames and bytes) and sends whatever the engine puts in the mailbox. A step is: ask the
 scheduler for a plan, then perform it in order: controls (Stop, Acquire), the eviction plan,
 new sessions, the decode rows (each group one llama_decode), the verify windows (each in exact
-pieces), one prompt chunk. The decode rows' outputs are mailed together before the windows and
-the prompt chunk run. Any exception while handling one
+pieces), one prompt chunk, and at most one stream move that brings the decoding sessions side
+by side (``mesh.stage.layout``). The decode rows' outputs are mailed together before the windows
+and the prompt chunk run. Any exception while handling one
 frame becomes an Error frame for that frame's session, and the engine carries on.
 """
 
@@ -27,6 +28,7 @@ from mesh.config import STAGE
 from mesh.errors import MeshError, OverloadedError, ProtocolError
 from mesh.logs import get_logger
 from mesh.stage.exactness import ExactBatching, window_pieces
+from mesh.stage.layout import plan_move, runs
 from mesh.stage.prefix_cache import PrefixCache, RecordKey
 from mesh.stage.runtime import Chunk, StageRuntime, StepResult
 from mesh.stage.sampling import SamplingParams
@@ -104,12 +106,6 @@ def _live(runtime: StageRuntime) -> dict[SessionKey, int]:
             if not isinstance(k, RecordKey)}
 
 
-def ubatches(streams: list[int]) -> int:
-    """How many ubatches llama.cpp splits one-token rows of these (sorted) streams into: a
-    ubatch takes consecutive streams only."""
-    return bool(streams) + sum(b != a + 1 for a, b in zip(streams, streams[1:], strict=False))
-
-
 class _Outbox:
     """Frames produced by part of a step, mailed as one message per destination."""
 
@@ -156,6 +152,7 @@ class StageEngine:
         self._queued = [0, 0]  # frames, bytes accepted and not yet run
         self._arrivals = itertools.count()
         self._decoded = [0, 0, 0]  # decode steps, rows, ubatches
+        self._decoding: set[SessionKey] = set()  # live sessions whose next work is a decode row
         self._expired: list[bytes] = []  # owners whose lease ran out, to drop at the next step
         self._listed: list[tuple[bytes, frozenset[int]]] = []  # owners' live-session lists
         self._suspects: dict[bytes, set[tuple[bytes, int]]] = {}  # held, missing from a list
@@ -263,7 +260,7 @@ class StageEngine:
             self.busy_since = start
         try:
             self._perform(plan)
-            self.cache.compact()  # live sessions side by side: their rows run as one ubatch
+            self._arrange()
         except Exception as exc:  # a bug, not a frame's fault: keep serving, say so once
             log.error("step_failed", stage=self.name, error_type=type(exc).__name__)
         finally:
@@ -331,12 +328,13 @@ class StageEngine:
         out.flush()
         for group in plan.rows:
             items = [it for it in group if it.arrival not in failed]
-            streams = sorted(self.runtime.session_seq(it.key) for it in items
-                             if self.runtime.has_session(it.key))
+            streams = [self.runtime.session_seq(it.key) for it in items
+                       if self.runtime.has_session(it.key)]
             ran = self._compute(out, items)
             self._decoded[0] += ran > 0
             self._decoded[1] += ran
-            self._decoded[2] += ubatches(streams) if ran else 0
+            self._decoded[2] += runs(streams) if ran else 0
+            self._decoding.update(it.key for it in items)
         if plan.rows:  # before the flush: the transport thread may send before it returns
             mark("computed")
         # One message for all of the step's rows: the next stage batches them the same way,
@@ -345,10 +343,27 @@ class StageEngine:
         for item in plan.windows:
             if item.arrival not in failed:
                 self._guarded(out, item, self._window)
+                self._decoding.add(item.key)
         out.flush()
         if plan.prefill is not None and plan.prefill.arrival not in failed:
             self._compute(out, [plan.prefill])
             out.flush()
+            if plan.prefill.kind == wire.PREFILL_FINAL:
+                self._decoding.add(plan.prefill.key)
+            else:
+                self._decoding.discard(plan.prefill.key)
+
+    def _arrange(self) -> None:
+        """One stream move when the decoding sessions do not lie side by side
+        (``mesh.stage.layout``): their rows then run as one ubatch."""
+        if len(self._decoding) < 2:
+            return
+        rt = self.runtime
+        occupants = {key: rt.session_seq(key) for key in rt.lengths()}
+        self._decoding.intersection_update(occupants)
+        move = plan_move(occupants, self._decoding, rt.free_streams)
+        if move is not None:
+            rt.move_session(move.key, move.to)
 
     def _guarded(self, out: _Outbox, item: Item,
                  action: Callable[[_Outbox, Item], object]) -> bool:

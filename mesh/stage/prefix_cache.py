@@ -102,21 +102,6 @@ class PrefixCache:
         self._set_apart(record.key)
         return n_tokens
 
-    def compact(self) -> bool:
-        """Move the highest live session down into the lowest free stream when that stream
-        lies below it (a session that took over a record's stream, or one left above a
-        session that ended). One move a call: a stream copy at the next decode."""
-        rt = self.runtime
-        free = rt.free_streams
-        live = [(rt.session_seq(k), k) for k in rt.lengths() if not isinstance(k, RecordKey)]
-        if not free or not live:
-            return False
-        seq, key = max(live, key=lambda entry: entry[0])
-        if seq < free[0]:
-            return False
-        rt.move_session(key, free[0])
-        return True
-
     def _set_apart(self, key: RecordKey) -> None:
         """Move a new record above the live sessions when it would sit between them: live
         sessions then keep taking the lowest streams side by side, and llama.cpp runs their

@@ -219,3 +219,46 @@ def test_verify_windows_at_real_stages_pieces_rewinds_stale_drops_and_bad_drafts
         for stage in mesh.stages:
             assert stage.proc.poll() is None
             assert "Traceback" not in stage.log_path.read_text()
+
+
+def test_decoding_sessions_are_brought_side_by_side_and_batch_in_one_ubatch(gemma_path,
+                                                                              tmp_path):
+    """Three sessions decode in streams 0-2, a new one starts its prompt, the middle one ends:
+    the new one ends up between the two still decoding (it takes the freed stream, or is
+    moved down into it). The stage moves one decoding session next to the other, and from the
+    next step on their rows run as one ubatch, with the tokens a session alone gets."""
+    prompt = [2, 818, 5279, 529]
+    with running_mesh(gemma_path, [(0, 18)], tmp_path, ctx=256, slots=6) as mesh:
+        with RawPeer(mesh.urls[0], ORIGIN) as peer:
+            last = {}
+            for session in (1, 2, 3):
+                peer.send(peer.prompt(session, prompt))
+                last[session] = peer.recv().token
+            alone = [last[1]]
+            peer.send(peer.prompt(9, prompt))
+            assert peer.recv().token == alone[0]
+            for i in range(6):
+                peer.send(peer.work(fr.DECODE, 9, 4 + i, [alone[-1]]))
+                alone.append(peer.recv().token)
+            assert peer.ask(peer.stop(9)).kind == fr.STOPPED
+            peer.send(peer.work(fr.PREFILL, 4, 0, prompt))  # a new session, still prefilling
+            assert peer.ask(peer.stop(2)).kind == fr.STOPPED
+
+            def round_(i: int) -> tuple[int, int]:
+                before = peer.ping()
+                peer.send(*[peer.work(fr.DECODE, s, 4 + i, [last[s]]) for s in (1, 3)])
+                for msg in (peer.recv(), peer.recv()):
+                    last[msg.session] = msg.token
+                after = peer.ping()
+                return (after.decode_steps - before.decode_steps,
+                        after.decode_ubatches - before.decode_ubatches)
+
+            rounds = [round_(i) for i in range(6)]
+            assert last[1] == last[3] == alone[6]
+            joined = [(steps, ubatches) for steps, ubatches in rounds if steps == 1]
+            assert joined, f"the two rows never shared a step: {rounds}"
+            # the first shared step may still be split; every one after the move is whole
+            assert all(ubatches == 1 for _, ubatches in joined[1:]), rounds
+            assert sum(u for _, u in rounds) < 2 * len(rounds), rounds
+        for stage in mesh.stages:
+            assert "Traceback" not in stage.log_path.read_text()

@@ -407,13 +407,16 @@ def test_a_kept_prompt_moves_above_the_live_sessions_and_keeps_its_bits(tiny_lla
         rt.close()
 
 
-def test_compaction_moves_the_highest_live_session_into_a_free_stream_below_it(tiny_llama):
-    rt, cache, prompt = _three_sessions(tiny_llama, 4)
+def test_a_session_moved_to_bring_decoders_together_keeps_its_bits(tiny_llama):
+    from mesh.stage.layout import plan_move
+
+    rt, _, prompt = _three_sessions(tiny_llama, 4)
     try:
-        assert not cache.compact()  # 0, 1, 2: nothing below the top one is free
-        rt.drop_session("b")
-        assert cache.compact() and [rt.session_seq(k) for k in "ac"] == [0, 1]
-        assert not cache.compact()
+        # a and c decode in streams 0 and 2; b prefills between them; 3 is free
+        move = plan_move({k: rt.session_seq(k) for k in "abc"}, {"a", "c"}, rt.free_streams)
+        assert move is not None and move.to == 3
+        rt.move_session(move.key, move.to)
+        assert sorted(rt.session_seq(k) for k in "ac") == [2, 3]
         nxt = np.array([7])
         moved = rt.run("c", len(prompt), tokens=nxt, want_logits=True).logits
         stayed = rt.run("a", len(prompt), tokens=nxt, want_logits=True).logits

@@ -229,12 +229,3 @@ def test_after_a_rejected_window_only_the_frame_that_resumes_runs():
     assert not first.computes and not first.rejected
     third = sched.schedule(stale_view)
     assert third.windows == (resume,) and not third.dropped and len(sched) == 0
-
-
-def test_rows_of_streams_that_are_not_adjacent_count_as_separate_ubatches():
-    from mesh.stage.engine import ubatches
-
-    assert ubatches([]) == 0
-    assert ubatches([3]) == 1
-    assert ubatches([0, 1, 2, 3]) == 1
-    assert ubatches([0, 1, 5, 6, 9]) == 3
