@@ -20,6 +20,7 @@ from pathlib import Path
 from mesh.config import LOOPBACK, STAGE
 from mesh.errors import LayerRangeError
 from mesh.shutdown import LIFELINE_ENV
+from mesh.stage.compute_lock import cores_shared
 
 
 def free_port() -> int:
@@ -152,6 +153,8 @@ class LocalMesh:
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        shared = cores_shared([self.threads] * len(self.ranges), self.cpus,
+                              len(os.sched_getaffinity(0)))
         for i, (start, end) in enumerate(self.ranges):
             host = self.hosts[i] if self.hosts else LOOPBACK
             url = f"tcp://{host}:{free_port()}"
@@ -160,6 +163,8 @@ class LocalMesh:
                     "--threads", str(self.threads), *self.extra_args]
             if self.secret is not None:
                 args += ["--secret", str(self.secret)]
+            if shared and len(self.ranges) > 1:  # take turns at llama.cpp
+                args += ["--compute-lock", str(self.log_dir / "compute.lock")]
             self.stages.append(StageProcess(start, end, url, self.log_dir / f"stage{i}.log", args,
                                             self.env, self.cpus[i] if self.cpus else None,
                                             self.wrappers[i] if self.wrappers else []))

@@ -85,10 +85,14 @@ def normalize_listen(text: str) -> str:
                    "trusted.")
 @click.option("--lease-s", "lease_s", default=STAGE.lease_s, show_default=True,
               help="Seconds a session's owner may stay silent before its sessions are dropped.")
+@click.option("--compute-lock", default=None, type=click.Path(dir_okay=False),
+              help="A file the stages sharing this host's cores lock around each llama.cpp "
+                   "step, so they take turns instead of slowing each other (`mesh up` "
+                   "passes one when its stages' threads outnumber the cores).")
 @click.option("--log-level", default="info", show_default=True)
 def main(model_spec, layers, join_url, listen, advertise, member_name, mem_bytes, n_ctx,
          n_seq_max, n_threads, n_gpu_layers, n_batch, prefix_records, batching, secret_file,
-         insecure, lease_s, log_level) -> None:
+         insecure, lease_s, compute_lock, log_level) -> None:
     """Serve layers START:END of a GGUF model as one pipeline stage, or join a coordinator
     that places them."""
     # llama.cpp's CPU graph runs on OpenMP here; idle OpenMP workers spin for ~300k iterations
@@ -115,7 +119,7 @@ def main(model_spec, layers, join_url, listen, advertise, member_name, mem_bytes
         _exit(f"refusing to listen on {url} without a mesh secret: give --secret FILE "
               "(`mesh secret FILE` makes one), or --insecure")
     options = _Options(n_ctx, n_seq_max, n_threads, n_gpu_layers, n_batch, prefix_records,
-                       batching, lease_s)
+                       batching, lease_s, compute_lock)
     try:
         from mesh.model.source import resolve_model
         from mesh.transport.security import ROLE_STAGE, load_keys
@@ -143,6 +147,7 @@ class _Options:
     prefix_records: int | None
     batching: str
     lease_s: float
+    compute_lock: str | None
 
     def kv_type(self, mixed_kv: bool) -> str:
         return kv_type_for(self.batching, mixed_kv)
@@ -164,7 +169,8 @@ def _build(files, url: str, options: _Options, keys):
                            n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers,
                            n_batch=options.n_batch,
                            n_ubatch=min(options.n_batch, STAGE.ubatch),
-                           kv_type=options.kv_type(files.model.mixed_kv))
+                           kv_type=options.kv_type(files.model.mixed_kv),
+                           compute_lock=options.compute_lock)
     runtime = StageRuntime(files, config)
     try:
         server = StageServer(runtime, url, files.model.sha256,

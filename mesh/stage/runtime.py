@@ -42,6 +42,7 @@ from mesh.llama.native import (
     NativeModel,
 )
 from mesh.model.slicing import StageFiles
+from mesh.stage.compute_lock import ComputeLock
 from mesh.stage.embeddings import TokenEmbedder
 from mesh.stage.sampling import SamplerChain, SamplingParams, top_logprobs
 
@@ -61,6 +62,9 @@ class RuntimeConfig:
     # batch, chunk or length (mesh.stage.exactness); "f16" is what a single-process llama.cpp
     # run uses.
     kv_type: str = "f16"
+    # a file that stages sharing this host's cores lock around llama_decode
+    # (``mesh.stage.compute_lock``); None: this stage has its cores to itself
+    compute_lock: str | None = None
 
     def validate(self) -> None:
         if self.n_ctx < 16 or self.n_seq_max < 1 or self.n_batch < 1 or self.n_threads < 1:
@@ -180,6 +184,7 @@ class StageRuntime:
                 raise ValueError("the first stage's files have no token embeddings")
             self.embedder = TokenEmbedder(files.embeddings, self.n_embd, files.model.input_scale)
         self.batch = Batch(config.n_batch, self.n_embd)
+        self._turn = ComputeLock(config.compute_lock)
         self._sessions: dict[Hashable, _Session] = {}
         self._free_seqs = list(range(config.n_seq_max))  # a heap: lowest stream first
 
@@ -420,7 +425,8 @@ class StageRuntime:
         self.batch.fill_parts([(c.seq, c.pos, c.rows, out)
                                for c, out in zip(chunks, outputs, strict=True)])
         try:
-            self.ctx.decode(self.batch)
+            with self._turn:
+                self.ctx.decode(self.batch)
         except Exception:
             # Codes other than 1 may leave some ubatches written: restore every extent.
             for state in states:
@@ -518,6 +524,7 @@ class StageRuntime:
         self.batch.close()
         self.ctx.close()
         self.model.close()
+        self._turn.close()
         if self.embedder is not None:
             self.embedder.close()
 
