@@ -3,10 +3,11 @@
 Each stage's llama_decode runs on every thread it was given. Two stages computing at once on the
 same cores (``mesh up`` on one host: the first stage's prompt chunk while the last stage computes
 the rows it was just sent) are both slower than the two one after the other: eight chat sessions
-on two cores, two stages of two threads, served 66 tokens/s overlapping and 75 taking turns
-(``scripts/bench_serving.py``). So such stages hold an exclusive ``flock`` on one file around each
-llama_decode. The kernel releases it with the process, so a stage that dies never blocks the
-others; uncontended it costs two system calls. Stages on separate cores (or hosts) take none.
+on two cores, two stages of two threads, speculation off, served 66 tokens/s overlapping and 75
+taking turns (``scripts/bench_serving.py``). So such stages hold an exclusive ``flock`` on one
+file around each llama_decode. The kernel releases it with the process, so a stage that dies
+never blocks the others; uncontended it costs two system calls. Stages on separate cores (or
+hosts) take none.
 """
 
 from __future__ import annotations

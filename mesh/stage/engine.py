@@ -152,7 +152,8 @@ class StageEngine:
         self._queued = [0, 0]  # frames, bytes accepted and not yet run
         self._arrivals = itertools.count()
         self._decoded = [0, 0, 0]  # decode steps, rows, ubatches
-        self._decoding: set[SessionKey] = set()  # live sessions whose next work is a decode row
+        # sessions decoding (rows or verify windows) rather than prefilling: kept side by side
+        self._decoding: set[SessionKey] = set()
         self._expired: list[bytes] = []  # owners whose lease ran out, to drop at the next step
         self._listed: list[tuple[bytes, frozenset[int]]] = []  # owners' live-session lists
         self._suspects: dict[bytes, set[tuple[bytes, int]]] = {}  # held, missing from a list

@@ -46,6 +46,7 @@ def plan_move(occupants: Mapping[Hashable, int], decoding: Set[Hashable],
     by_stream = {seq: key for key, seq in occupants.items()}
     free_set = set(free)
     k, top = len(decoders), max(max(by_stream), max(free_set)) + 1
+
     def moves_to_fill(first: int) -> int:  # decoders outside, others inside
         inside = range(first, first + k)
         return (sum(1 for s in inside if s in by_stream and by_stream[s] not in decoding)
