@@ -52,6 +52,7 @@ import httpx
 import numpy as np
 from click.core import ParameterSource
 
+from mesh.config import STAGE
 from mesh.coordinator.tokenizer import Tokenizer
 from mesh.launcher import LocalMesh, balanced_split, even_split, serve_process
 from mesh.llama.native import Batch, ContextParams, NativeContext, NativeModel
@@ -488,7 +489,8 @@ def _parse_levels(text: str) -> list[int]:
 @click.option("--split", default=None, help="Stage layer ranges, e.g. 0:9,9:18 "
               "(default: balanced by weight bytes, as `mesh up`).")
 @click.option("--stages", default=2, show_default=True, help="Stages when --split is not given.")
-@click.option("--threads", default=1, show_default=True, help="Threads per stage.")
+@click.option("--threads", default=STAGE.threads, show_default=True,
+              help="Threads per stage (as `mesh up`).")
 @click.option("--baseline-threads", default=None, type=int,
               help="Threads of the one process [default: stages x threads, at most the cores].")
 @click.option("--concurrency", default="1,4,8,16", show_default=True)
