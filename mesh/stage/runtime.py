@@ -146,6 +146,7 @@ class StageRuntime:
         config.validate()
         self.files = files
         self.config = config
+        self._turn = ComputeLock(config.compute_lock)  # first: a bad path leaks nothing
         self.start, self.end = files.start, files.end
         self.is_first, self.is_last = files.is_first, files.is_last
         self.model = NativeModel(files.gguf, n_gpu_layers=config.n_gpu_layers)
@@ -175,6 +176,7 @@ class StageRuntime:
             self.ctx = NativeContext(self.model, params, capture)
         except Exception:
             self.model.close()
+            self._turn.close()
             raise
         self.session_ctx = self.ctx.n_ctx_seq
         self.max_outputs = params.n_outputs_max
@@ -184,7 +186,6 @@ class StageRuntime:
                 raise ValueError("the first stage's files have no token embeddings")
             self.embedder = TokenEmbedder(files.embeddings, self.n_embd, files.model.input_scale)
         self.batch = Batch(config.n_batch, self.n_embd)
-        self._turn = ComputeLock(config.compute_lock)
         self._sessions: dict[Hashable, _Session] = {}
         self._free_seqs = list(range(config.n_seq_max))  # a heap: lowest stream first
 
@@ -521,10 +522,10 @@ class StageRuntime:
             state = self._sessions.pop(session)
             if state.sampler is not None:
                 state.sampler.close()
+        self._turn.close()
         self.batch.close()
         self.ctx.close()
         self.model.close()
-        self._turn.close()
         if self.embedder is not None:
             self.embedder.close()
 
