@@ -23,6 +23,11 @@ from mesh.shutdown import LIFELINE_ENV
 from mesh.stage.compute_lock import cores_shared
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask; a cgroup quota is not seen)."""
+    return len(os.sched_getaffinity(0))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
@@ -153,8 +158,7 @@ class LocalMesh:
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        shared = cores_shared([self.threads] * len(self.ranges), self.cpus,
-                              len(os.sched_getaffinity(0)))
+        shared = cores_shared([self.threads] * len(self.ranges), self.cpus, usable_cores())
         for i, (start, end) in enumerate(self.ranges):
             host = self.hosts[i] if self.hosts else LOOPBACK
             url = f"tcp://{host}:{free_port()}"
@@ -163,7 +167,7 @@ class LocalMesh:
                     "--threads", str(self.threads), *self.extra_args]
             if self.secret is not None:
                 args += ["--secret", str(self.secret)]
-            if shared and len(self.ranges) > 1:  # take turns at llama.cpp
+            if shared:  # take turns at llama.cpp
                 args += ["--compute-lock", str(self.log_dir / "compute.lock")]
             self.stages.append(StageProcess(start, end, url, self.log_dir / f"stage{i}.log", args,
                                             self.env, self.cpus[i] if self.cpus else None,

@@ -54,7 +54,7 @@ from click.core import ParameterSource
 
 from mesh.config import STAGE
 from mesh.coordinator.tokenizer import Tokenizer
-from mesh.launcher import LocalMesh, balanced_split, even_split, serve_process
+from mesh.launcher import LocalMesh, balanced_split, even_split, serve_process, usable_cores
 from mesh.llama.native import Batch, ContextParams, NativeContext, NativeModel
 from mesh.model.slicing import model_info, range_allowed, slice_model
 from mesh.model.source import resolve_model
@@ -438,7 +438,7 @@ def host_facts(stages: int, threads: int, baseline_threads: int) -> dict:
     model = next((line.split(":", 1)[1].strip() for line in
                   Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable_cores(),
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "mesh_stages": stages,
             "mesh_threads_per_stage": threads, "baseline_threads": baseline_threads}
@@ -554,8 +554,7 @@ def main(ctx: click.Context, model_spec: str, split: str | None, stages: int, th
     # The mesh's threads, but no more than the cores: an OpenMP team larger than the cores it
     # runs on spins at its barriers and would make the one process look slow (2 stages x 2
     # threads gave it 4 threads on 2 cores, and the mesh 1.03-1.10x of it).
-    baseline_threads = baseline_threads or min(threads * len(ranges),
-                                               len(os.sched_getaffinity(0)))
+    baseline_threads = baseline_threads or min(threads * len(ranges), usable_cores())
     top = max(levels)
     slots = slots or 2 * top
     seq_ctx = -(-(shape.max_prompt + shape.max_output + 8) // 256) * 256

@@ -37,8 +37,10 @@ class ComputeLock:
 
 
 def cores_shared(threads: list[int], cpus: list[set[int]] | None, usable: int) -> bool:
-    """Whether stages started on one host compete for cores: their threads outnumber the usable
-    cores, or (pinned) two stages' core sets overlap."""
+    """Whether stages started on one host compete for cores: there are two or more, and their
+    threads outnumber the usable cores, or (pinned) two stages' core sets overlap."""
+    if len(threads) < 2:
+        return False
     if cpus is None:
         return sum(threads) > usable
     return any(a & b for i, a in enumerate(cpus) for b in cpus[i + 1:])

@@ -6,8 +6,8 @@ scheduler for a plan, then perform it in order: controls (Stop, Acquire), the ev
 new sessions, the decode rows (each group one llama_decode), the verify windows (each in exact
 pieces), one prompt chunk, and at most one stream move that brings the decoding sessions side
 by side (``mesh.stage.layout``). The decode rows' outputs are mailed together before the windows
-and the prompt chunk run. Any exception while handling one
-frame becomes an Error frame for that frame's session, and the engine carries on.
+and the prompt chunk run. Any exception while handling one frame becomes an Error frame for that
+frame's session, and the engine carries on.
 """
 
 from __future__ import annotations

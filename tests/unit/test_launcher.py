@@ -36,6 +36,7 @@ def test_stages_that_share_cores_take_turns_through_one_lock_file(tmp_path):
 
     assert cores_shared([2, 2], None, 2) and not cores_shared([2, 2], None, 4)
     assert cores_shared([1, 1], [{0, 1}, {1}], 16) and not cores_shared([1, 1], [{0}, {1}], 2)
+    assert not cores_shared([4], None, 2)  # one stage shares with no other
 
     def lock_args(**kwargs) -> list[list[str]]:
         mesh = LocalMesh("m.gguf", [(0, 2), (2, 4)], tmp_path, threads=1, **kwargs)
