@@ -29,6 +29,7 @@ Sections:
    own cost, without transport or other processes).
 
     python scripts/bench_mesh.py --only decode --context 400 --no-speculation  # section 1
+    python scripts/bench_mesh.py --only decode --no-speculation --sessions 1 --repeats 7
     python scripts/bench_mesh.py --only curve      # just section 5
     python scripts/bench_mesh.py --only timeline --context 400 --no-speculation
     python scripts/bench_mesh.py --context 400 --no-speculation   # sections 1-6, long context
@@ -415,8 +416,10 @@ def curve_cost(path: Path, ranges, tokens: int, repeats: int) -> tuple[float, fl
 @click.option("--context", default=len(PROMPT) + 1, show_default=True,
               help="Prompt tokens of every session.")
 @click.option("--no-speculation", is_flag=True, help="The mesh does not draft either.")
+@click.option("--sessions", default="1,2,4,8", show_default=True,
+              help="Section 1's session counts (comma-separated; must include 1).")
 def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None,
-         context: int, no_speculation: bool) -> None:
+         context: int, no_speculation: bool, sessions: str) -> None:
     global PROMPT, SPECULATION
     path = resolve_model(model_spec)
     info = model_info(path)
@@ -432,7 +435,10 @@ def main(model_spec: str, tokens: int, repeats: int, hops: int, only: str | None
     if only == "timeline":
         _print_timeline(path, ranges, tokens, context)
         return
-    batches = [1, 2, 4, 8]
+    batches = sorted({int(n) for n in sessions.split(",")})
+    if batches[0] != 1:
+        raise click.BadParameter("must include 1 (the mesh@1 column divides by it)",
+                                 param_hint="--sessions")
     with tempfile.TemporaryDirectory() as tmp, _mesh(path, ranges, tmp, 2, ctx=2048) as mesh:
         shared, single = asyncio.run(mesh_tok_s(path, mesh.urls, batches, tokens, repeats,
                                                 baseline=True))
