@@ -174,8 +174,8 @@ def test_a_draft_model_drafts_novel_text_without_changing_it(gemma_path, mesh2):
 
 def test_the_cost_policy_turns_windows_on_where_they_pay(gemma_path, mesh2):
     """The default policy weighs windows with the stages' probed costs (StageInfo) and the
-    measured round trips: over 10 ms links a repeating text is verified in windows once plain
-    steps have scored its drafter, and its tokens are the tokens without them."""
+    round trips plain steps measure: over 10 ms links a repeating text is verified in windows,
+    and its tokens are the tokens without them."""
     from tests.support.linkdelay import DelayedLink
 
     params = GenerationParams(max_tokens=40)
@@ -188,10 +188,14 @@ def test_the_cost_policy_turns_windows_on_where_they_pay(gemma_path, mesh2):
             return infos, await coord.complete(CODE, params), coord.runner.hop_us
         infos, on, hop_us = with_coordinator(gemma_path, urls, body,
                                              speculation=SpeculationConfig())
+        _, _, plain_hop_us = with_coordinator(gemma_path, urls, body, speculation=OFF)
     (off,) = _complete(gemma_path, mesh2.urls, [CODE], params, OFF)
     for info in infos:
         assert len(info.batch_us) == len(info.window_us) == info.exact_rows > 1
         assert all(us > 0 for us in info.batch_us)
-    assert hop_us > 10_000  # three 10 ms hops a step: measured, less the probed compute
+    assert plain_hop_us > 10_000  # three 10 ms hops a step: measured, less the probed compute
+    # Where the probed costs alone make windows pay (a window of 2 rows under 1.5 single rows,
+    # as on some hosts), every step of the speculating run is a window and none is timed.
+    assert hop_us is None or hop_us > 10_000
     assert on.token_ids == off.token_ids
     assert on.speculation["windows"] > 0 and on.speculation["accepted"] > 0
