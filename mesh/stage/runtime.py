@@ -19,6 +19,7 @@ each slot reserves ``session_ctx`` cells, and a prefix is reused by copying it, 
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -146,46 +147,48 @@ class StageRuntime:
         config.validate()
         self.files = files
         self.config = config
-        self._turn = ComputeLock(config.compute_lock)  # first: a bad path leaks nothing
         self.start, self.end = files.start, files.end
         self.is_first, self.is_last = files.is_first, files.is_last
-        self.model = NativeModel(files.gguf, n_gpu_layers=config.n_gpu_layers)
-        self.n_embd = self.model.n_embd
-        self.n_vocab = self.model.n_vocab if self.is_last else 0
-        capture = None
-        if not self.is_last:
-            capture = HiddenCapture(f"l_out-{self.end - self.start - 1}", self.n_embd,
-                                    config.n_batch)
-        self._capture = capture
-        params = ContextParams(
-            n_ctx=config.n_ctx * config.n_seq_max,
-            n_seq_max=config.n_seq_max,
-            n_batch=config.n_batch,
-            n_ubatch=config.n_ubatch,
-            # Non-final stages need every row's hidden state; the final stage only sampled rows.
-            # llama.cpp reserves max(outputs, n_seq_max) rows and asserts against this bound.
-            n_outputs_max=(
-                max(config.n_outputs_max, config.n_seq_max) if self.is_last
-                else max(config.n_batch, config.n_seq_max)
-            ),
-            n_threads=config.n_threads,
-            n_threads_batch=config.n_threads_batch or config.n_threads,
-            kv_type=config.kv_type,
-        )
-        try:
-            self.ctx = NativeContext(self.model, params, capture)
-        except Exception:
-            self.model.close()
-            self._turn.close()
-            raise
-        self.session_ctx = self.ctx.n_ctx_seq
-        self.max_outputs = params.n_outputs_max
-        self.embedder: TokenEmbedder | None = None
-        if self.is_first:
-            if files.embeddings is None:
-                raise ValueError("the first stage's files have no token embeddings")
-            self.embedder = TokenEmbedder(files.embeddings, self.n_embd, files.model.input_scale)
-        self.batch = Batch(config.n_batch, self.n_embd)
+        # What a failed start-up opened is closed again (under --join a process loads many).
+        with contextlib.ExitStack() as undo:
+            self._turn = undo.enter_context(contextlib.closing(
+                ComputeLock(config.compute_lock)))  # first: a bad path loads nothing
+            self.model = undo.enter_context(NativeModel(files.gguf,
+                                                        n_gpu_layers=config.n_gpu_layers))
+            self.n_embd = self.model.n_embd
+            self.n_vocab = self.model.n_vocab if self.is_last else 0
+            capture = None
+            if not self.is_last:
+                capture = HiddenCapture(f"l_out-{self.end - self.start - 1}", self.n_embd,
+                                        config.n_batch)
+            self._capture = capture
+            params = ContextParams(
+                n_ctx=config.n_ctx * config.n_seq_max,
+                n_seq_max=config.n_seq_max,
+                n_batch=config.n_batch,
+                n_ubatch=config.n_ubatch,
+                # Non-final stages need every row's hidden state; the final stage only sampled
+                # rows. llama.cpp reserves max(outputs, n_seq_max) rows and asserts against
+                # this bound.
+                n_outputs_max=(
+                    max(config.n_outputs_max, config.n_seq_max) if self.is_last
+                    else max(config.n_batch, config.n_seq_max)
+                ),
+                n_threads=config.n_threads,
+                n_threads_batch=config.n_threads_batch or config.n_threads,
+                kv_type=config.kv_type,
+            )
+            self.ctx = undo.enter_context(NativeContext(self.model, params, capture))
+            self.session_ctx = self.ctx.n_ctx_seq
+            self.max_outputs = params.n_outputs_max
+            self.embedder: TokenEmbedder | None = None
+            if self.is_first:
+                if files.embeddings is None:
+                    raise ValueError("the first stage's files have no token embeddings")
+                self.embedder = undo.enter_context(contextlib.closing(TokenEmbedder(
+                    files.embeddings, self.n_embd, files.model.input_scale)))
+            self.batch = Batch(config.n_batch, self.n_embd)
+            undo.pop_all()  # started: close() owns them now
         self._sessions: dict[Hashable, _Session] = {}
         self._free_seqs = list(range(config.n_seq_max))  # a heap: lowest stream first
 

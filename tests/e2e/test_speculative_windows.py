@@ -188,8 +188,7 @@ def test_the_cost_policy_turns_windows_on_where_they_pay(gemma_path, mesh2):
             return infos, await coord.complete(CODE, params), coord.runner.hop_us
         infos, on, hop_us = with_coordinator(gemma_path, urls, body,
                                              speculation=SpeculationConfig())
-        _, _, plain_hop_us = with_coordinator(gemma_path, urls, body, speculation=OFF)
-    (off,) = _complete(gemma_path, mesh2.urls, [CODE], params, OFF)
+        _, off, plain_hop_us = with_coordinator(gemma_path, urls, body, speculation=OFF)
     for info in infos:
         assert len(info.batch_us) == len(info.window_us) == info.exact_rows > 1
         assert all(us > 0 for us in info.batch_us)

@@ -423,3 +423,26 @@ def test_a_session_moved_to_bring_decoders_together_keeps_its_bits(tiny_llama):
         assert np.array_equal(moved, stayed)
     finally:
         rt.close()
+
+
+def test_a_failed_start_up_closes_what_it_opened(tiny_llama, tmp_path):
+    """The first stage's embedding rows fail to open after the compute lock, the model and the
+    context did: all of them are closed again (a --join process loads one assignment after
+    another)."""
+    import dataclasses
+    import os
+    import shutil
+
+    from mesh.model.slicing import EMBEDDING_ROWS
+
+    files = slice_model(tiny_llama, 0, 2)
+    broken = tmp_path / "slice"
+    shutil.copytree(files.directory, broken)
+    (broken / EMBEDDING_ROWS).unlink()
+    StageRuntime(files, CFG).close()  # what llama.cpp opens once per process, opened
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        StageRuntime(dataclasses.replace(files, directory=broken),
+                     RuntimeConfig(n_ctx=64, n_seq_max=2,
+                                   compute_lock=str(tmp_path / "compute.lock")))
+    assert len(os.listdir("/proc/self/fd")) == before
