@@ -13,6 +13,7 @@ until the end, so its request re-runs whenever it fails.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -43,7 +44,14 @@ from mesh.errors import MeshError, StageError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.transport import frames as fr
 from mesh.transport import wire
-from mesh.transport.messages import Decode, PrefillEmbd, PrefillFinalEmbd, StageInfo, Work
+from mesh.transport.messages import (
+    Decode,
+    PrefillEmbd,
+    PrefillFinalEmbd,
+    StageInfo,
+    Token,
+    Work,
+)
 
 log = get_logger("mesh.coordinator")
 
@@ -109,6 +117,93 @@ def _loop_time(monotonic_deadline: float) -> float:
 def retryable(exc: BaseException) -> bool:
     return isinstance(exc, StageUnavailableError) or (
         isinstance(exc, StageError) and exc.code in RETRYABLE_CODES)
+
+
+@dataclass
+class _Step:
+    """A Token taken: what the request streams for it."""
+
+    token: int
+    text: str
+    logprobs: list[dict[str, Any]]
+
+
+class _Decoding:
+    """One request's decode loop state, advanced a Token at a time by ``take``.
+
+    ``take`` runs where the Token arrives (``Inbox.on_token``, inside the read of the final
+    stage's socket), so the next step leaves before the request's coroutine gets its turn of
+    the event loop: on one host that turn costs about a tenth of a millisecond a token that
+    the stages would otherwise wait through. A draft model's windows are planned off the loop
+    (``drafts_compute``): then the request's coroutine takes each Token and sends them."""
+
+    def __init__(self, runner: RequestRunner, session: int, spec: Speculator,
+                 text: TextAssembler, params: GenerationParams):
+        self.runner, self.session, self.spec, self.text = runner, session, spec, text
+        self.params = params
+        self.budget = 0  # tokens the request may still produce, set once its prompt is sent
+        self.token_ids: list[int] = []
+        self.finish: str | None = None  # "stop" or "length" once the session has ended
+        self.more = False  # the last Token taken leaves the session more to decode
+        self.t_first: float | None = None
+        self.taken: collections.deque[_Step | None] = collections.deque()
+
+    @property
+    def streaming(self) -> bool:
+        """Tokens remain to come, or taken ones to stream (a window's come in one message)."""
+        return self.finish is None or bool(self.taken)
+
+    def take(self, msg: Token) -> None:
+        """``Inbox.on_token``: advance by the Token as it arrives; the request's coroutine
+        streams the result when the Token reaches it. The pacer hears of the Token first (as
+        the coordinator would tell it after delivery), so that the step this Token lets leave
+        can depart with its group at once."""
+        self.runner.pacer.arrived(self.session)
+        self.taken.append(self.advance(msg))
+
+    def advance(self, msg: Token) -> _Step | None:
+        """Take a Token: None for one this session does not wait for (or after its end)."""
+        runner, spec = self.runner, self.spec
+        self.more = False
+        if self.finish is not None:
+            return None
+        if not spec.awaited(msg.pos):
+            log.warning("token_unexpected", session_pos=msg.pos)
+            return None
+        token = msg.token
+        runner._time_step(spec.in_flight[0])
+        spec.take(token)
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        if runner.tokenizer.is_eog(token):
+            self.finish = "stop"
+            return None
+        self.token_ids.append(token)
+        text, stopped = self.text.add(token)
+        left = self.budget - len(self.token_ids)
+        if stopped or left <= 0:
+            self.finish = "stop" if stopped else "length"
+        else:
+            self.more = True
+            if not runner.drafts_compute:
+                self.send(spec.next_windows(left, runner._speculate(spec)))
+        logprobs = []
+        if self.params.logprobs:
+            logprobs = [{"token": token, "text": self.text.last, "logprob": msg.logprob,
+                         "top": msg.top}]
+        return _Step(token, text, logprobs)
+
+    def send(self, windows: list[Window]) -> None:
+        """The next step goes with its decode group (``DecodePacer``); more windows of a
+        session already in flight leave at once."""
+        if not windows:
+            return
+        runner = self.runner
+        if len(windows) == len(self.spec.in_flight):  # none was in flight before these
+            runner.pacer.ready(self.session, functools.partial(
+                runner._send_windows, self.session, windows))
+        else:
+            runner._send_windows(self.session, windows)
 
 
 class RequestRunner:
@@ -213,78 +308,54 @@ class RequestRunner:
                    ) -> AsyncIterator[Delta | Completion]:
         session, inbox = self.sessions.open()
         t0 = time.perf_counter()
-        text_out = TextAssembler(self.tokenizer, params.stop)
-        token_ids: list[int] = []
-        finish = "length"
-        t_first = None
         completed = False
         spec = Speculator(self.speculation, prompt_ids, *self._window_limits(),
                           self.drafter_factory)
+        run = _Decoding(self, session, spec, TextAssembler(self.tokenizer, params.stop), params)
         try:
             cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt,
                                                align=self._chunk_size())
             self._send_prefill(session, prompt_ids, params, cached)
-            budget = self.admission.max_new_tokens(len(prompt_ids), params.max_tokens)
+            run.budget = self.admission.max_new_tokens(len(prompt_ids), params.max_tokens)
             deadline = None if params.timeout_s is None else time.monotonic() + params.timeout_s
-            while len(token_ids) < budget:
+            if not self.drafts_compute and run.budget > 0:
+                # Each Token is taken, and the next step sent, as it arrives (``_Decoding``):
+                # the request's turn of the event loop comes after.
+                inbox.on_token = run.take
+            while run.streaming and run.budget > 0:
                 try:
                     async with asyncio.timeout_at(None if deadline is None else
                                                   _loop_time(deadline)):
                         msg = await Sessions.next(inbox)
                 except TimeoutError:
-                    log.warning("request_deadline", tokens=len(token_ids))
+                    log.warning("request_deadline", tokens=len(run.token_ids))
                     break
-                if not spec.awaited(msg.pos):
-                    log.warning("token_unexpected", session_pos=msg.pos)
+                step = run.taken.popleft() if inbox.on_token is not None else run.advance(msg)
+                if step is None:
                     continue
-                token = msg.token
-                self._time_step(spec.in_flight[0])
-                spec.take(token)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if self.tokenizer.is_eog(token):
-                    finish = "stop"
-                    break
-                token_ids.append(token)
-                text, stopped = text_out.add(token)
-                if not stopped and len(token_ids) < budget:
-                    # The next step is queued before this token is handed on: the stages
-                    # compute while the caller streams, and the pacer sends it with its group
-                    # (more windows of a session already in flight leave at once).
-                    first = not spec.in_flight
-                    plan = functools.partial(spec.next_windows, budget - len(token_ids),
-                                             self._speculate(spec))
-                    windows = (await asyncio.get_running_loop().run_in_executor(None, plan)
-                               if self.drafts_compute else plan())
-                    if windows and first:
-                        self.pacer.ready(session, functools.partial(
-                            self._send_windows, session, windows))
-                    elif windows:
-                        self._send_windows(session, windows)
-                logprobs = []
-                if params.logprobs:
-                    logprobs = [{"token": token, "text": text_out.last,
-                                 "logprob": msg.logprob, "top": msg.top}]
-                if text or logprobs:
-                    yield Delta(text, [token], logprobs)
-                if stopped:
-                    finish = "stop"
-                    break
-            tail = text_out.finish()
+                if run.more and self.drafts_compute:
+                    plan = functools.partial(spec.next_windows,
+                                             run.budget - len(run.token_ids), self._speculate(spec))
+                    run.send(await asyncio.get_running_loop().run_in_executor(None, plan))
+                if step.text or step.logprobs:
+                    yield Delta(step.text, [step.token], step.logprobs)
+            inbox.on_token = None
+            tail = run.text.finish()
             if tail:
                 yield Delta(tail, [])
             t_end = time.perf_counter()
-            t_first = t_first or t_end
-            n = len(token_ids)
+            t_first = run.t_first or t_end
+            n = len(run.token_ids)
             completed = True
             yield Completion(
-                prompt_token_ids=prompt_ids, token_ids=token_ids, text=text_out.text,
-                finish_reason=finish, cached_tokens=cached,
+                prompt_token_ids=prompt_ids, token_ids=run.token_ids, text=run.text.text,
+                finish_reason=run.finish or "length", cached_tokens=cached,
                 speculation=spec.stats.as_dict(),
                 timings={"prompt_ms": 1e3 * (t_first - t0), "decode_ms": 1e3 * (t_end - t_first),
                          "decode_tokens_per_s": (n - 1) / (t_end - t_first) if n > 1 else 0.0,
                          "total_ms": 1e3 * (t_end - t0)})
         finally:
+            inbox.on_token = None
             self.sessions.close(session)
             self.pacer.forget(session)
             self.prefixes.stop(session, prompt_ids if completed else None, params.cache_salt)

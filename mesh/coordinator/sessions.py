@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar, overload
 
@@ -26,7 +27,7 @@ from mesh.transport.messages import Acquired, Error, Token
 class SessionFailed:
     """The session ended here, not at a stage: no stage frame says so."""
 
-    exc: MeshError
+    exc: Exception  # a MeshError, or what acting on a delivered Token raised
 
 
 InboxFrame = Token | Acquired | Error  # what a stage says about one session
@@ -37,6 +38,9 @@ class Inbox:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[InboxFrame | SessionFailed] = asyncio.Queue()
         self.waiting: float | None = None  # since when its request waits on an empty inbox
+        # Called with each Token as it is delivered, before it is queued (the request acts on
+        # it at once; ``mesh.coordinator.generation``). What it raises ends the session.
+        self.on_token: Callable[[Token], None] | None = None
 
 
 class Sessions:
@@ -62,6 +66,13 @@ class Sessions:
         inbox = self._live.get(msg.session) if msg.session is not None else None
         if inbox is None:
             return False
+        if inbox.on_token is not None and isinstance(msg, Token):
+            try:
+                inbox.on_token(msg)
+            except Exception as exc:  # the request's failure, raised where it waits
+                inbox.on_token = None
+                inbox.queue.put_nowait(SessionFailed(exc))
+                return True
         inbox.queue.put_nowait(msg)
         return True
 
