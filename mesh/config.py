@@ -110,6 +110,11 @@ class CoordinatorConfig:
     # Of the chain's slots, what one tenant may hold at once (the API sets its key share).
     tenant_share: float = 1.0
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    # Decode steps after each one a lone session without speculation lets the final stage
+    # send stage 0 itself (protocol.md, "Loops"): the coordinator leaves the token's path
+    # (0: never). Sessions that come meanwhile wait for no loop; a loop only delays the pacer's
+    # regrouping of that session by this many tokens.
+    loop_steps: int = 16
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from mesh.coordinator.tokenizer import Tokenizer
 from mesh.errors import HandshakeError, InvalidInputError, MeshError, StageUnavailableError
 from mesh.logs import get_logger
 from mesh.model.source import file_sha256
+from mesh.transport import wire
 from mesh.transport.messages import Acquired, Error, Message, Pong, StageInfo, Stopped, Token
 from mesh.transport.security import MeshKeys
 
@@ -99,7 +100,8 @@ class Coordinator:
                                    self.tokenizer, self.admission, config.prefill_chunk,
                                    config.retry_wait_s, self.speculation,
                                    drafter_factory=self._drafter if drafts_compute
-                                   else NgramDrafter, drafts_compute=drafts_compute)
+                                   else NgramDrafter, drafts_compute=drafts_compute,
+                                   loop_steps=config.loop_steps)
         self.wait_observer = None  # admission waits, in seconds (set by the API's metrics)
 
     @property
@@ -216,6 +218,9 @@ class Coordinator:
         elif isinstance(msg, Token | Acquired | Error) and self.sessions.deliver(msg):
             if isinstance(msg, Token):
                 self.pacer.arrived(msg.session)
+        elif isinstance(msg, Error) and msg.code == wire.E_UNKNOWN_SESSION:
+            # a loop's step that was on its way round when its session ended (protocol.md)
+            log.debug("stage_error", stage_index=conn.index, code=msg.code)
         elif isinstance(msg, Error):
             log.warning("stage_error", stage_index=conn.index, code=msg.code)
 

@@ -147,6 +147,7 @@ class _Decoding:
         self.more = False  # the last Token taken leaves the session more to decode
         self.t_first: float | None = None
         self.taken: collections.deque[_Step | None] = collections.deque()
+        self.looping = 0  # steps the final stage will still send stage 0 itself
 
     @property
     def streaming(self) -> bool:
@@ -185,23 +186,34 @@ class _Decoding:
             self.finish = "stop" if stopped else "length"
         else:
             self.more = True
-            if not runner.drafts_compute:
-                self.send(spec.next_windows(left, runner._speculate(spec)))
+            if self.looping:  # the final stage sent this step already
+                self.looping -= 1
+                runner.looped += 1
+                spec.next_windows(left, False)
+            elif not runner.drafts_compute:
+                self.send(spec.next_windows(left, runner._speculate(spec)), left)
         logprobs = []
         if self.params.logprobs:
             logprobs = [{"token": token, "text": self.text.last, "logprob": msg.logprob,
                          "top": msg.top}]
         return _Step(token, text, logprobs)
 
-    def send(self, windows: list[Window]) -> None:
+    def send(self, windows: list[Window], left: int = 0) -> None:
         """The next step goes with its decode group (``DecodePacer``); more windows of a
-        session already in flight leave at once."""
+        session already in flight leave at once. A lone session's plain step lets the final
+        stage send the next ones (up to ``left - 1``, the tokens it may still produce after
+        this one) to stage 0 itself: its loop."""
         if not windows:
             return
         runner = self.runner
         if len(windows) == len(self.spec.in_flight):  # none was in flight before these
+            loop = 0
+            if (len(windows) == 1 and windows[0].n == 1 and not runner.speculation.enabled
+                    and len(runner.sessions) == 1):
+                loop = max(0, min(runner.loop_steps, left - 1))
+            self.looping = loop
             runner.pacer.ready(self.session, functools.partial(
-                runner._send_windows, self.session, windows))
+                runner._send_windows, self.session, windows, loop))
         else:
             runner._send_windows(self.session, windows)
 
@@ -212,7 +224,7 @@ class RequestRunner:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, retry_wait_s: float = RETRY_WAIT_S,
                  speculation: SpeculationConfig | None = None,
                  drafter_factory: Callable[[list[int]], Drafter] = NgramDrafter,
-                 drafts_compute: bool = False):
+                 drafts_compute: bool = False, loop_steps: int = 0):
         self.chain = chain
         self.sessions = sessions
         self.prefixes = prefixes
@@ -226,6 +238,8 @@ class RequestRunner:
         self.speculated = SpeculationStats()  # every request's windows, for metrics
         self.drafter_factory = drafter_factory  # a request's drafter, from its prompt
         self.drafts_compute = drafts_compute  # drafting computes (a draft model): off the loop
+        self.loop_steps = min(loop_steps, wire.MAX_LOOP_STEPS)  # CoordinatorConfig.loop_steps
+        self.looped = 0  # steps the final stage sent stage 0 itself, for tests and metrics
         # What a plain step costs beyond the stages' compute (links, queues, hand-offs), in
         # microseconds: a moving average of measured round trips less the probed compute.
         self.hop_us: float | None = None
@@ -406,13 +420,20 @@ class RequestRunner:
                     *(i.exact_rows for i in infos)])
         return rows, min(cells) if cells else None
 
-    def _send_windows(self, session: int, windows: list[Window]) -> None:
+    def _send_windows(self, session: int, windows: list[Window], loop: int = 0) -> None:
         """Post the windows: they leave with the pacer's group (one message, so the stage
-        batches the group's rows), or at the end of this turn of the event loop."""
+        batches the group's rows), or at the end of this turn of the event loop. ``loop``:
+        the steps after a plain one the final stage sends stage 0 itself."""
+        first = self.chain.first
         for window in windows:
             window.sent = time.perf_counter()
-            self._send_work(Decode, session, window.pos, window.tokens,
-                            draft=fr.pack_tokens(window.draft) if window.draft else None)
+            if loop:
+                self._send_work(Decode, session, window.pos, window.tokens, draft=None,
+                                loop=loop, loop_to=first.url, loop_tag=first.link_tag,
+                                loop_epoch=first.epoch)
+            else:
+                self._send_work(Decode, session, window.pos, window.tokens,
+                                draft=fr.pack_tokens(window.draft) if window.draft else None)
 
     def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams,
                       start_pos: int = 0) -> None:

@@ -47,7 +47,7 @@ from mesh.transport.messages import (
     Stopped,
     Token,
 )
-from mesh.transport.sockets import Forward, Mailbox, Reply
+from mesh.transport.sockets import Forward, Loop, Mailbox, Reply
 
 log = get_logger("mesh.stage")
 T = TypeVar("T")
@@ -114,6 +114,13 @@ class _Outbox:
         self._replies: dict[bytes, list[bytes]] = collections.defaultdict(list)
         self._forwards: list[bytes] = []
         self._owners: list[tuple[bytes, int]] = []
+        self._loops: dict[tuple[str, bytes | None], Loop] = {}
+
+    def loop(self, url: str, tag: bytes | None, owner: SessionKey, frame: bytes) -> None:
+        if (url, tag) not in self._loops:
+            self._loops[url, tag] = Loop(url, tag, [], [])
+        self._loops[url, tag].frames.append(frame)
+        self._loops[url, tag].owners.append(owner)
 
     def reply(self, identity: bytes, frame: bytes) -> None:
         self._replies[identity].append(frame)
@@ -123,6 +130,9 @@ class _Outbox:
         self._owners.append(owner)
 
     def flush(self) -> None:
+        for loop in self._loops.values():  # first: stage 0 starts on them sooner
+            self._mailbox.put(loop)
+        self._loops.clear()
         if self._forwards:
             self._mailbox.put(Forward(self._forwards, self._owners))
             self._forwards, self._owners = [], []
@@ -473,7 +483,25 @@ class StageEngine:
         if not self.runtime.is_last:
             self._forward(out, item, _present(result.hidden, "a step's hidden states"))
         elif item.kind != wire.PREFILL:
+            self._loop(out, item, result)
             self._reply_tokens(out, item, result, item.n - 1)
+
+    def _loop(self, out: _Outbox, item: Item, result: StepResult) -> None:
+        """A looping Decode's next step, sent to stage 0 from here (protocol.md, "Loops"),
+        unless the token ends the generation."""
+        msg = item.frame
+        if not (isinstance(msg, Decode) and msg.loop and msg.loop_to is not None
+                and msg.loop_epoch is not None and len(result.tokens) == 1):
+            return
+        token = result.tokens[0]
+        if self.runtime.is_eog(token):
+            return
+        more = msg.loop > 1
+        out.loop(msg.loop_to, msg.loop_tag, item.key, fr.encode(Decode(
+            session=msg.session, origin=msg.origin, epoch=msg.loop_epoch, pos=item.pos + 1,
+            n=1, tokens=fr.pack_tokens([token]), embd=None, draft=None, loop=msg.loop - 1,
+            loop_to=msg.loop_to if more else None, loop_tag=msg.loop_tag if more else None,
+            loop_epoch=msg.loop_epoch if more else None)))
 
     def _forward(self, out: _Outbox, item: Item, hidden: np.ndarray) -> None:
         msg, embd, epoch = item.frame, fr.pack_embd(hidden), self._next_epoch()

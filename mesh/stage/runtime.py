@@ -41,6 +41,7 @@ from mesh.llama.native import (
     HiddenCapture,
     NativeContext,
     NativeModel,
+    llama,
 )
 from mesh.model.slicing import StageFiles
 from mesh.stage.compute_lock import ComputeLock
@@ -391,6 +392,10 @@ class StageRuntime:
                 state.sampler.close()
             state.sampler = sampler
         return Chunk(session, state.seq, pos, rows, sample, want_logits, draft)
+
+    def is_eog(self, token: int) -> bool:
+        """Final stage: whether ``token`` ends a generation (end of turn, end of text)."""
+        return bool(llama().llama_vocab_is_eog(self.model.vocab, token))
 
     def check_vocab(self, ids: np.ndarray, what: str) -> None:
         """Final stage: token ids a frame names must be in the vocabulary."""

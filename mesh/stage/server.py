@@ -56,7 +56,7 @@ from mesh.transport.messages import (
     Work,
 )
 from mesh.transport.security import ROLE_COORDINATOR, ROLE_STAGE, MeshKeys, ZapGuard
-from mesh.transport.sockets import Forward, Mailbox, Reply, stage_router, valid_url
+from mesh.transport.sockets import Forward, Loop, Mailbox, Reply, stage_router, valid_url
 
 log = get_logger("mesh.stage")
 
@@ -101,6 +101,7 @@ class StageServer:
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self.mailbox.fd, zmq.POLLIN)
         self._downstream: Downstream | None = None
+        self._loop: Downstream | None = None  # final stage: to stage 0, for looping Decodes
         self._lease_s = lease_s
         self._heard: dict[bytes, float] = {}  # peer routing id -> when it last sent anything
         self._expiring: set[bytes] = set()
@@ -135,9 +136,10 @@ class StageServer:
                 if self._router in events:
                     mark("woke")
                     self._read()
-                if self._downstream is not None:
-                    self._downstream.readable(events)
-                    self._downstream.tick()
+                for link in (self._downstream, self._loop):
+                    if link is not None:
+                        link.readable(events)
+                        link.tick()
                 self._send_mail()
                 self._check_leases()
         except Exception as exc:  # a bug: stop the stage rather than compute for nobody
@@ -369,6 +371,8 @@ class StageServer:
         for item in items:
             if isinstance(item, Reply):
                 self._reply(item.identity, *item.frames)
+            elif isinstance(item, Loop):
+                self._send_loop(item)
             else:
                 self._forward(item)
         if items:
@@ -387,6 +391,33 @@ class StageServer:
         for origin, session in item.owners:
             self._reply(origin, fr.error_frame(code, message, session, self.name))
 
+    def _send_loop(self, item: Loop) -> None:
+        """Looping Decodes to stage 0, over one connection kept for the latest stage 0 named
+        (forwarding under its link tag, as its upstream would)."""
+        link = self._loop
+        if link is None or (link.url, link.tag) != (item.url, item.tag):
+            if link is not None:
+                link.close()
+                self._loop = link = None
+            if self._keys is None or item.url.startswith("tcp://"):
+                try:
+                    self._loop = link = Downstream(self._zctx, item.url, self._keys,
+                                                   self._poller, self.name, item.tag)
+                except zmq.ZMQError:
+                    link = None
+        if link is None:
+            code, message = wire.E_BAD_FIELD, "cannot reach the loop's stage 0 (with mesh keys, " \
+                                              "a tcp://HOST:PORT URL)"
+        else:
+            try:
+                link.send(item.frames)
+                return
+            except zmq.ZMQError:
+                code, message = wire.E_DOWNSTREAM_UNAVAILABLE, f"stage 0 {link.url} is not " \
+                                                                "accepting frames"
+        for origin, session in item.owners:
+            self._reply(origin, fr.error_frame(code, message, session, self.name))
+
     def _reply(self, identity: bytes, *frames: bytes) -> None:
         try:
             self._router.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
@@ -395,8 +426,9 @@ class StageServer:
             log.warning("reply_undeliverable", stage=self.name)
 
     def close(self) -> None:
-        if self._downstream is not None:
-            self._downstream.close()
+        for link in (self._downstream, self._loop):
+            if link is not None:
+                link.close()
         self._router.close(linger=0)
         self.mailbox.close()
         if self._guard is not None:

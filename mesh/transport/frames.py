@@ -73,6 +73,7 @@ from mesh.transport.wire import (  # noqa: F401  (re-exported: frames is the cod
     MAX_GRAMMAR_BYTES,
     MAX_HISTORY_TOKENS,
     MAX_LOGPROBS,
+    MAX_LOOP_STEPS,
     MAX_MEMBER_NAME_CHARS,
     MAX_RECORDS_REPORTED,
     MAX_SALT_BYTES,
@@ -113,7 +114,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     PREFILL: _WORK_FIELDS,
     PREFILL_FINAL: {**_WORK_FIELDS, "sampling": _MAP, "history": _OPT_BIN,
                     "grammar": _OPT_BIN},
-    DECODE: {**_WORK_FIELDS, "draft": _OPT_BIN},
+    DECODE: {**_WORK_FIELDS, "draft": _OPT_BIN, "loop": _INT, "loop_to": _OPT_STR,
+             "loop_tag": _OPT_BIN, "loop_epoch": _OPT_INT},
     TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
             "top": _LIST},
     STOP: {"session": _INT, "origin": _BIN, "epoch": _INT, "keep": _INT,
@@ -479,6 +481,20 @@ def _check_window(msg: Decode) -> None:
     if draft is not None and (not draft or len(draft) not in (4 * (n - 1), 4 * n)):
         raise ProtocolError(E_BAD_SHAPE, f"Decode: draft must hold n - 1 or n int32 token ids "
                                          f"(n = {n})")
+    if msg.loop:
+        _check_loop(msg)
+
+
+def _check_loop(msg: Decode) -> None:
+    """A looping Decode is one plain step that names where stage 0 listens (and its epoch)."""
+    if msg.loop > MAX_LOOP_STEPS:
+        raise ProtocolError(E_BAD_FIELD, f"Decode: loop must be at most {MAX_LOOP_STEPS}")
+    if msg.n != 1 or msg.draft is not None:
+        raise ProtocolError(E_BAD_FIELD, "Decode: only a plain step (n = 1, no draft) loops")
+    if not valid_url(msg.loop_to) or msg.loop_epoch is None or msg.loop_epoch >= 2**64:
+        raise ProtocolError(E_BAD_FIELD, "Decode: a loop needs stage 0's URL (tcp://HOST:PORT, "
+                                         "ipc:// or inproc://) and epoch")
+    _check_size(msg.kind, "loop_tag", msg.loop_tag, LINK_TAG_BYTES)
 
 
 def _check_token(msg: Token) -> None:

@@ -56,10 +56,15 @@ class PrefillFinalEmbd(_WorkFields):
 
 @dataclass(slots=True)
 class Decode(_WorkFields):
-    """One sampled token, or a verify window of drafted ones (``draft``)."""
+    """One sampled token, or a verify window of drafted ones (``draft``). With ``loop`` the
+    final stage sends the session's next steps to stage 0 itself (protocol.md, "Loops")."""
 
     kind: ClassVar[str] = wire.DECODE
     draft: bytes | None
+    loop: int = 0
+    loop_to: str | None = None  # stage 0's URL
+    loop_tag: bytes | None = None  # stage 0's link tag (with mesh keys)
+    loop_epoch: int | None = None  # stage 0's epoch
 
 
 @dataclass(slots=True)

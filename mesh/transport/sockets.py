@@ -102,11 +102,22 @@ class Forward:
     owners: list[tuple[bytes, int]]
 
 
+@dataclass(frozen=True)
+class Loop:
+    """Steps for stage 0 that the final stage sends itself (looping Decodes, one message):
+    ``url`` and ``tag`` name stage 0 as the frames did; ``owners`` as in ``Forward``."""
+
+    url: str
+    tag: bytes | None
+    frames: list[bytes]
+    owners: list[tuple[bytes, int]]
+
+
 class Mailbox:
     """A thread-safe queue of outgoing messages whose arrival wakes a ``zmq.Poller``."""
 
     def __init__(self) -> None:
-        self._items: collections.deque[Reply | Forward] = collections.deque()
+        self._items: collections.deque[Reply | Forward | Loop] = collections.deque()
         self._lock = threading.Lock()
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
@@ -116,7 +127,7 @@ class Mailbox:
     def fd(self) -> int:
         return self._read_fd
 
-    def put(self, item: Reply | Forward) -> None:
+    def put(self, item: Reply | Forward | Loop) -> None:
         with self._lock:
             self._items.append(item)
             if self._signalled:
@@ -124,7 +135,7 @@ class Mailbox:
             self._signalled = True
         os.write(self._write_fd, b"\0")
 
-    def drain(self) -> list[Reply | Forward]:
+    def drain(self) -> list[Reply | Forward | Loop]:
         # Empty the pipe first: a put() after this point either finds _signalled still set
         # (its item is taken below) or writes a fresh byte that wakes the next poll.
         try:

@@ -28,6 +28,7 @@ MAX_GRAMMAR_LEFT_CALLS = 1_000_000  # steps of llama.cpp's left-recursion check 
 MAX_GRAMMAR_WIDTH = 1024  # stacks one grammar position expands to (alternatives, optionals)
 MAX_RECORDS_REPORTED = 32  # prefix records a StageInfo lists (the most recently used)
 MAX_DRAFT_TOKENS = 16  # drafted tokens a Decode verify window may carry (it has one row more)
+MAX_LOOP_STEPS = 64  # Decode.loop: the steps after it the final stage may send stage 0 itself
 LINK_TAG_BYTES = 16  # StageInfo.link_tag / Handshake.next_tag: who may forward to a stage
 MAX_MEMBER_NAME_CHARS = 64  # Join.name: a host's name as people read it
 KEEPER_BYTES = 16  # Stop.keeper / Handshake.keeper: whose prefix records a coordinator sees

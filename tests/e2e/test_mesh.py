@@ -104,6 +104,35 @@ def test_outputs_never_depend_on_load_cache_or_speculation(gemma_path, tmp_path)
         assert [(tokens, lp) for tokens, lp, _ in run] == key
 
 
+def test_a_lone_session_loops_through_the_final_stage(gemma_path, mesh2):
+    """Without speculation a lone session's steps go round from the final stage to stage 0
+    (protocol.md, "Loops"): the same tokens and logprob floats as steps the coordinator sends
+    itself; a stop string that ends it mid-loop ends it with the same text; its stages let go
+    of it; and the next request is unaffected."""
+    async def body(coord):
+        full = await _run(coord, LONG, 40)  # (tokens, logprob floats, cached tokens)
+        cut_at = b"".join(map(coord.tokenizer.piece, full[0][:20])).decode(errors="ignore")
+        stop = GenerationParams(max_tokens=40, temperature=0.0, stop=(cut_at[-6:],))
+        cut = await coord.complete(LONG, stop)
+        after = await _run(coord, PROMPTS[0], 24)
+        deadline = time.monotonic() + 10
+        while any(s.sessions for s in await coord.stage_stats()):
+            assert time.monotonic() < deadline, "a stage still holds a session"
+            await asyncio.sleep(0.05)
+        return full, cut, after, coord.runner.looped
+
+    runs = {steps: with_coordinator(gemma_path, mesh2.urls, body, loop_steps=steps,
+                                    speculation=SpeculationConfig(mode="none"))
+            for steps in (0, 16)}
+    plain, looped = runs[0], runs[16]
+    assert plain[3] == 0 and looped[3] >= 40  # the final stage sent most steps itself
+    assert plain[0][:2] == looped[0][:2] and plain[2][:2] == looped[2][:2]
+    assert len(plain[0][0]) == 40
+    a, b = plain[1], looped[1]
+    assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+    assert b.finish_reason == "stop" and len(b.token_ids) <= 20
+
+
 def test_handshake_refuses_wrong_order_and_gaps(gemma_path, mesh2):
     with pytest.raises(HandshakeError, match="needs a stage starting at layer 0"):
         with_coordinator(gemma_path, mesh2.urls[::-1], lambda c: asyncio.sleep(0))

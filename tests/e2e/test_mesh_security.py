@@ -12,6 +12,7 @@ import zmq
 from click.testing import CliRunner
 
 from mesh.cli import main as mesh_cli
+from mesh.config import SpeculationConfig
 from mesh.coordinator.core import Coordinator, GenerationParams
 from mesh.coordinator.prefix_index import prefix_id
 from mesh.launcher import free_port
@@ -282,3 +283,20 @@ def test_records_are_told_only_to_their_keeper_and_a_restarted_coordinator_resto
     # A coordinator restarted with the same identity restores the prefix and reuses it.
     restored, after = with_coordinator(tiny_llama, mesh.urls, second, keys=coord_keys)
     assert restored >= 1 and after.cached_tokens == len(long_prompt)
+
+
+def test_a_lone_session_loops_under_mesh_keys(secure, tiny_llama):
+    """With mesh keys the final stage reaches stage 0 as stage 0's upstream would (its stage
+    key, stage 0's link tag): a lone session's steps go round without the coordinator, and
+    give the same tokens."""
+    mesh, keys = secure
+
+    async def body(coord):
+        result = await coord.complete([1, 50, 60, 70], GenerationParams(max_tokens=24))
+        return result.token_ids, coord.runner.looped
+
+    runs = {steps: with_coordinator(tiny_llama, mesh.urls, body, keys=keys, loop_steps=steps,
+                                    speculation=SpeculationConfig(mode="none"))
+            for steps in (0, 16)}
+    assert runs[0][0] == runs[16][0] and len(runs[0][0]) > 2
+    assert runs[0][1] == 0 and runs[16][1] > len(runs[16][0]) // 2
