@@ -216,7 +216,7 @@ class Coordinator:
         if isinstance(msg, Stopped):
             self.prefixes.stopped(msg)
         elif isinstance(msg, Token | Acquired | Error) and self.sessions.deliver(msg):
-            if isinstance(msg, Token):
+            if isinstance(msg, Token):  # (a no-op where Inbox.on_token told the pacer first)
                 self.pacer.arrived(msg.session)
         elif isinstance(msg, Error) and msg.code == wire.E_UNKNOWN_SESSION:
             # a loop's step that was on its way round when its session ended (protocol.md)

@@ -425,15 +425,13 @@ class RequestRunner:
         batches the group's rows), or at the end of this turn of the event loop. ``loop``:
         the steps after a plain one the final stage sends stage 0 itself."""
         first = self.chain.first
+        looping = {"loop": loop, "loop_to": first.url, "loop_tag": first.link_tag,
+                   "loop_epoch": first.epoch} if loop else {}
         for window in windows:
             window.sent = time.perf_counter()
-            if loop:
-                self._send_work(Decode, session, window.pos, window.tokens, draft=None,
-                                loop=loop, loop_to=first.url, loop_tag=first.link_tag,
-                                loop_epoch=first.epoch)
-            else:
-                self._send_work(Decode, session, window.pos, window.tokens,
-                                draft=fr.pack_tokens(window.draft) if window.draft else None)
+            self._send_work(Decode, session, window.pos, window.tokens,
+                            draft=fr.pack_tokens(window.draft) if window.draft else None,
+                            **looping)
 
     def _send_prefill(self, session: int, prompt_ids: list[int], params: GenerationParams,
                       start_pos: int = 0) -> None:

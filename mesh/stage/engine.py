@@ -47,7 +47,7 @@ from mesh.transport.messages import (
     Stopped,
     Token,
 )
-from mesh.transport.sockets import Forward, Loop, Mailbox, Reply
+from mesh.transport.sockets import Forward, Mailbox, Reply
 
 log = get_logger("mesh.stage")
 T = TypeVar("T")
@@ -114,13 +114,12 @@ class _Outbox:
         self._replies: dict[bytes, list[bytes]] = collections.defaultdict(list)
         self._forwards: list[bytes] = []
         self._owners: list[tuple[bytes, int]] = []
-        self._loops: dict[tuple[str, bytes | None], Loop] = {}
+        self._loops: dict[tuple[str, bytes | None], Forward] = {}  # to stage 0, by (url, tag)
 
-    def loop(self, url: str, tag: bytes | None, owner: SessionKey, frame: bytes) -> None:
-        if (url, tag) not in self._loops:
-            self._loops[url, tag] = Loop(url, tag, [], [])
-        self._loops[url, tag].frames.append(frame)
-        self._loops[url, tag].owners.append(owner)
+    def loop(self, to: tuple[str, bytes | None], owner: SessionKey, frame: bytes) -> None:
+        item = self._loops.setdefault(to, Forward([], [], loop=to))
+        item.frames.append(frame)
+        item.owners.append(owner)
 
     def reply(self, identity: bytes, frame: bytes) -> None:
         self._replies[identity].append(frame)
@@ -497,7 +496,7 @@ class StageEngine:
         if self.runtime.is_eog(token):
             return
         more = msg.loop > 1
-        out.loop(msg.loop_to, msg.loop_tag, item.key, fr.encode(Decode(
+        out.loop((msg.loop_to, msg.loop_tag), item.key, fr.encode(Decode(
             session=msg.session, origin=msg.origin, epoch=msg.loop_epoch, pos=item.pos + 1,
             n=1, tokens=fr.pack_tokens([token]), embd=None, draft=None, loop=msg.loop - 1,
             loop_to=msg.loop_to if more else None, loop_tag=msg.loop_tag if more else None,

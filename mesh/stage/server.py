@@ -56,7 +56,7 @@ from mesh.transport.messages import (
     Work,
 )
 from mesh.transport.security import ROLE_COORDINATOR, ROLE_STAGE, MeshKeys, ZapGuard
-from mesh.transport.sockets import Forward, Loop, Mailbox, Reply, stage_router, valid_url
+from mesh.transport.sockets import Forward, Mailbox, Reply, stage_router, valid_url
 
 log = get_logger("mesh.stage")
 
@@ -371,52 +371,46 @@ class StageServer:
         for item in items:
             if isinstance(item, Reply):
                 self._reply(item.identity, *item.frames)
-            elif isinstance(item, Loop):
-                self._send_loop(item)
             else:
                 self._forward(item)
         if items:
             mark("sent")
 
     def _forward(self, item: Forward) -> None:
-        if self._downstream is None:
-            code, message = wire.E_NO_DOWNSTREAM, "stage has no next stage configured"
-        else:
-            try:
-                self._downstream.send(item.frames)
-                return
-            except zmq.ZMQError:
-                code = wire.E_DOWNSTREAM_UNAVAILABLE
-                message = f"next stage {self._downstream.url} is not accepting frames"
-        for origin, session in item.owners:
-            self._reply(origin, fr.error_frame(code, message, session, self.name))
-
-    def _send_loop(self, item: Loop) -> None:
-        """Looping Decodes to stage 0, over one connection kept for the latest stage 0 named
-        (forwarding under its link tag, as its upstream would)."""
-        link = self._loop
-        if link is None or (link.url, link.tag) != (item.url, item.tag):
-            if link is not None:
-                link.close()
-                self._loop = link = None
-            if self._keys is None or item.url.startswith("tcp://"):
-                try:
-                    self._loop = link = Downstream(self._zctx, item.url, self._keys,
-                                                   self._poller, self.name, item.tag)
-                except zmq.ZMQError:
-                    link = None
+        """To the next stage, or (a loop's steps) to stage 0; a failure is told to the owners."""
+        link = self._downstream if item.loop is None else self._loop_link(*item.loop)
         if link is None:
-            code, message = wire.E_BAD_FIELD, "cannot reach the loop's stage 0 (with mesh keys, " \
-                                              "a tcp://HOST:PORT URL)"
+            code, message = ((wire.E_NO_DOWNSTREAM, "stage has no next stage configured")
+                             if item.loop is None else
+                             (wire.E_BAD_FIELD, "cannot reach the loop's stage 0 (with mesh "
+                                                "keys, a tcp://HOST:PORT URL)"))
         else:
             try:
                 link.send(item.frames)
                 return
             except zmq.ZMQError:
-                code, message = wire.E_DOWNSTREAM_UNAVAILABLE, f"stage 0 {link.url} is not " \
-                                                                "accepting frames"
+                code = wire.E_DOWNSTREAM_UNAVAILABLE
+                message = (f"{'next stage' if item.loop is None else 'stage 0'} {link.url} is "
+                           "not accepting frames")
         for origin, session in item.owners:
             self._reply(origin, fr.error_frame(code, message, session, self.name))
+
+    def _loop_link(self, url: str, tag: bytes | None) -> Downstream | None:
+        """The connection to the latest stage 0 a loop named (forwarding under its link tag,
+        as its upstream would); None where this stage cannot open it."""
+        link = self._loop
+        if link is not None and (link.url, link.tag) == (url, tag):
+            return link
+        if link is not None:
+            link.close()
+            self._loop = None
+        if self._keys is not None and not url.startswith("tcp://"):
+            return None
+        try:
+            self._loop = Downstream(self._zctx, url, self._keys, self._poller, self.name, tag)
+        except zmq.ZMQError:
+            return None
+        return self._loop
 
     def _reply(self, identity: bytes, *frames: bytes) -> None:
         try:

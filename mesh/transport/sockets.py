@@ -96,28 +96,19 @@ class Reply:
 @dataclass(frozen=True)
 class Forward:
     """Frames for the next stage (one ZeroMQ message); ``owners`` holds ``(origin, session)``
-    of each frame, so a failed forward is reported to the session's owner."""
+    of each frame, so a failed forward is reported to the session's owner. ``loop``: stage 0's
+    ``(url, link tag)`` instead, for the final stage's looping Decodes (protocol.md, "Loops")."""
 
     frames: list[bytes]
     owners: list[tuple[bytes, int]]
-
-
-@dataclass(frozen=True)
-class Loop:
-    """Steps for stage 0 that the final stage sends itself (looping Decodes, one message):
-    ``url`` and ``tag`` name stage 0 as the frames did; ``owners`` as in ``Forward``."""
-
-    url: str
-    tag: bytes | None
-    frames: list[bytes]
-    owners: list[tuple[bytes, int]]
+    loop: tuple[str, bytes | None] | None = None
 
 
 class Mailbox:
     """A thread-safe queue of outgoing messages whose arrival wakes a ``zmq.Poller``."""
 
     def __init__(self) -> None:
-        self._items: collections.deque[Reply | Forward | Loop] = collections.deque()
+        self._items: collections.deque[Reply | Forward] = collections.deque()
         self._lock = threading.Lock()
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
@@ -127,7 +118,7 @@ class Mailbox:
     def fd(self) -> int:
         return self._read_fd
 
-    def put(self, item: Reply | Forward | Loop) -> None:
+    def put(self, item: Reply | Forward) -> None:
         with self._lock:
             self._items.append(item)
             if self._signalled:
@@ -135,7 +126,7 @@ class Mailbox:
             self._signalled = True
         os.write(self._write_fd, b"\0")
 
-    def drain(self) -> list[Reply | Forward | Loop]:
+    def drain(self) -> list[Reply | Forward]:
         # Empty the pipe first: a put() after this point either finds _signalled still set
         # (its item is taken below) or writes a fresh byte that wakes the next poll.
         try:

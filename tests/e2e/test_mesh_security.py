@@ -300,3 +300,24 @@ def test_a_lone_session_loops_under_mesh_keys(secure, tiny_llama):
             for steps in (0, 16)}
     assert runs[0][0] == runs[16][0] and len(runs[0][0]) > 2
     assert runs[0][1] == 0 and runs[16][1] > len(runs[16][0]) // 2
+
+
+def test_a_loop_the_final_stage_cannot_open_is_refused_to_its_owner(secure, tiny_llama):
+    """With mesh keys a loop must name stage 0 at a tcp:// URL: otherwise the final stage
+    answers the step's Token and a bad_field Error for the loop, and serves on."""
+    mesh, keys = secure
+    with_coordinator(tiny_llama, mesh.urls, lambda coord: asyncio.sleep(0), keys=keys)  # wired
+    identity = b"coord-looper"
+    with RawPeer(mesh.urls[0], identity, keys=keys, pair=keys.coordinator) as first, \
+            RawPeer(mesh.urls[1], identity, keys=keys, pair=keys.coordinator) as last:
+        first.send(first.prompt(9, [1, 50, 60]))
+        token = last.recv()
+        assert token.kind == fr.TOKEN and token.pos == 3
+        first.send(first.work(fr.DECODE, 9, 3, [token.token], loop=2,
+                              loop_to="ipc:///tmp/not-stage-0", loop_epoch=first.epoch))
+        replies = {msg.kind: msg for msg in (last.recv(), last.recv())}
+        assert replies[fr.ERROR].code == "bad_field" and replies[fr.ERROR].session == 9
+        assert replies[fr.TOKEN].pos == 4
+        first.send(first.stop(9))
+        assert last.recv().kind == fr.STOPPED  # the Stop walked the chain
+        assert last.ping().sessions == 0 and first.ping().sessions == 0
