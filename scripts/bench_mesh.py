@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import glob
 import importlib
 import multiprocessing
 import os
@@ -287,10 +286,11 @@ def timeline(path: Path, ranges, tokens: int) -> tuple[float, list[tuple[str, fl
             with _mesh(path, ranges, tmp, 2) as mesh:
                 rate = asyncio.run(_one_session(path, mesh.urls, tokens,
                                                 speculation=SpeculationConfig(mode="none")))
+                pids = [stage.proc.pid for stage in mesh.stages]
         finally:
             del os.environ[tracing.ENV]
             importlib.reload(tracing)
-        legs = _legs(prefix, len(ranges), tokens)
+        legs = _legs(prefix, pids, tokens)
     return 1e3 / rate, legs, 1e3 / one_process_tok_s(path, 1, tokens)
 
 
@@ -323,51 +323,41 @@ def stages_in_one_process(path: Path, ranges, tokens: int) -> float:
             runtime.close()
 
 
-def _legs(prefix: str, n_stages: int, tokens: int) -> list[tuple[str, float]]:
-    """Median ms of each leg of the last ``tokens - 1`` decode steps' trips: coordinator ->
-    stage 0 -> ... -> coordinator -> the next step's send."""
-    points: list[dict[str, list[int]]] = []
-    for file in glob.glob(prefix + ".*"):
+def _legs(prefix: str, pids: list[int], tokens: int) -> list[tuple[str, float]]:
+    """Median ms of each leg of the last ``tokens - 1`` decode steps' trips through the stages
+    (``pids`` in chain order) and back to stage 0: a lone session loops (protocol.md, "Loops"),
+    so most steps go from the final stage straight to stage 0 and every ``loop_steps``-th one
+    through the coordinator."""
+    stages = []
+    for pid in pids:
         marks: dict[str, list[int]] = {}
-        for line in Path(file).read_text().splitlines():
+        for line in Path(f"{prefix}.{pid}").read_text().splitlines():
             name, ns = line.split()
             marks.setdefault(name, []).append(int(ns))
-        points.append(marks)
-    coordinator = next(m for m in points if "c_sent0" in m)
-    stages = [m for m in points if "computed" in m]
+        stages.append(marks)
 
     def after(times: list[int], t: int) -> int:
         return times[bisect.bisect_right(times, t)]
 
-    sends = coordinator["c_sent0"]
-    # Stage order: the stage whose next arrival follows the coordinator's send comes first.
-    probe = sends[-tokens // 2]
-    order = [min(stages, key=lambda m: after(m["arrived"], probe))]
-    while len(order) < n_stages:
-        t = after(order[-1]["sent"], after(order[-1]["computed"], probe))
-        order.append(min((m for m in stages if m not in order),
-                         key=lambda m: after(m["arrived"], t)))
-    names = ["coordinator -> stage 0"]
+    n_stages = len(stages)
+    names = []
     for i in range(n_stages):
         names += [f"stage {i}: read and check", f"stage {i}: to the compute thread",
-                  f"stage {i}: plan", f"stage {i}: step", f"stage {i}: -> sent",
-                  f"stage {i} -> " + (f"stage {i + 1}" if i + 1 < n_stages else "coordinator")]
-    names += ["coordinator: read", "coordinator: token -> next step"]
+                  f"stage {i}: plan", f"stage {i}: step", f"stage {i}: -> sent"]
+        names.append(f"stage {i} -> stage {(i + 1) % n_stages}")
     trips = []
-    for t0 in sends[-tokens:-1]:
+    for t0 in stages[-1]["sent"][-tokens:-1]:
         try:
-            t, trip = t0, [t0]
-            for marks in order:
+            t, trip = after(stages[0]["woke"], t0), []
+            trip.append(t)
+            for marks in stages:
                 for point in ("woke", "arrived", "picked", "start", "computed", "sent"):
-                    t = after(marks[point], t)
+                    t = after(marks[point], t - 1)
                     trip.append(t)
-            for point in (f"c_woke{n_stages - 1}", f"c_arrived{n_stages - 1}"):
-                t = after(coordinator[point], t)
-                trip.append(t)
-            trip.append(after(sends, t))
+            trip.append(after(stages[0]["woke"], t))
         except IndexError:  # the last step's trip ends after the trace
             continue
-        trips.append(trip)
+        trips.append(trip[1:])
     return [(name, statistics.median((trip[k + 1] - trip[k]) / 1e6 for trip in trips))
             for k, name in enumerate(names)]
 

@@ -10,7 +10,7 @@ import numpy as np
 from mesh.config import SamplerSettings
 from mesh.errors import InvalidInputError
 from mesh.grammar import check_grammar as _check_grammar
-from mesh.llama.native import llama
+from mesh.llama.native import llama, logits_view
 from mesh.transport.wire import MAX_GRAMMAR_REPEAT, MAX_LOGPROBS
 
 
@@ -119,14 +119,12 @@ class SamplerChain:
             # np.argmax picks it, without building the vocabulary's candidate array (262k
             # entries for Gemma: about a millisecond a token).
             if logits is None:
-                row = lib.llama_get_logits_ith(ctx_ptr, output_index)
-                logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+                logits = logits_view(ctx_ptr, output_index, self.n_vocab)
             return int(np.argmax(logits))
         if self.params.grammar is None:
             return int(lib.llama_sampler_sample(self.ptr, ctx_ptr, output_index))
         if logits is None:
-            row = lib.llama_get_logits_ith(ctx_ptr, output_index)
-            logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+            logits = logits_view(ctx_ptr, output_index, self.n_vocab)
         cells = np.empty(len(logits), dtype=_TOKEN_DATA)
         cells["id"] = np.arange(len(logits), dtype=np.int32)
         cells["logit"] = logits

@@ -142,6 +142,10 @@ class Scheduler:
 
     def schedule(self, view: KvView) -> StepPlan:
         """The next step; every frame it names leaves the queue (``StepPlan.items``)."""
+        return self._lone_row(view) or self._plan(view)
+
+    def _plan(self, view: KvView) -> StepPlan:
+        """The general pass over every session's next frame."""
         heads = sorted((q[0] for q in self._queues.values()), key=lambda it: it.arrival)
         controls: list[Item] = []
         acquires: list[Item] = []  # Acquire for a session this stage does not hold yet
@@ -208,6 +212,21 @@ class Scheduler:
         for item in plan.items:
             self._pop(item)
         return plan
+
+    def _lone_row(self, view: KvView) -> StepPlan | None:
+        """A lone session's decode step, the plan the general pass would make, without it:
+        the only queued frame is a one-token Decode at its session's length. Each of its steps
+        follows a llama_decode that evicted the caches, where every line of Python on a token's
+        path costs several times what it costs warm."""
+        if self._count != 1:
+            return None
+        (queue,) = self._queues.values()
+        item = queue[0]
+        if (item.kind != wire.DECODE or item.n != 1 or view.lengths.get(item.key) != item.pos
+                or item.key in view.resume or item.pos + 1 > view.session_ctx):
+            return None
+        self._pop(item)
+        return StepPlan(rows=((item,),))
 
     @staticmethod
     def _slots(starting: list[Item], records: list[PrefixRecord], free: int

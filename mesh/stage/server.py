@@ -105,6 +105,7 @@ class StageServer:
         self._lease_s = lease_s
         self._heard: dict[bytes, float] = {}  # peer routing id -> when it last sent anything
         self._expiring: set[bytes] = set()
+        self._leases_due = 0.0
         self._running = True
 
     # ---- loop -------------------------------------------------------------------------------
@@ -153,6 +154,8 @@ class StageServer:
     def _read(self) -> None:
         work: list[tuple[SessionFrame, int]] = []
         for _ in range(READ_BATCH):
+            if not self._router.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising Again
+                break
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -269,8 +272,12 @@ class StageServer:
 
     def _check_leases(self) -> None:
         """Owners of live sessions that went silent (a coordinator that crashed pings no more)
-        lose their sessions: their slots and KV come back, confirmed prefix records stay."""
+        lose their sessions: their slots and KV come back, confirmed prefix records stay.
+        Checked at most every ``STAGE.poll_ms``, not on every frame."""
         now = time.monotonic()
+        if now < self._leases_due:
+            return
+        self._leases_due = now + STAGE.poll_ms / 1e3
         owners = self.engine.stats.owners
         self._expiring &= owners
         for owner in owners - self._expiring:

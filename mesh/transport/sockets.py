@@ -121,20 +121,21 @@ class Mailbox:
     def put(self, item: Reply | Forward) -> None:
         with self._lock:
             self._items.append(item)
-            if self._signalled:
-                return
-            self._signalled = True
-        os.write(self._write_fd, b"\0")
+            if not self._signalled:
+                # Written under the lock: while _signalled is set, the pipe holds its byte.
+                os.write(self._write_fd, b"\0")
+                self._signalled = True
 
     def drain(self) -> list[Reply | Forward]:
-        # Empty the pipe first: a put() after this point either finds _signalled still set
-        # (its item is taken below) or writes a fresh byte that wakes the next poll.
-        try:
-            while os.read(self._read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        """Everything put since the last drain. An empty mailbox costs no system call (the
+        transport thread drains it on every turn)."""
         with self._lock:
+            if not self._signalled:
+                return []
+            try:
+                os.read(self._read_fd, 4096)  # the one byte the first put wrote
+            except BlockingIOError:
+                pass
             items = list(self._items)
             self._items.clear()
             self._signalled = False

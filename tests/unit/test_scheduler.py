@@ -229,3 +229,25 @@ def test_after_a_rejected_window_only_the_frame_that_resumes_runs():
     assert not first.computes and not first.rejected
     third = sched.schedule(stale_view)
     assert third.windows == (resume,) and not third.dropped and len(sched) == 0
+
+
+@given(kind=st.sampled_from([wire.DECODE, wire.PREFILL, wire.PREFILL_FINAL, wire.STOP]),
+       n=st.integers(1, 3), pos=st.integers(0, 12), length=st.none() | st.integers(0, 12),
+       floor=st.integers(0, 12), resume=st.booleans(), session_ctx=st.integers(8, 14))
+@settings(max_examples=300, deadline=None)
+def test_a_lone_frame_gets_the_plan_of_the_general_pass(kind, n, pos, length, floor, resume,
+                                                         session_ctx):
+    """The lone session's shortcut (``Scheduler._lone_row``) decides as the general pass
+    does, whatever the frame, its position and the session's state."""
+    item = Item(0, kind, (ORIGIN, 1), pos=pos, n=n if kind != wire.STOP else 0, nbytes=4)
+    key = (ORIGIN, 1)
+    lengths = {} if length is None else {key: length}
+    kv = KvView(lengths, 4, [], session_ctx, {key: 0} if lengths else {},
+                {key: min(floor, length)} if lengths else {},
+                {key: (pos, None)} if resume and lengths else {})
+    shortcut, general = scheduler(item), scheduler(item)
+    assert shortcut.schedule(kv) == general._plan(kv)
+    assert len(shortcut) == len(general)
+    fires = (kind == wire.DECODE and n == 1 and length == pos and not resume
+             and pos < session_ctx)
+    assert (scheduler(item)._lone_row(kv) is not None) == fires
