@@ -28,6 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
+from typing import cast
 
 import zmq
 
@@ -154,7 +155,7 @@ class StageServer:
     def _read(self) -> None:
         work: list[tuple[SessionFrame, int]] = []
         for _ in range(READ_BATCH):
-            if not self._router.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than raising Again
+            if not cast(int, self._router.get(zmq.EVENTS)) & zmq.POLLIN:  # cheaper than Again
                 break
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
