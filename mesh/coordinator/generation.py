@@ -138,9 +138,13 @@ class _Decoding:
     (``drafts_compute``): then the request's coroutine takes each Token and sends them."""
 
     def __init__(self, runner: RequestRunner, session: int, spec: Speculator,
-                 text: TextAssembler, params: GenerationParams):
+                 text: TextAssembler, params: GenerationParams, quiet: bool = False):
         self.runner, self.session, self.spec, self.text = runner, session, spec, text
         self.params = params
+        # Nothing reads this request's tokens before its end (a whole answer, no stop string,
+        # no deadline), and only the model's end-of-generation or the budget ends it: the
+        # final stage may send its loops' Tokens together (Decode.loop_hold).
+        self.quiet = quiet
         self.budget = 0  # tokens the request may still produce, set once its prompt is sent
         self.token_ids: list[int] = []
         self.finish: str | None = None  # "stop" or "length" once the session has ended
@@ -212,8 +216,10 @@ class _Decoding:
                     and len(runner.sessions) == 1):
                 loop = max(0, min(runner.loop_steps, left - 1))
             self.looping = loop
+            hold = loop if self.quiet else 0
+            runner.held_loops += hold > 0
             runner.pacer.ready(self.session, functools.partial(
-                runner._send_windows, self.session, windows, loop))
+                runner._send_windows, self.session, windows, loop, hold))
         else:
             runner._send_windows(self.session, windows)
 
@@ -240,6 +246,7 @@ class RequestRunner:
         self.drafts_compute = drafts_compute  # drafting computes (a draft model): off the loop
         self.loop_steps = min(loop_steps, wire.MAX_LOOP_STEPS)  # CoordinatorConfig.loop_steps
         self.looped = 0  # steps the final stage sent stage 0 itself, for tests and metrics
+        self.held_loops = 0  # loops whose Tokens the final stage could send together
         # What a plain step costs beyond the stages' compute (links, queues, hand-offs), in
         # microseconds: a moving average of measured round trips less the probed compute.
         self.hop_us: float | None = None
@@ -303,7 +310,7 @@ class RequestRunner:
 
     async def _held(self, prompt_ids: list[int], params: GenerationParams
                     ) -> AsyncIterator[Delta | Completion]:
-        for item in [item async for item in self._run(prompt_ids, params)]:
+        for item in [item async for item in self._run(prompt_ids, params, whole=True)]:
             yield item
 
     async def _whole_chain(self, deadline: float) -> None:
@@ -318,14 +325,16 @@ class RequestRunner:
                 raise StageUnavailableError(down)
             await asyncio.sleep(0.05)
 
-    async def _run(self, prompt_ids: list[int], params: GenerationParams
+    async def _run(self, prompt_ids: list[int], params: GenerationParams, whole: bool = False
                    ) -> AsyncIterator[Delta | Completion]:
+        """``whole``: the caller takes the answer at the end."""
         session, inbox = self.sessions.open()
         t0 = time.perf_counter()
         completed = False
         spec = Speculator(self.speculation, prompt_ids, *self._window_limits(),
                           self.drafter_factory)
-        run = _Decoding(self, session, spec, TextAssembler(self.tokenizer, params.stop), params)
+        run = _Decoding(self, session, spec, TextAssembler(self.tokenizer, params.stop), params,
+                        quiet=whole and not params.stop and params.timeout_s is None)
         try:
             cached = await self.prefixes.reuse(session, inbox, prompt_ids, params.cache_salt,
                                                align=self._chunk_size())
@@ -420,13 +429,15 @@ class RequestRunner:
                     *(i.exact_rows for i in infos)])
         return rows, min(cells) if cells else None
 
-    def _send_windows(self, session: int, windows: list[Window], loop: int = 0) -> None:
+    def _send_windows(self, session: int, windows: list[Window], loop: int = 0,
+                      hold: int = 0) -> None:
         """Post the windows: they leave with the pacer's group (one message, so the stage
         batches the group's rows), or at the end of this turn of the event loop. ``loop``:
-        the steps after a plain one the final stage sends stage 0 itself."""
+        the steps after a plain one the final stage sends stage 0 itself; ``hold``: of their
+        Tokens, how many it may keep and send together."""
         first = self.chain.first
         looping = {"loop": loop, "loop_to": first.url, "loop_tag": first.link_tag,
-                   "loop_epoch": first.epoch} if loop else {}
+                   "loop_epoch": first.epoch, "loop_hold": hold} if loop else {}
         for window in windows:
             window.sent = time.perf_counter()
             self._send_work(Decode, session, window.pos, window.tokens,

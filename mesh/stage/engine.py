@@ -157,6 +157,7 @@ class StageEngine:
         self._mailbox = mailbox
         self._limits = (queue_frames, queue_bytes)
         self._inbox: collections.deque[Item] = collections.deque()
+        self._held: dict[SessionKey, list[bytes]] = {}  # a loop's kept Tokens (loop_hold)
         self._cond = threading.Condition()
         self._queued = [0, 0]  # frames, bytes accepted and not yet run
         self._arrivals = itertools.count()
@@ -241,7 +242,7 @@ class StageEngine:
                 self._queued[1] -= sum(item.nbytes for item in purged)
             rt = self.runtime
             dropped = [key for key in _live(rt) if key[0] == origin]
-            freed = sum(rt.drop_session(key) for key in dropped)
+            freed = sum(self._drop(key) for key in dropped)
             log.info("lease_expired", stage=self.name, sessions=len(dropped),
                      queued_frames=len(purged), freed_cells=freed)
         if expired:
@@ -256,7 +257,7 @@ class StageEngine:
         if held - stale:
             self._suspects[owner] = held - stale
         if stale:
-            freed = sum(self.runtime.drop_session(key) for key in stale)
+            freed = sum(self._drop(key) for key in stale)
             log.info("sessions_reconciled", stage=self.name, sessions=len(stale),
                      freed_cells=freed)
             self._publish()
@@ -482,25 +483,27 @@ class StageEngine:
         if not self.runtime.is_last:
             self._forward(out, item, _present(result.hidden, "a step's hidden states"))
         elif item.kind != wire.PREFILL:
-            self._loop(out, item, result)
-            self._reply_tokens(out, item, result, item.n - 1)
+            hold = self._loop(out, item, result)
+            self._reply_tokens(out, item, result, item.n - 1, hold)
 
-    def _loop(self, out: _Outbox, item: Item, result: StepResult) -> None:
+    def _loop(self, out: _Outbox, item: Item, result: StepResult) -> int:
         """A looping Decode's next step, sent to stage 0 from here (protocol.md, "Loops"),
-        unless the token ends the generation."""
+        unless the token ends the generation; returns how many Tokens may be held now."""
         msg = item.frame
         if not (isinstance(msg, Decode) and msg.loop and msg.loop_to is not None
                 and msg.loop_epoch is not None and len(result.tokens) == 1):
-            return
+            return 0
         token = result.tokens[0]
         if self.runtime.is_eog(token):
-            return
+            return 0
         more = msg.loop > 1
         out.loop((msg.loop_to, msg.loop_tag), item.key, fr.encode(Decode(
             session=msg.session, origin=msg.origin, epoch=msg.loop_epoch, pos=item.pos + 1,
             n=1, tokens=fr.pack_tokens([token]), embd=None, draft=None, loop=msg.loop - 1,
             loop_to=msg.loop_to if more else None, loop_tag=msg.loop_tag if more else None,
-            loop_epoch=msg.loop_epoch if more else None)))
+            loop_epoch=msg.loop_epoch if more else None,
+            loop_hold=msg.loop_hold if more else 0)))
+        return msg.loop_hold
 
     def _forward(self, out: _Outbox, item: Item, hidden: np.ndarray) -> None:
         msg, embd, epoch = item.frame, fr.pack_embd(hidden), self._next_epoch()
@@ -513,19 +516,29 @@ class StageEngine:
             forwarded = replace(msg, tokens=None, embd=embd, epoch=epoch)
         out.forward(item.key, fr.encode(forwarded))
 
-    def _reply_tokens(self, out: _Outbox, item: Item, result: StepResult, row: int) -> None:
+    def _reply_tokens(self, out: _Outbox, item: Item, result: StepResult, row: int,
+                      hold: int = 0) -> None:
         """One Token per sampled token (a window's come back in one message); ``row`` is the
-        row the first was sampled from."""
-        for i, token in enumerate(result.tokens):
-            out.reply(item.key[0], fr.encode(Token(
-                session=item.key[1], pos=item.pos + row + i + 1, token=token,
-                logprob=result.logprobs[i], top=[list(t) for t in result.tops[i]])))
+        row the first was sampled from. A loop's Tokens are kept while fewer than ``hold``
+        (``Decode.loop_hold``): the coordinator of a request nobody reads token by token then
+        wakes once for many (protocol.md, "Loops")."""
+        frames = self._held.pop(item.key, [])
+        frames += [fr.encode(Token(session=item.key[1], pos=item.pos + row + i + 1, token=token,
+                                   logprob=result.logprobs[i],
+                                   top=[list(t) for t in result.tops[i]]))
+                   for i, token in enumerate(result.tokens)]
+        if len(frames) < hold:
+            self._held[item.key] = frames
+            return
+        for frame in frames:
+            out.reply(item.key[0], frame)
 
     # ---- controls and slots -----------------------------------------------------------------
     def _stop(self, out: _Outbox, item: Item) -> None:
         rt, msg = self.runtime, item.frame
         if not isinstance(msg, Stop):
             raise TypeError(f"{item.kind} is not a Stop")
+        self._held.pop(item.key, None)  # its owner reads no more of it
         kept = freed = 0
         if msg.keep and item.record is not None and rt.has_session(item.key):
             # The first stage remembers what the prefix holds (its Stop carries tokens).
@@ -533,13 +546,18 @@ class StageEngine:
                                          msg.salt, msg.tokens)
             kept = self.cache.keep(item.key, item.record, msg.keep, entry)
         else:
-            freed = rt.drop_session(item.key)
+            freed = self._drop(item.key)
         if rt.is_last:
             out.reply(item.key[0], fr.encode(Stopped(session=item.key[1], freed=freed,
                                                      kept=kept)))
         else:
             out.forward(item.key, fr.encode(replace(msg, tokens=None, salt=None,
                                                     epoch=self._next_epoch())))
+
+    def _drop(self, key: SessionKey) -> int:
+        """End a session here: its KV cells (how many were freed) and any Tokens kept for it."""
+        self._held.pop(key, None)
+        return self.runtime.drop_session(key)
 
     def _next_epoch(self) -> int:
         if self.next_epoch is None:
@@ -594,4 +612,6 @@ class StageEngine:
 
     def _error(self, out: _Outbox, item: Item, code: str, message: str) -> None:
         log.warning("work_failed", stage=self.name, code=code, kind=item.kind)
+        for frame in self._held.pop(item.key, []):  # the Tokens before it come first
+            out.reply(item.key[0], frame)
         out.reply(item.key[0], fr.error_frame(code, message, item.key[1], self.name))

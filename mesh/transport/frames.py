@@ -115,7 +115,7 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     PREFILL_FINAL: {**_WORK_FIELDS, "sampling": _MAP, "history": _OPT_BIN,
                     "grammar": _OPT_BIN},
     DECODE: {**_WORK_FIELDS, "draft": _OPT_BIN, "loop": _INT, "loop_to": _OPT_STR,
-             "loop_tag": _OPT_BIN, "loop_epoch": _OPT_INT},
+             "loop_tag": _OPT_BIN, "loop_epoch": _OPT_INT, "loop_hold": _INT},
     TOKEN: {"session": _INT, "pos": _INT, "token": _INT, "logprob": (float, type(None)),
             "top": _LIST},
     STOP: {"session": _INT, "origin": _BIN, "epoch": _INT, "keep": _INT,
@@ -483,12 +483,15 @@ def _check_window(msg: Decode) -> None:
                                          f"(n = {n})")
     if msg.loop:
         _check_loop(msg)
+    elif msg.loop_hold:
+        raise ProtocolError(E_BAD_FIELD, "Decode: loop_hold without a loop")
 
 
 def _check_loop(msg: Decode) -> None:
     """A looping Decode is one plain step that names where stage 0 listens (and its epoch)."""
-    if msg.loop > MAX_LOOP_STEPS:
-        raise ProtocolError(E_BAD_FIELD, f"Decode: loop must be at most {MAX_LOOP_STEPS}")
+    if msg.loop > MAX_LOOP_STEPS or msg.loop_hold > MAX_LOOP_STEPS:
+        raise ProtocolError(E_BAD_FIELD, f"Decode: loop and loop_hold must be at most "
+                                         f"{MAX_LOOP_STEPS}")
     if msg.n != 1 or msg.draft is not None:
         raise ProtocolError(E_BAD_FIELD, "Decode: only a plain step (n = 1, no draft) loops")
     if not valid_url(msg.loop_to) or msg.loop_epoch is None or msg.loop_epoch >= 2**64:

@@ -65,6 +65,7 @@ class Decode(_WorkFields):
     loop_to: str | None = None  # stage 0's URL
     loop_tag: bytes | None = None  # stage 0's link tag (with mesh keys)
     loop_epoch: int | None = None  # stage 0's epoch
+    loop_hold: int = 0  # Tokens of the loop the final stage may keep and send together
 
 
 @dataclass(slots=True)

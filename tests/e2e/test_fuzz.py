@@ -69,7 +69,7 @@ def structured(draw):
         "grammar": draw(st.sampled_from([None, *HOSTILE_GRAMMARS])), "salt": None,
         "sessions": None, "records": [],
         "next": None, "model_sha256": None, "index": 0, "nonce": 1,
-        "loop": 0, "loop_to": None, "loop_tag": None, "loop_epoch": None,
+        "loop": 0, "loop_to": None, "loop_tag": None, "loop_epoch": None, "loop_hold": 0,
     }
     good["tokens"] = fr.pack_tokens(draw(st.lists(st.integers(0, 300), min_size=good["n"],
                                                    max_size=good["n"])))

@@ -51,12 +51,12 @@ LOAD = [(LONG, 40), (CODE, 48), (PROMPTS[0], 24), (PROMPTS[1], 12), (PROMPTS[2],
         (PROMPTS[3], 8), ("Six times seven is", 16)]
 
 
-async def _run(coord, prompt, max_tokens, started=None, after=0):
+async def _run(coord, prompt, max_tokens, started=None, after=0, hold=False):
     """(tokens, logprob floats, cached tokens) of one greedy request; sets ``started`` after
-    ``after`` tokens."""
+    ``after`` tokens; ``hold``: taken as a whole answer."""
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, logprobs=3)
     lp, out = [], None
-    async for item in coord.stream(prompt, params):
+    async for item in coord.stream(prompt, params, hold=hold):
         if hasattr(item, "logprobs"):
             lp += [(e["logprob"], tuple(map(tuple, e["top"]))) for e in item.logprobs]
             if started is not None and len(lp) >= after:
@@ -107,10 +107,13 @@ def test_outputs_never_depend_on_load_cache_or_speculation(gemma_path, tmp_path)
 def test_a_lone_session_loops_through_the_final_stage(gemma_path, mesh2):
     """Without speculation a lone session's steps go round from the final stage to stage 0
     (protocol.md, "Loops"): the same tokens and logprob floats as steps the coordinator sends
-    itself; a stop string that ends it mid-loop ends it with the same text; its stages let go
-    of it; and the next request is unaffected."""
+    itself, streamed or taken whole (the final stage then sends a loop's Tokens together); a
+    stop string that ends it mid-loop ends it with the same text; its stages let go of it;
+    and the next request is unaffected."""
     async def body(coord):
         full = await _run(coord, LONG, 40)  # (tokens, logprob floats, cached tokens)
+        whole = await _run(coord, LONG, 40, hold=True)
+        assert whole[:2] == full[:2]
         cut_at = b"".join(map(coord.tokenizer.piece, full[0][:20])).decode(errors="ignore")
         stop = GenerationParams(max_tokens=40, temperature=0.0, stop=(cut_at[-6:],))
         cut = await coord.complete(LONG, stop)
@@ -119,13 +122,14 @@ def test_a_lone_session_loops_through_the_final_stage(gemma_path, mesh2):
         while any(s.sessions for s in await coord.stage_stats()):
             assert time.monotonic() < deadline, "a stage still holds a session"
             await asyncio.sleep(0.05)
-        return full, cut, after, coord.runner.looped
+        return full, cut, after, coord.runner.looped, coord.runner.held_loops
 
     runs = {steps: with_coordinator(gemma_path, mesh2.urls, body, loop_steps=steps,
                                     speculation=SpeculationConfig(mode="none"))
             for steps in (0, 16)}
     plain, looped = runs[0], runs[16]
     assert plain[3] == 0 and looped[3] >= 40  # the final stage sent most steps itself
+    assert plain[4] == 0 and looped[4] >= 2  # the whole answer's loops kept their Tokens
     assert plain[0][:2] == looped[0][:2] and plain[2][:2] == looped[2][:2]
     assert len(plain[0][0]) == 40
     a, b = plain[1], looped[1]

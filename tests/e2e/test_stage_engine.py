@@ -13,8 +13,8 @@ from mesh.stage.exactness import ExactBatching
 from mesh.stage.prefix_cache import PrefixCache
 from mesh.stage.runtime import RuntimeConfig, StageRuntime
 from mesh.transport import frames as fr
-from mesh.transport.messages import Ping, PrefillFinalEmbd
-from mesh.transport.sockets import Mailbox
+from mesh.transport.messages import Decode, Ping, PrefillFinalEmbd, Stop
+from mesh.transport.sockets import Forward, Mailbox, Reply
 from tests.support.meshutil import running_mesh, with_coordinator
 from tests.support.parity import single_greedy
 from tests.support.rawpeer import RawPeer
@@ -107,6 +107,61 @@ def test_the_engine_queue_is_bounded_in_frames_and_bytes(tiny_llama):
         assert fits is None and engine.queued == 1
         tokens = [f for item in mailbox.drain() for f in getattr(item, "frames", [])]
         assert [fr.decode(f).kind for f in tokens] == [fr.TOKEN] * 3
+    finally:
+        mailbox.close()
+        runtime.close()
+
+
+def test_a_final_stage_keeps_a_loops_tokens_and_sends_them_together(tiny_llama):
+    """``Decode.loop_hold``: each looped step leaves at once; the Tokens stay until the final
+    stage holds ``loop_hold`` of them or the loop ends, then leave in order in one message,
+    the same tokens as a loop that sends each; a Stop discards what is held."""
+    runtime = StageRuntime(slice_model(tiny_llama, 0, 4), RuntimeConfig(n_ctx=256, n_seq_max=4))
+    mailbox = Mailbox()
+    try:
+        engine = StageEngine(runtime, PrefixCache(runtime, 0), mailbox, "test",
+                             ExactBatching(1, None))
+
+        def step(msg):
+            engine.submit([(fr.decode(fr.encode(msg)), 100)])
+            engine._absorb(block=False)
+            engine.step()
+            items = mailbox.drain()
+            loops = [fr.decode(f) for it in items if isinstance(it, Forward) for f in it.frames]
+            replies = [[fr.decode(f) for f in it.frames] for it in items
+                       if isinstance(it, Reply)]
+            return loops, replies
+
+        def loop(session, hold, steps=6):
+            _, [[first]] = step(PrefillFinalEmbd(
+                session=session, origin=ORIGIN, epoch=0, pos=0, n=3,
+                tokens=fr.pack_tokens([1, 50, 60]), embd=None, sampling={}, history=None,
+                grammar=None))
+            msg, messages = Decode(
+                session=session, origin=ORIGIN, epoch=0, pos=3, n=1,
+                tokens=fr.pack_tokens([first.token]), embd=None, draft=None, loop=steps - 1,
+                loop_to="tcp://127.0.0.1:9", loop_tag=None, loop_epoch=0, loop_hold=hold), []
+            while msg is not None:
+                loops, replies = step(msg)
+                messages.append([(t.pos, t.token) for reply in replies for t in reply])
+                msg = loops[0] if loops else None
+            return messages
+
+        each, held = loop(1, 0), loop(2, 4)
+        assert [len(m) for m in each] == [1] * 6  # (no end-of-generation token in these 6)
+        assert [len(m) for m in held] == [0, 0, 0, 4, 0, 2]
+        assert sum(held, []) == sum(each, [])
+        _, [[first]] = step(PrefillFinalEmbd(
+            session=3, origin=ORIGIN, epoch=0, pos=0, n=3, tokens=fr.pack_tokens([1, 50, 60]),
+            embd=None, sampling={}, history=None, grammar=None))
+        assert step(Decode(session=3, origin=ORIGIN, epoch=0, pos=3, n=1,
+                           tokens=fr.pack_tokens([first.token]), embd=None, draft=None,
+                           loop=4, loop_to="tcp://127.0.0.1:9", loop_tag=None, loop_epoch=0,
+                           loop_hold=4))[1] == []
+        _, replies = step(Stop(session=3, origin=ORIGIN, epoch=0, keep=0, prefix_id=None,
+                               tokens=None, salt=None, keeper=None))
+        assert [m.kind for reply in replies for m in reply] == [fr.STOPPED]
+        assert engine._held == {}
     finally:
         mailbox.close()
         runtime.close()

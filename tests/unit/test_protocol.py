@@ -52,7 +52,7 @@ def _frame(body: dict) -> bytes:
 WORK = {"v": fr.PROTOCOL_VERSION, "kind": "PrefillEmbd", "session": 1, "origin": b"c",
         "epoch": 3, "pos": 0, "n": 1, "tokens": b"\0\0\0\0", "embd": None}
 DECODE = {**WORK, "kind": "Decode", "draft": None, "loop": 0, "loop_to": None, "loop_tag": None,
-          "loop_epoch": None}
+          "loop_epoch": None, "loop_hold": 0}
 LOOP = {"loop": 3, "loop_to": "tcp://127.0.0.1:7500", "loop_tag": None, "loop_epoch": 3}
 WINDOW = {**DECODE, "n": 3, "tokens": b"\1\0\0\0" * 3, "draft": b"\1\0\0\0" * 2}
 
@@ -169,12 +169,14 @@ def test_random_maps_are_accepted_or_rejected_cleanly(body):
 
 @pytest.mark.parametrize("fields", [
     {"loop": 65}, {"loop_to": None}, {"loop_to": "http://127.0.0.1:7500"},
-    {"loop_epoch": None}, {"loop_tag": b"short"}, {"loop": -1},
+    {"loop_epoch": None}, {"loop_tag": b"short"}, {"loop": -1}, {"loop_hold": 65},
+    {"loop": 0, "loop_hold": 2},
     {"n": 3, "tokens": b"\1\0\0\0" * 3, "draft": b"\1\0\0\0" * 2}])
 def test_a_loop_is_a_plain_step_that_names_stage_0(fields):
-    """A Decode lets the final stage send up to 64 steps to stage 0 itself, only as a plain
-    step naming stage 0's URL and epoch (and a 16-byte link tag, if any)."""
-    assert fr.decode(_frame({**DECODE, **LOOP})).loop == 3
+    """A Decode lets the final stage send up to 64 steps to stage 0 itself (and keep up to
+    64 of their Tokens), only as a plain step naming stage 0's URL and epoch (and a 16-byte
+    link tag, if any)."""
+    assert fr.decode(_frame({**DECODE, **LOOP, "loop_hold": 3})).loop_hold == 3
     with pytest.raises(ProtocolError) as info:
         fr.decode(_frame({**DECODE, **LOOP, **fields}))
     assert info.value.code == "bad_field"
