@@ -11,10 +11,10 @@ processes of a host, so one token's points line up across them. The points:
 - ``picked``: the compute thread took queued frames;
 - ``start`` and ``computed``: a stage's step began (planned), and its decode rows' frames are
   about to be mailed;
-- ``sent``: the stage's transport thread sent what a step mailed;
-- ``c_woke{i}``: the coordinator's event loop woke to read stage ``i``'s socket;
-- ``c_sent{i}`` and ``c_arrived{i}``: the coordinator sent a frame to stage ``i``, or handed on
-  a session frame from it.
+- ``sent``: the stage's transport thread sent what a step mailed.
+
+A lone session's steps loop from the final stage to stage 0 (protocol.md, "Loops"), so the
+coordinator is off the traced trip and sets no points.
 """
 
 from __future__ import annotations

@@ -348,16 +348,15 @@ def _legs(prefix: str, pids: list[int], tokens: int) -> list[tuple[str, float]]:
     trips = []
     for t0 in stages[-1]["sent"][-tokens:-1]:
         try:
-            t, trip = after(stages[0]["woke"], t0), []
-            trip.append(t)
+            t, trip = t0, []
             for marks in stages:
                 for point in ("woke", "arrived", "picked", "start", "computed", "sent"):
-                    t = after(marks[point], t - 1)
+                    t = after(marks[point], t)
                     trip.append(t)
             trip.append(after(stages[0]["woke"], t))
         except IndexError:  # the last step's trip ends after the trace
             continue
-        trips.append(trip[1:])
+        trips.append(trip)
     return [(name, statistics.median((trip[k + 1] - trip[k]) / 1e6 for trip in trips))
             for k, name in enumerate(names)]
 

@@ -28,7 +28,6 @@ import zmq
 from mesh.config import COORDINATOR_TIMEOUTS
 from mesh.errors import HandshakeError, MeshError, ProtocolError, StageUnavailableError
 from mesh.logs import get_logger
-from mesh.tracing import mark
 from mesh.transport import frames as fr
 from mesh.transport import wire
 from mesh.transport.messages import Error, Handshake, Message, Ping, Pong, StageInfo
@@ -94,7 +93,6 @@ class StageConnection:
         """Read the messages waiting: the descriptor signals an edge (new messages), not that
         messages remain. At most ``READ_BATCH`` per turn of the event loop, so a flood from a
         stage does not hold up the loop's other work; the rest are read in the next turn."""
-        mark(f"c_woke{self.index}")
         for _ in range(READ_BATCH):
             try:
                 parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -136,7 +134,6 @@ class StageConnection:
             if self._handshake is not None and not self._handshake.done():
                 self._handshake.set_result(msg)
         else:
-            mark(f"c_arrived{self.index}")
             self._dispatch(self, msg)
 
     def post(self, frame: bytes, session: int | None = None) -> None:
@@ -167,7 +164,6 @@ class StageConnection:
 
     def _send_parts(self, frames: list[bytes]) -> None:
         """Queue a message for the stage or fail now: never wait on a dead peer."""
-        mark(f"c_sent{self.index}")
         try:
             self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:

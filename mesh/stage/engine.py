@@ -546,7 +546,7 @@ class StageEngine:
                                          msg.salt, msg.tokens)
             kept = self.cache.keep(item.key, item.record, msg.keep, entry)
         else:
-            freed = self._drop(item.key)
+            freed = rt.drop_session(item.key)
         if rt.is_last:
             out.reply(item.key[0], fr.encode(Stopped(session=item.key[1], freed=freed,
                                                      kept=kept)))
