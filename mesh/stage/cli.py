@@ -96,10 +96,11 @@ def main(model_spec, layers, join_url, listen, advertise, member_name, mem_bytes
     """Serve layers START:END of a GGUF model as one pipeline stage, or join a coordinator
     that places them."""
     # llama.cpp's CPU graph runs on OpenMP here; idle OpenMP workers spin for ~300k iterations
-    # by default and steal the core from the stage that is computing. A short spin keeps the
-    # barriers inside a graph fast (measured: 0.52x -> 0.85x of one process, scripts/bench_mesh).
-    # Set before llama.cpp (and libgomp) load.
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    # by default and steal the core from the stage that is computing (0.52x -> 0.85x of one
+    # process at 1000). Below ~10k a worker sleeps at the graph's own barriers (15 futex sleeps
+    # a token on stage 0 at 1000, 2 at 10k): 10k is 0.4-0.56 ms a token faster than 1000 over
+    # four paired runs. Set before llama.cpp (and libgomp) load.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     # SIGTERM is taken by a thread of its own: the main thread computes, and a signal handler
     # there would wait for the step in progress.
     from mesh.shutdown import take_lifeline, take_sigterm
