@@ -71,6 +71,19 @@ def ggml_base() -> ctypes.CDLL:
     return lib
 
 
+def row_to_float(type_name: str) -> Any:
+    """ggml's own converter of one row of ``type_name`` (a ``GGMLQuantizationType`` name) to
+    f32: ``fn(src, dst, n_values)``, the function ``get_rows`` uses, so a row it converts is the
+    row the graph would read. None where this build exports none for the type."""
+    lower = type_name.lower()
+    name = {"F16": "ggml_fp16_to_fp32_row", "BF16": "ggml_bf16_to_fp32_row"}.get(
+        type_name, "dequantize_row_" + (lower[:-1] + "K" if lower.endswith("_k") else lower))
+    fn = getattr(ggml_base(), name, None)
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64], None
+    return fn
+
+
 def check_decode(rc: int) -> None:
     """Map ``llama_decode``'s return code to a typed exception (0 = success)."""
     if rc == 0:

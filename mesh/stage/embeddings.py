@@ -1,8 +1,9 @@
-"""Token-embedding lookup for the first stage, in numpy.
+"""Token-embedding lookup for the first stage.
 
 The first stage feeds llama.cpp input embeddings instead of token ids, so it needs no vocabulary
-and no logits buffer. Rows are dequantized exactly as ggml's ``get_rows`` would, then scaled by the
-architecture's input factor in f32, which reproduces the single-context graph bit for bit.
+and no logits buffer. Rows are converted by ggml's own row converter for the table's type (the
+function ``get_rows`` runs), then scaled by the architecture's input factor in f32, which
+reproduces the single-context graph bit for bit.
 
 Rows are read with ``pread``, not through a memory map: every page of a mapped table that a
 token touches (with the kernel's fault-around, ~64 KiB per new token) stays in the process's
@@ -12,6 +13,7 @@ that brought new tokens, up to the table's size. Read rows use the page cache on
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mesh.errors import InvalidInputError
+from mesh.llama.native import row_to_float
 
 
 class TokenEmbedder:
@@ -43,20 +46,27 @@ class TokenEmbedder:
         self.n_embd = n_embd
         self._scale = np.float32(input_scale)
         self._scaled = bool(self._scale != np.float32(1.0))
-        self._fast = _FAST_DEQUANT.get(self._qtype.name)
+        # ggml's converter for the table's type (what get_rows runs): one call a lookup, where
+        # numpy took ~10 operations, ~0.1 ms on a decode step whose caches llama.cpp evicted.
+        self._to_float = row_to_float(self._qtype.name) if self._qtype.name != "F32" else None
         self._fd = os.open(rows_path, os.O_RDONLY)
         if hasattr(os, "posix_fadvise"):  # lookups are random: no readahead around each row
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def raw_rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """The stored rows of ``ids`` (already validated), ``[len(ids), ...]`` in the file's
-        dtype: one ``pread`` a row (~1 us; 0.5 ms for a 512-token chunk)."""
+        dtype."""
         listed = ids.tolist() if isinstance(ids, np.ndarray) else ids
+        data = self._read(listed)
+        return np.frombuffer(data, dtype=self._dtype).reshape(len(listed), *self._row_shape)
+
+    def _read(self, listed: list[int]) -> bytes:
+        """The rows' bytes, one ``pread`` a row (~1 us; 0.5 ms for a 512-token chunk)."""
         size, offset, fd = self._row_bytes, self._offset, self._fd
         data = b"".join([os.pread(fd, size, offset + token * size) for token in listed])
         if len(data) != size * len(listed):
             raise InvalidInputError("short read of the embedding table")
-        return np.frombuffer(data, dtype=self._dtype).reshape(len(listed), *self._row_shape)
+        return data
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -76,34 +86,17 @@ class TokenEmbedder:
         listed = ids.tolist()
         if min(listed) < 0 or max(listed) >= self.n_vocab:
             raise InvalidInputError(f"token id out of range [0, {self.n_vocab})")
-        raw = self.raw_rows(listed)
-        if self._fast is not None:
-            rows = self._fast(raw, self.n_embd)
+        n = len(listed)
+        if self._to_float is not None:
+            out = (ctypes.c_float * (n * self.n_embd))()  # the array type is cached by ctypes
+            self._to_float(self._read(listed), out, n * self.n_embd)
+            rows: np.ndarray = np.frombuffer(memoryview(out), dtype=np.float32)
+        elif self._qtype.name == "F32":
+            rows = np.frombuffer(bytearray(self._read(listed)), dtype=np.float32)
         else:
             from gguf.quants import dequantize
 
-            rows = dequantize(raw, self._qtype).astype(np.float32, copy=False)
-        rows = rows.reshape(len(listed), self.n_embd)
+            rows = dequantize(self.raw_rows(listed), self._qtype).astype(np.float32).ravel()
         if self._scaled:
-            rows = rows * self._scale
-        return np.require(rows, dtype=np.float32, requirements=["C", "W"])  # raw is read-only
-
-
-def _q8_0(raw: np.ndarray, n_embd: int) -> np.ndarray:
-    """ggml's dequantize_row_q8_0 (``qs[j] * fp16(d)`` in f32), vectorised: blocks of 32."""
-    blocks = raw.reshape(len(raw), n_embd // 32, 34)
-    scale = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float32)
-    return blocks[:, :, 2:].view(np.int8).astype(np.float32) * scale
-
-
-def _f16(raw: np.ndarray, n_embd: int) -> np.ndarray:
-    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
-
-
-def _f32(raw: np.ndarray, n_embd: int) -> np.ndarray:
-    return np.ascontiguousarray(raw).view(np.float32)
-
-
-# gguf's generic dequantize costs ~0.1 ms a row in Python overhead; these are bit-identical
-# (tests/test_slicing.py compares them) and ~20x faster for the types embeddings use most.
-_FAST_DEQUANT = {"Q8_0": _q8_0, "F16": _f16, "F32": _f32}
+            rows *= self._scale
+        return rows.reshape(n, self.n_embd)

@@ -126,6 +126,30 @@ def test_fast_embedding_lookup_equals_gguf_dequantize(model, request):
     assert np.array_equal(embedder(ids), expected)
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
+def test_ggmls_row_converter_equals_gguf_dequantize(name):
+    """The converter stage 0 embeds with is the named type's: random blocks of that type (any
+    bytes are a block) convert as gguf-py's reference dequantizes them."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from mesh.llama.native import row_to_float
+
+    qtype = GGMLQuantizationType[name]
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = 4 * 256
+    raw = np.random.default_rng(7).integers(0, 256, n // block * size, dtype=np.uint8)
+    if name in ("F16", "BF16"):  # no NaN/inf patterns: compared by value below
+        raw = raw.view(np.uint16) & np.uint16(0x3FFF)
+        raw = raw.view(np.uint8)
+    out = np.zeros(n, dtype=np.float32)
+    convert = row_to_float(name)
+    assert convert is not None
+    convert(raw.tobytes(), out.ctypes.data, n)
+    expected = dequantize(raw.reshape(1, -1), qtype).astype(np.float32).ravel()
+    assert np.array_equal(out, expected, equal_nan=True)
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
 def test_embedding_lookup_maps_none_of_the_table(tiny_gemma3):
     """Stage 0 reads token rows, it does not map the table: each mapped page a token touched
