@@ -97,9 +97,9 @@ def main(model_spec, layers, join_url, listen, advertise, member_name, mem_bytes
     that places them."""
     # llama.cpp's CPU graph runs on OpenMP here; idle OpenMP workers spin for ~300k iterations
     # by default and steal the core from the stage that is computing (0.52x -> 0.85x of one
-    # process at 1000). Below ~10k a worker sleeps at the graph's own barriers (15 futex sleeps
-    # a token on stage 0 at 1000, 2 at 10k): 10k is 0.4-0.56 ms a token faster than 1000 over
-    # four paired runs. Set before llama.cpp (and libgomp) load.
+    # process at 1000). Much below 10k the threads sleep at the graph's own barriers (stage 0's
+    # slept ~10 times a token each at 1000, 2.5 at 10k): 10k is 0.4-0.56 ms a token faster than
+    # 1000 in paired runs (README, Benchmarks). Set before llama.cpp (and libgomp) load.
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     # SIGTERM is taken by a thread of its own: the main thread computes, and a signal handler
     # there would wait for the step in progress.
