@@ -97,9 +97,12 @@ def test_stop_strings_and_max_tokens_inside_a_window_end_where_plain_steps_end(
         gemma_path, mesh2):
     cases = [GenerationParams(max_tokens=n) for n in (1, 2, 5, 9, 17)]
     cases += [GenerationParams(max_tokens=40, stop=(s,)) for s in ("b\n", "sub(", "\n\n")]
-    for params in cases:
-        (off,) = _complete(gemma_path, mesh2.urls, [CODE], params, OFF)
-        (on,) = _complete(gemma_path, mesh2.urls, [CODE], params, ON)
+
+    async def body(coord):  # one coordinator for every case: its start costs a second
+        return [await coord.complete(CODE, params) for params in cases]
+    offs, ons = (with_coordinator(gemma_path, mesh2.urls, body, speculation=config)
+                 for config in (OFF, ON))
+    for params, off, on in zip(cases, offs, ons, strict=True):
         assert (on.token_ids, on.text, on.finish_reason, on.usage) == (
             off.token_ids, off.text, off.finish_reason, off.usage), params
 

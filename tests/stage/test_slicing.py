@@ -139,7 +139,7 @@ def test_ggmls_row_converter_equals_gguf_dequantize(name):
     block, size = GGML_QUANT_SIZES[qtype]
     n = 4 * 256
     raw = np.random.default_rng(7).integers(0, 256, n // block * size, dtype=np.uint8)
-    if name in ("F16", "BF16"):  # no NaN/inf patterns: compared by value below
+    if name in ("F16", "BF16"):  # finite values only (the top exponent bit cleared)
         raw = raw.view(np.uint16) & np.uint16(0x3FFF)
         raw = raw.view(np.uint8)
     out = np.zeros(n, dtype=np.float32)
@@ -147,7 +147,7 @@ def test_ggmls_row_converter_equals_gguf_dequantize(name):
     assert convert is not None
     convert(raw.tobytes(), out.ctypes.data, n)
     expected = dequantize(raw.reshape(1, -1), qtype).astype(np.float32).ravel()
-    assert np.array_equal(out, expected, equal_nan=True)
+    assert np.array_equal(out, expected, equal_nan=True)  # a random block scale may be NaN
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
