@@ -538,15 +538,15 @@ class StageEngine:
         rt, msg = self.runtime, item.frame
         if not isinstance(msg, Stop):
             raise TypeError(f"{item.kind} is not a Stop")
-        self._held.pop(item.key, None)  # its owner reads no more of it
         kept = freed = 0
         if msg.keep and item.record is not None and rt.has_session(item.key):
             # The first stage remembers what the prefix holds (its Stop carries tokens).
             entry = fr.pack_record_entry(_present(msg.prefix_id, "a keeping Stop's prefix id"),
                                          msg.salt, msg.tokens)
             kept = self.cache.keep(item.key, item.record, msg.keep, entry)
+            self._held.pop(item.key, None)  # a record now: its owner reads no more of it
         else:
-            freed = rt.drop_session(item.key)
+            freed = self._drop(item.key)
         if rt.is_last:
             out.reply(item.key[0], fr.encode(Stopped(session=item.key[1], freed=freed,
                                                      kept=kept)))
