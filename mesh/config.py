@@ -135,6 +135,9 @@ class StageDefaults:
     lease_s: float = 10.0  # an owner not heard from for this long loses its sessions
     poll_ms: int = 100  # the server's socket poll while nothing arrives
     idle_wait_s: float = 0.1  # the compute thread's wait for work while idle
+    # The compute thread's longest wait, after a step, for the transport thread to send the
+    # step's frames (``Mailbox.hand_over``): it bounds a transport thread busy reading.
+    hand_over_s: float = 0.002
     probe_reset_s: float = 1.0  # while the next stage is silent, its probe reconnects this often
     # The interpreter's GIL switch interval: the transport thread answers within one of the
     # compute thread's Python (5 ms, the default, would add up to that to every hand-off).

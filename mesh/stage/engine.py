@@ -351,6 +351,8 @@ class StageEngine:
         # One message for all of the step's rows: the next stage batches them the same way,
         # and on a shared host it does not start computing while this one still does.
         out.flush()
+        if plan.rows:
+            self._mailbox.hand_over(STAGE.hand_over_s)
         for item in plan.windows:
             if item.arrival not in failed:
                 self._guarded(out, item, self._window)

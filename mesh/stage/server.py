@@ -132,21 +132,25 @@ class StageServer:
             self.close()
 
     def _transport(self) -> None:
+        self.mailbox.reader = True
         try:
             while self._running:
                 events = dict(self._poller.poll(STAGE.poll_ms))
-                if self._router in events:
-                    mark("woke")
-                    self._read()
                 for link in (self._downstream, self._loop):
                     if link is not None:
                         link.readable(events)
                         link.tick()
                 self._send_mail()
                 self._check_leases()
+                # Last: the compute thread, woken by what this queues, takes the GIL when
+                # this thread next blocks in poll.
+                if self._router in events:
+                    mark("woke")
+                    self._read()
         except Exception as exc:  # a bug: stop the stage rather than compute for nobody
             log.error("transport_failed", stage=self.name, error_type=type(exc).__name__)
         finally:
+            self.mailbox.reader = False
             self.engine.stop()  # the step in progress finishes; the runtime is freed after it
 
     def stop(self) -> None:
@@ -383,6 +387,7 @@ class StageServer:
                 self._forward(item)
         if items:
             mark("sent")
+            self.mailbox.done(len(items))
 
     def _forward(self, item: Forward) -> None:
         """To the next stage, or (a loop's steps) to stage 0; a failure is told to the owners."""
