@@ -82,9 +82,8 @@ SPECULATION = SpeculationConfig()  # the mesh's (``--no-speculation``: off)
 
 def drop_page_cache(path: Path, ranges) -> int:
     """Evict the model's and its slices' cached pages (those no process maps); bytes named."""
-    files = [path] + [f for a, b in ranges
-                      for f in (slice_model(path, a, b).gguf, slice_model(path, a, b).embeddings)
-                      if f is not None]
+    slices = [slice_model(path, a, b) for a, b in ranges]
+    files = [path] + [f for s in slices for f in (s.gguf, s.embeddings) if f is not None]
     size = 0
     for file in files:
         fd = os.open(file, os.O_RDONLY)

@@ -114,7 +114,8 @@ class Mailbox:
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
         self._signalled = False
-        self._counts = [0, 0]  # items put, items the reader has sent
+        self._put = 0  # items put since the start
+        self._done = 0  # of them, those the reader has sent
         self.reader = False  # a transport thread drains this mailbox (``hand_over`` waits)
 
     @property
@@ -124,7 +125,7 @@ class Mailbox:
     def put(self, item: Reply | Forward) -> None:
         with self._lock:
             self._items.append(item)
-            self._counts[0] += 1
+            self._put += 1
             if not self._signalled:
                 # Written under the lock: while _signalled is set, the pipe holds its byte.
                 os.write(self._write_fd, b"\0")
@@ -148,7 +149,7 @@ class Mailbox:
     def done(self, n: int) -> None:
         """The reader sent ``n`` drained items: wakes a ``hand_over``."""
         with self._lock:
-            self._counts[1] += n
+            self._done += n
             self._sent.notify_all()
 
     def hand_over(self, timeout_s: float) -> None:
@@ -159,8 +160,8 @@ class Mailbox:
         if not self.reader:
             return
         with self._lock:
-            target = self._counts[0]
-            self._sent.wait_for(lambda: self._counts[1] >= target, timeout_s)
+            target = self._put
+            self._sent.wait_for(lambda: self._done >= target, timeout_s)
 
     def close(self) -> None:
         for fd in (self._read_fd, self._write_fd):
